@@ -1,0 +1,30 @@
+import os
+
+# Triton kernels run on CPU tensors through the interpreter unless the suite runs on
+# a GPU (benchmarks/gpu_suite.sh sets DISTIL_GPU_TESTS=1).  Must precede any triton import.
+GPU_RUN = os.environ.get("DISTIL_GPU_TESTS") == "1"
+if not GPU_RUN:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import distil  # noqa: E402,F401
+
+
+@pytest.fixture
+def triton_device():
+    """Device on which Triton launchers are exercised: CUDA on a GPU run, else CPU tensors
+    through the interpreter."""
+    return "cuda" if GPU_RUN else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def relative_error(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    denom = ref.norm().clamp_min(1e-30)
+    return ((out - ref).norm() / denom).item()
