@@ -1,0 +1,81 @@
+"""Registration of ``distil::kl_ce_rows``: the Triton kernel for CUDA, a fake impl for tracing,
+and autograd (the gradient is written by the forward; see ARCHITECTURE.md).
+
+The schema and the CPU kernel are C++ (csrc/ops.cpp, csrc/kl_ce_cpu.cpp).
+"""
+import torch
+
+import distil  # noqa: F401  (loads the schemas)
+
+try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
+    from distil.kernels import kl_ce as _triton_kl_ce
+except ImportError:  # pragma: no cover
+    _triton_kl_ce = None
+
+if _triton_kl_ce is not None:
+
+    @torch.library.register_kernel("distil::kl_ce_rows", "cuda")
+    def _kl_ce_rows_cuda(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad):
+        with torch.cuda.device(student.device):
+            return _triton_kl_ce.kl_ce_rows(
+                student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad
+            )
+
+    @torch.library.register_kernel("distil::kl_ce_rows_backward", "cuda")
+    def _kl_ce_rows_backward_cuda(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
+                                  temperature, ignore_index):
+        with torch.cuda.device(student.device):
+            _triton_kl_ce.kl_ce_rows_backward(
+                grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef, temperature, ignore_index
+            )
+
+
+@torch.library.register_fake("distil::kl_ce_rows")
+def _kl_ce_rows_fake(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad):
+    rows = student.shape[:-1]
+    kl = student.new_empty(rows, dtype=torch.float32)
+    ce = student.new_empty(rows, dtype=torch.float32)
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
+    return kl, ce, grad
+
+
+@torch.library.register_fake("distil::kl_ce_rows_backward")
+def _kl_ce_rows_backward_fake(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
+                              temperature, ignore_index):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad = inputs
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.compute_grad = compute_grad
+    ctx.consumed = False
+    ctx.save_for_backward(output[2], student, teacher, labels, kl_mask, coef)
+
+
+def _backward(ctx, grad_kl_rows, grad_ce_rows, _grad_of_grad):
+    if not ctx.compute_grad:
+        raise RuntimeError(
+            "distil: kl_ce_rows ran with compute_grad=False, so it has no gradient; "
+            "call the loss with grad enabled and a student that requires grad"
+        )
+    if ctx.consumed:
+        raise RuntimeError(
+            "distil: the fused loss rewrites its gradient buffer in place during backward, so it can be "
+            "backpropagated once only (retain_graph=True double backward is not supported)"
+        )
+    ctx.consumed = True
+    grad, student, teacher, labels, kl_mask, coef = ctx.saved_tensors
+    if grad_kl_rows is None:
+        grad_kl_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
+    if grad_ce_rows is None:
+        grad_ce_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
+    torch.ops.distil.kl_ce_rows_backward(
+        grad, grad_kl_rows.float(), grad_ce_rows.float(), student, teacher, labels, kl_mask, coef,
+        ctx.temperature, ctx.ignore_index,
+    )
+    return grad, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("distil::kl_ce_rows", _backward, setup_context=_setup_context)

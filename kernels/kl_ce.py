@@ -1,0 +1,306 @@
+"""Fused temperature-KL + cross-entropy over the vocabulary, gradient written in the forward.
+
+One program per row r of student logits s and teacher logits t ([N, V] or [B, S, V], last-dim
+stride 1, any other strides). With p = softmax(s/T), q = softmax(t/T), P = softmax(s), in fp32:
+
+    kl_rows[r] = T^2 * sum_j q_j (log q_j - log p_j)      where kl_mask[r]        (else 0)
+    ce_rows[r] = logsumexp(s_r) - s_r[y_r]                  where y_r != ignore    (else 0)
+    grad[r]    = coef[0] * T * (p - q) + coef[1] * (P - onehot(y_r))   (masked terms dropped)
+
+This is ``nn.KLDivLoss(reduction="none")(log_softmax(s/T), softmax(t/T)).sum(-1) * T**2`` and
+``nn.CrossEntropyLoss(reduction="none", ignore_index=...)``, with d(coef . loss)/ds in the same launch.
+All exponentials are exp2 of log2e-scaled logits; every statistic is an online (running max, running
+sum) log-sum-exp accumulated in fp32.
+
+Traffic model (bytes through DRAM per row, e = element size):
+- single-block path (V <= 8192): read s and t once from DRAM (the gradient pass re-reads them from
+  L1/L2), write grad once: (2 + 1) * V * e.
+- chunked path (V > 8192): pass 1 reads s and t chunk by chunk for the statistics, pass 2 reads them
+  again and writes grad. The row (2 * V * e, 122 KB for V=30522 in bf16) is re-read while it is still in
+  L2 (50 MB on an H100 holds the rows of every resident program), so DRAM traffic stays (2 + 1) * V * e;
+  in the worst case (L2 misses) it is (4 + 1) * V * e.
+- no gradient requested: 2 * V * e (pass 1 only).
+- rows with neither a KL nor a CE term: the gradient row is written as zeros, nothing is read.
+
+-inf policy: a -inf logit is a token of probability exactly 0; q_j = 0 terms contribute 0 (xlogy), a
+row that is -inf everywhere in s or t has loss 0 and gradient 0, and a -inf student entry where
+q_j > 0 gives +inf, as PyTorch does.
+
+The backward kernel turns the forward's grad (prepared for coef) into the gradient for the incoming
+per-row gradients (g_kl, g_ce), in place: nothing when g equals coef (the usual ``loss.backward()``),
+a per-row scale when g is proportional to coef, an exact recomputation otherwise.
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# (max V, BLOCK_V, num_warps): the first row whose max V covers the vocabulary is used. Up to 8192
+# the row is one block (its second pass re-reads it from L1/L2); above, it is streamed in chunks of
+# BLOCK_V (see the traffic model). Elements per thread stay <= 16 per tensor: 0 spills for every
+# dtype on sm_80 and sm_90 (tests/test_kl_ce.py compiles each entry).
+TUNING = (
+    (1024, None, 4),
+    (2048, None, 8),
+    (4096, None, 16),
+    (8192, None, 32),
+    (None, 4096, 16),
+)
+
+
+def tuning_for(vocab):
+    """(BLOCK_V, num_warps) for a vocabulary size, from TUNING."""
+    for max_v, block, warps in TUNING:
+        if max_v is None:
+            return block, warps
+        if vocab <= max_v:
+            return max(triton.next_power_of_2(vocab), 16), warps
+    raise AssertionError("TUNING must end with a catch-all row")
+
+
+@triton.jit
+def _row_base(r, S, stride_b, stride_s):
+    # Row r of a [B, S, V] (or [N, V] with S = N, stride_b = 0) tensor; int64 so B*S*V > 2**31 works.
+    b = r // S
+    return b * stride_b + (r - b * S) * stride_s
+
+
+@triton.jit
+def _online_update(m, d, x):
+    """Fold a chunk x (log2 domain, -inf for absent entries) into a running (max m, sum d)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    e = tl.exp2(x - m_ref)
+    d = d * tl.exp2(m - m_ref) + tl.sum(e, axis=0)
+    return m_new, m_ref, d, e
+
+
+@triton.jit
+def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """Log2-domain statistics of one row: (lse2 of s/T, lse2 of t/T, lse2 of s, sum q*(b - a) * d_b).
+
+    a = s*log2e/T, b = t*log2e/T, c = s*log2e; returns (m_a + log2 d_a, m_b + log2 d_b, m_c + log2 d_c,
+    w / d_b) where w / d_b = sum_j q_j (b_j - a_j).
+    """
+    offs = tl.arange(0, BLOCK_V)
+    zero = tl.full((), 0.0, tl.float32)
+    m_a = zero + float("-inf")
+    m_b = zero + float("-inf")
+    m_c = zero + float("-inf")
+    d_a = zero
+    d_b = zero
+    d_c = zero
+    w = zero
+    for i in range(NUM_CHUNKS):
+        cols = i * BLOCK_V + offs
+        valid = cols < V
+        s = tl.load(s_row + cols, mask=valid, other=0.0).to(tl.float32)
+        s = tl.where(valid, s, float("-inf"))
+        if USE_KL:
+            t = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32)
+            t = tl.where(valid, t, float("-inf"))
+            a = s * scale_t
+            b = t * scale_t
+            m_a, _ma_ref, d_a, _ea = _online_update(m_a, d_a, a)
+            m_b_old = m_b
+            m_b, mb_ref, d_b, eb = _online_update(m_b, d_b, b)
+            # q_j = 0 terms contribute 0 even where b - a is -inf or nan (xlogy).
+            w = w * tl.exp2(m_b_old - mb_ref) + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), axis=0)
+        if USE_CE:
+            m_c, _mc_ref, d_c, _ec = _online_update(m_c, d_c, s * 1.4426950408889634)
+    return m_a + tl.log2(d_a), m_b + tl.log2(d_b), m_c + tl.log2(d_c), w / d_b
+
+
+@triton.jit
+def _write_grad_row(s_row, t_row, g_row, V, scale_t, lse_a, lse_b, lse_c, label, c_kl, c_ce,
+                    USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """g = c_kl * (p - q) + c_ce * (P - onehot(label)) over the row, chunk by chunk."""
+    offs = tl.arange(0, BLOCK_V)
+    for i in range(NUM_CHUNKS):
+        cols = i * BLOCK_V + offs
+        valid = cols < V
+        s = tl.load(s_row + cols, mask=valid, other=0.0).to(tl.float32)
+        g = tl.zeros([BLOCK_V], tl.float32)
+        if USE_KL:
+            t = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32)
+            p = tl.exp2(s * scale_t - lse_a)
+            q = tl.exp2(t * scale_t - lse_b)
+            g += c_kl * (p - q)
+        if USE_CE:
+            big_p = tl.exp2(s * 1.4426950408889634 - lse_c)
+            g += c_ce * (big_p - tl.where(cols == label, 1.0, 0.0))
+        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _zero_row(g_row, V, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    offs = tl.arange(0, BLOCK_V)
+    for i in range(NUM_CHUNKS):
+        cols = i * BLOCK_V + offs
+        tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(g_row.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def _row_flags(r, labels_ptr, mask_ptr, ignore_index, V, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr):
+    if HAS_MASK:
+        use_kl = tl.load(mask_ptr + r) != 0
+    else:
+        use_kl = r >= 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + r)
+        use_ce = label != ignore_index
+    else:
+        label = r * 0 - 1
+        use_ce = r < 0
+    return use_kl, use_ce, label
+
+
+@triton.jit
+def _guarded_coefs(lse_a, lse_b, lse_c, c_kl, c_ce):
+    # Rows that are -inf everywhere get loss 0 and gradient 0 (see the -inf policy).
+    c_kl = tl.where((lse_a == float("-inf")) | (lse_b == float("-inf")), 0.0, c_kl)
+    c_ce = tl.where(lse_c == float("-inf"), 0.0, c_ce)
+    return c_kl, c_ce
+
+
+@triton.jit
+def _finite_lse(lse):
+    # A row that is -inf everywhere has lse = -inf; use 0 so its probabilities come out 0, not nan.
+    return tl.where(lse == float("-inf"), 0.0, lse)
+
+
+@triton.jit
+def kl_ce_fwd_kernel(
+    s_ptr, t_ptr, labels_ptr, mask_ptr, coef_ptr, kl_ptr, ce_ptr, grad_ptr,
+    S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, V,
+    scale_t, temperature, ignore_index,
+    HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + _row_base(r, S, s_stride_b, s_stride_s)
+    t_row = t_ptr + _row_base(r, S, t_stride_b, t_stride_s)
+    g_row = grad_ptr + r * V
+    use_kl, use_ce, label = _row_flags(r, labels_ptr, mask_ptr, ignore_index, V, HAS_LABELS, HAS_MASK)
+    kl = 0.0
+    ce = 0.0
+    if use_kl | use_ce:
+        lse_a, lse_b, lse_c, kl_cross = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+        if use_kl:
+            # T^2 * KL = T^2 * ln2 * (sum q (b - a) - lse_b + lse_a); 0 if either row is all -inf.
+            kl = tl.where((lse_a == float("-inf")) | (lse_b == float("-inf")), 0.0,
+                          temperature * temperature * 0.6931471805599453 * (kl_cross - lse_b + lse_a))
+        if use_ce:
+            in_range = (label >= 0) & (label < V)
+            s_y = tl.load(s_row + label, mask=in_range, other=0.0).to(tl.float32)
+            ce = tl.where(lse_c == float("-inf"), 0.0, lse_c * 0.6931471805599453 - s_y)
+        if WRITE_GRAD:
+            c_kl, c_ce = _guarded_coefs(lse_a, lse_b, lse_c, tl.load(coef_ptr) * temperature, tl.load(coef_ptr + 1))
+            _write_grad_row(s_row, t_row, g_row, V, scale_t, _finite_lse(lse_a), _finite_lse(lse_b),
+                            _finite_lse(lse_c), label, c_kl, c_ce, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+    elif WRITE_GRAD:
+        _zero_row(g_row, V, BLOCK_V, NUM_CHUNKS)
+    tl.store(kl_ptr + r, kl)
+    tl.store(ce_ptr + r, ce)
+
+
+@triton.jit
+def kl_ce_bwd_kernel(
+    s_ptr, t_ptr, labels_ptr, mask_ptr, coef_ptr, gkl_ptr, gce_ptr, grad_ptr,
+    S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, V,
+    scale_t, temperature, ignore_index,
+    HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    use_kl, use_ce, label = _row_flags(r, labels_ptr, mask_ptr, ignore_index, V, HAS_LABELS, HAS_MASK)
+    if use_kl | use_ce:
+        c_kl = tl.load(coef_ptr)
+        c_ce = tl.load(coef_ptr + 1)
+        g_kl = tl.load(gkl_ptr + r)
+        g_ce = tl.load(gce_ptr + r)
+        # The row holds c_kl*A + c_ce*B; we need g_kl*A + g_ce*B (terms of unused parts are absent).
+        kl_ok = (use_kl == 0) | (c_kl != 0.0)
+        ce_ok = (use_ce == 0) | (c_ce != 0.0)
+        lhs = g_kl * c_ce
+        rhs = g_ce * c_kl
+        prop = ((use_kl & use_ce) == 0) | (tl.abs(lhs - rhs) <= 1e-6 * tl.maximum(tl.abs(lhs), tl.abs(rhs)))
+        factor = tl.where(use_kl, g_kl / tl.where(c_kl == 0.0, 1.0, c_kl), g_ce / tl.where(c_ce == 0.0, 1.0, c_ce))
+        g_row = grad_ptr + r * V
+        if kl_ok & ce_ok & prop:
+            if factor != 1.0:
+                offs = tl.arange(0, BLOCK_V)
+                for i in range(NUM_CHUNKS):
+                    cols = i * BLOCK_V + offs
+                    valid = cols < V
+                    g = tl.load(g_row + cols, mask=valid, other=0.0).to(tl.float32)
+                    tl.store(g_row + cols, (g * factor).to(g_row.dtype.element_ty), mask=valid)
+        else:
+            s_row = s_ptr + _row_base(r, S, s_stride_b, s_stride_s)
+            t_row = t_ptr + _row_base(r, S, t_stride_b, t_stride_s)
+            lse_a, lse_b, lse_c, _kl_cross = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+            new_kl, new_ce = _guarded_coefs(lse_a, lse_b, lse_c, g_kl * temperature, g_ce)
+            _write_grad_row(s_row, t_row, g_row, V, scale_t, _finite_lse(lse_a), _finite_lse(lse_b),
+                            _finite_lse(lse_c), label, new_kl, new_ce, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+
+
+def _row_strides(x):
+    """(S, stride_b, stride_s) addressing row r of a 2-D or 3-D tensor without copying it."""
+    if x.dim() == 2:
+        return x.shape[0], 0, x.stride(0)
+    return x.shape[1], x.stride(0), x.stride(1)
+
+
+def _launch_args(student, teacher, labels, kl_mask, temperature, block_v):
+    vocab = student.shape[-1]
+    block, warps = tuning_for(vocab)
+    if block_v is not None:
+        block = block_v
+    num_chunks = triton.cdiv(vocab, block)
+    s_rows, s_sb, s_ss = _row_strides(student)
+    t_rows, t_sb, t_ss = _row_strides(teacher)
+    assert s_rows == t_rows
+    has_labels = labels is not None
+    has_mask = kl_mask is not None
+    labels_arg = labels.reshape(-1).contiguous() if has_labels else student
+    mask_arg = kl_mask.reshape(-1).contiguous() if has_mask else student
+    common = (s_rows, s_sb, s_ss, t_sb, t_ss, vocab, LOG2E / temperature, temperature)
+    meta = dict(HAS_LABELS=has_labels, HAS_MASK=has_mask, BLOCK_V=block, NUM_CHUNKS=num_chunks, num_warps=warps)
+    return labels_arg, mask_arg, common, meta
+
+
+def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad, block_v=None):
+    """Launcher of :func:`kl_ce_fwd_kernel`; see the module docstring. Inputs are validated by
+    ``distil.fused_loss``. ``block_v`` overrides the tuning table (tests use it to force chunking)."""
+    rows_shape = student.shape[:-1]
+    n = rows_shape.numel()
+    kl = torch.empty(rows_shape, dtype=torch.float32, device=student.device)
+    ce = torch.empty(rows_shape, dtype=torch.float32, device=student.device)
+    grad = (torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad
+            else student.new_empty(0))
+    if n == 0 or student.shape[-1] == 0:
+        kl.zero_()
+        ce.zero_()
+        return kl, ce, grad
+    labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v)
+    kl_ce_fwd_kernel[(n,)](
+        student, teacher, labels_arg, mask_arg, coef, kl, ce, grad if compute_grad else kl,
+        *common, ignore_index, WRITE_GRAD=compute_grad, **meta,
+    )
+    return kl, ce, grad
+
+
+def kl_ce_rows_backward(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
+                        temperature, ignore_index, block_v=None):
+    """Launcher of :func:`kl_ce_bwd_kernel`: rewrites ``grad`` in place (see the module docstring)."""
+    n = grad_kl_rows.numel()
+    if n == 0 or student.shape[-1] == 0:
+        return
+    labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v)
+    kl_ce_bwd_kernel[(n,)](
+        student, teacher, labels_arg, mask_arg, coef,
+        grad_kl_rows.reshape(-1).contiguous(), grad_ce_rows.reshape(-1).contiguous(), grad,
+        *common, ignore_index, **meta,
+    )
