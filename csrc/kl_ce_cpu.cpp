@@ -1,0 +1,437 @@
+// CPU implementation of distil::kl_ce_rows and distil::kl_ce_rows_backward (contract:
+// ARCHITECTURE.md, "kl_ce_rows").  One thread handles whole rows (at::parallel_for);
+// a row of V = 30522 logits is 120 KB in fp32, so the three passes below (maxima; the
+// exp-sums, storing the exponentials; the gradient) run out of L2 and DRAM sees each
+// input once and the gradient once.
+//
+// The extension is built without -march, so the row kernels are compiled once per
+// x86-64 level with GCC's target_clones (an ifunc picks the clone at load time, as
+// ATen's DispatchStub picks its DEFAULT/AVX2/AVX512 kernels) and written as plain
+// loops with an exp of our own that the compiler vectorises in every clone.
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DISTIL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DISTIL_CLONES
+#endif
+#define DISTIL_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+using at::Tensor;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// e^x for x <= 0 (always a logit minus its row maximum): Cody-Waite reduction
+// x = n ln2 + r, |r| <= ln2/2, a degree-6 Taylor polynomial (error ~1e-7 relative)
+// and 2^n built in the exponent bits.  Results below e^-87 (~1.6e-38, where 2^n
+// would leave the normal range) are flushed to 0, so e^-inf = 0.  Branch-free so
+// that the loops calling it vectorise.
+DISTIL_INLINE float exp_nonpos(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer (no -ffast-math
+  // here, so the compiler keeps both operations).
+  const float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+DISTIL_INLINE float row_max(const float* x, int64_t n) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+struct Sums {
+  float zs = 0.f;  // sum_j e^{(s_j - ms)/T}
+  float zt = 0.f;  // sum_j e^{(t_j - mt)/T}
+  float d = 0.f;   // sum_j e^{(t_j - mt)/T} * ((t_j - mt) - (s_j - ms)), 0 where q_j = 0
+  float z1 = 0.f;  // sum_j e^{s_j - ms}
+};
+
+// Pass 2: the exp-sums of one row; with STORE the exponentials are kept in es / et / e1
+// for the gradient pass.
+template <bool KL, bool CE, bool STORE>
+DISTIL_INLINE Sums row_sums(const float* s, const float* t, int64_t V, float inv_t, float ms, float mt,
+                            float* es, float* et, float* e1) {
+  float zs = 0.f, zt = 0.f, d = 0.f, z1 = 0.f;
+#pragma omp simd reduction(+ : zs, zt, d, z1)
+  for (int64_t j = 0; j < V; ++j) {
+    const float xs = s[j] - ms;
+    if constexpr (KL) {
+      const float xt = t[j] - mt;
+      const float u = exp_nonpos(xs * inv_t);
+      const float v = exp_nonpos(xt * inv_t);
+      zs += u;
+      zt += v;
+      // xlogy semantics: a token with q_j = 0 contributes 0 even where s_j = -inf.
+      d += v > 0.f ? v * (xt - xs) : 0.f;
+      if constexpr (STORE) {
+        es[j] = u;
+        et[j] = v;
+      }
+    }
+    if constexpr (CE) {
+      const float w = exp_nonpos(xs);
+      z1 += w;
+      if constexpr (STORE) e1[j] = w;
+    }
+  }
+  return {zs, zt, d, z1};
+}
+
+// Pass 3: g_j = cs e^{(s_j-ms)/T} - ct e^{(t_j-mt)/T} + c1 e^{s_j-ms} from the stored exponentials.
+template <bool KL, bool CE>
+DISTIL_INLINE void row_grad(float* g, const float* es, const float* et, const float* e1, int64_t V, float cs,
+                            float ct, float c1) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    float x = 0.f;
+    if constexpr (KL) x = cs * es[j] - ct * et[j];
+    if constexpr (CE) x += c1 * e1[j];
+    g[j] = x;
+  }
+}
+
+// What one row needs: KL on or off, the label (or -1), and the weights of the KL and
+// CE gradients (coef[0], coef[1] in the forward; the incoming row gradients when the
+// backward recomputes).
+struct RowJob {
+  bool kl;
+  int64_t label;
+  float a;
+  float b;
+};
+
+struct RowLoss {
+  float kl = 0.f;
+  float ce = 0.f;
+};
+
+template <bool KL, bool CE>
+DISTIL_INLINE RowLoss kl_ce_row_impl(const float* s, const float* t, int64_t V, float T, const RowJob& job,
+                                     float ms, float mt, float* g, float* scratch) {
+  const float inv_t = 1.0f / T;
+  float* es = scratch;
+  float* et = scratch + V;
+  float* e1 = scratch + 2 * V;
+  const Sums z = g ? row_sums<KL, CE, true>(s, t, V, inv_t, ms, mt, es, et, e1)
+                   : row_sums<KL, CE, false>(s, t, V, inv_t, ms, mt, es, et, e1);
+  RowLoss out;
+  if constexpr (KL) out.kl = T * z.d / z.zt + T * T * (std::log(z.zs) - std::log(z.zt));
+  if constexpr (CE) out.ce = std::log(z.z1) + ms - s[job.label];
+  if (g) {
+    // d kl/ds = T (p - q), d ce/ds = P - onehot(y).
+    row_grad<KL, CE>(g, es, et, e1, V, job.a * T / z.zs, job.a * T / z.zt, job.b / z.z1);
+    if constexpr (CE) g[job.label] -= job.b;
+  }
+  return out;
+}
+
+// Losses of one fp32 row and, when g is given, its gradient job.a * dKL + job.b * dCE
+// (zeros where neither applies).  scratch holds 3 V floats.
+DISTIL_CLONES RowLoss kl_ce_row(const float* s, const float* t, int64_t V, float T, RowJob job, float* g,
+                                float* scratch) {
+  const float ms = row_max(s, V);
+  const float mt = job.kl ? row_max(t, V) : 0.f;
+  // A row that is -inf everywhere has no distribution: its loss and gradient are 0.
+  const bool kl = job.kl && ms != kNegInf && mt != kNegInf;
+  const bool ce = job.label >= 0 && ms != kNegInf;
+  if (kl && ce) return kl_ce_row_impl<true, true>(s, t, V, T, job, ms, mt, g, scratch);
+  if (kl) return kl_ce_row_impl<true, false>(s, t, V, T, job, ms, mt, g, scratch);
+  if (ce) return kl_ce_row_impl<false, true>(s, t, V, T, job, ms, mt, g, scratch);
+  if (g) std::fill(g, g + V, 0.f);
+  return {};
+}
+
+template <typename T>
+DISTIL_INLINE void load_row(float* dst, const T* src, int64_t V) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+template <typename T>
+DISTIL_INLINE void store_row(T* dst, const float* src, int64_t V) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+// Calls fn with a value of the C++ type of a (validated) float dtype.
+template <typename Fn>
+void dispatch_float(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      return fn(float{});
+    case at::kBFloat16:
+      return fn(c10::BFloat16{});
+    case at::kHalf:
+      return fn(c10::Half{});
+    default:
+      TORCH_CHECK(false, "kl_ce_rows: unexpected dtype ", dtype);
+  }
+}
+
+// Element offset of flat row r of a tensor whose leading 1 or 2 dims are the row dims
+// (any strides, including the 0 strides of expanded views).
+struct RowOffsets {
+  int64_t inner;         // size of the last row dim
+  int64_t outer_stride;  // stride of the first row dim when there are two, else 0
+  int64_t inner_stride;
+  int64_t operator()(int64_t r) const { return (r / inner) * outer_stride + (r % inner) * inner_stride; }
+};
+
+RowOffsets row_offsets(const Tensor& x, int64_t row_dims) {
+  return {std::max<int64_t>(x.size(row_dims - 1), 1), row_dims == 2 ? x.stride(0) : 0, x.stride(row_dims - 1)};
+}
+
+template <typename T>
+struct RowValues {
+  const T* data;
+  RowOffsets off;
+  T operator[](int64_t r) const { return data[off(r)]; }
+};
+
+template <typename T>
+RowValues<T> row_values(const Tensor& x, int64_t row_dims) {
+  return {x.const_data_ptr<T>(), row_offsets(x, row_dims)};
+}
+
+void check_cpu(const char* name, const Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "kl_ce_rows: ", name, " must be a CPU tensor, got ", x.device());
+}
+
+void check_rows_tensor(const char* name, const Tensor& x, const Tensor& student, at::ScalarType dtype) {
+  check_cpu(name, x);
+  TORCH_CHECK_TYPE(x.scalar_type() == dtype, "kl_ce_rows: ", name, " must have dtype ", dtype, ", got ",
+                   x.scalar_type());
+  const auto rows = student.sizes().slice(0, student.dim() - 1);
+  TORCH_CHECK_VALUE(x.sizes() == rows, "kl_ce_rows: ", name, " must have shape ", rows, ", got ", x.sizes());
+}
+
+// The arguments both ops share, checked, with the per-row label / mask lookup.
+struct Problem {
+  const Tensor& student;
+  const Tensor& teacher;
+  std::optional<RowValues<int64_t>> labels;
+  std::optional<RowValues<bool>> kl_mask;
+  float c0;
+  float c1;
+  float T;
+  int64_t ignore_index;
+  int64_t N;
+  int64_t V;
+
+  Problem(const Tensor& student_, const Tensor& teacher_, const std::optional<Tensor>& labels_,
+          const std::optional<Tensor>& kl_mask_, const Tensor& coef, double temperature, int64_t ignore_index_)
+      : student(student_), teacher(teacher_), ignore_index(ignore_index_) {
+    for (const auto& [name, x] : {std::pair<const char*, const Tensor&>{"student", student}, {"teacher", teacher}}) {
+      check_cpu(name, x);
+      TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                           x.scalar_type() == at::kHalf,
+                       "kl_ce_rows: ", name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+      TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "kl_ce_rows: ", name, " must be [N, V] or [B, S, V], got ",
+                        x.sizes());
+      TORCH_CHECK_VALUE(x.size(-1) <= 1 || x.stride(-1) == 1, "kl_ce_rows: ", name,
+                        " must have a unit stride in its last dim, got strides ", x.strides());
+    }
+    TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "kl_ce_rows: teacher has shape ", teacher.sizes(),
+                      " but student has shape ", student.sizes());
+    const int64_t row_dims = student.dim() - 1;
+    if (labels_) {
+      check_rows_tensor("labels", *labels_, student, at::kLong);
+      labels = row_values<int64_t>(*labels_, row_dims);
+    }
+    if (kl_mask_) {
+      check_rows_tensor("kl_mask", *kl_mask_, student, at::kBool);
+      kl_mask = row_values<bool>(*kl_mask_, row_dims);
+    }
+    check_cpu("coef", coef);
+    TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, "kl_ce_rows: coef must be float32, got ", coef.scalar_type());
+    TORCH_CHECK_VALUE(coef.numel() == 2, "kl_ce_rows: coef must have 2 elements, got ", coef.numel());
+    const Tensor c = coef.contiguous();
+    c0 = c.const_data_ptr<float>()[0];
+    c1 = c.const_data_ptr<float>()[1];
+    TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                      "kl_ce_rows: temperature must be finite and > 0, got ", temperature);
+    T = static_cast<float>(temperature);
+    N = c10::multiply_integers(student.sizes().slice(0, row_dims));
+    V = student.size(-1);
+  }
+
+  // Row r's KL flag and label (-1 when ignored), with gradient weights a (KL) and b (CE).
+  RowJob job(int64_t r, float a, float b) const {
+    int64_t y = labels ? (*labels)[r] : ignore_index;
+    if (y == ignore_index) {
+      y = -1;
+    } else {
+      TORCH_CHECK_INDEX(y >= 0 && y < V, "kl_ce_rows: label ", y, " of row ", r, " is outside [0, ", V, ")");
+    }
+    return {kl_mask ? (*kl_mask)[r] : true, y, a, b};
+  }
+
+  // Rows per at::parallel_for task: about 32K logits, at least one row.
+  int64_t grain() const { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+};
+
+// Per-thread row evaluator: gives kl_ce_row fp32 rows, converting bf16/fp16 rows in
+// and the gradient out through its own buffers.
+template <typename S, typename Tt>
+class RowRunner {
+ public:
+  explicit RowRunner(const Problem& pb)
+      : pb_(pb),
+        s_{pb.student.const_data_ptr<S>(), row_offsets(pb.student, pb.student.dim() - 1)},
+        t_{pb.teacher.const_data_ptr<Tt>(), row_offsets(pb.teacher, pb.teacher.dim() - 1)},
+        buf_((3 + 2 * !std::is_same_v<S, float> + !std::is_same_v<Tt, float>) * pb.V) {}
+
+  // Losses of row r; writes job's gradient into g (a contiguous student-dtype row) when given.
+  RowLoss run(int64_t r, const RowJob& job, S* g) {
+    const int64_t V = pb_.V;
+    float* const scratch = buf_.data();
+    float* extra = scratch + 3 * V;
+    const float* sf;
+    const float* tf;
+    float* gf = nullptr;
+    if constexpr (std::is_same_v<S, float>) {
+      sf = s_.data + s_.off(r);
+      gf = g;
+    } else {
+      load_row(extra, s_.data + s_.off(r), V);
+      sf = extra;
+      if (g) gf = extra + V;
+      extra += 2 * V;
+    }
+    if constexpr (std::is_same_v<Tt, float>) {
+      tf = t_.data + t_.off(r);
+    } else {
+      if (job.kl) load_row(extra, t_.data + t_.off(r), V);
+      tf = extra;
+    }
+    const RowLoss loss = kl_ce_row(sf, tf, V, pb_.T, job, gf, scratch);
+    if constexpr (!std::is_same_v<S, float>) {
+      if (g) store_row(g, gf, V);
+    }
+    return loss;
+  }
+
+ private:
+  const Problem& pb_;
+  RowValues<S> s_;
+  RowValues<Tt> t_;
+  std::vector<float> buf_;  // 3 V of scratch, then fp32 copies of narrower rows
+};
+
+template <typename Fn>
+void dispatch_pair(const Problem& pb, Fn&& fn) {
+  dispatch_float(pb.student.scalar_type(), [&](auto s_tag) {
+    dispatch_float(pb.teacher.scalar_type(), [&](auto t_tag) { fn(s_tag, t_tag); });
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> kl_ce_rows_cpu(const Tensor& student, const Tensor& teacher,
+                                                  const std::optional<Tensor>& labels,
+                                                  const std::optional<Tensor>& kl_mask, const Tensor& coef,
+                                                  double temperature, int64_t ignore_index, bool compute_grad) {
+  const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index);
+  const auto row_shape = student.sizes().slice(0, student.dim() - 1);
+  Tensor kl_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
+  Tensor ce_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
+  Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
+  float* kl = kl_rows.data_ptr<float>();
+  float* ce = ce_rows.data_ptr<float>();
+  dispatch_pair(pb, [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
+    at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
+      RowRunner<S, decltype(t_tag)> runner(pb);
+      for (int64_t r = begin; r < end; ++r) {
+        const RowLoss loss = runner.run(r, pb.job(r, pb.c0, pb.c1), g ? g + r * pb.V : nullptr);
+        kl[r] = loss.kl;
+        ce[r] = loss.ce;
+      }
+    });
+  });
+  return {kl_rows, ce_rows, grad};
+}
+
+void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Tensor& grad_ce_rows,
+                             const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& labels,
+                             const std::optional<Tensor>& kl_mask, const Tensor& coef, double temperature,
+                             int64_t ignore_index) {
+  const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index);
+  check_cpu("grad", grad);
+  TORCH_CHECK_TYPE(grad.scalar_type() == student.scalar_type(), "kl_ce_rows_backward: grad must have dtype ",
+                   student.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.sizes() == student.sizes() && grad.is_contiguous(),
+                    "kl_ce_rows_backward: grad must be contiguous with shape ", student.sizes(), ", got ",
+                    grad.sizes(), " with strides ", grad.strides());
+  check_rows_tensor("grad_kl_rows", grad_kl_rows, student, at::kFloat);
+  check_rows_tensor("grad_ce_rows", grad_ce_rows, student, at::kFloat);
+  const int64_t row_dims = student.dim() - 1;
+  const RowValues<float> gkl = row_values<float>(grad_kl_rows, row_dims);
+  const RowValues<float> gce = row_values<float>(grad_ce_rows, row_dims);
+  const double c0 = pb.c0, c1 = pb.c1;
+  dispatch_pair(pb, [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    S* const g = grad.data_ptr<S>();
+    at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
+      std::optional<RowRunner<S, decltype(t_tag)>> runner;  // only rows that need recomputing read the logits
+      for (int64_t r = begin; r < end; ++r) {
+        const double gk = gkl[r], gc = gce[r];
+        const RowJob job = pb.job(r, gk, gc);
+        // A part whose coef and incoming gradient are both 0 is 0 in both gradients.
+        const bool kl = job.kl && !(c0 == 0 && gk == 0);
+        const bool ce = job.label >= 0 && !(c1 == 0 && gc == 0);
+        if (!kl && !ce) continue;
+        S* const row = g + r * pb.V;
+        double scale;
+        bool proportional;
+        if (kl && ce) {
+          scale = gk / c0;
+          proportional = c0 != 0 && c1 != 0 && std::abs(gk * c1 - gc * c0) <= 1e-6 * std::max(std::abs(gk * c1), std::abs(gc * c0));
+        } else {
+          scale = kl ? gk / c0 : gc / c1;
+          proportional = (kl ? c0 : c1) != 0;
+        }
+        if (!proportional) {
+          if (!runner) runner.emplace(pb);
+          runner->run(r, job, row);
+        } else if (scale != 1.0) {
+          const float f = static_cast<float>(scale);
+#pragma omp simd
+          for (int64_t j = 0; j < pb.V; ++j) row[j] = static_cast<S>(static_cast<float>(row[j]) * f);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distil, CPU, m) {
+  m.impl("kl_ce_rows", &kl_ce_rows_cpu);
+  m.impl("kl_ce_rows_backward", &kl_ce_rows_backward_cpu);
+}
