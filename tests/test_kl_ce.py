@@ -1,0 +1,382 @@
+"""distil::kl_ce_rows: the Triton kernel (interpreter here, CUDA on a GPU run), the public API in
+distil.fused_loss on CPU (C++) and CUDA, autograd, opcheck, torch.compile, and sm_80/sm_90 builds."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from aot import compile_reports
+from conftest import GPU_RUN, relative_error
+
+from distil import fused_loss
+from distil.kernels import kl_ce as K
+
+API_DEVICES = ["cpu"] + (["cuda"] if GPU_RUN else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def reference_rows(s, t, labels, mask, temperature, ignore_index=-100):
+    """float64 per-row T²·KL and CE: nn.KLDivLoss(reduction="none") summed over V, except that terms
+    with q = 0 are 0 even where the student is -inf too (KLDivLoss gives 0·(-inf - -inf) = NaN there)."""
+    s, t = s.double(), t.double()
+    log_p, q = F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1)
+    kl = nn.KLDivLoss(reduction="none")(log_p, q)
+    kl = torch.where(q > 0, kl, torch.zeros_like(kl)).sum(-1) * temperature**2
+    if mask is not None:
+        kl = torch.where(mask, kl, torch.zeros_like(kl))
+    if labels is None:
+        return kl, torch.zeros_like(kl)
+    flat = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1), ignore_index=ignore_index, reduction="none")
+    return kl, flat.reshape(kl.shape)
+
+
+def distiller_losses(s, t, labels, mask, temperature):
+    """distiller.py's Distiller.step: masked_select of the KL rows, KLDivLoss(batchmean)·T², CE(ignore -100)."""
+    s, t = s.double(), t.double()
+    vocab = s.shape[-1]
+    if mask is not None:
+        sel = mask.unsqueeze(-1).expand_as(s)
+        s_sel = torch.masked_select(s, sel).view(-1, vocab)
+        t_sel = torch.masked_select(t, sel).view(-1, vocab)
+    else:
+        s_sel, t_sel = s.reshape(-1, vocab), t.reshape(-1, vocab)
+    kl = nn.KLDivLoss(reduction="batchmean")(
+        F.log_softmax(s_sel / temperature, -1), F.softmax(t_sel / temperature, -1)
+    ) * temperature**2
+    ce = nn.CrossEntropyLoss(ignore_index=-100)(s.reshape(-1, vocab), labels.reshape(-1))
+    return kl, ce
+
+
+def make_inputs(rows, vocab, s_dtype=torch.float32, t_dtype=torch.float32, device="cpu", label_frac=0.5,
+                mask_frac=0.7, three_d=False, pad=0):
+    """Random logits (optionally a [B, S, V] slice of a wider tensor, so rows are strided)."""
+    shape = (2, rows // 2) if three_d else (rows,)
+    s = (torch.randn(*shape, vocab + pad, device=device) * 3).to(s_dtype)[..., :vocab]
+    t = (torch.randn(*shape, vocab + pad, device=device) * 3).to(t_dtype)[..., :vocab]
+    labels = torch.randint(0, vocab, shape, device=device)
+    labels[torch.rand(shape, device=device) > label_frac] = -100
+    mask = torch.rand(shape, device=device) < mask_frac
+    return s, t, labels, mask
+
+
+class _PoisonedTorch:
+    """Stands in for `torch` inside the launcher so every buffer it allocates starts as NaN."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        out = torch.empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(K, "torch", _PoisonedTorch())
+
+
+def _expected_grad(s, t, labels, mask, temperature, c_kl, c_ce):
+    sd = s.detach().double().requires_grad_()
+    kl, ce = reference_rows(sd, t, labels, mask, temperature)
+    (kl * c_kl + ce * c_ce).sum().backward()
+    return kl.detach(), ce.detach(), sd.grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel, through its launcher (interpreter on CPU tensors here)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "rows,vocab,block_v",
+    [(3, 1, None), (5, 7, None), (6, 100, 32), (4, 300, 128), (2, 30522, None)],
+)
+@pytest.mark.parametrize(
+    "s_dtype,t_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
+)
+def test_kernel_matches_float64(triton_device, poisoned, rows, vocab, block_v, s_dtype, t_dtype):
+    s, t, labels, mask = make_inputs(rows, vocab, s_dtype, t_dtype, triton_device, three_d=rows % 2 == 0, pad=3)
+    coef = torch.tensor([0.7, 0.3], device=triton_device)
+    kl, ce, grad = K.kl_ce_rows(s, t, labels, mask, coef, 2.0, -100, True, block_v=block_v)
+    ref_kl, ref_ce, ref_grad = _expected_grad(s, t, labels, mask, 2.0, 0.7, 0.3)
+    tol = TOL[s_dtype]
+    assert grad.dtype == s_dtype and grad.shape == s.shape and grad.is_contiguous()
+    assert relative_error(kl, ref_kl) <= tol
+    assert relative_error(ce, ref_ce) <= tol
+    assert relative_error(grad, ref_grad) <= tol
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("block_v", [None, 16])
+def test_kernel_without_labels_mask_or_grad(triton_device, poisoned, block_v):
+    s, t, _, _ = make_inputs(4, 50, device=triton_device)
+    coef = torch.tensor([1.0, 0.0], device=triton_device)
+    kl, ce, grad = K.kl_ce_rows(s, t, None, None, coef, 1.5, -100, False, block_v=block_v)
+    ref_kl, _ = reference_rows(s, t, None, None, 1.5)
+    assert grad.numel() == 0
+    assert relative_error(kl, ref_kl) <= 1e-5
+    assert torch.equal(ce, torch.zeros_like(ce))
+
+
+@pytest.mark.parametrize("block_v", [None, 16])
+def test_kernel_backward_branches(triton_device, block_v):
+    s, t, labels, mask = make_inputs(6, 40, device=triton_device)
+    mask[0], labels[0] = False, -100  # a row with no term at all
+    coef = torch.tensor([0.5, 0.25], device=triton_device)
+    rows = s.shape[:-1]
+
+    def forward():
+        return K.kl_ce_rows(s, t, labels, mask, coef, 2.0, -100, True, block_v=block_v)[2]
+
+    # g == coef: the buffer is left exactly as the forward wrote it.
+    grad = forward()
+    before = grad.clone()
+    K.kl_ce_rows_backward(grad, coef[0].expand(rows), coef[1].expand(rows), s, t, labels, mask, coef, 2.0, -100,
+                          block_v=block_v)
+    assert torch.equal(grad, before)
+    # g proportional to coef: a per-row scale.
+    factors = torch.rand(rows, device=triton_device) + 0.5
+    grad = forward()
+    K.kl_ce_rows_backward(grad, coef[0] * factors, coef[1] * factors, s, t, labels, mask, coef, 2.0, -100,
+                          block_v=block_v)
+    sd = s.double().requires_grad_()
+    kl, ce = reference_rows(sd, t, labels, mask, 2.0)
+    ((kl * 0.5 + ce * 0.25) * factors.double()).sum().backward()
+    assert relative_error(grad, sd.grad) <= 1e-5
+    # Arbitrary g: exact recomputation.
+    g_kl, g_ce = torch.randn(rows, device=triton_device), torch.randn(rows, device=triton_device)
+    grad = forward()
+    K.kl_ce_rows_backward(grad, g_kl, g_ce, s, t, labels, mask, coef, 2.0, -100, block_v=block_v)
+    sd.grad = None
+    kl, ce = reference_rows(sd, t, labels, mask, 2.0)
+    (kl * g_kl.double() + ce * g_ce.double()).sum().backward()
+    assert relative_error(grad, sd.grad) <= 1e-5
+
+
+def test_kernel_int64_row_offsets(triton_device):
+    """Row 1 starts past element 2**31: only its pages are touched, the rest stays virtual."""
+    vocab = 64
+    stride = 2**31 + 5 * vocab
+    storage = torch.empty(stride + vocab, dtype=torch.bfloat16, device=triton_device)
+    s = storage.as_strided((2, vocab), (stride, 1))
+    s.copy_(torch.randn(2, vocab, device=triton_device).to(torch.bfloat16))
+    t = torch.randn(2, vocab, device=triton_device)
+    labels = torch.tensor([3, 60], device=triton_device)
+    coef = torch.tensor([1.0, 1.0], device=triton_device)
+    kl, ce, grad = K.kl_ce_rows(s, t, labels, None, coef, 2.0, -100, True)
+    ref_kl, ref_ce, ref_grad = _expected_grad(s, t, labels, None, 2.0, 1.0, 1.0)
+    assert relative_error(kl, ref_kl) <= 1e-2 and relative_error(ce, ref_ce) <= 1e-2
+    assert relative_error(grad, ref_grad) <= 1e-2
+
+
+@pytest.mark.parametrize("block_v", [None, 8])
+def test_kernel_extreme_and_neg_inf_logits(triton_device, block_v):
+    s, t, labels, _ = make_inputs(6, 20, device=triton_device, label_frac=1.0)
+    s[0] *= 1e4 / 3  # +-1e4 logits
+    t[0] *= 1e4 / 3
+    s[1, :5] = float("-inf")  # excluded tokens in both: exact, finite
+    t[1, :5] = float("-inf")
+    labels[1] = 7
+    t[2, 10:] = float("-inf")  # teacher-only -inf: q = 0 there, finite
+    s[3] = float("-inf")  # all -inf rows: loss 0, gradient 0
+    t[4] = float("-inf")
+    labels[4] = -100
+    coef = torch.tensor([1.0, 1.0], device=triton_device)
+    kl, ce, grad = K.kl_ce_rows(s, t, labels, None, coef, 2.0, -100, True, block_v=block_v)
+    assert torch.isfinite(kl).all() and torch.isfinite(ce).all() and torch.isfinite(grad).all()
+    assert kl[3] == 0 and ce[3] == 0 and kl[4] == 0 and (grad[3] == 0).all() and (grad[4] == 0).all()
+    keep = [0, 1, 2, 5]
+    ref_kl, ref_ce, ref_grad = _expected_grad(s[keep], t[keep], labels[keep], None, 2.0, 1.0, 1.0)
+    assert relative_error(kl[keep], ref_kl) <= 1e-5
+    assert relative_error(ce[keep], ref_ce) <= 1e-5
+    assert relative_error(grad[keep], ref_grad) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API (CPU C++ kernel here; CUDA Triton kernel on a GPU run)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", API_DEVICES)
+@pytest.mark.parametrize("three_d", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_kl_ce_loss_matches_distiller(device, three_d, dtype, use_mask):
+    s, t, labels, mask = make_inputs(8, 301, dtype, dtype, device, three_d=three_d, pad=5)
+    s.requires_grad_()
+    kl, ce = fused_loss.kl_ce_loss(s, t, labels, temperature=2.0, kl_mask=mask if use_mask else None,
+                                   kl_weight=5.0, ce_weight=2.0)
+    (5.0 * kl + 2.0 * ce).backward()
+    sd = s.detach().double().requires_grad_()
+    ref_kl, ref_ce = distiller_losses(sd, t, labels, mask if use_mask else None, 2.0)
+    (5.0 * ref_kl + 2.0 * ref_ce).backward()
+    assert kl.dtype == torch.float32 and kl.dim() == 0
+    assert relative_error(kl, ref_kl) <= TOL[dtype]
+    assert relative_error(ce, ref_ce) <= TOL[dtype]
+    assert relative_error(s.grad, sd.grad) <= TOL[dtype]
+    assert t.grad is None
+
+
+@pytest.mark.parametrize("device", API_DEVICES)
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.3, -2.0), (0.0, 1.0)])
+def test_kl_ce_loss_any_combination_is_exact(device, weights):
+    s, t, labels, mask = make_inputs(6, 50, device=device)
+    s.requires_grad_()
+    kl, ce = fused_loss.kl_ce_loss(s, t, labels, kl_mask=mask, kl_weight=5.0, ce_weight=2.0)
+    (weights[0] * kl + weights[1] * ce).backward()
+    sd = s.detach().double().requires_grad_()
+    ref_kl, ref_ce = distiller_losses(sd, t, labels, mask, 2.0)
+    (weights[0] * ref_kl + weights[1] * ref_ce).backward()
+    assert relative_error(s.grad, sd.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("device", API_DEVICES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_kl_div_loss_reductions(device, reduction):
+    s, t, _, mask = make_inputs(6, 33, torch.float16, torch.float32, device, three_d=True)
+    s.requires_grad_()
+    out = fused_loss.kl_div_loss(s, t, temperature=3.0, mask=mask, reduction=reduction)
+    sd = s.detach().double().requires_grad_()
+    rows, _ = reference_rows(sd, t, None, mask, 3.0)
+    ref = {"batchmean": rows.sum() / mask.sum(), "sum": rows.sum(), "none": rows}[reduction]
+    weights = torch.rand(ref.shape, device=device, dtype=torch.float64)  # non-uniform g for "none"
+    (out * weights.float()).sum().backward()
+    (ref * weights).sum().backward()
+    assert out.shape == ref.shape
+    assert relative_error(out, ref) <= 1e-2
+    assert relative_error(s.grad, sd.grad) <= 1e-2
+
+
+@pytest.mark.parametrize("device", API_DEVICES)
+def test_no_selected_rows_gives_exact_zeros(device):
+    s, t, _, _ = make_inputs(4, 20, device=device)
+    s.requires_grad_()
+    labels = torch.full((4,), -100, device=device)
+    none = torch.zeros(4, dtype=torch.bool, device=device)
+    kl, ce = fused_loss.kl_ce_loss(s, t, labels, kl_mask=none)
+    (kl + ce).backward()
+    assert kl.item() == 0.0 and ce.item() == 0.0
+    assert torch.equal(s.grad, torch.zeros_like(s))
+    empty = torch.randn(0, 20, device=device, requires_grad=True)
+    kl = fused_loss.kl_div_loss(empty, torch.randn(0, 20, device=device))
+    kl.backward()
+    assert kl.item() == 0.0 and empty.grad.shape == (0, 20)
+
+
+def test_second_backward_raises():
+    s, t, labels, _ = make_inputs(4, 20)
+    s.requires_grad_()
+    kl, ce = fused_loss.kl_ce_loss(s, t, labels)
+    loss = kl + ce
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        loss.backward()
+
+
+def test_no_grad_skips_the_gradient():
+    s, t, labels, _ = make_inputs(4, 20)
+    s.requires_grad_()
+    with torch.no_grad():
+        kl, ce = fused_loss.kl_ce_loss(s, t, labels)
+    ref_kl, ref_ce = distiller_losses(s.detach(), t, labels, None, 2.0)
+    assert relative_error(kl, ref_kl) <= 1e-5 and relative_error(ce, ref_ce) <= 1e-5
+
+
+def test_bad_inputs_name_the_argument():
+    s, t, labels, mask = make_inputs(4, 10)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        fused_loss.kl_ce_loss(s, t[:, :9], labels)
+    with pytest.raises(TypeError, match="student_logits"):
+        fused_loss.kl_div_loss(s.long(), t)
+    with pytest.raises(ValueError, match="student_logits"):
+        fused_loss.kl_div_loss(s[0], t[0])
+    with pytest.raises(ValueError, match="temperature"):
+        fused_loss.kl_div_loss(s, t, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        fused_loss.kl_div_loss(s, t, temperature=float("nan"))
+    with pytest.raises(TypeError, match="mask"):
+        fused_loss.kl_div_loss(s, t, mask=mask.int())
+    with pytest.raises(ValueError, match="mask"):
+        fused_loss.kl_div_loss(s, t, mask=mask[:3])
+    with pytest.raises(ValueError, match="labels"):
+        fused_loss.kl_ce_loss(s, t, torch.full((4,), 10))
+    with pytest.raises(ValueError, match="labels"):
+        fused_loss.kl_ce_loss(s, t, labels[:2])
+    with pytest.raises(TypeError, match="labels"):
+        fused_loss.kl_ce_loss(s, t, labels.float())
+    with pytest.raises(ValueError, match="reduction"):
+        fused_loss.kl_div_loss(s, t, reduction="mean")
+    with pytest.raises(ValueError, match="kl_weight"):
+        fused_loss.kl_ce_loss(s, t, labels, kl_weight=-1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        fused_loss.kl_div_loss(s.t().contiguous().t(), t)
+
+
+def test_opcheck():
+    s, t, labels, mask = make_inputs(4, 24, three_d=True)
+    coef = torch.tensor([0.5, 0.5])
+    for compute_grad in (False, True):
+        s_in = s.clone().requires_grad_(compute_grad)
+        torch.library.opcheck(torch.ops.distil.kl_ce_rows.default,
+                              (s_in, t, labels, mask, coef, 2.0, -100, compute_grad))
+    grad = torch.ops.distil.kl_ce_rows(s, t, labels, mask, coef, 2.0, -100, True)[2]
+    g = torch.rand(s.shape[:-1])
+    torch.library.opcheck(torch.ops.distil.kl_ce_rows_backward.default,
+                          (grad, g, g, s, t, labels, mask, coef, 2.0, -100))
+
+
+def test_torch_compile_fullgraph():
+    s, t, labels, mask = make_inputs(6, 40)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(s, t, labels, mask):
+        kl, ce = fused_loss.kl_ce_loss(s, t, labels, kl_mask=mask, kl_weight=5.0, ce_weight=2.0)
+        return 5.0 * kl + 2.0 * ce
+
+    s1 = s.clone().requires_grad_()
+    step(s1, t, labels, mask).backward()
+    s2 = s.clone().requires_grad_()
+    kl, ce = fused_loss.kl_ce_loss(s2, t, labels, kl_mask=mask)
+    (5.0 * kl + 2.0 * ce).backward()
+    assert relative_error(s1.grad, s2.grad) <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Real GPU builds: every tuning-table entry, every dtype, sm_80 and sm_90, zero spills
+# ----------------------------------------------------------------------------------------------
+def _signature(kernel, s_dtype, t_dtype):
+    ints = {"S", "s_stride_b", "s_stride_s", "t_stride_b", "t_stride_s", "V", "ignore_index"}
+    ptrs = {"s_ptr": s_dtype, "t_ptr": t_dtype, "grad_ptr": s_dtype, "labels_ptr": "i64", "mask_ptr": "i1"}
+    sig = {}
+    for name in kernel.arg_names:
+        if name in ints:
+            sig[name] = "i64"
+        elif name in ptrs:
+            sig[name] = "*" + ptrs[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name.isupper():
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "fp32"
+    return sig
+
+
+@pytest.mark.skipif(GPU_RUN, reason="ahead-of-time builds are checked on the CPU machine")
+def test_every_specialisation_compiles_for_sm80_sm90_without_spills():
+    specs = []
+    dtype_pairs = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")]
+    for kernel in (K.kl_ce_fwd_kernel, K.kl_ce_bwd_kernel):
+        for max_v, _, _ in K.TUNING:
+            block, warps = K.tuning_for(max_v or 30522)
+            chunks = 1 if max_v else 8
+            for s_dt, t_dt in dtype_pairs:
+                for cc in (80, 90):
+                    consts = {"HAS_LABELS": True, "HAS_MASK": True, "WRITE_GRAD": True,
+                              "BLOCK_V": block, "NUM_CHUNKS": chunks}
+                    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
+                    specs.append(dict(module="distil.kernels.kl_ce", kernel=kernel.__name__,
+                                      signature=_signature(kernel, s_dt, t_dt), constexprs=consts,
+                                      cc=cc, num_warps=warps))
+    reports = compile_reports(specs)
+    spilled = [(s["kernel"], s["constexprs"]["BLOCK_V"], s["signature"]["s_ptr"], s["cc"], r)
+               for s, r in zip(specs, reports) if r["spill_stores"] or r["spill_loads"]]
+    assert not spilled, spilled
+    assert {r["arch"] for r in reports} >= {"sm_80", "sm_90a"} or {r["arch"] for r in reports} >= {"sm_80", "sm_90"}
