@@ -1,0 +1,137 @@
+"""Dynamic masked-LM masking with token-frequency smoothing, as in the DistilBERT paper.
+
+Equivalent of ``Distiller.prepare_batch_mlm`` in the paper's ``distiller.py`` (Hugging Face
+``examples/research_projects/distillation``), with the token weights of its ``train.py``:
+``max(count, 1) ** -smoothing`` and 0 for special tokens.
+"""
+import math
+
+import torch
+
+from distil._validate import check_non_negative_finite, check_tensor
+
+
+def _check_vocab_size(vocab_size):
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    return vocab_size
+
+
+def _check_token_id(name, token_id, vocab_size):
+    if isinstance(token_id, bool) or not isinstance(token_id, int):
+        raise TypeError(f"{name} must be an int, got {type(token_id).__name__}")
+    if not 0 <= token_id < vocab_size:
+        raise ValueError(f"{name} must be in [0, {vocab_size}), got {token_id}")
+    return token_id
+
+
+def token_counts(sequences, vocab_size):
+    """Occurrences of each token id over ``sequences`` (lists of ints or 1-D integer tensors):
+    an int64 tensor ``[vocab_size]``.  Equivalent of the paper's ``scripts/token_counts.py``
+    (``collections.Counter`` over the binarized corpus, as a dense array)."""
+    _check_vocab_size(vocab_size)
+    if isinstance(sequences, (str, bytes)) or not hasattr(sequences, "__iter__"):
+        raise TypeError(f"sequences must be an iterable of token-id sequences, got {type(sequences).__name__}")
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for i, seq in enumerate(sequences):
+        ids = torch.as_tensor(seq, dtype=torch.int64) if not isinstance(seq, torch.Tensor) else seq
+        if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"sequences[{i}] must be a 1-D sequence of integer ids")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"sequences[{i}] has ids outside [0, {vocab_size})")
+        counts += torch.bincount(ids.cpu().long(), minlength=vocab_size)
+    return counts
+
+
+class MLMMasker:
+    """Chooses and corrupts the masked-LM targets of a batch.
+
+    Per call (the paper's ``prepare_batch_mlm``):
+
+    1. each position gets weight ``max(count[token], 1) ** -smoothing`` (all counts 1 when
+       ``counts`` is None), 0 for ``special_ids`` and where ``attention_mask`` is 0;
+    2. ``ceil(mask_prop * attention_mask.sum())`` positions are drawn with
+       ``torch.multinomial(weights, n, replacement=False)`` (capped at the number of positions
+       with positive weight, so a batch of special tokens only gives no target, not an error);
+    3. each chosen token becomes ``mask_id`` with probability ``word_mask``, stays itself with
+       ``word_keep``, or becomes a uniform random id in ``[0, vocab_size)`` with ``word_rand``.
+
+    ``__call__(input_ids, attention_mask, generator)`` returns ``(masked_ids, labels)``: labels hold
+    the original id at chosen positions and -100 elsewhere.  All randomness comes from
+    ``generator`` (on the device of ``input_ids``), so a seed fixes the result.
+    """
+
+    def __init__(
+        self,
+        vocab_size,
+        special_ids,
+        mask_id,
+        counts=None,
+        mask_prop=0.15,
+        word_mask=0.8,
+        word_keep=0.1,
+        word_rand=0.1,
+        smoothing=0.7,
+    ):
+        self.vocab_size = _check_vocab_size(vocab_size)
+        self.mask_id = _check_token_id("mask_id", mask_id, vocab_size)
+        if isinstance(special_ids, (str, bytes)) or not hasattr(special_ids, "__iter__"):
+            raise TypeError(f"special_ids must be an iterable of ints, got {type(special_ids).__name__}")
+        special_ids = [_check_token_id(f"special_ids[{i}]", t, vocab_size) for i, t in enumerate(special_ids)]
+        mask_prop = check_non_negative_finite("mask_prop", mask_prop)
+        if not 0 < mask_prop <= 1:
+            raise ValueError(f"mask_prop must be in (0, 1], got {mask_prop}")
+        named = (("word_mask", word_mask), ("word_keep", word_keep), ("word_rand", word_rand))
+        probs = [check_non_negative_finite(name, value) for name, value in named]
+        if not math.isclose(sum(probs), 1.0, rel_tol=0, abs_tol=1e-6):
+            raise ValueError(f"word_mask + word_keep + word_rand must be 1, got {sum(probs)}")
+        self.mask_prop = mask_prop
+        smoothing = check_non_negative_finite("smoothing", smoothing)
+        if counts is None:
+            counts = torch.ones(vocab_size, dtype=torch.int64)
+        check_tensor("counts", counts, ndims=(1,))
+        if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+            raise TypeError(f"counts must be an integer tensor, got {counts.dtype}")
+        if counts.numel() != vocab_size:
+            raise ValueError(f"counts must have vocab_size={vocab_size} entries, got {counts.numel()}")
+        if int(counts.min()) < 0:
+            raise ValueError("counts must be >= 0")
+        weights = counts.double().clamp_min(1.0).pow(-smoothing)
+        weights[special_ids] = 0.0
+        self.token_weights = weights.float()
+        # order of the outcomes drawn per chosen token: [MASK], keep, random
+        self.outcome_probs = torch.tensor(probs, dtype=torch.float32)
+
+    def __call__(self, input_ids, attention_mask, generator):
+        check_tensor("input_ids", input_ids, dtypes=(torch.int64,), ndims=(2,))
+        check_tensor("attention_mask", attention_mask, ndims=(2,))
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape {tuple(input_ids.shape)}"
+            )
+        if attention_mask.device != input_ids.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != input_ids.device.type:
+            raise ValueError(f"generator is on {generator.device} but input_ids is on {input_ids.device}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            raise ValueError(f"input_ids has ids outside [0, {self.vocab_size})")
+
+        device = input_ids.device
+        real = attention_mask != 0
+        weights = (self.token_weights.to(device)[input_ids] * real).flatten()
+        n_targets = min(math.ceil(self.mask_prop * int(real.sum())), int((weights > 0).sum()))
+        if n_targets == 0:  # nothing maskable (empty batch, specials only): no targets, not an error
+            return input_ids.clone(), torch.full_like(input_ids, -100)
+        chosen = torch.zeros(input_ids.numel(), dtype=torch.bool, device=device)
+        chosen[torch.multinomial(weights, n_targets, replacement=False, generator=generator)] = True
+        chosen = chosen.view_as(input_ids)
+
+        originals = input_ids[chosen]
+        outcome = torch.multinomial(self.outcome_probs.to(device), n_targets, replacement=True, generator=generator)
+        random_ids = torch.randint(self.vocab_size, originals.shape, generator=generator, device=device)
+        replaced = torch.where(outcome == 0, self.mask_id, torch.where(outcome == 1, originals, random_ids))
+        return input_ids.masked_scatter(chosen, replaced), torch.where(chosen, input_ids, -100)
