@@ -4,6 +4,7 @@ and autograd (the gradient is written by the forward; see ARCHITECTURE.md).
 The schema and the CPU kernel are C++ (csrc/ops.cpp, csrc/kl_ce_cpu.cpp).
 """
 import torch
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 import distil  # noqa: F401  (loads the schemas)
 
@@ -67,6 +68,10 @@ def _backward(ctx, grad_kl_rows, grad_ce_rows, _grad_of_grad):
         )
     ctx.consumed = True
     grad, student, teacher, labels, kl_mask, coef = ctx.saved_tensors
+    if isinstance(grad, FunctionalTensor):
+        # Traced by AOTAutograd (torch.compile, opcheck): a saved forward output may not be mutated in
+        # the backward graph, so rewrite a copy (Inductor's re-inplacing pass can drop the copy).
+        grad = grad.clone()
     if grad_kl_rows is None:
         grad_kl_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
     if grad_ce_rows is None:
