@@ -253,11 +253,11 @@ def _row_strides(x):
     return x.shape[1], x.stride(0), x.stride(1)
 
 
-def _launch_args(student, teacher, labels, kl_mask, temperature, block_v):
+def _launch_args(student, teacher, labels, kl_mask, temperature, block_v, num_warps):
     vocab = student.shape[-1]
     block, warps = tuning_for(vocab)
-    if block_v is not None:
-        block = block_v
+    block = block_v or block
+    warps = num_warps or warps
     num_chunks = triton.cdiv(vocab, block)
     s_rows, s_sb, s_ss = _row_strides(student)
     t_rows, t_sb, t_ss = _row_strides(teacher)
@@ -271,9 +271,11 @@ def _launch_args(student, teacher, labels, kl_mask, temperature, block_v):
     return labels_arg, mask_arg, common, meta
 
 
-def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad, block_v=None):
+def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad, block_v=None,
+               num_warps=None):
     """Launcher of :func:`kl_ce_fwd_kernel`; see the module docstring. Inputs are validated by
-    ``distil.fused_loss``. ``block_v`` overrides the tuning table (tests use it to force chunking)."""
+    ``distil.fused_loss``. ``block_v`` / ``num_warps`` override TUNING (tests force chunking with
+    them; benchmarks/tune_kl_ce.py sweeps them)."""
     rows_shape = student.shape[:-1]
     n = rows_shape.numel()
     kl = torch.empty(rows_shape, dtype=torch.float32, device=student.device)
@@ -284,7 +286,8 @@ def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_inde
         kl.zero_()
         ce.zero_()
         return kl, ce, grad
-    labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v)
+    labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v,
+                                                      num_warps)
     kl_ce_fwd_kernel[(n,)](
         student, teacher, labels_arg, mask_arg, coef, kl, ce, grad if compute_grad else kl,
         *common, ignore_index, WRITE_GRAD=compute_grad, **meta,
@@ -293,12 +296,13 @@ def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_inde
 
 
 def kl_ce_rows_backward(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
-                        temperature, ignore_index, block_v=None):
+                        temperature, ignore_index, block_v=None, num_warps=None):
     """Launcher of :func:`kl_ce_bwd_kernel`: rewrites ``grad`` in place (see the module docstring)."""
     n = grad_kl_rows.numel()
     if n == 0 or student.shape[-1] == 0:
         return
-    labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v)
+    labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v,
+                                                      num_warps)
     kl_ce_bwd_kernel[(n,)](
         student, teacher, labels_arg, mask_arg, coef,
         grad_kl_rows.reshape(-1).contiguous(), grad_ce_rows.reshape(-1).contiguous(), grad,
