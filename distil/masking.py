@@ -2,7 +2,10 @@
 
 Equivalent of ``Distiller.prepare_batch_mlm`` in the paper's ``distiller.py`` (Hugging Face
 ``examples/research_projects/distillation``), with the token weights of its ``train.py``:
-``max(count, 1) ** -smoothing`` and 0 for special tokens.
+``max(count, 1) ** -smoothing`` and 0 for special tokens.  One deliberate difference: under fp16
+the paper trims the target count to a multiple of 8 (a tensor-core alignment of its full-logit
+CE); distil's losses run on gathered rows and do not need it, so the count is exactly
+``ceil(mask_prop * tokens)``.
 """
 import math
 
