@@ -28,7 +28,8 @@ CPU_MEMORY_METHOD = (
     "step once (warm-up: torch.compile, thread pools, lazy loads), resets the kernel's peak-RSS "
     "mark (/proc/self/clear_refs 5), then reports VmHWM minus VmRSS over one more step "
     "(falls back to resource.getrusage ru_maxrss minus the RSS after input set-up, without "
-    "the warm-up, where clear_refs is unavailable)"
+    "the warm-up, where clear_refs is unavailable); glibc's mmap threshold is pinned at 64 KiB "
+    "there so that freed buffers leave RSS and every allocation is seen"
 )
 CUDA_MEMORY_METHOD = (
     "CUDA peak memory: torch.cuda.max_memory_allocated during one step minus the bytes "
@@ -195,7 +196,10 @@ def rss_child_report(make_inputs, step):
 def peak_rss_subprocess(argv, timeout=600):
     """Runs ``python argv...`` (a script whose child mode calls ``rss_child_report``) and
     returns its reported bytes, or raises RuntimeError with the child's stderr tail."""
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout)
+    # A fixed mmap threshold: glibc otherwise raises it after a free, and buffers up to 32 MiB
+    # would then be reused from the heap without touching RSS.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env)
     match = re.search(r"^RSS_DELTA (-?\d+)$", proc.stdout, re.M)
     if proc.returncode != 0 or match is None:
         raise RuntimeError(f"memory child failed (rc={proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -256,7 +260,7 @@ def markdown_table(records):
         ]
         if with_bw:
             share = r.get("copy_share")
-            cells += [_fmt(r.get("gbps"), ".0f"), _fmt(None if share is None else 100 * share, ".0f")]
+            cells += [_fmt(r.get("gbps"), ".3g"), _fmt(None if share is None else 100 * share, ".0f")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

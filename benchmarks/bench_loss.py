@@ -1,0 +1,380 @@
+"""The main benchmark: distil's fused distillation losses against eager PyTorch, the same eager
+function under ``torch.compile``, and (CUDA, when ``liger_kernel`` imports) Liger-Kernel.
+
+    python benchmarks/bench_loss.py                 # CUDA if present, else CPU
+    python benchmarks/bench_loss.py --device cpu    # force the CPU section
+    python benchmarks/bench_loss.py --quick         # tiny shapes: a CI smoke run
+    python benchmarks/bench_loss.py --full          # CUDA: the whole N x V x dtype grid (long)
+
+Every op is one entry of ``OPS``: ``LossOp(ours, eager, make_inputs, bytes_moved, liger)``, where each
+loss function takes the dict from ``make_inputs`` as keyword arguments and returns the scalar that a
+trainer backpropagates; the ``compile`` variant is ``torch.compile(eager)``.  Modes: ``fwd`` is the
+forward with ``student.requires_grad=True`` (a training forward: ours writes the gradient there),
+``fwd+bwd`` adds ``.backward()``.  Prints a Markdown table and the targets, writes
+``benchmarks/results/loss_<cpu|cuda>_<machine>.json`` and a PNG plot beside it.
+"""
+import argparse
+import functools
+import itertools
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distil.fused_loss import kl_ce_loss, kl_div_loss
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+T = 2.0
+KL_WEIGHT, CE_WEIGHT = 5.0, 2.0  # DistilBERT's alpha_ce, alpha_mlm
+LABELLED = 0.15  # share of rows with an MLM label (mlm_mask_prop)
+IGNORE = -100
+
+
+# ---------------------------------------------------------------- the compared functions
+def ours_kl_ce(s, t, labels):
+    kl, ce = kl_ce_loss(s, t, labels, temperature=T, kl_weight=KL_WEIGHT, ce_weight=CE_WEIGHT)
+    return KL_WEIGHT * kl + CE_WEIGHT * ce
+
+
+def eager_kl_ce(s, t, labels):
+    """distiller.py's loss_ce and loss_mlm, weighted as in its README command."""
+    kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2
+    ce = F.cross_entropy(s, labels, ignore_index=IGNORE)
+    return KL_WEIGHT * kl + CE_WEIGHT * ce
+
+
+def ours_kl(s, t):
+    return kl_div_loss(s, t, temperature=T)
+
+
+def eager_kl(s, t):
+    return nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2
+
+
+@functools.cache
+def _liger_kl_module():
+    from liger_kernel.transformers import LigerKLDIVLoss
+
+    return LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+
+def liger_kl(s, t):
+    # LigerKLDIVLoss(y_pred, y_true) is nn.KLDivLoss on log-probabilities: the temperature and T² are ours to add.
+    return _liger_kl_module()(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)) * T**2
+
+
+def make_logits(n, v, dtype, device, *, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    s = torch.randn(n, v, dtype=dtype, device=device, generator=gen).mul_(2).requires_grad_()
+    t = torch.randn(n, v, dtype=dtype, device=device, generator=gen).mul_(2)
+    return {"s": s, "t": t}
+
+
+def make_logits_labels(n, v, dtype, device, *, seed=0):
+    inputs = make_logits(n, v, dtype, device, seed=seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    labels = torch.randint(0, v, (n,), device=device, generator=gen)
+    unlabelled = torch.rand(n, device=device, generator=gen) >= LABELLED
+    return {**inputs, "labels": labels.masked_fill_(unlabelled, IGNORE)}
+
+
+def logits_bytes(n, v, dtype):
+    """Minimal traffic of a fused step: student and teacher read once, the gradient written once."""
+    return 3 * n * v * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class LossOp:
+    ours: Callable
+    eager: Callable
+    make_inputs: Callable  # (n, v, dtype, device, *, seed) -> dict of keyword arguments
+    bytes_moved: Callable  # (n, v, dtype) -> bytes a fused fwd+bwd must move
+    liger: Optional[Callable] = None
+
+
+OPS = {
+    "kl_ce": LossOp(ours_kl_ce, eager_kl_ce, make_logits_labels, logits_bytes),
+    "kl": LossOp(ours_kl, eager_kl, make_logits, logits_bytes, liger=liger_kl),
+}
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def variants(op, names, device):
+    """{variant: loss function} among ``names`` for this op on ``device`` (Liger: CUDA only)."""
+    out = {"ours": op.ours, "eager": op.eager, "compile": torch.compile(op.eager, dynamic=False)}
+    if op.liger is not None and device == "cuda" and liger_available():
+        out["liger"] = op.liger
+    return {k: f for k, f in out.items() if k in names}
+
+
+def liger_available():
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- plans
+# (op, dtype, N, V, modes, measure_memory); each shape is one cell.
+CPU_MAIN = (2048, 30522)
+
+
+def cpu_plan(quick, ops):
+    if quick:
+        cells = [(op, "fp32", 64, 4096, MODES, True) for op in ops]
+    else:
+        cells = [("kl_ce", "fp32", *CPU_MAIN, MODES, True)]
+        cells += [("kl_ce", "fp32", n, v, ("fwd+bwd",), True) for n, v in ((256, 30522), (512, 50257))]
+        cells += [("kl", "fp32", 512, 30522, ("fwd+bwd",), True)]
+    return [c for c in cells if c[0] in ops]
+
+
+def cuda_plan(quick, full, ops):
+    if quick:
+        grid = [("bf16", 1024, 30522), ("fp32", 1024, 30522)]
+    elif full:
+        grid = list(itertools.product(("bf16", "fp32"), (2048, 8192, 16384), (30522, 50257, 128256)))
+    else:
+        grid = [("bf16", 8192, 30522), ("fp32", 8192, 30522), ("bf16", 2048, 30522), ("bf16", 16384, 30522),
+                ("bf16", 8192, 50257), ("bf16", 8192, 128256), ("fp32", 8192, 128256)]
+    return [(op, dt, n, v, MODES, True) for op in ops for dt, n, v in grid]
+
+
+# ---------------------------------------------------------------- measuring
+def _short(exc):
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def loss_rel_err(fns, inputs, reference="eager"):
+    """|loss - eager loss| / |eager loss| of each variant on the first input set (a sanity check
+    that a fast number is not a wrong one); variants that fail here are left out."""
+    values = {}
+    for name, fn in fns.items():
+        try:
+            values[name] = fn(**inputs).detach().double()
+        except Exception as exc:  # noqa: BLE001  (the timing below reports it in the table)
+            print(f"  loss check, {name}: {_short(exc)}", file=sys.stderr)
+    ref = values.get(reference)
+    if ref is None:
+        return {}
+    return {name: ((v - ref).abs() / ref.abs().clamp_min(1e-30)).item() for name, v in values.items()}
+
+
+def run_cell(op_name, dtype_name, n, v, modes, memory, device, names, copy_gbs):
+    op, dtype = OPS[op_name], DTYPES[dtype_name]
+    torch._dynamo.reset()  # one static compile per cell, never the recompile limit
+    base = dict(op=op_name, dtype=dtype_name, shape=[n, v], device=device)
+    fns = variants(op, names, device)
+    records = []
+    try:
+        n_sets = C.rotation_count(2 * n * v * dtype.itemsize, device)
+        sets = [op.make_inputs(n, v, dtype, device, seed=i) for i in range(n_sets)]
+    except Exception as exc:  # noqa: BLE001  (an input set that does not fit: every variant is oom)
+        status = "oom" if C.is_oom(exc) else f"error: {type(exc).__name__}"
+        C.free_memory(device)
+        return [dict(base, mode=m, variant=k, ms=None, peak_bytes=None, status=status) for m in modes for k in fns]
+    errs = loss_rel_err(fns, sets[0])
+    C.free_memory(device)
+    for mode in modes:
+        backward = mode == "fwd+bwd"
+        for name, fn in fns.items():
+            rec = dict(base, mode=mode, variant=name, ms=None, peak_bytes=None, status="ok")
+            if name in errs:
+                rec["loss_rel_err"] = errs[name]
+            records.append(rec)
+        if device == "cuda":
+            _time_cuda(records[-len(fns):], fns, sets, backward, memory)
+        else:
+            _time_cpu(records[-len(fns):], fns, sets[0], backward)
+            if memory and backward:
+                _rss_cpu(records[-len(fns):], op_name, dtype_name, n, v, mode)
+        if backward:
+            for rec in records[-len(fns):]:
+                if rec["status"] == "ok":
+                    rec["gbps"] = op.bytes_moved(n, v, dtype) / (rec["ms"] * 1e-3) / 1e9
+                    rec["copy_share"] = rec["gbps"] / copy_gbs
+    del sets
+    C.free_memory(device)
+    return records
+
+
+def _time_cuda(records, fns, sets, backward, memory):
+    for rec, (name, fn) in zip(records, fns.items()):
+        steps = [C.make_step(fn, inputs, backward, clear_grads=False) for inputs in sets]
+        cycle = itertools.cycle(steps)
+        leaves = [leaf for st in steps for leaf in st.leaves]
+        try:
+            steps[0]()  # compile / autotune outside the timed runs
+            rec["ms"] = C.median_ms_cuda(lambda: next(cycle)(), grad_to_none=leaves)
+            for leaf in leaves:
+                leaf.grad = None
+            if memory:
+                rec["peak_bytes"] = C.cuda_peak_bytes(steps[0])
+        except Exception as exc:  # noqa: BLE001
+            rec["status"] = "oom" if C.is_oom(exc) else f"error: {type(exc).__name__}"
+            print(f"  {rec['op']} {name}: {_short(exc)}", file=sys.stderr)
+        for leaf in leaves:
+            leaf.grad = None
+        C.free_memory("cuda")
+
+
+def _time_cpu(records, fns, inputs, backward):
+    steps = {name: C.make_step(fn, inputs, backward) for name, fn in fns.items()}
+    try:
+        ms = C.median_ms_interleaved(steps, min_repeats=3, max_repeats=25, budget_s=4.0)
+    except Exception as exc:  # noqa: BLE001  (one broken variant must not hide the others)
+        print(f"  side-by-side timing failed ({_short(exc)}); timing one by one", file=sys.stderr)
+        ms = {}
+        for name, step in steps.items():
+            try:
+                ms.update(C.median_ms_interleaved({name: step}, min_repeats=3, max_repeats=25, budget_s=4.0))
+            except Exception as exc2:  # noqa: BLE001
+                ms[name] = f"error: {type(exc2).__name__}"
+    for rec in records:
+        value = ms[rec["variant"]]
+        if isinstance(value, str):
+            rec["status"] = value
+        else:
+            rec["ms"] = value
+
+
+def _rss_cpu(records, op_name, dtype_name, n, v, mode):
+    for rec in records:
+        if rec["status"] != "ok":
+            continue
+        argv = [os.path.abspath(__file__), "--rss-child", op_name, rec["variant"], dtype_name, str(n), str(v), mode]
+        try:
+            rec["peak_bytes"] = C.peak_rss_subprocess(argv)
+        except RuntimeError as exc:
+            print(f"  {op_name} {rec['variant']} memory: {exc}", file=sys.stderr)
+
+
+def rss_child(op_name, variant, dtype_name, n, v, mode):
+    op = OPS[op_name]
+    fn = variants(op, (variant,), "cpu")[variant]
+    make = lambda: op.make_inputs(n, v, DTYPES[dtype_name], "cpu")  # noqa: E731
+    C.rss_child_report(make, lambda inputs: C.make_step(fn, inputs, mode == "fwd+bwd")())
+
+
+# ---------------------------------------------------------------- targets
+def _find(records, op, dtype, shape, variant, mode="fwd+bwd"):
+    for r in records:
+        if (r["op"], r["dtype"], tuple(r["shape"]), r["variant"], r["mode"]) == (op, dtype, shape, variant, mode):
+            return r if r["status"] == "ok" else None
+    return None
+
+
+def targets(records, device):
+    """(target, measured, met) rows for the figures the project has promised."""
+    rows = []
+
+    def ratio(op, dtype, shape, a, b, key="ms"):
+        ra, rb = _find(records, op, dtype, shape, a), _find(records, op, dtype, shape, b)
+        if ra is None or rb is None or not rb.get(key) or ra.get(key) is None:
+            return None
+        return rb[key] / ra[key] if key == "ms" else ra[key] / rb[key]
+
+    def add(label, value, bound, higher_is_better, unit="×"):
+        met = None if value is None else (value >= bound if higher_is_better else value <= bound)
+        shown = "not measured" if value is None else f"{value:.2f}{unit}"
+        rows.append((label, shown, {None: "–", True: "yes", False: "NO"}[met]))
+
+    if device == "cpu":
+        shape = CPU_MAIN
+        add("CPU kl_ce fp32 2048×30522 fwd+bwd: ≥ 2× faster than eager",
+            ratio("kl_ce", "fp32", shape, "ours", "eager"), 2.0, True)
+        add("CPU kl_ce fp32 2048×30522 fwd+bwd: ≤ 0.5× eager's peak memory",
+            ratio("kl_ce", "fp32", shape, "ours", "eager", key="peak_bytes"), 0.5, False)
+    else:
+        shape = (8192, 30522)
+        ours = _find(records, "kl_ce", "bf16", shape, "ours")
+        add("H100 kl_ce bf16 8192×30522 fwd+bwd: ≥ 90% of copy bandwidth",
+            None if ours is None else 100 * ours["copy_share"], 90.0, True, unit="%")
+        add("H100 kl_ce bf16 8192×30522 fwd+bwd: ≥ 6× eager", ratio("kl_ce", "bf16", shape, "ours", "eager"), 6.0, True)
+        add("H100 kl_ce bf16 8192×30522 fwd+bwd: ≥ 1.3× torch.compile",
+            ratio("kl_ce", "bf16", shape, "ours", "compile"), 1.3, True)
+        add("H100 kl (KL only, Liger has no CE) bf16 8192×30522 fwd+bwd: ≥ 2× Liger",
+            ratio("kl", "bf16", shape, "ours", "liger"), 2.0, True)
+    return rows
+
+
+def targets_table(rows):
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke run); results get a _quick suffix")
+    p.add_argument("--full", action="store_true", help="CUDA: N in {2048,8192,16384} x V in {30522,50257,128256} x {fp32,bf16}")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--variants", default="ours,eager,compile,liger", help="comma-separated subset")
+    p.add_argument("--rss-child", nargs=6, metavar=("OP", "VARIANT", "DTYPE", "N", "V", "MODE"),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.ops = [o for o in args.ops.split(",") if o]
+    unknown = [o for o in args.ops if o not in OPS]
+    if unknown:
+        p.error(f"--ops: unknown op(s) {unknown}; known: {list(OPS)}")
+    args.variants = tuple(v for v in args.variants.split(",") if v)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import distil  # noqa: F401  (loads the operator library before anything is timed)
+
+    if args.rss_child:
+        op, variant, dtype, n, v, mode = args.rss_child
+        return rss_child(op, variant, dtype, int(n), int(v), mode)
+
+    device = args.device
+    machine = C.machine_info(device)
+    copy_gbs = C.copy_bandwidth_gbs(device, 2**30 if device == "cuda" else 2**28)
+    plan = cpu_plan(args.quick, args.ops) if device == "cpu" else cuda_plan(args.quick, args.full, args.ops)
+    print(f"# distil loss benchmark: {device}, {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
+          f"triton {machine['triton']}; copy bandwidth {copy_gbs:.0f} GB/s (read+write); {len(plan)} cells",
+          flush=True)
+    records = []
+    for op, dtype, n, v, modes, memory in plan:
+        print(f"  {op} {dtype} {n}×{v} ...", flush=True)
+        records += run_cell(op, dtype, n, v, modes, memory, device, args.variants, copy_gbs)
+    C.add_ratios(records)
+    method = C.CUDA_MEMORY_METHOD if device == "cuda" else C.CPU_MEMORY_METHOD
+    timing = ("triton.testing.do_bench median (L2 flushed between runs)" if device == "cuda" else
+              "perf_counter median over round-robin repeats of all variants side by side")
+    goal_rows = targets(records, device)
+    print()
+    print(C.markdown_table(records))
+    print()
+    print(targets_table(goal_rows))
+    print()
+    print(f"Timing: {timing}. GB/s = 3·N·V·bytes / time (student and teacher read once, gradient written "
+          f"once), fwd+bwd rows only; % of a {copy_gbs:.0f} GB/s copy measured in this run. {method}. "
+          f"fwd = forward with student.requires_grad=True. Loss values checked against eager: "
+          f"max rel. err {max((r.get('loss_rel_err', 0) for r in records), default=0):.1e}.")
+    stem = f"loss_{device}_{C.machine_tag(device)}" + ("_quick" if args.quick else "")
+    path = C.write_json(stem, machine, records, copy_gbs=copy_gbs, timing=timing, memory_method=method,
+                        targets=[dict(target=a, measured=b, met=c) for a, b, c in goal_rows])
+    png = C.plot_records(stem, records, f"distil loss, {machine.get('gpu', machine['cpu'])}")
+    print(f"\nwrote {path}" + (f" and {png}" if png else " (no matplotlib: no plot)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

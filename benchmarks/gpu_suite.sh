@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: build distil, run the test suite on the GPU (Triton interpreter
+# off), run every benchmark present, and collect the result files.
+#
+#   bash benchmarks/gpu_suite.sh [--full]        (from anywhere; works in the repo root)
+#
+#   --full   bench_loss.py's whole N x V x dtype grid (several extra minutes)
+#   PYTHON   interpreter to use (default: python3)
+#   .whl/    wheels placed there (git-ignored; e.g. liger-kernel for the Liger comparison) are
+#            installed first, offline, for machines without network access
+#
+# Results land in benchmarks/results/ (commit them) and, when $OUT is set, in $OUT as at most
+# 8 files: summary.md, logs.tar.gz, results.tar.gz (every result file this run wrote), and the
+# main loss_cuda_*.json / .png.  A failing step is recorded and the others still run; the exit
+# status is non-zero if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+FULL=""
+for arg in "$@"; do
+  case $arg in
+    --full) FULL=--full ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    *) echo "unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+
+WORK=$(mktemp -d)
+LOGS=$WORK/logs
+mkdir -p "$LOGS" benchmarks/results
+touch "$WORK/start"  # result files newer than this are this run's
+SUMMARY=$WORK/summary.md
+FAILED=0
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND under a time limit, tees it to logs/NAME.log and
+# adds a row to the summary.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]} verdict=ok
+  if [ "$rc" = 124 ]; then verdict="TIMED OUT after ${limit} s"; elif [ "$rc" != 0 ]; then verdict="FAILED (rc=$rc)"; fi
+  [ "$rc" = 0 ] || FAILED=1
+  echo "| $name | $verdict | $((SECONDS - t0)) s |" >>"$SUMMARY"
+  return "$rc"
+}
+
+{
+  echo "# distil GPU suite, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /'
+  "$PY" -c 'import sys, torch, triton; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}")'
+  echo
+  echo "| step | result | time |"
+  echo "|---|---|---|"
+} >"$SUMMARY"
+
+# Build for this GPU's architecture only (the default list builds two).
+ARCH=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step extra_wheels 120 "$PY" -m pip install --no-deps --no-index -q .whl/*.whl
+fi
+step build 480 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q -e .
+BUILD_RC=$?
+
+if [ "$BUILD_RC" = 0 ]; then
+  step tests 420 env DISTIL_GPU_TESTS=1 "$PY" -m pytest tests -q -p no:cacheprovider
+  step bench_loss 480 "$PY" benchmarks/bench_loss.py --device cuda $FULL
+  for bench in benchmarks/bench_gather.py benchmarks/bench_step.py; do
+    [ -f "$bench" ] && step "$(basename "$bench" .py)" 300 "$PY" "$bench"
+  done
+  TAG=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import _common; print(_common.machine_tag("cuda"))')
+  step test_bench 300 "$PY" -m pytest benchmarks/test_bench.py -q -p no:cacheprovider \
+    --benchmark-json="benchmarks/results/pytest_bench_cuda_${TAG}.json"
+else
+  echo "| (tests and benchmarks) | skipped: the build failed |  |" >>"$SUMMARY"
+fi
+
+# The targets table that bench_loss.py printed, for the summary.
+if [ -f "$LOGS/bench_loss.log" ]; then
+  echo >>"$SUMMARY"
+  awk '/^\| target \|/{on=1} on&&!/^\|/{exit} on' "$LOGS/bench_loss.log" >>"$SUMMARY"
+fi
+
+find benchmarks/results -type f -newer "$WORK/start" >"$WORK/new_results"
+tar -czf "$WORK/logs.tar.gz" -C "$WORK" logs
+tar -czf "$WORK/results.tar.gz" -T "$WORK/new_results"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  cp "$SUMMARY" "$WORK/logs.tar.gz" "$WORK/results.tar.gz" "$OUT"/
+  for f in benchmarks/results/loss_cuda_*.json benchmarks/results/loss_cuda_*.png; do
+    [ -f "$f" ] && [ "$f" -nt "$WORK/start" ] && cp "$f" "$OUT"/
+  done
+fi
+
+echo
+echo "=================== summary"
+cat "$SUMMARY"
+echo
+echo "new result files (in benchmarks/results/):"
+sed 's/^/  /' "$WORK/new_results"
+exit "$FAILED"
