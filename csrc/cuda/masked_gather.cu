@@ -83,9 +83,17 @@ __global__ void __launch_bounds__(kThreads) copy_rows_kernel(V* __restrict__ dst
 template <typename V, bool kContiguousCols>
 void launch_copy(void* dst, const void* src, RowLayout layout, int64_t col_stride, const int64_t* map,
                  int64_t n_rows, int64_t units, cudaStream_t stream) {
-  // Short rows share a block (threadIdx.y picks the row) so no thread idles.
+  // Long rows: a whole block per row, for many blocks to balance over the SMs.  Short
+  // rows share a block (threadIdx.y picks the row), with the row width in threads that
+  // leaves the fewest idle lanes (ties go to the wider one).
   int tx = kThreads;
-  while (tx > 32 && tx / 2 >= units) tx /= 2;
+  if (units < 4 * kThreads) {
+    auto idle = [&](int64_t t) { return (units + t - 1) / t * t - units; };
+    tx = 32;
+    for (int t = 64; t <= kThreads; t *= 2) {
+      if (idle(t) <= idle(tx)) tx = t;
+    }
+  }
   const dim3 block(tx, kThreads / tx);
   const int64_t blocks = (n_rows + block.y - 1) / block.y;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "masked_gather: too many rows for one launch");
