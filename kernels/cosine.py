@@ -10,7 +10,7 @@ math in fp32::
 
 Traffic model (the kernel is memory bound): for H ≤ the table's largest block the forward reads
 x and y once and writes dx once: (2·itemsize_in + itemsize_x)·N·H bytes; masked-out rows are
-neither read nor written beyond their zero gradient.  Above that block (H > 8192) a row is
+neither read nor written beyond their zero gradient.  Above it (H > 8192) a row is
 streamed twice (sums, then gradient), the second read mostly from L2.  The backward reads and
 writes nothing for rows whose incoming gradient equals ``coef`` (the usual ``loss.backward()``),
 reads and writes dx once for the other rows, and re-reads x and y only where ``coef`` is 0.
@@ -25,27 +25,35 @@ import triton.language as tl
 EPS = 1e-12  # added to each squared norm by nn.CosineEmbeddingLoss (ATen's EPSILON)
 
 # Tuning table keyed by H: (largest H, ROWS per program, num_warps); BLOCK_H is H rounded up to a
-# power of two.  Small H packs several rows into one [ROWS, BLOCK_H] tile so every program moves
-# about 2-4K elements per tensor; from 2K on one row per program, with warps growing with H.
-_TUNING = (
-    (16, 128, 4),
-    (64, 32, 4),
-    (256, 8, 4),
-    (512, 4, 4),
+# power of two.  Small H packs several rows into one [ROWS, BLOCK_H] tile of about 1K elements per
+# tensor (larger tiles spill in the backward on sm_80); from 2K on one row per program, with warps
+# growing with H so each thread keeps 16 elements of x and of y.
+TUNING = (
+    (16, 64, 4),
+    (64, 16, 4),
+    (256, 4, 4),
+    (512, 2, 4),
     (1024, 2, 4),
     (2048, 1, 4),
     (4096, 1, 8),
     (8192, 1, 16),
 )
-_MAX_BLOCK_H = 8192  # beyond this a row is processed in chunks of this size
+CHUNK_H = 4096  # above the table a row is streamed in chunks of this size (not held in registers)
 
 
 def config_for(h):
-    """(BLOCK_H, ROWS, num_warps) for hidden size ``h``."""
-    for max_h, rows, warps in _TUNING:
+    """(BLOCK_H, ROWS, num_warps) for hidden size ``h``; ``h > BLOCK_H`` means chunked rows."""
+    for max_h, rows, warps in TUNING:
         if h <= max_h:
             return triton.next_power_of_2(max(h, 1)), rows, warps
-    return _MAX_BLOCK_H, 1, 16
+    return CHUNK_H, 1, 8
+
+
+def bwd_config_for(h):
+    """The backward streams rows in chunks anyway, so it caps the chunk at CHUNK_H (the 8192-wide
+    single-pass tile would spill there on sm_80)."""
+    block_h, rows, warps = config_for(h)
+    return min(block_h, CHUNK_H), rows, min(warps, 8)
 
 
 @triton.jit
@@ -82,7 +90,7 @@ def _cosine_terms(sxy, sxx, syy):
 
 
 @triton.jit
-def _cosine_fwd_kernel(
+def cosine_fwd_kernel(
     x_ptr, y_ptr, mask_ptr, coef_ptr, loss_ptr, dx_ptr,
     n_rows, S, H, sx_b, sx_s, sy_b, sy_s,
     HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
@@ -124,7 +132,7 @@ def _cosine_fwd_kernel(
 
 
 @triton.jit
-def _cosine_bwd_kernel(
+def cosine_bwd_kernel(
     dx_ptr, g_ptr, x_ptr, y_ptr, mask_ptr, coef_ptr,
     n_rows, S, H, sx_b, sx_s, sy_b, sy_s,
     HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr,
@@ -135,7 +143,7 @@ def _cosine_bwd_kernel(
     live = in_range
     if HAS_MASK:
         live = live & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
-    coef = tl.load(coef_ptr)
+    coef = tl.zeros([ROWS], tl.float32) + tl.load(coef_ptr)  # per row, so masks combine elementwise
     g = tl.load(g_ptr + rows, mask=live, other=0.0).to(tl.float32)
     # dx holds coef·d(1 − cos)/dx: rescale it by g/coef (skip rows where that is exactly 1);
     # a zero coef left nothing to rescale, so those rows are recomputed from x and y.
@@ -183,7 +191,7 @@ def cosine_rows_into(student, teacher, mask, coef, loss_rows, grad):
     if geo[0] == 0:
         return
     block_h, rows, warps = config_for(geo[2])
-    _cosine_fwd_kernel[(triton.cdiv(geo[0], rows),)](
+    cosine_fwd_kernel[(triton.cdiv(geo[0], rows),)](
         student, teacher, mask_arg, coef, loss_rows, student if grad is None else grad, *geo,
         HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None, SINGLE=geo[2] <= block_h,
         BLOCK_H=block_h, ROWS=rows, num_warps=warps,
@@ -196,8 +204,8 @@ def cosine_rows_backward_(grad, grad_rows, student, teacher, mask, coef):
     mask_arg, geo = _launch_args(student, teacher, mask)
     if geo[0] == 0:
         return
-    block_h, rows, warps = config_for(geo[2])
-    _cosine_bwd_kernel[(triton.cdiv(geo[0], rows),)](
+    block_h, rows, warps = bwd_config_for(geo[2])
+    cosine_bwd_kernel[(triton.cdiv(geo[0], rows),)](
         grad, grad_rows.contiguous(), student, teacher, mask_arg, coef, *geo,
         HAS_MASK=mask is not None, BLOCK_H=block_h, ROWS=rows, num_warps=warps,
     )

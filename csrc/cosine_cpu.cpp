@@ -1,0 +1,175 @@
+// CPU implementation of distil::cosine_rows and distil::cosine_rows_backward (schemas in
+// ops.cpp; math in kernels/cosine.py and ARCHITECTURE.md).  One pass per row over x and y
+// with fp32 accumulation, rows spread over threads with at::parallel_for; rows of a
+// [B, S, H] input are read in place through its strides.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace {
+
+constexpr float kEps = 1e-12f;  // nn.CosineEmbeddingLoss adds this to each squared norm
+constexpr int64_t kGrainElements = 32768;
+
+// Row r = b * S + s starts at b * stride_b + s * stride_s.
+struct Rows {
+  int64_t n, S, H, stride_b, stride_s;
+  int64_t offset(int64_t r) const { return (r / S) * stride_b + (r % S) * stride_s; }
+};
+
+Rows rows_of(const at::Tensor& t) {
+  if (t.dim() == 2) return {t.size(0), 1, t.size(1), t.stride(0), 0};
+  return {t.size(0) * t.size(1), t.size(1), t.size(2), t.stride(0), t.stride(1)};
+}
+
+at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& mask,
+                  const at::Tensor& coef) {
+  TORCH_CHECK(student.dim() == 2 || student.dim() == 3, "cosine_rows: student must be 2-D or 3-D, got ",
+              student.sizes());
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "cosine_rows: teacher shape ", teacher.sizes(),
+              " differs from student shape ", student.sizes());
+  for (const auto& t : {student, teacher}) {
+    auto dt = t.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                "cosine_rows: hidden states must be float32, bfloat16 or float16, got ", dt);
+  }
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "cosine_rows: mask must be bool");
+    TORCH_CHECK(mask->sizes() == student.sizes().slice(0, student.dim() - 1), "cosine_rows: mask shape ",
+                mask->sizes(), " does not match the rows of ", student.sizes());
+  }
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.numel() == 1, "cosine_rows: coef must be one float32");
+}
+
+// Calls f(T{}) with T the C++ type of a float32 / bfloat16 / float16 tensor.
+template <typename F>
+void dispatch_float(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "cosine_rows: unsupported dtype ", dt);
+  }
+}
+
+struct Terms {
+  float cos, kx, ky;  // d(1 - cos)/dx = kx * x - ky * y
+};
+
+template <typename TX, typename TY>
+Terms cosine_terms(const TX* x, const TY* y, int64_t H) {
+  float sxy = 0.f, sxx = 0.f, syy = 0.f;
+#pragma omp simd reduction(+ : sxy, sxx, syy)
+  for (int64_t j = 0; j < H; ++j) {
+    float a = static_cast<float>(x[j]), b = static_cast<float>(y[j]);
+    sxy += a * b;
+    sxx += a * a;
+    syy += b * b;
+  }
+  float a = sxx + kEps;
+  float d = std::sqrt(a * (syy + kEps));
+  float cos = sxy / d;
+  return {cos, cos / a, 1.f / d};
+}
+
+template <typename TX, typename TY>
+void write_grad(TX* dx, const TX* x, const TY* y, int64_t H, float kx, float ky) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    dx[j] = static_cast<TX>(kx * static_cast<float>(x[j]) - ky * static_cast<float>(y[j]));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> cosine_rows_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                                   const c10::optional<at::Tensor>& mask_in, const at::Tensor& coef,
+                                                   bool compute_grad) {
+  check_inputs(student_in, teacher_in, mask_in, coef);
+  at::Tensor student = unit_stride_rows(student_in), teacher = unit_stride_rows(teacher_in);
+  at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  Rows rx = rows_of(student), ry = rows_of(teacher);
+  at::Tensor loss = at::empty(student.sizes().slice(0, student.dim() - 1), student.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
+  const float c = coef.item<float>();
+  const bool* m = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  float* l = loss.data_ptr<float>();
+  const int64_t H = rx.H;
+  dispatch_float(student.scalar_type(), [&](auto tx) {
+    using TX = decltype(tx);
+    dispatch_float(teacher.scalar_type(), [&](auto ty) {
+      using TY = decltype(ty);
+      const TX* x = student.const_data_ptr<TX>();
+      const TY* y = teacher.const_data_ptr<TY>();
+      TX* dx = compute_grad ? grad.mutable_data_ptr<TX>() : nullptr;
+      at::parallel_for(0, rx.n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)), [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          if (m != nullptr && !m[r]) {
+            l[r] = 0.f;
+            if (dx != nullptr) std::fill(dx + r * H, dx + (r + 1) * H, TX(0.f));
+            continue;
+          }
+          const TX* xr = x + rx.offset(r);
+          const TY* yr = y + ry.offset(r);
+          Terms t = cosine_terms(xr, yr, H);
+          l[r] = 1.f - t.cos;
+          if (dx != nullptr) write_grad(dx + r * H, xr, yr, H, c * t.kx, c * t.ky);
+        }
+      });
+    });
+  });
+  return {loss, grad};
+}
+
+void cosine_rows_backward_cpu(at::Tensor& grad, const at::Tensor& grad_rows_in, const at::Tensor& student_in,
+                              const at::Tensor& teacher_in, const c10::optional<at::Tensor>& mask_in,
+                              const at::Tensor& coef) {
+  check_inputs(student_in, teacher_in, mask_in, coef);
+  TORCH_CHECK(grad.sizes() == student_in.sizes() && grad.is_contiguous() && grad.scalar_type() == student_in.scalar_type(),
+              "cosine_rows_backward: grad must be the forward's gradient buffer");
+  at::Tensor student = unit_stride_rows(student_in), teacher = unit_stride_rows(teacher_in);
+  at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  at::Tensor grad_rows = grad_rows_in.to(at::kFloat).contiguous();
+  Rows rx = rows_of(student), ry = rows_of(teacher);
+  TORCH_CHECK(grad_rows.numel() == rx.n, "cosine_rows_backward: grad_rows must have one value per row");
+  const float c = coef.item<float>();
+  const bool* m = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const float* g = grad_rows.const_data_ptr<float>();
+  const int64_t H = rx.H;
+  dispatch_float(student.scalar_type(), [&](auto tx) {
+    using TX = decltype(tx);
+    dispatch_float(teacher.scalar_type(), [&](auto ty) {
+      using TY = decltype(ty);
+      const TX* x = student.const_data_ptr<TX>();
+      const TY* y = teacher.const_data_ptr<TY>();
+      TX* dx = grad.mutable_data_ptr<TX>();
+      at::parallel_for(0, rx.n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)), [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          if (m != nullptr && !m[r]) continue;  // the forward wrote zeros
+          TX* d = dx + r * H;
+          if (c != 0.f) {
+            // dx holds c * d(1 - cos)/dx: rescale, or leave it when g is exactly c.
+            const float ratio = g[r] / c;
+            if (ratio == 1.f) continue;
+#pragma omp simd
+            for (int64_t j = 0; j < H; ++j) d[j] = static_cast<TX>(static_cast<float>(d[j]) * ratio);
+          } else {
+            const TX* xr = x + rx.offset(r);
+            const TY* yr = y + ry.offset(r);
+            Terms t = cosine_terms(xr, yr, H);
+            write_grad(d, xr, yr, H, g[r] * t.kx, g[r] * t.ky);
+          }
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distil, CPU, m) {
+  m.impl("cosine_rows", &cosine_rows_cpu);
+  m.impl("cosine_rows_backward", &cosine_rows_backward_cpu);
+}

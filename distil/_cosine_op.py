@@ -1,0 +1,130 @@
+"""Registration of ``distil::cosine_rows``: the Triton kernel for CUDA, a fake impl for tracing,
+and autograd (the gradient is written by the forward; see ARCHITECTURE.md), plus the public
+:func:`cosine_loss` (re-exported by :mod:`distil.fused_loss`).
+
+The schema and the CPU kernel are C++ (csrc/ops.cpp, csrc/cosine_cpu.cpp).
+"""
+import torch
+
+import distil  # noqa: F401  (loads the schemas)
+from distil._validate import check_non_negative_finite, check_pair, check_row_mask, check_tensor, FLOAT_DTYPES
+
+try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
+    from distil.kernels import cosine as _triton_cosine
+except ImportError:  # pragma: no cover
+    _triton_cosine = None
+
+if _triton_cosine is not None:
+
+    @torch.library.register_kernel("distil::cosine_rows", "cuda")
+    def _cosine_rows_cuda(student, teacher, mask, coef, compute_grad):
+        student = _unit_stride_rows(student)
+        teacher = _unit_stride_rows(teacher)
+        loss_rows = student.new_empty(student.shape[:-1], dtype=torch.float32)
+        grad = torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad else None
+        with torch.cuda.device(student.device):
+            _triton_cosine.cosine_rows_into(student, teacher, mask, coef, loss_rows, grad)
+        return loss_rows, student.new_empty(0) if grad is None else grad
+
+    @torch.library.register_kernel("distil::cosine_rows_backward", "cuda")
+    def _cosine_rows_backward_cuda(grad, grad_rows, student, teacher, mask, coef):
+        with torch.cuda.device(student.device):
+            _triton_cosine.cosine_rows_backward_(
+                grad, grad_rows.float(), _unit_stride_rows(student), _unit_stride_rows(teacher), mask, coef
+            )
+
+
+def _unit_stride_rows(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.register_fake("distil::cosine_rows")
+def _cosine_rows_fake(student, teacher, mask, coef, compute_grad):
+    loss_rows = student.new_empty(student.shape[:-1], dtype=torch.float32)
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
+    return loss_rows, grad
+
+
+@torch.library.register_fake("distil::cosine_rows_backward")
+def _cosine_rows_backward_fake(grad, grad_rows, student, teacher, mask, coef):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, mask, coef, compute_grad = inputs
+    ctx.compute_grad = compute_grad
+    ctx.consumed = False
+    # The gradient buffer is not differentiable; without this autograd would hand the backward a
+    # zero tensor of the student's size for it.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[1], student, teacher, mask, coef)
+
+
+def _backward(ctx, grad_rows, _grad_of_grad):
+    if not ctx.compute_grad:
+        raise RuntimeError(
+            "distil: cosine_rows ran with compute_grad=False, so it has no gradient; "
+            "call the loss with grad enabled and a student that requires grad"
+        )
+    if ctx.consumed:
+        raise RuntimeError(
+            "distil: the cosine loss rewrites its gradient buffer in place during backward, so it can be "
+            "backpropagated once only (retain_graph=True double backward is not supported)"
+        )
+    ctx.consumed = True
+    grad, student, teacher, mask, coef = ctx.saved_tensors
+    if grad_rows is None:
+        grad_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
+    torch.ops.distil.cosine_rows_backward(grad, grad_rows.float(), student, teacher, mask, coef)
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd("distil::cosine_rows", _backward, setup_context=_setup_context)
+
+
+def cosine_loss(student_hidden, teacher_hidden, *, mask=None, weight=1.0):
+    """Mean over the selected rows of ``1 − cos(student_row, teacher_row)``.
+
+    Exactly ``nn.CosineEmbeddingLoss(reduction="mean")(s, t, torch.ones(n))`` on the selected rows
+    (distiller.py's ``loss_cos``, which selects them with ``masked_select`` on a ``[B, S, H]``-expanded
+    mask), including its epsilon: ``cos = Σst / sqrt((Σs² + 1e-12)(Σt² + 1e-12))``, so a zero
+    vector has cos 0 (``F.cosine_similarity`` clamps the norms instead).  The rows are read in place,
+    math is fp32, and the gradient w.r.t. the student is written during the forward.
+
+    Args:
+        student_hidden, teacher_hidden: ``[N, H]`` or ``[B, S, H]`` float32/bfloat16/float16 (dtypes
+            may differ), same shape.  The teacher gets no gradient.
+        mask: optional bool ``[N]`` / ``[B, S]`` (e.g. the attention mask); rows where it is False are
+            left out (default: all rows).
+        weight: the factor you will multiply this loss by before ``backward()`` (``alpha_cos``).  It
+            does not change the value; the gradient for exactly that weight is prepared in the forward,
+            so the backward costs nothing.  Any other upstream gradient is still exact (one scaling pass).
+    Returns:
+        fp32 scalar; exactly 0 (with a zero gradient) when no row is selected.
+    """
+    for name, t in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    if student_hidden.shape[-1] != teacher_hidden.shape[-1]:
+        raise ValueError(
+            f"student_hidden has hidden size {student_hidden.shape[-1]} but teacher_hidden has "
+            f"{teacher_hidden.shape[-1]}: the cosine loss needs equal sizes, so project one of them "
+            f"first (e.g. an nn.Linear({student_hidden.shape[-1]}, {teacher_hidden.shape[-1]}) on the student)"
+        )
+    check_pair("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
+    mask = check_row_mask("mask", mask, student_hidden.shape[:-1], student_hidden.device)
+    weight = check_non_negative_finite("weight", weight)
+    if teacher_hidden.requires_grad and torch.is_grad_enabled():
+        teacher_hidden = teacher_hidden.detach()  # the teacher is a constant target
+    device = student_hidden.device
+    count = student_hidden.shape[:-1].numel() if mask is None else mask.sum()
+    if isinstance(count, torch.Tensor):
+        denom = count.clamp(min=1).to(torch.float32)
+    else:
+        denom = torch.full((), max(count, 1), dtype=torch.float32, device=device)
+    # Bit-identical to the gradient autograd hands the rows for `weight * loss` (weight / denom), so
+    # the backward sees a ratio of exactly 1 and does nothing.
+    coef = torch.full((1,), weight, dtype=torch.float32, device=device) / denom
+    compute_grad = torch.is_grad_enabled() and student_hidden.requires_grad
+    loss_rows, _ = torch.ops.distil.cosine_rows(student_hidden, teacher_hidden, mask, coef, compute_grad)
+    return loss_rows.sum() / denom
