@@ -1,0 +1,123 @@
+"""DistilBERT's triple loss as one module (re-exported by :mod:`distil.fused_loss`)."""
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distil import fused_loss
+from distil._cosine_op import cosine_loss
+from distil._validate import check_non_negative_finite, check_positive_finite, check_tensor
+
+IGNORE_INDEX = -100  # distiller.py's "not masked" label
+
+
+class DistillationLossOutput(NamedTuple):
+    """``total = alpha_kl·kl + alpha_mlm·mlm + alpha_cos·cos``; the parts are unweighted (for logging),
+    fp32 scalars, exactly 0 for a part whose alpha is 0 or that has no rows."""
+
+    total: torch.Tensor
+    kl: torch.Tensor
+    mlm: torch.Tensor
+    cos: torch.Tensor
+
+
+class DistillationLoss(nn.Module):
+    """The loss of distiller.py's ``Distiller.step`` (MLM mode) from fused kernels.
+
+    Equals ``alpha_ce·loss_ce + alpha_mlm·loss_mlm + alpha_cos·loss_cos`` there (before its division by
+    the gradient-accumulation steps), with
+
+    - ``kl`` (its ``loss_ce``): ``nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s/T), F.softmax(t/T)) * T**2``
+      over every non-pad token, or only the masked ones (``labels != -100``) with
+      ``restrict_kl_to_mask=True`` (its ``--restrict_ce_to_mask``);
+    - ``mlm``: ``nn.CrossEntropyLoss(ignore_index=-100)(s.view(-1, V), labels.view(-1))``;
+    - ``cos``: ``nn.CosineEmbeddingLoss(reduction="mean")`` with target +1 between the student's and
+      the teacher's last hidden states over the non-pad tokens.
+
+    The rows are selected in the kernels (no ``masked_select`` copies), and each part's gradient is
+    prepared in the forward for exactly ``total.backward()``.  A zero alpha skips its part entirely:
+    ``alpha_kl=0`` never reads the teacher's logits (pass ``None``), ``alpha_cos=0`` never reads the
+    hidden states.  Unlike PyTorch, a part with no rows is 0 (not NaN).  The defaults are the
+    DistilBERT README recipe (``--alpha_ce 5.0 --alpha_mlm 2.0 --alpha_cos 1.0``, temperature 2).
+    """
+
+    def __init__(self, alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, restrict_kl_to_mask=False):
+        super().__init__()
+        self.alpha_kl = check_non_negative_finite("alpha_kl", alpha_kl)
+        self.alpha_mlm = check_non_negative_finite("alpha_mlm", alpha_mlm)
+        self.alpha_cos = check_non_negative_finite("alpha_cos", alpha_cos)
+        if self.alpha_kl == self.alpha_mlm == self.alpha_cos == 0.0:
+            raise ValueError("at least one of alpha_kl, alpha_mlm, alpha_cos must be > 0")
+        self.temperature = check_positive_finite("temperature", temperature)
+        if not isinstance(restrict_kl_to_mask, bool):
+            raise TypeError(f"restrict_kl_to_mask must be a bool, got {type(restrict_kl_to_mask).__name__}")
+        self.restrict_kl_to_mask = restrict_kl_to_mask
+
+    def extra_repr(self):
+        return (f"alpha_kl={self.alpha_kl}, alpha_mlm={self.alpha_mlm}, alpha_cos={self.alpha_cos}, "
+                f"temperature={self.temperature}, restrict_kl_to_mask={self.restrict_kl_to_mask}")
+
+    def forward(self, student_logits, teacher_logits, labels, student_hidden=None, teacher_hidden=None,
+                attention_mask=None):
+        """Args:
+            student_logits, teacher_logits: ``[B, S, V]``, or ``[M, V]`` rows already gathered.
+            labels: int64/int32 ``[B, S]`` / ``[M]``, the masked-LM targets, -100 where not masked.
+            student_hidden, teacher_hidden: last hidden states ``[B, S, H]`` / ``[M, H]`` (equal H).
+            attention_mask: bool ``[B, S]`` / ``[M]``, True at real (non-pad) tokens; ``None`` means
+                every row is a real token (the usual case for pre-gathered rows).
+        Returns:
+            :class:`DistillationLossOutput` ``(total, kl, mlm, cos)``.
+        """
+        check_tensor("student_logits", student_logits, ndims=(2, 3))
+        rows = tuple(student_logits.shape[:-1])
+        device = student_logits.device
+        check_tensor("labels", labels)
+        if tuple(labels.shape) != rows:
+            raise ValueError(f"labels must have shape {rows} (the logits' row dims), got {tuple(labels.shape)}")
+        if attention_mask is not None:
+            check_tensor("attention_mask", attention_mask)
+            if attention_mask.dtype != torch.bool:
+                raise TypeError(f"attention_mask must be a torch.bool tensor (use .bool()), got {attention_mask.dtype}")
+            if tuple(attention_mask.shape) != rows:
+                raise ValueError(f"attention_mask must have shape {rows} (the logits' row dims), "
+                                 f"got {tuple(attention_mask.shape)}")
+        for name, t in (("teacher_logits", teacher_logits), ("student_hidden", student_hidden),
+                        ("teacher_hidden", teacher_hidden)):
+            if t is not None and tuple(t.shape[:-1]) != rows:
+                raise ValueError(f"{name} must have the row dims {rows} of student_logits, got shape {tuple(t.shape)}")
+
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        kl = mlm = cos = zero
+        if self.alpha_kl > 0:
+            if teacher_logits is None:
+                raise ValueError("teacher_logits is required when alpha_kl > 0")
+            kl_mask = attention_mask
+            if self.restrict_kl_to_mask:
+                kl_mask = labels != IGNORE_INDEX if attention_mask is None else attention_mask & (labels != IGNORE_INDEX)
+            if self.alpha_mlm > 0:
+                kl, mlm = fused_loss.kl_ce_loss(
+                    student_logits, teacher_logits, labels, temperature=self.temperature, kl_mask=kl_mask,
+                    ignore_index=IGNORE_INDEX, kl_weight=self.alpha_kl, ce_weight=self.alpha_mlm,
+                )
+            else:
+                kl = fused_loss.kl_div_loss(student_logits, teacher_logits, temperature=self.temperature,
+                                            mask=kl_mask, reduction="batchmean")
+        elif self.alpha_mlm > 0:
+            mlm = _masked_lm_loss(student_logits, labels)
+        if self.alpha_cos > 0:
+            if student_hidden is None or teacher_hidden is None:
+                raise ValueError("student_hidden and teacher_hidden are required when alpha_cos > 0")
+            cos = cosine_loss(student_hidden, teacher_hidden, mask=attention_mask, weight=self.alpha_cos)
+        total = self.alpha_kl * kl + self.alpha_mlm * mlm + self.alpha_cos * cos
+        return DistillationLossOutput(total, kl, mlm, cos)
+
+
+def _masked_lm_loss(student_logits, labels):
+    """``F.cross_entropy(ignore_index=-100)`` in fp32, 0 (not NaN) when no token is masked."""
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an integer (int64 or int32) tensor, got {labels.dtype}")
+    flat_labels = labels.reshape(-1).long()
+    total = F.cross_entropy(student_logits.reshape(-1, student_logits.shape[-1]).float(), flat_labels,
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -1,0 +1,192 @@
+"""distil.fused_loss.DistillationLoss against a float64 restatement of distiller.py's Distiller.step loss
+(MLM mode), on random padded batches; pre-gathered rows; zero alphas; degenerate and bad inputs."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import GPU_RUN, relative_error
+
+from distil.fused_loss import DistillationLoss
+
+DEVICES = ["cpu"] + (["cuda"] if GPU_RUN else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def distiller_step_loss(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask, *, alpha_ce, alpha_mlm,
+                        alpha_cos, temperature, restrict_ce_to_mask):
+    """Distiller.step's loss in float64, restated from its definition (shared/REFERENCE.md): masked_select
+    on expanded masks, KLDivLoss(batchmean)·T², CrossEntropyLoss(ignore_index=-100) over all [B·S] rows,
+    CosineEmbeddingLoss(mean, target +1) over the non-pad hidden states.  Returns (total, kl, mlm, cos)."""
+    s_logits, t_logits, s_hidden, t_hidden = (x.double() for x in (s_logits, t_logits, s_hidden, t_hidden))
+    vocab, dim = s_logits.shape[-1], s_hidden.shape[-1]
+    mask = (labels > -1) if restrict_ce_to_mask else attention_mask
+    mask = mask.unsqueeze(-1).expand_as(s_logits)
+    s_slct = torch.masked_select(s_logits, mask).view(-1, vocab)
+    t_slct = torch.masked_select(t_logits, mask).view(-1, vocab)
+    loss_ce = nn.KLDivLoss(reduction="batchmean")(
+        F.log_softmax(s_slct / temperature, dim=-1), F.softmax(t_slct / temperature, dim=-1)
+    ) * temperature**2
+    loss_mlm = nn.CrossEntropyLoss(ignore_index=-100)(s_logits.view(-1, vocab), labels.view(-1))
+    mask = attention_mask.unsqueeze(-1).expand_as(s_hidden)
+    s_h = torch.masked_select(s_hidden, mask).view(-1, dim)
+    t_h = torch.masked_select(t_hidden, mask).view(-1, dim)
+    target = s_h.new_ones(s_h.size(0))
+    loss_cos = nn.CosineEmbeddingLoss(reduction="mean")(s_h, t_h, target)
+    total = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos
+    return total, loss_ce, loss_mlm, loss_cos
+
+
+def make_batch(dtype=torch.float32, device="cpu", b=3, s=7, vocab=37, h=24):
+    """A padded MLM batch as distiller.py builds it: lengths >= 2, pads never masked (labels -100)."""
+    lengths = torch.tensor([s, 4, 2][:b], device=device)
+    attention_mask = torch.arange(s, device=device)[None, :] < lengths[:, None]
+    labels = torch.randint(0, vocab, (b, s), device=device)
+    labels[(torch.rand(b, s, device=device) > 0.4) | ~attention_mask] = -100
+    labels[0, 1] = 5  # at least one masked token
+    s_logits = (torch.randn(b, s, vocab, device=device) * 3).to(dtype)
+    t_logits = (torch.randn(b, s, vocab, device=device) * 3).to(dtype)
+    t_hidden = torch.randn(b, s, h, device=device).to(dtype)
+    s_hidden = (0.5 * t_hidden.float() + torch.randn(b, s, h, device=device)).to(dtype)
+    return s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask
+
+
+def run_both(module, batch, *, alpha_ce, alpha_mlm, alpha_cos, temperature, restrict):
+    s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask = batch
+    s_logits = s_logits.clone().requires_grad_()
+    s_hidden = s_hidden.clone().requires_grad_()
+    out = module(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask)
+    out.total.backward()
+    ref_logits = s_logits.detach().double().requires_grad_()
+    ref_hidden = s_hidden.detach().double().requires_grad_()
+    ref = distiller_step_loss(ref_logits, t_logits, labels, ref_hidden, t_hidden, attention_mask, alpha_ce=alpha_ce,
+                              alpha_mlm=alpha_mlm, alpha_cos=alpha_cos, temperature=temperature,
+                              restrict_ce_to_mask=restrict)
+    ref[0].backward()
+    return out, ref, (s_logits.grad, s_hidden.grad), (ref_logits.grad, ref_hidden.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("restrict", [False, True])
+def test_matches_distiller_step(device, dtype, restrict):
+    batch = make_batch(dtype, device)
+    module = DistillationLoss(restrict_kl_to_mask=restrict)
+    out, ref, grads, ref_grads = run_both(module, batch, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0,
+                                          temperature=2.0, restrict=restrict)
+    for got, want in zip(out, ref):
+        assert got.dtype == torch.float32 and got.dim() == 0
+        assert relative_error(got, want) <= TOL[dtype]
+    for got, want in zip(grads, ref_grads):
+        assert relative_error(got, want) <= TOL[dtype]
+    attention_mask = batch[-1]
+    assert (grads[1][~attention_mask] == 0).all()  # pads get no cosine gradient
+
+
+def test_restrict_kl_to_mask_changes_the_rows():
+    batch = make_batch()
+    kl_all = DistillationLoss()(*batch).kl
+    kl_masked = DistillationLoss(restrict_kl_to_mask=True)(*batch).kl
+    assert abs(kl_all.item() - kl_masked.item()) > 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pre_gathered_rows_equal_the_batch(device):
+    batch = make_batch(device=device)
+    module = DistillationLoss(alpha_kl=3.0, alpha_mlm=0.5, alpha_cos=2.0, temperature=1.5)
+    full = module(*batch)
+    attention_mask = batch[-1]
+    rows = [t[attention_mask] for t in batch[:-1]]
+    gathered = module(*rows)
+    for got, want in zip(gathered, full):
+        assert relative_error(got, want) <= 1e-6
+    assert gathered.total.item() != 0.0
+
+
+@pytest.mark.parametrize("alphas", [(0.0, 2.0, 1.0), (5.0, 0.0, 1.0), (5.0, 2.0, 0.0), (0.0, 0.0, 1.5)])
+def test_zero_alphas_skip_their_part(alphas):
+    batch = make_batch()
+    alpha_kl, alpha_mlm, alpha_cos = alphas
+    module = DistillationLoss(alpha_kl=alpha_kl, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos)
+    s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask = batch
+    # A skipped part never touches its inputs: pass None for them.
+    skipped = (s_logits, None if alpha_kl == 0 else t_logits, labels, None if alpha_cos == 0 else s_hidden,
+               None if alpha_cos == 0 else t_hidden, attention_mask)
+    s_logits = s_logits.clone().requires_grad_()
+    s_hidden_in = skipped[3] if skipped[3] is None else s_hidden.clone().requires_grad_()
+    out = module(s_logits, skipped[1], labels, s_hidden_in, skipped[4], attention_mask)
+    out.total.backward()
+    ref_logits = s_logits.detach().double().requires_grad_()
+    ref_hidden = s_hidden.detach().double().requires_grad_()
+    ref = distiller_step_loss(ref_logits, t_logits, labels, ref_hidden, t_hidden, attention_mask, alpha_ce=alpha_kl,
+                              alpha_mlm=alpha_mlm, alpha_cos=alpha_cos, temperature=2.0, restrict_ce_to_mask=False)
+    ref[0].backward()
+    assert relative_error(out.total, ref[0]) <= 1e-5
+    for alpha, got, want in zip(alphas, out[1:], ref[1:]):
+        if alpha == 0:
+            assert got.item() == 0.0
+        else:
+            assert relative_error(got, want) <= 1e-5
+    if alpha_kl == alpha_mlm == 0:
+        assert s_logits.grad is None
+    else:
+        assert relative_error(s_logits.grad, ref_logits.grad) <= 1e-5
+    if alpha_cos > 0:
+        assert relative_error(s_hidden_in.grad, ref_hidden.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_selected_rows_gives_exact_zeros(device):
+    s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask = make_batch(device=device)
+    s_logits.requires_grad_()
+    s_hidden.requires_grad_()
+    out = DistillationLoss()(s_logits, t_logits, torch.full_like(labels, -100), s_hidden, t_hidden,
+                             torch.zeros_like(attention_mask))
+    out.total.backward()
+    assert all(part.item() == 0.0 for part in out)
+    assert torch.equal(s_logits.grad, torch.zeros_like(s_logits))
+    assert torch.equal(s_hidden.grad, torch.zeros_like(s_hidden))
+
+
+def test_bad_inputs_name_the_argument():
+    s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask = make_batch()
+    module = DistillationLoss()
+    with pytest.raises(ValueError, match="alpha_kl"):
+        DistillationLoss(alpha_kl=-1.0)
+    with pytest.raises(ValueError, match="alpha_cos"):
+        DistillationLoss(alpha_cos=float("nan"))
+    with pytest.raises(ValueError, match="at least one"):
+        DistillationLoss(alpha_kl=0.0, alpha_mlm=0.0, alpha_cos=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        DistillationLoss(temperature=0.0)
+    with pytest.raises(TypeError, match="restrict_kl_to_mask"):
+        DistillationLoss(restrict_kl_to_mask=1)
+    with pytest.raises(ValueError, match="project"):
+        module(s_logits, t_logits, labels, s_hidden, torch.randn(3, 7, 32), attention_mask)
+    with pytest.raises(ValueError, match="student_hidden"):
+        module(s_logits, t_logits, labels, s_hidden[:, :5], t_hidden[:, :5], attention_mask)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        module(s_logits, t_logits[:2], labels, s_hidden, t_hidden, attention_mask)
+    with pytest.raises(TypeError, match="attention_mask"):
+        module(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask.long())
+    with pytest.raises(ValueError, match="attention_mask"):
+        module(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask[:, :3])
+    with pytest.raises(ValueError, match="labels"):
+        module(s_logits, t_logits, labels[:2], s_hidden, t_hidden, attention_mask)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        module(s_logits, None, labels, s_hidden, t_hidden, attention_mask)
+    with pytest.raises(ValueError, match="student_hidden"):
+        module(s_logits, t_logits, labels, None, None, attention_mask)
+
+
+def test_torch_compile_fullgraph():
+    batch = make_batch()
+    module = DistillationLoss()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (compiled, module):
+        s_logits, s_hidden = batch[0].clone().requires_grad_(), batch[3].clone().requires_grad_()
+        out = fn(s_logits, batch[1], batch[2], s_hidden, batch[4], batch[5])
+        out.total.backward()
+        grads.append((out.total, s_logits.grad, s_hidden.grad))
+    for got, want in zip(*grads):
+        assert relative_error(got, want) <= 1e-6
