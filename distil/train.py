@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from distil import _validate
 from distil.data import LengthGroupedBatches, load_corpus
-from distil.fused_loss import DistillationLoss
+from distil.distillation_loss import DistillationLossOutput
+from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss
 from distil.masking import MLMMasker, token_counts
 from distil.ops import masked_gather
 from distil.student import build_student, lm_adapter, save_student
@@ -177,7 +178,16 @@ class DistillationStep:
             with torch.no_grad():
                 t_logits, t_hidden = select_rows(self.teacher_adapter, input_ids, attention_mask, kl_mask, cos_mask)
             s_logits, s_hidden = self.student_rows(input_ids, attention_mask, kl_mask, cos_mask)
-        return self.loss_fn(s_logits, t_logits, labels[kl_mask], s_hidden, t_hidden, None)
+        row_labels = labels[kl_mask]
+        if not self.restrict_kl_to_mask:
+            return self.loss_fn(s_logits, t_logits, row_labels, s_hidden, t_hidden, None)
+        # DistillationLoss takes one row set for logits and hidden states; here the KL/MLM rows (masked)
+        # and the cosine rows (non-pad) differ, so its two fused parts run on their own rows.
+        f = self.loss_fn
+        kl, mlm = kl_ce_loss(s_logits, t_logits, row_labels, temperature=f.temperature,
+                             kl_weight=f.alpha_kl, ce_weight=f.alpha_mlm)
+        cos = cosine_loss(s_hidden, t_hidden, weight=f.alpha_cos)
+        return DistillationLossOutput(f.alpha_kl * kl + f.alpha_mlm * mlm + f.alpha_cos * cos, kl, mlm, cos)
 
 
 def _load_teacher(path, device, dtype):
@@ -302,18 +312,22 @@ class Trainer:
         raise RuntimeError("data reader yielded no batch for a whole epoch")
 
     def _micro_batches(self):
+        """This rank's ``grad_accum`` micro-batches of the next global batch, as (ids, attn, labels,
+        weight): the batch is cut into ``grad_accum * world_size`` near-equal slices (sizes as
+        ``torch.tensor_split``) and micro-batch ``a`` of rank ``r`` is slice ``a * world_size + r``.
+        A slice left empty by a short last batch reuses slice 0 with weight 0, so that every rank
+        still runs the same forward/backward collectives."""
         batch = self._next_global_batch()
         ids, attn = batch["input_ids"], batch["attention_mask"]
         masked, labels = self.masker(ids, attn, self.mask_generator)
-        b = self.config.batch_size
+        n, k = ids.shape[0], self.micro_batches
+        starts = [i * (n // k) + min(i, n % k) for i in range(k + 1)]
         for a in range(self.config.grad_accum):
-            start = (a * self.world_size + self.rank) * b
-            sl = slice(start, start + b)
-            m_attn = attn[sl]
-            if m_attn.shape[0] == 0:
-                continue
-            width = int(m_attn.sum(1).max())  # trim the global batch's padding to this slice's longest
-            yield tuple(t[sl, :width].to(self.device, non_blocking=True) for t in (masked, attn, labels))
+            c = a * self.world_size + self.rank
+            weight = 1.0 if starts[c + 1] > starts[c] else 0.0
+            sl = slice(starts[c], starts[c + 1]) if weight else slice(0, starts[1])
+            width = int(attn[sl].sum(1).max())  # trim the global batch's padding to this slice's longest
+            yield (*(t[sl, :width].to(self.device, non_blocking=True) for t in (masked, attn, labels)), weight)
 
     # -- one optimizer step ---------------------------------------------------------------------
     def train_step(self):
@@ -322,14 +336,14 @@ class Trainer:
         parts = torch.zeros(4, device=self.device)  # total, kl, mlm, cos: summed over micro-batches
         tokens = torch.zeros((), dtype=torch.long, device=self.device)
         micro = list(self._micro_batches())
-        for i, (ids, attn, labels) in enumerate(micro):
+        for i, (ids, attn, labels, weight) in enumerate(micro):
             last = i == len(micro) - 1
             sync = self.rows.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
             with sync:
                 out = self.step_fn(ids, attn, labels)
-                self.scaler.scale(out.total / cfg.grad_accum).backward()
-            parts += torch.stack([out.total, out.kl, out.mlm, out.cos]).detach().float()
-            tokens += attn.sum()
+                self.scaler.scale(out.total * (weight / cfg.grad_accum)).backward()
+            parts += weight * torch.stack([out.total, out.kl, out.mlm, out.cos]).detach().float()
+            tokens += int(weight) * attn.sum()
         parts /= cfg.grad_accum
         if self.world_size > 1:
             dist.all_reduce(parts)
