@@ -1,5 +1,10 @@
 // CPU implementation of distil::kl_ce_rows and distil::kl_ce_rows_backward (contract:
-// ARCHITECTURE.md, "kl_ce_rows").  One thread handles whole rows (at::parallel_for);
+// ARCHITECTURE.md, "kl_ce_rows").  Per row this is
+//   kl_rows = nn.KLDivLoss(reduction="none")(log_softmax(s/T), softmax(t/T)).sum(-1) * T**2
+//   ce_rows = F.cross_entropy(s, y, ignore_index=ignore_index, reduction="none")
+// (distiller.py's loss_ce and loss_mlm before their batchmean / mean), with the gradient of
+// coef[0] * kl_rows + coef[1] * ce_rows written in the forward.
+// One thread handles whole rows (at::parallel_for);
 // a row of V = 30522 logits is 120 KB in fp32, so the three passes below (maxima; the
 // exp-sums, storing the exponentials; the gradient) run out of L2 and DRAM sees each
 // input once and the gradient once.
@@ -15,7 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
+#include <c10/util/bit_cast.h>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -54,7 +59,7 @@ DISTIL_INLINE float exp_nonpos(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  const float two_n = c10::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
