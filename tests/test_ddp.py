@@ -1,0 +1,72 @@
+"""DDP: 2 CPU processes (gloo) run distil.train's Trainer. Their parameters must be identical, and
+equal those of one process that accumulates the same global batch in 2 micro-batches (the trainer
+hands rank r of K the same slice that micro-batch r of a K-step accumulation gets)."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distil.train import METRICS, Trainer, TrainConfig
+from tiny import bert_tokenizer, tiny_bert, write_corpus
+
+STEPS = 3
+
+
+def _config(root, out, grad_accum):
+    return TrainConfig(teacher=str(root / "teacher"), data=[str(root / "corpus")], output_dir=str(root / out),
+                       batch_size=16, grad_accum=grad_accum, max_length=64, max_steps=STEPS, save_every=2,
+                       log_every=1, progress=False)
+
+
+def _worker(rank, root, port):
+    torch.set_num_threads(1)  # 2 processes on a 2-core runner
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    try:
+        trainer = Trainer(_config(root, "ddp", grad_accum=1))
+        trainer.fit()
+        torch.save(trainer.student.state_dict(), root / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
+    tok = bert_tokenizer()
+    # No dropout: the single process and the ranks draw different dropout masks.
+    teacher = tiny_bert(len(tok), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    write_corpus(tmp_path / "corpus", n_files=1, n_lines=120)
+
+    mp.spawn(_worker, args=(tmp_path, _free_port()), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+    single = Trainer(_config(tmp_path, "single", grad_accum=2))
+    initial = {k: v.clone() for k, v in single.student.state_dict().items()}
+    single.fit()
+    ref = single.student.state_dict()
+    assert any(not torch.equal(ref[k], initial[k]) for k in ref)
+    for k in ref:
+        torch.testing.assert_close(rank0[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    losses = [[json.loads(line) for line in (tmp_path / out / METRICS).read_text().splitlines()]
+              for out in ("ddp", "single")]
+    assert [m["step"] for m in losses[0]] == list(range(1, STEPS + 1))
+    for d, s in zip(*losses):
+        assert d["tokens"] == s["tokens"]
+        for part in ("loss", "kl", "mlm", "cos"):
+            assert d[part] == pytest.approx(s[part], rel=1e-5)
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == STEPS and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
