@@ -273,8 +273,9 @@ def write_json(stem, machine, records, **extra):
 
 
 def plot_records(stem, records, title, mode="fwd+bwd"):
-    """Bar chart of median ms per shape and variant, one panel per (op, dtype), for ``mode``.
-    Returns the PNG path, or None when matplotlib is absent."""
+    """Bar chart of the speed-up over the baseline (``add_ratios``) per shape and variant, one
+    panel per (op, dtype), for ``mode``; shapes by size.  Returns the PNG path, or None when
+    matplotlib is absent or nothing has a ratio."""
     try:
         import matplotlib
 
@@ -282,24 +283,24 @@ def plot_records(stem, records, title, mode="fwd+bwd"):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in records if r["mode"] == mode and r["status"] == "ok"]
+    rows = [r for r in records if r["mode"] == mode and r.get("speedup") is not None]
     panels = sorted({(r["op"], r["dtype"]) for r in rows})
     if not panels:
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
     for ax, (op, dtype) in zip(axes[:, 0], panels):
         sel = [r for r in rows if r["op"] == op and r["dtype"] == dtype]
-        shapes = list(dict.fromkeys(tuple(r["shape"]) for r in sel))
+        shapes = sorted({tuple(r["shape"]) for r in sel}, key=lambda s: (math.prod(s), s))
         variants = list(dict.fromkeys(r["variant"] for r in sel))
         width = 0.8 / len(variants)
         for i, variant in enumerate(variants):
-            ms = {tuple(r["shape"]): r["ms"] for r in sel if r["variant"] == variant}
-            xs = [j + i * width for j, s in enumerate(shapes) if s in ms]
-            ax.bar(xs, [ms[s] for s in shapes if s in ms], width, label=variant)
+            ratio = {tuple(r["shape"]): r["speedup"] for r in sel if r["variant"] == variant}
+            xs = [j + i * width for j, s in enumerate(shapes) if s in ratio]
+            ax.bar(xs, [ratio[s] for s in shapes if s in ratio], width, label=variant)
+        ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
         ax.set_xticklabels(["×".join(map(str, s)) for s in shapes], fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("median ms (log)")
+        ax.set_ylabel("speed-up over eager (×)")
         ax.set_title(f"{op} {dtype} {mode}", fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
