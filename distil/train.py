@@ -18,8 +18,8 @@ Equivalent of the paper's ``train.py`` + ``Distiller`` (Hugging Face
   checkpoint and exits cleanly; a non-finite loss stops the run and keeps the last good checkpoint.
 
 One optimizer step reads one *global* batch of ``batch_size * grad_accum * world_size`` sequences, masks
-it as a whole, and hands micro-batch ``a`` of rank ``r`` the slice ``(a * world_size + r) * batch_size``
-onward. So K ranks with accumulation A compute exactly what one process with accumulation A·K computes
+it as a whole, cuts it into ``grad_accum * world_size`` near-equal slices and hands micro-batch ``a``
+of rank ``r`` slice ``a * world_size + r``. So K ranks with accumulation A compute exactly what one process with accumulation A·K computes
 (the mean over micro-batches of each micro-batch's mean loss, as ``distiller.py`` does).
 """
 import argparse
