@@ -22,8 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-12  # added to each squared norm by nn.CosineEmbeddingLoss (ATen's EPSILON)
-
 # Tuning table keyed by H: (largest H, ROWS per program, num_warps); BLOCK_H is H rounded up to a
 # power of two.  Small H packs several rows into one [ROWS, BLOCK_H] tile of about 1K elements per
 # tensor (larger tiles spill in the backward on sm_80); from 2K on one row per program, with warps
@@ -83,7 +81,7 @@ def _row_sums(x_ptr, y_ptr, x_off, y_off, live, H, BLOCK_H: tl.constexpr, ROWS: 
 @triton.jit
 def _cosine_terms(sxy, sxx, syy):
     """cos and the two per-row factors of d(1 − cos)/dx = k_x·x − k_y·y."""
-    a = sxx + 1e-12
+    a = sxx + 1e-12  # nn.CosineEmbeddingLoss's epsilon on each squared norm (not a clamp)
     d = tl.sqrt_rn(a * (syy + 1e-12))
     cos = sxy / d
     return cos, cos / a, 1.0 / d
