@@ -17,7 +17,7 @@ Ops (schemas in ``csrc/ops.cpp``; CPU in ``csrc/masked_gather_cpu.cpp``, CUDA in
   the largest ``r`` wins on both devices. An index ``>= prod(shape[:-1])`` is an error (on CUDA a
   device-side assert, as for ``torch.index_select``).
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 

@@ -137,7 +137,7 @@ def test_gradient_matches_autograd_of_indexing(dtype, layout, capacity):
     base = _make_x(layout, dtype)
     mask = _mask(base.shape[:-1], p=0.6)
     m = int(mask.sum())
-    k = {None: None, "over": m + 3, "under": m - 2}[capacity]
+    k = {None: None, "over": m + 3, "under": max(m - 2, 0)}[capacity]
     x = base.detach().requires_grad_(True)
     rows, _, _ = masked_gather(x, mask, capacity=k)
     grad_rows = torch.randn(rows.shape).to(dtype)
@@ -272,7 +272,7 @@ def test_cuda_matches_cpu_bit_for_bit(dtype, layout, capacity):
     x = _make_x(layout, dtype)
     mask = _mask(x.shape[:-1], p=0.5)
     m = int(mask.sum())
-    k = {None: None, "over": m + 4, "under": m - 2}[capacity]
+    k = {None: None, "over": m + 4, "under": max(m - 2, 0)}[capacity]
     expected = masked_gather(x, mask, capacity=k)
     _poison_cuda_cache(1 << 20)
     got = masked_gather(_make_x_like(x), mask.cuda(), capacity=k)
@@ -342,4 +342,16 @@ def test_cuda_graph_capture_capacity_mode():
     graph.replay()
     torch.cuda.synchronize()
     m = int(new_mask.sum())
-    assert int(count) == m and torch.equal(rows[:m], x[new_mask]) and torch.equal(index[m:], torch.full((80 - m,), -1, device="cuda"))
+    assert int(count) == m and torch.equal(rows[:m], x[new_mask])
+    assert torch.equal(index[m:], torch.full((80 - m,), -1, device="cuda"))
+
+
+@gpu
+@pytest.mark.parametrize("capacity", (None, 5))
+def test_cuda_opcheck(capacity):
+    x = torch.randn(2, 7, 6, device="cuda", requires_grad=True)
+    mask = _mask((2, 7), device="cuda")
+    torch.library.opcheck(torch.ops.distil.masked_gather.default, (x, mask, capacity))
+    rows = torch.randn(5, 6, device="cuda", requires_grad=True)
+    index = torch.tensor([3, 0, 9, -1, 11], device="cuda")
+    torch.library.opcheck(torch.ops.distil.masked_scatter_rows.default, (rows, index, [2, 6, 6]))
