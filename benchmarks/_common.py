@@ -211,12 +211,14 @@ def copy_bandwidth_gbs(device, nbytes=2**30):
     """Device-to-device (or RAM-to-RAM) copy bandwidth, counting bytes read plus written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
+
+    def copy():
+        dst.copy_(src)
+
     if device == "cuda":
-        ms = median_ms_cuda(lambda: dst.copy_(src))
+        ms = median_ms_cuda(copy)
     else:
-        ms = median_ms_interleaved({"copy": lambda: dst.copy_(src)}, min_repeats=5, budget_s=2.0)["copy"]
-    del src, dst
-    free_memory(device)
+        ms = median_ms_interleaved({"copy": copy}, min_repeats=5, budget_s=2.0)["copy"]
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

@@ -123,17 +123,17 @@ def liger_available():
 
 
 # ---------------------------------------------------------------- plans
-# (op, dtype, N, V, modes, measure_memory); each shape is one cell.
+# Cells: (op, dtype, N, V, modes).
 CPU_MAIN = (2048, 30522)
 
 
 def cpu_plan(quick, ops):
     if quick:
-        cells = [(op, "fp32", 64, 4096, MODES, True) for op in ops]
+        cells = [(op, "fp32", 64, 4096, MODES) for op in ops]
     else:
-        cells = [("kl_ce", "fp32", *CPU_MAIN, MODES, True)]
-        cells += [("kl_ce", "fp32", n, v, ("fwd+bwd",), True) for n, v in ((256, 30522), (512, 50257))]
-        cells += [("kl", "fp32", 512, 30522, ("fwd+bwd",), True)]
+        cells = [("kl_ce", "fp32", *CPU_MAIN, MODES)]
+        cells += [("kl_ce", "fp32", n, v, ("fwd+bwd",)) for n, v in ((256, 30522), (512, 50257))]
+        cells += [("kl", "fp32", 512, 30522, ("fwd+bwd",))]
     return [c for c in cells if c[0] in ops]
 
 
@@ -145,7 +145,7 @@ def cuda_plan(quick, full, ops):
     else:
         grid = [("bf16", 8192, 30522), ("fp32", 8192, 30522), ("bf16", 2048, 30522), ("bf16", 16384, 30522),
                 ("bf16", 8192, 50257), ("bf16", 8192, 128256), ("fp32", 8192, 128256)]
-    return [(op, dt, n, v, MODES, True) for op in ops for dt, n, v in grid]
+    return [(op, dt, n, v, MODES) for op in ops for dt, n, v in grid]
 
 
 # ---------------------------------------------------------------- measuring
@@ -168,7 +168,9 @@ def loss_rel_err(fns, inputs, reference="eager"):
     return {name: ((v - ref).abs() / ref.abs().clamp_min(1e-30)).item() for name, v in values.items()}
 
 
-def run_cell(op_name, dtype_name, n, v, modes, memory, device, names, copy_gbs):
+def run_cell(op_name, dtype_name, n, v, modes, device, names, copy_gbs):
+    """Records of every variant and mode at one shape: CUDA peak memory in both modes, CPU peak
+    memory (one subprocess per variant) in fwd+bwd only."""
     op, dtype = OPS[op_name], DTYPES[dtype_name]
     torch._dynamo.reset()  # one static compile per cell, never the recompile limit
     base = dict(op=op_name, dtype=dtype_name, shape=[n, v], device=device)
@@ -191,10 +193,10 @@ def run_cell(op_name, dtype_name, n, v, modes, memory, device, names, copy_gbs):
                 rec["loss_rel_err"] = errs[name]
             records.append(rec)
         if device == "cuda":
-            _time_cuda(records[-len(fns):], fns, sets, backward, memory)
+            _time_cuda(records[-len(fns):], fns, sets, backward)
         else:
             _time_cpu(records[-len(fns):], fns, sets[0], backward)
-            if memory and backward:
+            if backward:
                 _rss_cpu(records[-len(fns):], op_name, dtype_name, n, v, mode)
         if backward:
             for rec in records[-len(fns):]:
@@ -206,7 +208,7 @@ def run_cell(op_name, dtype_name, n, v, modes, memory, device, names, copy_gbs):
     return records
 
 
-def _time_cuda(records, fns, sets, backward, memory):
+def _time_cuda(records, fns, sets, backward):
     for rec, (name, fn) in zip(records, fns.items()):
         steps = [C.make_step(fn, inputs, backward, clear_grads=False) for inputs in sets]
         cycle = itertools.cycle(steps)
@@ -216,8 +218,7 @@ def _time_cuda(records, fns, sets, backward, memory):
             rec["ms"] = C.median_ms_cuda(lambda: next(cycle)(), grad_to_none=leaves)
             for leaf in leaves:
                 leaf.grad = None
-            if memory:
-                rec["peak_bytes"] = C.cuda_peak_bytes(steps[0])
+            rec["peak_bytes"] = C.cuda_peak_bytes(steps[0])
         except Exception as exc:  # noqa: BLE001
             rec["status"] = "oom" if C.is_oom(exc) else f"error: {type(exc).__name__}"
             print(f"  {rec['op']} {name}: {_short(exc)}", file=sys.stderr)
@@ -337,8 +338,6 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    import distil  # noqa: F401  (loads the operator library before anything is timed)
-
     if args.rss_child:
         op, variant, dtype, n, v, mode = args.rss_child
         return rss_child(op, variant, dtype, int(n), int(v), mode)
@@ -351,9 +350,9 @@ def main(argv=None):
           f"triton {machine['triton']}; copy bandwidth {copy_gbs:.0f} GB/s (read+write); {len(plan)} cells",
           flush=True)
     records = []
-    for op, dtype, n, v, modes, memory in plan:
+    for op, dtype, n, v, modes in plan:
         print(f"  {op} {dtype} {n}×{v} ...", flush=True)
-        records += run_cell(op, dtype, n, v, modes, memory, device, args.variants, copy_gbs)
+        records += run_cell(op, dtype, n, v, modes, device, args.variants, copy_gbs)
     C.add_ratios(records)
     method = C.CUDA_MEMORY_METHOD if device == "cuda" else C.CPU_MEMORY_METHOD
     timing = ("triton.testing.do_bench median (L2 flushed between runs)" if device == "cuda" else
