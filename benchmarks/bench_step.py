@@ -1,0 +1,192 @@
+"""One whole distillation step, distiller.py-style eager against distil's pipeline.
+
+    python benchmarks/bench_step.py                 # CUDA if present, else CPU
+    python benchmarks/bench_step.py --device cpu
+    python benchmarks/bench_step.py --quick         # tiny shapes: a smoke run
+
+A step = teacher forward (no grad), student forward + backward, gradient clipping at 5.0, AdamW step.
+Both variants use the same models, batch and masks:
+
+- ``eager``: ``Distiller.step`` of the paper's ``distiller.py`` in MLM mode (see :func:`eager_loss`):
+  full ``[B, S, V]`` logits for teacher and student, ``masked_select`` with expanded masks,
+  ``nn.KLDivLoss`` / ``nn.CrossEntropyLoss`` / ``nn.CosineEmbeddingLoss``;
+- ``ours``: :class:`distil.train.DistillationStep` (what ``distil-train`` runs): bodies on the batch,
+  ``masked_gather`` of the loss rows, both LM heads on those rows only, fused losses.
+
+Modes: ``kl=non-pad`` (the default recipe) and ``kl=masked`` (``--restrict-kl-to-mask``).
+Shapes: CPU, a small BERT (teacher 4 layers, H=256, V=30522; student 2 layers) at B=16, S=128;
+CUDA, BERT-base (12 layers) -> 6 layers at B=32, S in {128, 512}, bf16 autocast, teacher in bf16.
+Peak memory: CUDA max allocated during one step above the live state; CPU, the peak RSS of a fresh
+process per variant (``_common.CPU_MEMORY_METHOD``). Sequence lengths are uniform in [S/2, S] (the
+longest is S), as length-grouped batches are. Writes ``benchmarks/results/step_<device>.json``.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import BertConfig, BertForMaskedLM
+
+from distil.fused_loss import DistillationLoss
+from distil.masking import MLMMasker
+from distil.student import build_student
+from distil.train import DistillationStep, StudentRows
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+ALPHA_KL, ALPHA_MLM, ALPHA_COS, T = 5.0, 2.0, 1.0, 2.0
+MODES = {"kl=non-pad": False, "kl=masked": True}
+# (teacher layers, hidden, heads, ffn, student layers, vocab, [(B, S)])
+SHAPES = {
+    "cpu": (4, 256, 4, 1024, 2, 30522, [(16, 128)]),
+    "cuda": (12, 768, 12, 3072, 6, 30522, [(32, 128), (32, 512)]),
+    "quick": (2, 64, 2, 128, 1, 1000, [(4, 32)]),
+}
+
+
+def eager_loss(student, teacher, input_ids, attention_mask, labels, *, restrict_kl_to_mask,
+               alpha_kl=ALPHA_KL, alpha_mlm=ALPHA_MLM, alpha_cos=ALPHA_COS, temperature=T):
+    """(total, kl, mlm, cos) exactly as ``Distiller.step`` in MLM mode computes them (REFERENCE.md),
+    written from that description: full logits, rows picked with ``masked_select`` on expanded
+    masks, KL on non-pad rows (masked rows with ``restrict_kl_to_mask``), CE on the full logits,
+    cosine on the non-pad rows of the last hidden states."""
+    with torch.no_grad():
+        t_out = teacher(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    s_out = student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    s_logits, t_logits = s_out.logits, t_out.logits
+    vocab = s_logits.shape[-1]
+    kl_mask = (labels > -1) if restrict_kl_to_mask else attention_mask.bool()
+    kl_mask = kl_mask.unsqueeze(-1).expand_as(s_logits)
+    s_sel = torch.masked_select(s_logits, kl_mask).view(-1, vocab)
+    t_sel = torch.masked_select(t_logits, kl_mask).view(-1, vocab)
+    kl = nn.KLDivLoss(reduction="batchmean")(
+        F.log_softmax(s_sel / temperature, dim=-1), F.softmax(t_sel / temperature, dim=-1)
+    ) * temperature**2
+    mlm = nn.CrossEntropyLoss(ignore_index=-100)(s_logits.view(-1, vocab), labels.view(-1))
+    s_hidden, t_hidden = s_out.hidden_states[-1], t_out.hidden_states[-1]
+    hidden = s_hidden.shape[-1]
+    h_mask = attention_mask.bool().unsqueeze(-1).expand_as(s_hidden)
+    s_h = torch.masked_select(s_hidden, h_mask).view(-1, hidden)
+    t_h = torch.masked_select(t_hidden, h_mask).view(-1, hidden)
+    cos = nn.CosineEmbeddingLoss(reduction="mean")(s_h, t_h, s_h.new_ones(s_h.shape[0]))
+    return alpha_kl * kl + alpha_mlm * mlm + alpha_cos * cos, kl, mlm, cos
+
+
+def make_inputs(device, shape_key, batch, seq, restrict):
+    """Models, optimizer and one masked batch (seeded); the teacher in bf16 on CUDA."""
+    t_layers, hidden, heads, ffn, s_layers, vocab, _ = SHAPES[shape_key]
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=t_layers,
+                        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max(512, seq))
+    teacher = BertForMaskedLM(config).to(device).eval().requires_grad_(False)
+    student = build_student(teacher, num_layers=s_layers).to(device=device, dtype=torch.float32).train()
+    student.requires_grad_(True)
+    dtype = torch.bfloat16 if device == "cuda" else None
+    if dtype is not None:
+        teacher.to(dtype)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=g)
+    lengths[0] = seq
+    attention_mask = (torch.arange(seq) < lengths[:, None]).long()
+    ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    ids[:, 0] = 2
+    ids[torch.arange(seq) == lengths[:, None] - 1] = 3
+    ids[attention_mask == 0] = 0
+    masker = MLMMasker(vocab, special_ids=[0, 1, 2, 3, 4], mask_id=4)
+    masked, labels = masker(ids, attention_mask, g)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+    return dict(teacher=teacher, student=student, optimizer=optimizer, restrict=restrict, dtype=dtype,
+                batch=tuple(t.to(device) for t in (masked, attention_mask, labels)))
+
+
+def make_step(variant, inputs):
+    """A closure running one full training step of ``variant`` ("eager" or "ours")."""
+    student, teacher, optimizer = inputs["student"], inputs["teacher"], inputs["optimizer"]
+    restrict, dtype = inputs["restrict"], inputs["dtype"]
+    ids, attn, labels = inputs["batch"]
+    device = ids.device.type
+    if variant == "ours":
+        loss_fn = DistillationLoss(alpha_kl=ALPHA_KL, alpha_mlm=ALPHA_MLM, alpha_cos=ALPHA_COS,
+                                   temperature=T, restrict_kl_to_mask=restrict)
+        step_fn = DistillationStep(StudentRows(student), teacher, loss_fn, restrict_kl_to_mask=restrict,
+                                   autocast_dtype=dtype)
+
+        def loss():
+            return step_fn(ids, attn, labels).total
+    else:
+
+        def loss():
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                return eager_loss(student, teacher, ids, attn, labels, restrict_kl_to_mask=restrict)[0]
+
+    def step():
+        loss().backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _rss_child(argv):
+    variant, shape_key, batch, seq, mode = argv
+    C.rss_child_report(
+        lambda: make_inputs("cpu", shape_key, int(batch), int(seq), MODES[mode]),
+        lambda inputs: make_step(variant, inputs)(),
+    )
+
+
+def run(device, shape_key):
+    records = []
+    for batch, seq in SHAPES[shape_key][-1]:
+        for mode, restrict in MODES.items():
+            inputs = make_inputs(device, shape_key, batch, seq, restrict)
+            steps = {v: make_step(v, inputs) for v in ("eager", "ours")}
+            if device == "cuda":
+                ms = {v: C.median_ms_cuda(fn) for v, fn in steps.items()}
+                peak = {v: C.cuda_peak_bytes(fn) for v, fn in steps.items()}
+            else:
+                ms = C.median_ms_interleaved(steps, warmup=1, min_repeats=3, max_repeats=7, budget_s=30.0)
+                script = os.path.abspath(__file__)
+                peak = {v: C.peak_rss_subprocess([script, "--rss-child", v, shape_key, str(batch), str(seq), mode])
+                        for v in steps}
+            tokens = int(inputs["batch"][1].sum())
+            for v in steps:
+                records.append(dict(op="step", dtype="bf16" if device == "cuda" else "fp32", shape=[batch, seq],
+                                    mode=mode, variant=v, ms=ms[v], peak_bytes=peak[v], status="ok",
+                                    tokens_per_s=tokens / (ms[v] * 1e-3)))
+            del inputs, steps
+            C.free_memory(device)
+    return C.add_ratios(records, baseline="eager")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (smoke run); results get a _quick suffix")
+    p.add_argument("--rss-child", nargs=5, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rss_child:
+        return _rss_child(args.rss_child)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    shape_key = "quick" if args.quick else device
+    records = run(device, shape_key)
+    print(C.markdown_table(records))
+    print("\n| mode | shape | ours tokens/s | eager tokens/s | speed-up | peak mem ours/eager |\n|---|---|---|---|---|---|")
+    for r in records:
+        if r["variant"] == "ours":
+            base = next(b for b in records if b["variant"] == "eager" and b["mode"] == r["mode"] and b["shape"] == r["shape"])
+            print(f"| {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['tokens_per_s']:.0f} | "
+                  f"{base['tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['mem_ratio']:.2f} |")
+    stem = f"step_{device}" + ("_quick" if args.quick else "")
+    method = C.CUDA_MEMORY_METHOD if device == "cuda" else C.CPU_MEMORY_METHOD
+    path = C.write_json(stem, C.machine_info(device), records, memory_method=method,
+                        shapes=SHAPES[shape_key], targets="CPU: >=1.3x, <=0.6x memory; H100 (S=512): >=1.5x tokens/s, <=0.6x memory")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
