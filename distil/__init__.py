@@ -6,5 +6,6 @@ Importing this package loads the compiled operator library ``distil._C``.
 import torch  # noqa: F401  (loads libtorch before our extension links against it)
 
 from distil import _C  # noqa: F401,E402  (runs the TORCH_LIBRARY registrations)
+from distil import ops  # noqa: F401,E402  (fake impls and autograd of the gather ops)
 
 __version__ = "0.1.0"
