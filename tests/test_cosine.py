@@ -232,6 +232,19 @@ def test_any_upstream_gradient_is_exact(device, upstream, weight):
 
 
 @pytest.mark.parametrize("device", API_DEVICES)
+@pytest.mark.parametrize("rows", [7, 23, 49])
+def test_backward_is_free_for_the_announced_weight(device, rows):
+    """backward() of weight·loss hands the op exactly coef per row, so the forward's buffer becomes
+    the gradient untouched (a rescale by a ratio of 1 ± 1 ulp would change some of its bits)."""
+    x, y, mask = make_hidden(rows, 30, device=device)
+    x.requires_grad_()
+    (0.3 * fused_loss.cosine_loss(x, y, mask=mask, weight=0.3)).backward()
+    coef = torch.full((1,), 0.3, device=device) / mask.sum().clamp(min=1).float()
+    _, grad = torch.ops.distil.cosine_rows(x.detach(), y, mask, coef, True)
+    assert torch.equal(x.grad, grad)
+
+
+@pytest.mark.parametrize("device", API_DEVICES)
 def test_no_selected_rows_gives_exact_zeros(device):
     x, y, _ = make_hidden(4, 20, device=device, three_d=True)
     x.requires_grad_()
