@@ -13,6 +13,8 @@ namespace {
 constexpr float kEps = 1e-12f;  // nn.CosineEmbeddingLoss adds this to each squared norm
 constexpr int64_t kGrainElements = 32768;
 
+int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)); }
+
 // Row r = b * S + s starts at b * stride_b + s * stride_s.
 struct Rows {
   int64_t n, S, H, stride_b, stride_s;
@@ -104,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_rows_cpu(const at::Tensor& student_in,
       const TX* x = student.const_data_ptr<TX>();
       const TY* y = teacher.const_data_ptr<TY>();
       TX* dx = compute_grad ? grad.mutable_data_ptr<TX>() : nullptr;
-      at::parallel_for(0, rx.n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)), [&](int64_t lo, int64_t hi) {
+      at::parallel_for(0, rx.n, grain_rows(H), [&](int64_t lo, int64_t hi) {
         for (int64_t r = lo; r < hi; ++r) {
           if (m != nullptr && !m[r]) {
             l[r] = 0.f;
@@ -127,7 +129,8 @@ void cosine_rows_backward_cpu(at::Tensor& grad, const at::Tensor& grad_rows_in, 
                               const at::Tensor& teacher_in, const c10::optional<at::Tensor>& mask_in,
                               const at::Tensor& coef) {
   check_inputs(student_in, teacher_in, mask_in, coef);
-  TORCH_CHECK(grad.sizes() == student_in.sizes() && grad.is_contiguous() && grad.scalar_type() == student_in.scalar_type(),
+  TORCH_CHECK(grad.sizes() == student_in.sizes() && grad.is_contiguous() &&
+                  grad.scalar_type() == student_in.scalar_type(),
               "cosine_rows_backward: grad must be the forward's gradient buffer");
   at::Tensor student = unit_stride_rows(student_in), teacher = unit_stride_rows(teacher_in);
   at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
@@ -145,7 +148,7 @@ void cosine_rows_backward_cpu(at::Tensor& grad, const at::Tensor& grad_rows_in, 
       const TX* x = student.const_data_ptr<TX>();
       const TY* y = teacher.const_data_ptr<TY>();
       TX* dx = grad.mutable_data_ptr<TX>();
-      at::parallel_for(0, rx.n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)), [&](int64_t lo, int64_t hi) {
+      at::parallel_for(0, rx.n, grain_rows(H), [&](int64_t lo, int64_t hi) {
         for (int64_t r = lo; r < hi; ++r) {
           if (m != nullptr && !m[r]) continue;  // the forward wrote zeros
           TX* d = dx + r * H;

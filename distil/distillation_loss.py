@@ -94,7 +94,9 @@ class DistillationLoss(nn.Module):
                 raise ValueError("teacher_logits is required when alpha_kl > 0")
             kl_mask = attention_mask
             if self.restrict_kl_to_mask:
-                kl_mask = labels != IGNORE_INDEX if attention_mask is None else attention_mask & (labels != IGNORE_INDEX)
+                kl_mask = labels != IGNORE_INDEX
+                if attention_mask is not None:
+                    kl_mask = kl_mask & attention_mask
             if self.alpha_mlm > 0:
                 kl, mlm = fused_loss.kl_ce_loss(
                     student_logits, teacher_logits, labels, temperature=self.temperature, kl_mask=kl_mask,
