@@ -39,6 +39,9 @@
 namespace {
 
 using at::Tensor;
+// A backward factor within two fp32 ulps of 1 leaves the forward's gradient as it is: the
+// difference is rounding (e.g. in how the caller formed w / n), far below the buffer's own.
+constexpr double kUnitScaleTolerance = 2.4e-7;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // e^x for x <= 0 (always a logit minus its row maximum): Cody-Waite reduction
@@ -424,7 +427,7 @@ void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Ten
         if (!proportional) {
           if (!runner) runner.emplace(pb);
           runner->run(r, job, row);
-        } else if (scale != 1.0) {
+        } else if (std::abs(scale - 1.0) > kUnitScaleTolerance) {
           const float f = static_cast<float>(scale);
 #pragma omp simd
           for (int64_t j = 0; j < pb.V; ++j) row[j] = static_cast<S>(static_cast<float>(row[j]) * f);

@@ -22,7 +22,7 @@ from distil._validate import (
     check_tensor,
 )
 
-__all__ = ["kl_div_loss", "kl_ce_loss", "cosine_loss", "DistillationLoss"]
+__all__ = ["kl_div_loss", "kl_ce_loss", "cosine_loss", "DistillationLoss", "DistillationLossOutput"]
 
 _KL_REDUCTIONS = ("batchmean", "sum", "none")
 
@@ -66,13 +66,19 @@ def _row_count(mask, rows_shape):
     return rows_shape.numel() if mask is None else mask.sum()
 
 
+def _divisor(count):
+    """max(count, 1) as the losses divide by it: an fp32 tensor or a Python int."""
+    return count.clamp(min=1).to(torch.float32) if isinstance(count, torch.Tensor) else max(count, 1)
+
+
 def _coef(kl_weight, kl_count, ce_weight, ce_count, device):
-    """[kl_weight / n_kl, ce_weight / n_ce] as a device tensor, without a host sync."""
+    """[kl_weight / n_kl, ce_weight / n_ce] as a device tensor, without a host sync.
+
+    Formed exactly as autograd forms the per-row gradient of ``weight * (rows.sum() / n)`` (an fp32
+    weight divided by n), so that the backward finds the factor 1 and does nothing."""
 
     def scaled(weight, count):
-        if isinstance(count, torch.Tensor):
-            return weight / count.clamp(min=1).to(torch.float32)
-        return torch.full((), weight / max(count, 1), dtype=torch.float32, device=device)
+        return torch.full((), weight, dtype=torch.float32, device=device) / _divisor(count)
 
     return torch.stack([scaled(kl_weight, kl_count), scaled(ce_weight, ce_count)])
 
@@ -111,8 +117,7 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
     )
     if reduction == "none":
         return kl_rows
-    total = kl_rows.sum()
-    return total / count.clamp(min=1) if isinstance(count, torch.Tensor) else total / max(count, 1)
+    return kl_rows.sum() / _divisor(count)
 
 
 def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_mask=None, ignore_index=-100,
@@ -151,21 +156,9 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
         student_logits, teacher_logits, labels, kl_mask, coef, temperature, ignore_index,
         _needs_grad(student_logits),
     )
-    kl_total = kl_rows.sum()
-    kl = kl_total / kl_count.clamp(min=1) if isinstance(kl_count, torch.Tensor) else kl_total / max(kl_count, 1)
-    ce = ce_rows.sum() / ce_count.clamp(min=1)
-    return kl, ce
+    return kl_rows.sum() / _divisor(kl_count), ce_rows.sum() / _divisor(ce_count)
 
 
-def __getattr__(name):
-    # cosine_loss and DistillationLoss live in their own modules (one op = one file); importing them
-    # lazily keeps this module importable while they load their kernels.
-    if name == "cosine_loss":
-        from distil._cosine_op import cosine_loss
-
-        return cosine_loss
-    if name == "DistillationLoss":
-        from distil.distillation_loss import DistillationLoss
-
-        return DistillationLoss
-    raise AttributeError(f"module 'distil.fused_loss' has no attribute {name!r}")
+# One op = one module; they are re-exported here. distillation_loss imports this module, so it comes last.
+from distil._cosine_op import cosine_loss  # noqa: E402
+from distil.distillation_loss import DistillationLoss, DistillationLossOutput  # noqa: E402

@@ -6,7 +6,7 @@ compilation runs in a subprocess because the test session itself runs Triton in 
 
 A spec is a dict: module (e.g. "distil.kernels.kl_ce"), kernel (function name), signature
 ({arg: "*bf16" | "i64" | "fp32" | "constexpr" ...}), constexprs ({arg: value}), cc (80 or 90),
-num_warps. ``compile_reports(specs)`` returns one dict(registers=, spill_stores=, spill_loads=) per spec.
+num_warps, and optionally maxnreg. ``compile_reports(specs)`` returns one dict(registers=, spill_stores=, spill_loads=) per spec.
 """
 import importlib
 import json
@@ -36,7 +36,8 @@ def _compile_one(spec):
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
     src = triton.compiler.ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"])
     compiled = triton.compile(
-        src, target=GPUTarget("cuda", spec["cc"], 32), options={"num_warps": spec["num_warps"], "num_stages": 3}
+        src, target=GPUTarget("cuda", spec["cc"], 32),
+        options={"num_warps": spec["num_warps"], "num_stages": 3, "maxnreg": spec.get("maxnreg")},
     )
     ptx = compiled.asm["ptx"]
     arch = re.search(r"\.target (sm_\w+)", ptx).group(1)
