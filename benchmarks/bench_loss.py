@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distil.fused_loss import kl_ce_loss, kl_div_loss
+from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -69,6 +69,37 @@ def liger_kl(s, t):
     return _liger_kl_module()(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)) * T**2
 
 
+def ours_cos(s, t):
+    return cosine_loss(s, t)
+
+
+def eager_cos(s, t):
+    """distiller.py's loss_cos on selected rows: nn.CosineEmbeddingLoss(reduction="mean"), target +1."""
+    return nn.CosineEmbeddingLoss(reduction="mean")(s, t, s.new_ones(s.shape[0]))
+
+
+HIDDEN = 768  # the triple loss's hidden size (BERT-base)
+_TRIPLE = DistillationLoss(alpha_kl=KL_WEIGHT, alpha_mlm=CE_WEIGHT, alpha_cos=1.0, temperature=T)
+
+
+def ours_triple(s, t, labels, sh, th, mask):
+    return _TRIPLE(s, t, labels, sh, th, mask).total
+
+
+def eager_triple(s, t, labels, sh, th, mask):
+    """distiller.py's Distiller.step loss: masked_select copies, then the three PyTorch losses."""
+    v, h = s.shape[-1], sh.shape[-1]
+    sel = mask.unsqueeze(-1)
+    s_sel = torch.masked_select(s, sel.expand_as(s)).view(-1, v)
+    t_sel = torch.masked_select(t, sel.expand_as(t)).view(-1, v)
+    kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s_sel / T, -1), F.softmax(t_sel / T, -1)) * T**2
+    mlm = F.cross_entropy(s, labels, ignore_index=IGNORE)
+    sh_sel = torch.masked_select(sh, sel.expand_as(sh)).view(-1, h)
+    th_sel = torch.masked_select(th, sel.expand_as(th)).view(-1, h)
+    cos = nn.CosineEmbeddingLoss(reduction="mean")(sh_sel, th_sel, sh_sel.new_ones(sh_sel.shape[0]))
+    return KL_WEIGHT * kl + CE_WEIGHT * mlm + 1.0 * cos
+
+
 def make_logits(n, v, dtype, device, *, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
     s = torch.randn(n, v, dtype=dtype, device=device, generator=gen).mul_(2).requires_grad_()
@@ -82,6 +113,21 @@ def make_logits_labels(n, v, dtype, device, *, seed=0):
     labels = torch.randint(0, v, (n,), device=device, generator=gen)
     unlabelled = torch.rand(n, device=device, generator=gen) >= LABELLED
     return {**inputs, "labels": labels.masked_fill_(unlabelled, IGNORE)}
+
+
+def make_triple(n, v, dtype, device, *, seed=0):
+    """[n, V] logits + [n, HIDDEN] last hidden states, 15% MLM labels, 10% padding rows."""
+    inputs = make_logits_labels(n, v, dtype, device, seed=seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 2)
+    sh = torch.randn(n, HIDDEN, dtype=dtype, device=device, generator=gen).requires_grad_()
+    th = torch.randn(n, HIDDEN, dtype=dtype, device=device, generator=gen)
+    mask = torch.rand(n, device=device, generator=gen) < 0.9
+    inputs["labels"].masked_fill_(~mask, IGNORE)
+    return {**inputs, "sh": sh, "th": th, "mask": mask}
+
+
+def triple_bytes(n, v, dtype):
+    return 3 * n * (v + HIDDEN) * dtype.itemsize
 
 
 def logits_bytes(n, v, dtype):
@@ -101,6 +147,8 @@ class LossOp:
 OPS = {
     "kl_ce": LossOp(ours_kl_ce, eager_kl_ce, make_logits_labels, logits_bytes),
     "kl": LossOp(ours_kl, eager_kl, make_logits, logits_bytes, liger=liger_kl),
+    "cos": LossOp(ours_cos, eager_cos, make_logits, logits_bytes),  # "V" is the hidden size H here
+    "triple": LossOp(ours_triple, eager_triple, make_triple, triple_bytes),
 }
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,11 +177,12 @@ CPU_MAIN = (2048, 30522)
 
 def cpu_plan(quick, ops):
     if quick:
-        cells = [(op, "fp32", 64, 4096, MODES) for op in ops]
+        cells = [(op, "fp32", 64, 256 if op == "cos" else 4096, MODES) for op in ops]
     else:
         cells = [("kl_ce", "fp32", *CPU_MAIN, MODES)]
         cells += [("kl_ce", "fp32", n, v, ("fwd+bwd",)) for n, v in ((256, 30522), (512, 50257))]
         cells += [("kl", "fp32", 512, 30522, ("fwd+bwd",))]
+        cells += [("cos", "fp32", 16384, 768, MODES), ("triple", "fp32", 512, 30522, ("fwd+bwd",))]
     return [c for c in cells if c[0] in ops]
 
 
@@ -145,7 +194,13 @@ def cuda_plan(quick, full, ops):
     else:
         grid = [("bf16", 8192, 30522), ("fp32", 8192, 30522), ("bf16", 2048, 30522), ("bf16", 16384, 30522),
                 ("bf16", 8192, 50257), ("bf16", 8192, 128256), ("fp32", 8192, 128256)]
-    return [(op, dt, n, v, MODES) for op in ops for dt, n, v in grid]
+    cells = [(op, dt, n, v, MODES) for op in ops if op in ("kl_ce", "kl") for dt, n, v in grid]
+    if "cos" in ops:  # (dtype, N, H)
+        hidden = [("bf16", 1024, 768)] if quick else [("bf16", 16384, 768), ("fp32", 16384, 768), ("bf16", 16384, 4096)]
+        cells += [("cos", dt, n, h, MODES) for dt, n, h in hidden]
+    if "triple" in ops:  # beside kl_ce at the same shape: end to end vs the sum of its parts
+        cells += [("triple", "bf16", *((1024, 30522) if quick else (16384, 30522)), MODES)]
+    return cells
 
 
 # ---------------------------------------------------------------- measuring
@@ -294,6 +349,8 @@ def targets(records, device):
             ratio("kl_ce", "fp32", shape, "ours", "eager"), 2.0, True)
         add("CPU kl_ce fp32 2048×30522 fwd+bwd: ≤ 0.5× eager's peak memory",
             ratio("kl_ce", "fp32", shape, "ours", "eager", key="peak_bytes"), 0.5, False)
+        add("CPU cos fp32 16384×768 fwd+bwd: ≥ 2× faster than eager",
+            ratio("cos", "fp32", (16384, 768), "ours", "eager"), 2.0, True)
     else:
         shape = (8192, 30522)
         ours = _find(records, "kl_ce", "bf16", shape, "ours")
@@ -304,6 +361,15 @@ def targets(records, device):
             ratio("kl_ce", "bf16", shape, "ours", "compile"), 1.3, True)
         add("H100 kl (KL only, Liger has no CE) bf16 8192×30522 fwd+bwd: ≥ 2× Liger",
             ratio("kl", "bf16", shape, "ours", "liger"), 2.0, True)
+        cos = _find(records, "cos", "bf16", (16384, 768), "ours")
+        add("H100 cos bf16 16384×768 fwd+bwd: ≥ 85% of copy bandwidth",
+            None if cos is None else 100 * cos["copy_share"], 85.0, True, unit="%")
+        add("H100 cos bf16 16384×768 fwd+bwd: ≥ 4× eager", ratio("cos", "bf16", (16384, 768), "ours", "eager"), 4.0, True)
+        triple = _find(records, "triple", "bf16", (16384, 30522), "ours")
+        parts = [_find(records, op, dt, shp, "ours") for op, dt, shp in
+                 (("kl_ce", "bf16", (16384, 30522)), ("cos", "bf16", (16384, 768)))]
+        add("H100 triple bf16 16384×30522 (+H=768) fwd+bwd: ≤ 1.0× the sum of its fused parts",
+            None if triple is None or None in parts else triple["ms"] / sum(p["ms"] for p in parts), 1.0, False)
     return rows
 
 
