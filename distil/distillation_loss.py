@@ -63,7 +63,8 @@ class DistillationLoss(nn.Module):
         """Args:
             student_logits, teacher_logits: ``[B, S, V]``, or ``[M, V]`` rows already gathered.
             labels: int64/int32 ``[B, S]`` / ``[M]``, the masked-LM targets, -100 where not masked.
-            student_hidden, teacher_hidden: last hidden states ``[B, S, H]`` / ``[M, H]`` (equal H).
+            student_hidden, teacher_hidden: last hidden states ``[B, S, H]`` / ``[M, H]`` (equal H). Rows
+                gathered beforehand may be a different set than the logits' rows (``[M', H]``).
             attention_mask: bool ``[B, S]`` / ``[M]``, True at real (non-pad) tokens; ``None`` means
                 every row is a real token (the usual case for pre-gathered rows).
         Returns:
@@ -82,9 +83,15 @@ class DistillationLoss(nn.Module):
             if tuple(attention_mask.shape) != rows:
                 raise ValueError(f"attention_mask must have shape {rows} (the logits' row dims), "
                                  f"got {tuple(attention_mask.shape)}")
+        # Pre-gathered rows ([M, .], no attention_mask) may gather the hidden states with another mask
+        # than the logits (e.g. masked-only KL rows, non-pad cosine rows): then only the two hidden
+        # tensors must agree, which cosine_loss checks.
+        own_hidden_rows = attention_mask is None and student_logits.dim() == 2
         for name, t in (("teacher_logits", teacher_logits), ("student_hidden", student_hidden),
                         ("teacher_hidden", teacher_hidden)):
-            if t is not None and tuple(t.shape[:-1]) != rows:
+            if t is None or (own_hidden_rows and name != "teacher_logits"):
+                continue
+            if tuple(t.shape[:-1]) != rows:
                 raise ValueError(f"{name} must have the row dims {rows} of student_logits, got shape {tuple(t.shape)}")
 
         zero = torch.zeros((), dtype=torch.float32, device=device)

@@ -190,3 +190,20 @@ def test_torch_compile_fullgraph():
         grads.append((out.total, s_logits.grad, s_hidden.grad))
     for got, want in zip(*grads):
         assert relative_error(got, want) <= 1e-6
+
+
+def test_pre_gathered_hidden_rows_may_differ_from_logit_rows():
+    """Masked-only KL/MLM rows with non-pad cosine rows, as the trainer gathers them."""
+    from distil.fused_loss import cosine_loss, kl_ce_loss
+
+    s, t = torch.randn(6, 50, requires_grad=True), torch.randn(6, 50)
+    labels = torch.randint(0, 50, (6,))
+    sh, th = torch.randn(9, 16, requires_grad=True), torch.randn(9, 16)
+    out = DistillationLoss()(s, t, labels, sh, th)
+    kl, mlm = kl_ce_loss(s.detach(), t, labels)
+    cos = cosine_loss(sh.detach(), th)
+    assert relative_error(out.kl, kl) <= 1e-6 and relative_error(out.mlm, mlm) <= 1e-6
+    assert relative_error(out.cos, cos) <= 1e-6
+    assert relative_error(out.total, 5 * kl + 2 * mlm + cos) <= 1e-6
+    with pytest.raises(ValueError, match="student_hidden"):
+        DistillationLoss()(s.view(2, 3, 50), t.view(2, 3, 50), labels.view(2, 3), sh, th)
