@@ -262,6 +262,20 @@ def test_no_selected_rows_gives_exact_zeros(device):
     assert kl.item() == 0.0 and empty.grad.shape == (0, 20)
 
 
+@pytest.mark.parametrize("device", API_DEVICES)
+def test_forward_buffer_becomes_the_gradient_without_a_copy(device):
+    """The gradient written in the forward is what lands in .grad (AccumulateGrad steals it): no
+    second [N, V] buffer, no copy pass. (An H100 run under torch 2.11 showed 2x the gradient's
+    memory at peak; this pins down whether that is this steal failing.)"""
+    s, t, labels, _ = make_inputs(4, 20, device=device)
+    s.requires_grad_()
+    kl, ce, grad = torch.ops.distil.kl_ce_rows(s, t, labels, None, torch.ones(2, device=device), 2.0, -100, True)
+    buffer = grad.data_ptr()
+    del grad
+    (kl.sum() + ce.sum()).backward()
+    assert s.grad.data_ptr() == buffer
+
+
 def test_second_backward_raises():
     s, t, labels, _ = make_inputs(4, 20)
     s.requires_grad_()
