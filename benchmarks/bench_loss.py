@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss
+from distil.reference import distiller_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -88,16 +89,8 @@ def ours_triple(s, t, labels, sh, th, mask):
 
 def eager_triple(s, t, labels, sh, th, mask):
     """distiller.py's Distiller.step loss: masked_select copies, then the three PyTorch losses."""
-    v, h = s.shape[-1], sh.shape[-1]
-    sel = mask.unsqueeze(-1)
-    s_sel = torch.masked_select(s, sel.expand_as(s)).view(-1, v)
-    t_sel = torch.masked_select(t, sel.expand_as(t)).view(-1, v)
-    kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s_sel / T, -1), F.softmax(t_sel / T, -1)) * T**2
-    mlm = F.cross_entropy(s, labels, ignore_index=IGNORE)
-    sh_sel = torch.masked_select(sh, sel.expand_as(sh)).view(-1, h)
-    th_sel = torch.masked_select(th, sel.expand_as(th)).view(-1, h)
-    cos = nn.CosineEmbeddingLoss(reduction="mean")(sh_sel, th_sel, sh_sel.new_ones(sh_sel.shape[0]))
-    return KL_WEIGHT * kl + CE_WEIGHT * mlm + 1.0 * cos
+    return distiller_loss(s, t, labels, sh, th, mask, alpha_kl=KL_WEIGHT, alpha_mlm=CE_WEIGHT, alpha_cos=1.0,
+                          temperature=T)[0]
 
 
 def make_logits(n, v, dtype, device, *, seed=0):

@@ -25,12 +25,11 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker
+from distil.reference import distiller_loss
 from distil.student import build_student
 from distil.train import DistillationStep, StudentRows
 
@@ -56,23 +55,9 @@ def eager_loss(student, teacher, input_ids, attention_mask, labels, *, restrict_
     with torch.no_grad():
         t_out = teacher(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     s_out = student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    s_logits, t_logits = s_out.logits, t_out.logits
-    vocab = s_logits.shape[-1]
-    kl_mask = (labels > -1) if restrict_kl_to_mask else attention_mask.bool()
-    kl_mask = kl_mask.unsqueeze(-1).expand_as(s_logits)
-    s_sel = torch.masked_select(s_logits, kl_mask).view(-1, vocab)
-    t_sel = torch.masked_select(t_logits, kl_mask).view(-1, vocab)
-    kl = nn.KLDivLoss(reduction="batchmean")(
-        F.log_softmax(s_sel / temperature, dim=-1), F.softmax(t_sel / temperature, dim=-1)
-    ) * temperature**2
-    mlm = nn.CrossEntropyLoss(ignore_index=-100)(s_logits.view(-1, vocab), labels.view(-1))
-    s_hidden, t_hidden = s_out.hidden_states[-1], t_out.hidden_states[-1]
-    hidden = s_hidden.shape[-1]
-    h_mask = attention_mask.bool().unsqueeze(-1).expand_as(s_hidden)
-    s_h = torch.masked_select(s_hidden, h_mask).view(-1, hidden)
-    t_h = torch.masked_select(t_hidden, h_mask).view(-1, hidden)
-    cos = nn.CosineEmbeddingLoss(reduction="mean")(s_h, t_h, s_h.new_ones(s_h.shape[0]))
-    return alpha_kl * kl + alpha_mlm * mlm + alpha_cos * cos, kl, mlm, cos
+    return distiller_loss(s_out.logits, t_out.logits, labels, s_out.hidden_states[-1], t_out.hidden_states[-1],
+                          attention_mask.bool(), alpha_kl=alpha_kl, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos,
+                          temperature=temperature, restrict_kl_to_mask=restrict_kl_to_mask)
 
 
 def make_inputs(device, shape_key, batch, seq, restrict):

@@ -2,11 +2,10 @@
 (MLM mode), on random padded batches; pre-gathered rows; zero alphas; degenerate and bad inputs."""
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from conftest import GPU_RUN, relative_error
 
 from distil.fused_loss import DistillationLoss
+from distil.reference import distiller_loss
 
 DEVICES = ["cpu"] + (["cuda"] if GPU_RUN else [])
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -14,26 +13,12 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 def distiller_step_loss(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask, *, alpha_ce, alpha_mlm,
                         alpha_cos, temperature, restrict_ce_to_mask):
-    """Distiller.step's loss in float64, restated from its definition (shared/REFERENCE.md): masked_select
-    on expanded masks, KLDivLoss(batchmean)·T², CrossEntropyLoss(ignore_index=-100) over all [B·S] rows,
-    CosineEmbeddingLoss(mean, target +1) over the non-pad hidden states.  Returns (total, kl, mlm, cos)."""
+    """Distiller.step's loss (distil.reference, restated from shared/REFERENCE.md) in float64.
+    Returns (total, kl, mlm, cos)."""
     s_logits, t_logits, s_hidden, t_hidden = (x.double() for x in (s_logits, t_logits, s_hidden, t_hidden))
-    vocab, dim = s_logits.shape[-1], s_hidden.shape[-1]
-    mask = (labels > -1) if restrict_ce_to_mask else attention_mask
-    mask = mask.unsqueeze(-1).expand_as(s_logits)
-    s_slct = torch.masked_select(s_logits, mask).view(-1, vocab)
-    t_slct = torch.masked_select(t_logits, mask).view(-1, vocab)
-    loss_ce = nn.KLDivLoss(reduction="batchmean")(
-        F.log_softmax(s_slct / temperature, dim=-1), F.softmax(t_slct / temperature, dim=-1)
-    ) * temperature**2
-    loss_mlm = nn.CrossEntropyLoss(ignore_index=-100)(s_logits.view(-1, vocab), labels.view(-1))
-    mask = attention_mask.unsqueeze(-1).expand_as(s_hidden)
-    s_h = torch.masked_select(s_hidden, mask).view(-1, dim)
-    t_h = torch.masked_select(t_hidden, mask).view(-1, dim)
-    target = s_h.new_ones(s_h.size(0))
-    loss_cos = nn.CosineEmbeddingLoss(reduction="mean")(s_h, t_h, target)
-    total = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos
-    return total, loss_ce, loss_mlm, loss_cos
+    return distiller_loss(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask, alpha_kl=alpha_ce,
+                          alpha_mlm=alpha_mlm, alpha_cos=alpha_cos, temperature=temperature,
+                          restrict_kl_to_mask=restrict_ce_to_mask)
 
 
 def make_batch(dtype=torch.float32, device="cpu", b=3, s=7, vocab=37, h=24):
