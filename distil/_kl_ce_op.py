@@ -52,6 +52,10 @@ def _setup_context(ctx, inputs, output):
     ctx.ignore_index = ignore_index
     ctx.compute_grad = compute_grad
     ctx.consumed = False
+    # The gradient buffer is an output but not a differentiable one: without this, autograd would
+    # materialise a zero [N, V] "gradient of the gradient" (a full allocation and memset) per backward.
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[2], student, teacher, labels, kl_mask, coef)
 
 
