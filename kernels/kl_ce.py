@@ -120,10 +120,11 @@ def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, 
 @triton.jit
 def _write_grad_row(s_row, t_row, g_row, V, scale_t, lse_a, lse_b, lse_c, label, c_kl, c_ce,
                     USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    """g = c_kl * (p - q) + c_ce * (P - onehot(label)) over the row, chunk by chunk."""
+    """g = c_kl * (p - q) + c_ce * (P - onehot(label)) over the row, chunk by chunk, last chunk first:
+    the statistics pass read the row front to back, so its end is the likeliest still in L1/L2."""
     offs = tl.arange(0, BLOCK_V)
-    for i in range(NUM_CHUNKS):
-        cols = i * BLOCK_V + offs
+    for k in range(NUM_CHUNKS):
+        cols = (NUM_CHUNKS - 1 - k) * BLOCK_V + offs
         valid = cols < V
         s = tl.load(s_row + cols, mask=valid, other=0.0).to(tl.float32)
         g = tl.zeros([BLOCK_V], tl.float32)
