@@ -40,8 +40,7 @@ from tqdm.auto import tqdm
 
 from distil import _validate
 from distil.data import LengthGroupedBatches, load_corpus
-from distil.distillation_loss import DistillationLossOutput
-from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss
+from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker, token_counts
 from distil.ops import masked_gather
 from distil.student import build_student, lm_adapter, save_student
@@ -178,16 +177,9 @@ class DistillationStep:
             with torch.no_grad():
                 t_logits, t_hidden = select_rows(self.teacher_adapter, input_ids, attention_mask, kl_mask, cos_mask)
             s_logits, s_hidden = self.student_rows(input_ids, attention_mask, kl_mask, cos_mask)
-        row_labels = labels[kl_mask]
-        if not self.restrict_kl_to_mask:
-            return self.loss_fn(s_logits, t_logits, row_labels, s_hidden, t_hidden, None)
-        # DistillationLoss takes one row set for logits and hidden states; here the KL/MLM rows (masked)
-        # and the cosine rows (non-pad) differ, so its two fused parts run on their own rows.
-        f = self.loss_fn
-        kl, mlm = kl_ce_loss(s_logits, t_logits, row_labels, temperature=f.temperature,
-                             kl_weight=f.alpha_kl, ce_weight=f.alpha_mlm)
-        cos = cosine_loss(s_hidden, t_hidden, weight=f.alpha_cos)
-        return DistillationLossOutput(f.alpha_kl * kl + f.alpha_mlm * mlm + f.alpha_cos * cos, kl, mlm, cos)
+        # Pre-gathered rows: with restrict the cosine rows (non-pad) differ from the KL/MLM rows (masked),
+        # which DistillationLoss accepts when no attention mask is passed.
+        return self.loss_fn(s_logits, t_logits, labels[kl_mask], s_hidden, t_hidden, None)
 
 
 def _load_teacher(path, device, dtype):
