@@ -52,14 +52,15 @@ def _check_labels(labels, student_logits, ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     labels = labels.long()
     vocab = student_logits.shape[-1]
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    labelled = labels != ignore_index
+    bad = labelled & ((labels < 0) | (labels >= vocab))
     if labels.is_cuda or torch.compiler.is_compiling():
         # No host sync: a device-side assert, as PyTorch's own cross_entropy does on CUDA.
         torch._assert_async(~bad.any(), "labels out of range [0, V) (other than ignore_index)")
     elif bool(bad.any()):
         first = labels[bad][0].item()
         raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
-    return labels
+    return labels, labelled
 
 
 def _row_count(mask, rows_shape):
@@ -146,11 +147,11 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
     teacher_logits = _check_logits(student_logits, teacher_logits)
     temperature = check_positive_finite("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
-    labels = _check_labels(labels, student_logits, ignore_index)
+    labels, labelled = _check_labels(labels, student_logits, ignore_index)
     kl_weight = check_non_negative_finite("kl_weight", kl_weight)
     ce_weight = check_non_negative_finite("ce_weight", ce_weight)
     kl_count = _row_count(kl_mask, student_logits.shape[:-1])
-    ce_count = (labels != ignore_index).sum()
+    ce_count = labelled.sum()
     coef = _coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)
     kl_rows, ce_rows, _ = torch.ops.distil.kl_ce_rows(
         student_logits, teacher_logits, labels, kl_mask, coef, temperature, ignore_index,
