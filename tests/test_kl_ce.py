@@ -108,6 +108,30 @@ def test_kernel_matches_float64(triton_device, poisoned, rows, vocab, block_v, s
     assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("vocab", [50257, 131073])
+def test_kernel_large_vocabularies(triton_device, poisoned, vocab):
+    s, t, labels, mask = make_inputs(2, vocab, torch.bfloat16, torch.float32, triton_device, label_frac=1.0)
+    coef = torch.tensor([0.5, 2.0], device=triton_device)
+    kl, ce, grad = K.kl_ce_rows(s, t, labels, mask, coef, 2.0, -100, True)
+    ref_kl, ref_ce, ref_grad = _expected_grad(s, t, labels, mask, 2.0, 0.5, 2.0)
+    assert relative_error(kl, ref_kl) <= 1e-2 and relative_error(ce, ref_ce) <= 1e-2
+    assert relative_error(grad, ref_grad) <= 1e-2
+
+
+@pytest.mark.parametrize("device", API_DEVICES)
+@pytest.mark.parametrize("vocab", [50257, 131073])
+def test_api_large_vocabularies(device, vocab):
+    s, t, labels, mask = make_inputs(3, vocab, device=device, label_frac=1.0)
+    s.requires_grad_()
+    kl, ce = fused_loss.kl_ce_loss(s, t, labels, kl_mask=mask)
+    (kl + ce).backward()
+    sd = s.detach().double().requires_grad_()
+    ref_kl, ref_ce = distiller_losses(sd, t, labels, mask, 2.0)
+    (ref_kl + ref_ce).backward()
+    assert relative_error(kl, ref_kl) <= 1e-5 and relative_error(ce, ref_ce) <= 1e-5
+    assert relative_error(s.grad, sd.grad) <= 1e-5
+
+
 @pytest.mark.parametrize("block_v", [None, 16])
 def test_kernel_without_labels_mask_or_grad(triton_device, poisoned, block_v):
     s, t, _, _ = make_inputs(4, 50, device=triton_device)
