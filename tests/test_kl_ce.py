@@ -364,10 +364,11 @@ def test_opcheck():
                           (grad, g, g, s, t, labels, mask, coef, 2.0, -100))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
     s, t, labels, mask = make_inputs(6, 40)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True, backend=backend)
     def step(s, t, labels, mask):
         kl, ce = fused_loss.kl_ce_loss(s, t, labels, kl_mask=mask, kl_weight=5.0, ce_weight=2.0)
         return 5.0 * kl + 2.0 * ce
