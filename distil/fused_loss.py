@@ -123,7 +123,7 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
 
 def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_mask=None, ignore_index=-100,
                kl_weight=1.0, ce_weight=1.0):
-    """The distillation KL and the masked-LM cross-entropy from one read of the student logits.
+    """The distillation KL and the masked-LM cross-entropy in one kernel launch over the student logits.
 
     Returns ``(kl, ce)`` with
     ``kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2``
