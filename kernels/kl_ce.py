@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 # (max V, BLOCK_V, num_warps) rows: the first row whose max V covers the vocabulary is used. Up to
 # 1024 the row is one block (its second pass re-reads it from L1); above, it is streamed in chunks
@@ -113,7 +113,7 @@ def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, 
             # q_j = 0 terms contribute 0 even where b - a is -inf or nan (xlogy).
             w = w * tl.exp2(m_b_old - mb_ref) + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), axis=0)
         if USE_CE:
-            m_c, _mc_ref, d_c, _ec = _online_update(m_c, d_c, s * 1.4426950408889634)
+            m_c, _mc_ref, d_c, _ec = _online_update(m_c, d_c, s * LOG2E)
     return m_a + tl.log2(d_a), m_b + tl.log2(d_b), m_c + tl.log2(d_c), w / d_b
 
 
@@ -134,7 +134,7 @@ def _write_grad_row(s_row, t_row, g_row, V, scale_t, lse_a, lse_b, lse_c, label,
             q = tl.exp2(t * scale_t - lse_b)
             g += c_kl * (p - q)
         if USE_CE:
-            big_p = tl.exp2(s * 1.4426950408889634 - lse_c)
+            big_p = tl.exp2(s * LOG2E - lse_c)
             g += c_ce * (big_p - tl.where(cols == label, 1.0, 0.0))
         tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=valid)
 
@@ -196,11 +196,11 @@ def kl_ce_fwd_kernel(
         if use_kl:
             # T^2 * KL = T^2 * ln2 * (sum q (b - a) - lse_b + lse_a); 0 if either row is all -inf.
             kl = tl.where((lse_a == float("-inf")) | (lse_b == float("-inf")), 0.0,
-                          temperature * temperature * 0.6931471805599453 * (kl_cross - lse_b + lse_a))
+                          temperature * temperature * LN2 * (kl_cross - lse_b + lse_a))
         if use_ce:
             in_range = (label >= 0) & (label < V)
             s_y = tl.load(s_row + label, mask=in_range, other=0.0).to(tl.float32)
-            ce = tl.where(lse_c == float("-inf"), 0.0, lse_c * 0.6931471805599453 - s_y)
+            ce = tl.where(lse_c == float("-inf"), 0.0, lse_c * LN2 - s_y)
         if WRITE_GRAD:
             c_kl, c_ce = _guarded_coefs(lse_a, lse_b, lse_c, tl.load(coef_ptr) * temperature, tl.load(coef_ptr + 1))
             _write_grad_row(s_row, t_row, g_row, V, scale_t, _finite_lse(lse_a), _finite_lse(lse_b),
@@ -272,7 +272,7 @@ def _launch_args(student, teacher, labels, kl_mask, temperature, block_v, num_wa
     has_mask = kl_mask is not None
     labels_arg = labels.reshape(-1).contiguous() if has_labels else student
     mask_arg = kl_mask.reshape(-1).contiguous() if has_mask else student
-    common = (s_rows, s_sb, s_ss, t_sb, t_ss, vocab, LOG2E / temperature, temperature)
+    common = (s_rows, s_sb, s_ss, t_sb, t_ss, vocab, LOG2E.value / temperature, temperature)
     meta = dict(HAS_LABELS=has_labels, HAS_MASK=has_mask, BLOCK_V=block, NUM_CHUNKS=num_chunks, num_warps=warps)
     return labels_arg, mask_arg, common, meta
 
