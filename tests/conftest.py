@@ -29,3 +29,12 @@ def relative_error(out, ref):
     out, ref = out.double().cpu(), ref.double().cpu()
     denom = ref.norm().item() or 1.0
     return (out - ref).norm().item() / denom
+
+
+def rows_past_int32(cols, dtype, device):
+    """A random [2, cols] tensor whose row 1 starts past element 2**31 of its storage: only the two
+    rows' pages are touched, the rest of the (lazily allocated) storage stays virtual."""
+    stride = 2**31 + 5 * cols
+    storage = torch.empty(stride + cols, dtype=dtype, device=device)
+    x = storage.as_strided((2, cols), (stride, 1))
+    return x.copy_(torch.randn(2, cols, device=device).to(dtype))

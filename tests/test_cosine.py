@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from aot import compile_reports
-from conftest import GPU_RUN, relative_error
+from conftest import GPU_RUN, relative_error, rows_past_int32
 
 from distil import _cosine_op, fused_loss  # noqa: F401  (_cosine_op registers fake impl + autograd)
 from distil.kernels import cosine as K
@@ -180,12 +180,9 @@ def test_kernel_without_mask_or_grad(triton_device):
 
 
 def test_kernel_int64_row_offsets(triton_device):
-    """Row 1 starts past element 2**31: only its pages are touched, the rest stays virtual."""
+    """Row 1 starts past element 2**31 (int64 offsets)."""
     h = 64
-    stride = 2**31 + 5 * h
-    storage = torch.empty(stride + h, dtype=torch.bfloat16, device=triton_device)
-    x = storage.as_strided((2, h), (stride, 1))
-    x.copy_(torch.randn(2, h, device=triton_device).to(torch.bfloat16))
+    x = rows_past_int32(h, torch.bfloat16, triton_device)
     y = torch.randn(2, h, device=triton_device)
     coef = torch.tensor([1.0], device=triton_device)
     loss, grad = run_kernel(x, y, None, coef)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from aot import compile_reports
-from conftest import GPU_RUN, relative_error
+from conftest import GPU_RUN, relative_error, rows_past_int32
 
 from distil import fused_loss
 from distil.kernels import kl_ce as K
@@ -179,12 +179,9 @@ def test_kernel_backward_branches(triton_device, block_v):
 
 
 def test_kernel_int64_row_offsets(triton_device):
-    """Row 1 starts past element 2**31: only its pages are touched, the rest stays virtual."""
+    """Row 1 starts past element 2**31 (int64 offsets)."""
     vocab = 64
-    stride = 2**31 + 5 * vocab
-    storage = torch.empty(stride + vocab, dtype=torch.bfloat16, device=triton_device)
-    s = storage.as_strided((2, vocab), (stride, 1))
-    s.copy_(torch.randn(2, vocab, device=triton_device).to(torch.bfloat16))
+    s = rows_past_int32(vocab, torch.bfloat16, triton_device)
     t = torch.randn(2, vocab, device=triton_device)
     labels = torch.tensor([3, 60], device=triton_device)
     coef = torch.tensor([1.0, 1.0], device=triton_device)
