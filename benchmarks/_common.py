@@ -312,3 +312,12 @@ def plot_records(stem, records, title, mode="fwd+bwd"):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def resolve_device(parser, device):
+    """--device auto|cpu|cuda -> "cpu" or "cuda"; a parser error if CUDA is asked for and absent."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    return device

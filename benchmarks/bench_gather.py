@@ -156,10 +156,7 @@ def parse_args(argv):
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--rss-child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device")
+    args.device = C.resolve_device(p, args.device)
     if args.rows <= 0:
         p.error("--rows must be > 0")
     return args

@@ -388,10 +388,7 @@ def parse_args(argv):
     if unknown:
         p.error(f"--ops: unknown op(s) {unknown}; known: {list(OPS)}")
     args.variants = tuple(v for v in args.variants.split(",") if v)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device")
+    args.device = C.resolve_device(p, args.device)
     return args
 
 

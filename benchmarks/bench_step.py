@@ -156,7 +156,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.rss_child:
         return _rss_child(args.rss_child)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = C.resolve_device(p, args.device)
     shape_key = "quick" if args.quick else device
     records = run(device, shape_key)
     print(C.markdown_table(records))
