@@ -296,6 +296,22 @@ def test_forward_buffer_becomes_the_gradient_without_a_copy(device):
     assert s.grad.data_ptr() == buffer
 
 
+@pytest.mark.parametrize("device", API_DEVICES)
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_backward_of_the_announced_combination_is_free(device, use_mask):
+    """For kl_weight * kl + ce_weight * ce, .grad is bit for bit the buffer the forward wrote: the
+    coef matches autograd's per-row gradients exactly, so the backward rewrites nothing."""
+    s, t, labels, mask = make_inputs(64, 33, device=device)
+    mask = mask if use_mask else None
+    s.requires_grad_()
+    kl, ce = fused_loss.kl_ce_loss(s, t, labels, kl_mask=mask, kl_weight=5.0, ce_weight=2.0)
+    (5.0 * kl + 2.0 * ce).backward()
+    kl_count = 64 if mask is None else mask.sum()
+    coef = fused_loss._coef(5.0, kl_count, 2.0, (labels != -100).sum(), device)
+    _, _, forward_grad = torch.ops.distil.kl_ce_rows(s.detach(), t, labels, mask, coef, 2.0, -100, True)
+    assert torch.equal(s.grad, forward_grad)
+
+
 def test_second_backward_raises():
     s, t, labels, _ = make_inputs(4, 20)
     s.requires_grad_()
