@@ -5,12 +5,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+  # System site-packages stay visible, so a machine that already has a recent torch keeps it.
+  "$PY" -m venv --system-site-packages .venv
 fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-if ! python -c "import torch" >/dev/null 2>&1; then
+if ! python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 6))" >/dev/null 2>&1; then
   # On the project machines this resolves to a local CUDA 13.0 build of torch (it pulls triton).
   python -m pip install -q "torch==${DISTIL_TORCH_VERSION:-2.14.1}"
 fi

@@ -66,7 +66,10 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     assert [m["step"] for m in losses[0]] == list(range(1, STEPS + 1))
     for d, s in zip(*losses):
         assert d["tokens"] == s["tokens"]
+        # The parts are fp32 means over differently split row sets; a small KL (~1e-3, a difference of
+        # nearly equal logs) keeps ~1e-5 of relative rounding, so compare against the total's scale.
+        scale = abs(s["loss"])
         for part in ("loss", "kl", "mlm", "cos"):
-            assert d[part] == pytest.approx(s[part], rel=1e-5)
+            assert d[part] == pytest.approx(s[part], rel=1e-5, abs=1e-6 * scale)
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == STEPS and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
