@@ -13,10 +13,28 @@ try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kerne
 except ImportError:  # pragma: no cover
     _triton_kl_ce = None
 
+def _check_op_args(student, teacher, labels, kl_mask, coef):
+    """What the Triton kernel assumes, for direct calls of the op (distil.fused_loss validates more)."""
+    if student.shape != teacher.shape or student.dim() not in (2, 3):
+        raise ValueError(f"kl_ce_rows: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
+                         "must be equal [N, V] or [B, S, V] shapes")
+    for name, x in (("student", student), ("teacher", teacher)):
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"kl_ce_rows: {name} must be contiguous along V, got strides {x.stride()}")
+    rows = student.shape[:-1]
+    if labels is not None and (labels.shape != rows or labels.dtype != torch.int64):
+        raise ValueError(f"kl_ce_rows: labels must be int64 of shape {tuple(rows)}")
+    if kl_mask is not None and (kl_mask.shape != rows or kl_mask.dtype != torch.bool):
+        raise ValueError(f"kl_ce_rows: kl_mask must be bool of shape {tuple(rows)}")
+    if coef.shape != (2,) or coef.dtype != torch.float32:
+        raise ValueError("kl_ce_rows: coef must be a float32 tensor of shape [2]")
+
+
 if _triton_kl_ce is not None:
 
     @torch.library.register_kernel("distil::kl_ce_rows", "cuda")
     def _kl_ce_rows_cuda(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad):
+        _check_op_args(student, teacher, labels, kl_mask, coef)
         with torch.cuda.device(student.device):
             return _triton_kl_ce.kl_ce_rows(
                 student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad
@@ -25,6 +43,9 @@ if _triton_kl_ce is not None:
     @torch.library.register_kernel("distil::kl_ce_rows_backward", "cuda")
     def _kl_ce_rows_backward_cuda(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
                                   temperature, ignore_index):
+        _check_op_args(student, teacher, labels, kl_mask, coef)
+        if grad.shape != student.shape or not grad.is_contiguous():
+            raise ValueError("kl_ce_rows_backward: grad must be contiguous with the student's shape")
         with torch.cuda.device(student.device):
             _triton_kl_ce.kl_ce_rows_backward(
                 grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef, temperature, ignore_index

@@ -445,3 +445,18 @@ def test_every_specialisation_compiles_for_sm80_sm90_without_spills():
                for s, r in zip(specs, reports) if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled
     assert {r["arch"] for r in reports} == {"sm_80", "sm_90a"}
+
+
+def test_cuda_op_entry_checks_what_the_kernel_assumes():
+    """The Triton path has no C++ checks in front of it; direct op calls are validated in Python."""
+    from distil._kl_ce_op import _check_op_args
+
+    s, t, labels, mask = make_inputs(3, 5)
+    coef = torch.ones(2)
+    _check_op_args(s, t, labels, mask, coef)
+    _check_op_args(s, t, None, None, coef)
+    bad = [(s, t[:, :4], labels, mask, coef), (s.t().contiguous().t(), t, labels, mask, coef),
+           (s, t, labels.int(), mask, coef), (s, t, labels, mask.int(), coef), (s, t, labels, mask, torch.ones(3))]
+    for args in bad:
+        with pytest.raises(ValueError, match="kl_ce_rows"):
+            _check_op_args(*args)
