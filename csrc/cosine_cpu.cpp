@@ -8,6 +8,8 @@
 
 #include <cmath>
 
+#include "cpu_rows.h"
+
 namespace {
 
 constexpr float kEps = 1e-12f;  // nn.CosineEmbeddingLoss adds this to each squared norm
@@ -15,15 +17,17 @@ constexpr int64_t kGrainElements = 32768;
 
 int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)); }
 
-// Row r = b * S + s starts at b * stride_b + s * stride_s.
+// The rows of an [N, H] or [B, S, H] tensor: count, width and element offsets.
 struct Rows {
-  int64_t n, S, H, stride_b, stride_s;
-  int64_t offset(int64_t r) const { return (r / S) * stride_b + (r % S) * stride_s; }
+  int64_t n, H;
+  distil::cpu::RowOffsets offset;
 };
 
 Rows rows_of(const at::Tensor& t) {
-  if (t.dim() == 2) return {t.size(0), 1, t.size(1), t.stride(0), 0};
-  return {t.size(0) * t.size(1), t.size(1), t.size(2), t.stride(0), t.stride(1)};
+  const int64_t row_dims = t.dim() - 1;
+  int64_t n = 1;
+  for (int64_t d = 0; d < row_dims; ++d) n *= t.size(d);
+  return {n, t.size(row_dims), distil::cpu::row_offsets(t, row_dims)};
 }
 
 at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -45,17 +49,6 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const c1
                 mask->sizes(), " does not match the rows of ", student.sizes());
   }
   TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.numel() == 1, "cosine_rows: coef must be one float32");
-}
-
-// Calls f(T{}) with T the C++ type of a float32 / bfloat16 / float16 tensor.
-template <typename F>
-void dispatch_float(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK(false, "cosine_rows: unsupported dtype ", dt);
-  }
 }
 
 struct Terms {
@@ -99,27 +92,25 @@ std::tuple<at::Tensor, at::Tensor> cosine_rows_cpu(const at::Tensor& student_in,
   const bool* m = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   float* l = loss.data_ptr<float>();
   const int64_t H = rx.H;
-  dispatch_float(student.scalar_type(), [&](auto tx) {
+  distil::cpu::dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto tx, auto ty) {
     using TX = decltype(tx);
-    dispatch_float(teacher.scalar_type(), [&](auto ty) {
-      using TY = decltype(ty);
-      const TX* x = student.const_data_ptr<TX>();
-      const TY* y = teacher.const_data_ptr<TY>();
-      TX* dx = compute_grad ? grad.mutable_data_ptr<TX>() : nullptr;
-      at::parallel_for(0, rx.n, grain_rows(H), [&](int64_t lo, int64_t hi) {
-        for (int64_t r = lo; r < hi; ++r) {
-          if (m != nullptr && !m[r]) {
-            l[r] = 0.f;
-            if (dx != nullptr) std::fill(dx + r * H, dx + (r + 1) * H, TX(0.f));
-            continue;
-          }
-          const TX* xr = x + rx.offset(r);
-          const TY* yr = y + ry.offset(r);
-          Terms t = cosine_terms(xr, yr, H);
-          l[r] = 1.f - t.cos;
-          if (dx != nullptr) write_grad(dx + r * H, xr, yr, H, c * t.kx, c * t.ky);
+    using TY = decltype(ty);
+    const TX* x = student.const_data_ptr<TX>();
+    const TY* y = teacher.const_data_ptr<TY>();
+    TX* dx = compute_grad ? grad.mutable_data_ptr<TX>() : nullptr;
+    at::parallel_for(0, rx.n, grain_rows(H), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        if (m != nullptr && !m[r]) {
+          l[r] = 0.f;
+          if (dx != nullptr) std::fill(dx + r * H, dx + (r + 1) * H, TX(0.f));
+          continue;
         }
-      });
+        const TX* xr = x + rx.offset(r);
+        const TY* yr = y + ry.offset(r);
+        Terms t = cosine_terms(xr, yr, H);
+        l[r] = 1.f - t.cos;
+        if (dx != nullptr) write_grad(dx + r * H, xr, yr, H, c * t.kx, c * t.ky);
+      }
     });
   });
   return {loss, grad};
@@ -141,31 +132,29 @@ void cosine_rows_backward_cpu(at::Tensor& grad, const at::Tensor& grad_rows_in, 
   const bool* m = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   const float* g = grad_rows.const_data_ptr<float>();
   const int64_t H = rx.H;
-  dispatch_float(student.scalar_type(), [&](auto tx) {
+  distil::cpu::dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto tx, auto ty) {
     using TX = decltype(tx);
-    dispatch_float(teacher.scalar_type(), [&](auto ty) {
-      using TY = decltype(ty);
-      const TX* x = student.const_data_ptr<TX>();
-      const TY* y = teacher.const_data_ptr<TY>();
-      TX* dx = grad.mutable_data_ptr<TX>();
-      at::parallel_for(0, rx.n, grain_rows(H), [&](int64_t lo, int64_t hi) {
-        for (int64_t r = lo; r < hi; ++r) {
-          if (m != nullptr && !m[r]) continue;  // the forward wrote zeros
-          TX* d = dx + r * H;
-          if (c != 0.f) {
-            // dx holds c * d(1 - cos)/dx: rescale, or leave it when g is exactly c.
-            const float ratio = g[r] / c;
-            if (ratio == 1.f) continue;
+    using TY = decltype(ty);
+    const TX* x = student.const_data_ptr<TX>();
+    const TY* y = teacher.const_data_ptr<TY>();
+    TX* dx = grad.mutable_data_ptr<TX>();
+    at::parallel_for(0, rx.n, grain_rows(H), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        if (m != nullptr && !m[r]) continue;  // the forward wrote zeros
+        TX* d = dx + r * H;
+        if (c != 0.f) {
+          // dx holds c * d(1 - cos)/dx: rescale, or leave it when g is exactly c.
+          const float ratio = g[r] / c;
+          if (ratio == 1.f) continue;
 #pragma omp simd
-            for (int64_t j = 0; j < H; ++j) d[j] = static_cast<TX>(static_cast<float>(d[j]) * ratio);
-          } else {
-            const TX* xr = x + rx.offset(r);
-            const TY* yr = y + ry.offset(r);
-            Terms t = cosine_terms(xr, yr, H);
-            write_grad(d, xr, yr, H, g[r] * t.kx, g[r] * t.ky);
-          }
+          for (int64_t j = 0; j < H; ++j) d[j] = static_cast<TX>(static_cast<float>(d[j]) * ratio);
+        } else {
+          const TX* xr = x + rx.offset(r);
+          const TY* yr = y + ry.offset(r);
+          Terms t = cosine_terms(xr, yr, H);
+          write_grad(d, xr, yr, H, g[r] * t.kx, g[r] * t.ky);
         }
-      });
+      }
     });
   });
 }

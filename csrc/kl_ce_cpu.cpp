@@ -19,6 +19,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cpu_rows.h"
+
 #include <algorithm>
 #include <c10/util/bit_cast.h>
 #include <cmath>
@@ -39,6 +41,9 @@
 namespace {
 
 using at::Tensor;
+using distil::cpu::dispatch_pair;
+using distil::cpu::row_offsets;
+using distil::cpu::RowOffsets;
 // A backward factor within two fp32 ulps of 1 leaves the forward's gradient as it is: the
 // difference is rounding (e.g. in how the caller formed w / n), far below the buffer's own.
 constexpr double kUnitScaleTolerance = 2.4e-7;
@@ -187,34 +192,6 @@ DISTIL_INLINE void store_row(T* dst, const float* src, int64_t V) {
   for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
-// Calls fn with a value of the C++ type of a (validated) float dtype.
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      return fn(float{});
-    case at::kBFloat16:
-      return fn(c10::BFloat16{});
-    case at::kHalf:
-      return fn(c10::Half{});
-    default:
-      TORCH_CHECK(false, "kl_ce_rows: unexpected dtype ", dtype);
-  }
-}
-
-// Element offset of flat row r of a tensor whose leading 1 or 2 dims are the row dims
-// (any strides, including the 0 strides of expanded views).
-struct RowOffsets {
-  int64_t inner;         // size of the last row dim
-  int64_t outer_stride;  // stride of the first row dim when there are two, else 0
-  int64_t inner_stride;
-  int64_t operator()(int64_t r) const { return (r / inner) * outer_stride + (r % inner) * inner_stride; }
-};
-
-RowOffsets row_offsets(const Tensor& x, int64_t row_dims) {
-  return {std::max<int64_t>(x.size(row_dims - 1), 1), row_dims == 2 ? x.stride(0) : 0, x.stride(row_dims - 1)};
-}
-
 template <typename T>
 struct RowValues {
   const T* data;
@@ -352,13 +329,6 @@ class RowRunner {
   std::vector<float> buf_;  // 3 V of scratch, then fp32 copies of narrower rows
 };
 
-template <typename Fn>
-void dispatch_pair(const Problem& pb, Fn&& fn) {
-  dispatch_float(pb.student.scalar_type(), [&](auto s_tag) {
-    dispatch_float(pb.teacher.scalar_type(), [&](auto t_tag) { fn(s_tag, t_tag); });
-  });
-}
-
 std::tuple<Tensor, Tensor, Tensor> kl_ce_rows_cpu(const Tensor& student, const Tensor& teacher,
                                                   const std::optional<Tensor>& labels,
                                                   const std::optional<Tensor>& kl_mask, const Tensor& coef,
@@ -370,7 +340,7 @@ std::tuple<Tensor, Tensor, Tensor> kl_ce_rows_cpu(const Tensor& student, const T
   Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
   float* kl = kl_rows.data_ptr<float>();
   float* ce = ce_rows.data_ptr<float>();
-  dispatch_pair(pb, [&](auto s_tag, auto t_tag) {
+  dispatch_pair(pb.student.scalar_type(), pb.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
     at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
@@ -402,7 +372,7 @@ void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Ten
   const RowValues<float> gkl = row_values<float>(grad_kl_rows, row_dims);
   const RowValues<float> gce = row_values<float>(grad_ce_rows, row_dims);
   const double c0 = pb.c0, c1 = pb.c1;
-  dispatch_pair(pb, [&](auto s_tag, auto t_tag) {
+  dispatch_pair(pb.student.scalar_type(), pb.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     S* const g = grad.data_ptr<S>();
     at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
