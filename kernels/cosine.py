@@ -55,9 +55,16 @@ def bwd_config_for(h):
 
 
 @triton.jit
-def _row_offsets(pid, n_rows, S, stride_b, stride_s, ROWS: tl.constexpr):
+def _program_rows(pid, n_rows, S, sx_b, sx_s, sy_b, sy_s, mask_ptr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr):
+    """This program's rows: (rows, in_range, live = in range and selected, x offsets, y offsets), int64."""
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    return rows, rows < n_rows, (rows // S) * stride_b + (rows % S) * stride_s
+    in_range = rows < n_rows
+    live = in_range
+    if HAS_MASK:
+        live = live & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+    b = rows // S
+    s = rows % S
+    return rows, in_range, live, b * sx_b + s * sx_s, b * sy_b + s * sy_s
 
 
 @triton.jit
@@ -94,12 +101,9 @@ def cosine_fwd_kernel(
     HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_H: tl.constexpr, ROWS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows, in_range, x_off = _row_offsets(pid, n_rows, S, sx_b, sx_s, ROWS)
-    y_off = (rows // S) * sy_b + (rows % S) * sy_s
-    live = in_range
-    if HAS_MASK:
-        live = live & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+    rows, in_range, live, x_off, y_off = _program_rows(
+        tl.program_id(0), n_rows, S, sx_b, sx_s, sy_b, sy_s, mask_ptr, HAS_MASK, ROWS
+    )
     cols = tl.arange(0, BLOCK_H)
     if SINGLE:
         # Whole row in registers: x and y are read exactly once.
@@ -135,12 +139,9 @@ def cosine_bwd_kernel(
     n_rows, S, H, sx_b, sx_s, sy_b, sy_s,
     HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows, in_range, x_off = _row_offsets(pid, n_rows, S, sx_b, sx_s, ROWS)
-    y_off = (rows // S) * sy_b + (rows % S) * sy_s
-    live = in_range
-    if HAS_MASK:
-        live = live & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+    rows, in_range, live, x_off, y_off = _program_rows(
+        tl.program_id(0), n_rows, S, sx_b, sx_s, sy_b, sy_s, mask_ptr, HAS_MASK, ROWS
+    )
     coef = tl.zeros([ROWS], tl.float32) + tl.load(coef_ptr)  # per row, so masks combine elementwise
     g = tl.load(g_ptr + rows, mask=live, other=0.0).to(tl.float32)
     # dx holds coef·d(1 − cos)/dx: rescale it by g/coef (skip rows where that is exactly 1);
