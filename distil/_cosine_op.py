@@ -7,6 +7,7 @@ The schema and the CPU kernel are C++ (csrc/ops.cpp, csrc/cosine_cpu.cpp).
 import torch
 
 import distil  # noqa: F401  (loads the schemas)
+from distil._grad_buffer import save_gradient_buffer, take_gradient_buffer
 from distil._validate import check_non_negative_finite, check_pair, check_row_mask, check_tensor, FLOAT_DTYPES
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
@@ -52,28 +53,11 @@ def _cosine_rows_backward_fake(grad, grad_rows, student, teacher, mask, coef):
 
 def _setup_context(ctx, inputs, output):
     student, teacher, mask, coef, compute_grad = inputs
-    ctx.compute_grad = compute_grad
-    ctx.consumed = False
-    # The gradient buffer is not differentiable; without this autograd would hand the backward a
-    # zero tensor of the student's size for it.
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[1], student, teacher, mask, coef)
+    save_gradient_buffer(ctx, output[1], compute_grad, student, teacher, mask, coef)
 
 
 def _backward(ctx, grad_rows, _grad_of_grad):
-    if not ctx.compute_grad:
-        raise RuntimeError(
-            "distil: cosine_rows ran with compute_grad=False, so it has no gradient; "
-            "call the loss with grad enabled and a student that requires grad"
-        )
-    if ctx.consumed:
-        raise RuntimeError(
-            "distil: the cosine loss rewrites its gradient buffer in place during backward, so it can be "
-            "backpropagated once only (retain_graph=True double backward is not supported)"
-        )
-    ctx.consumed = True
-    grad, student, teacher, mask, coef = ctx.saved_tensors
+    grad, student, teacher, mask, coef = take_gradient_buffer(ctx, "cosine_rows")
     if grad_rows is None:
         grad_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
     torch.ops.distil.cosine_rows_backward(grad, grad_rows.float(), student, teacher, mask, coef)

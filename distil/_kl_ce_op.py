@@ -4,9 +4,9 @@ and autograd (the gradient is written by the forward; see ARCHITECTURE.md).
 The schema and the CPU kernel are C++ (csrc/ops.cpp, csrc/kl_ce_cpu.cpp).
 """
 import torch
-from torch._subclasses.functional_tensor import FunctionalTensor
 
 import distil  # noqa: F401  (loads the schemas)
+from distil._grad_buffer import save_gradient_buffer, take_gradient_buffer
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
     from distil.kernels import kl_ce as _triton_kl_ce
@@ -71,32 +71,11 @@ def _setup_context(ctx, inputs, output):
     student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad = inputs
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
-    ctx.compute_grad = compute_grad
-    ctx.consumed = False
-    # The gradient buffer is an output but not a differentiable one: without this, autograd would
-    # materialise a zero [N, V] "gradient of the gradient" (a full allocation and memset) per backward.
-    ctx.mark_non_differentiable(output[2])
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[2], student, teacher, labels, kl_mask, coef)
+    save_gradient_buffer(ctx, output[2], compute_grad, student, teacher, labels, kl_mask, coef)
 
 
 def _backward(ctx, grad_kl_rows, grad_ce_rows, _grad_of_grad):
-    if not ctx.compute_grad:
-        raise RuntimeError(
-            "distil: kl_ce_rows ran with compute_grad=False, so it has no gradient; "
-            "call the loss with grad enabled and a student that requires grad"
-        )
-    if ctx.consumed:
-        raise RuntimeError(
-            "distil: the fused loss rewrites its gradient buffer in place during backward, so it can be "
-            "backpropagated once only (retain_graph=True double backward is not supported)"
-        )
-    ctx.consumed = True
-    grad, student, teacher, labels, kl_mask, coef = ctx.saved_tensors
-    if isinstance(grad, FunctionalTensor):
-        # Traced by AOTAutograd (torch.compile, opcheck): a saved forward output may not be mutated in
-        # the backward graph, so rewrite a copy (Inductor's re-inplacing pass can drop the copy).
-        grad = grad.clone()
+    grad, student, teacher, labels, kl_mask, coef = take_gradient_buffer(ctx, "kl_ce_rows")
     if grad_kl_rows is None:
         grad_kl_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
     if grad_ce_rows is None:
