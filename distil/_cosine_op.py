@@ -7,7 +7,14 @@ The schema and the CPU kernel are C++ (csrc/ops.cpp, csrc/cosine_cpu.cpp).
 import torch
 
 import distil  # noqa: F401  (loads the schemas)
-from distil._grad_buffer import save_gradient_buffer, take_gradient_buffer
+from distil._grad_buffer import (
+    announced_coef,
+    divisor,
+    needs_grad,
+    row_count,
+    save_gradient_buffer,
+    take_gradient_buffer,
+)
 from distil._validate import check_non_negative_finite, check_pair, check_row_mask, check_tensor, FLOAT_DTYPES
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
@@ -100,15 +107,8 @@ def cosine_loss(student_hidden, teacher_hidden, *, mask=None, weight=1.0):
     weight = check_non_negative_finite("weight", weight)
     if teacher_hidden.requires_grad and torch.is_grad_enabled():
         teacher_hidden = teacher_hidden.detach()  # the teacher is a constant target
-    device = student_hidden.device
-    count = student_hidden.shape[:-1].numel() if mask is None else mask.sum()
-    if isinstance(count, torch.Tensor):
-        denom = count.clamp(min=1).to(torch.float32)
-    else:
-        denom = torch.full((), max(count, 1), dtype=torch.float32, device=device)
-    # Bit-identical to the gradient autograd hands the rows for `weight * loss` (weight / denom), so
-    # the backward sees a ratio of exactly 1 and does nothing.
-    coef = torch.full((1,), weight, dtype=torch.float32, device=device) / denom
-    compute_grad = torch.is_grad_enabled() and student_hidden.requires_grad
-    loss_rows, _ = torch.ops.distil.cosine_rows(student_hidden, teacher_hidden, mask, coef, compute_grad)
-    return loss_rows.sum() / denom
+    count = row_count(mask, student_hidden.shape[:-1])
+    coef = announced_coef(weight, count, student_hidden.device).reshape(1)
+    loss_rows, _ = torch.ops.distil.cosine_rows(student_hidden, teacher_hidden, mask, coef,
+                                                needs_grad(student_hidden))
+    return loss_rows.sum() / divisor(count)

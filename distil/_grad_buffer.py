@@ -1,5 +1,29 @@
-"""Autograd of the "gradient in the forward" ops (ARCHITECTURE.md), shared by every loss op: the
-forward's gradient buffer is saved, and the backward rewrites it in place (once) into the gradient."""
+"""Plumbing of the "gradient in the forward" ops (ARCHITECTURE.md), shared by every loss op: the
+coefficients the forward prepares its gradient for, and the autograd side, where the forward's
+gradient buffer is saved and the backward rewrites it in place (once) into the gradient."""
+import torch
+
+
+def needs_grad(student):
+    """Whether the forward should write the student's gradient."""
+    return torch.is_grad_enabled() and student.requires_grad
+
+
+def row_count(mask, rows_shape):
+    """Rows a mean runs over: all of ``rows_shape`` (a Python int) or the mask's count (a device tensor)."""
+    return rows_shape.numel() if mask is None else mask.sum()
+
+
+def divisor(count):
+    """max(count, 1), as the losses divide by it: an fp32 tensor or a Python int (no host sync)."""
+    return count.clamp(min=1).to(torch.float32) if isinstance(count, torch.Tensor) else max(count, 1)
+
+
+def announced_coef(weight, count, device):
+    """``weight / max(count, 1)`` as a 0-d fp32 device tensor, formed exactly as autograd forms the
+    per-row gradient of ``weight * (rows.sum() / divisor(count))`` (an fp32 weight divided by n), so
+    that the backward finds the factor 1 and does nothing."""
+    return torch.full((), weight, dtype=torch.float32, device=device) / divisor(count)
 
 
 def save_gradient_buffer(ctx, buffer, compute_grad, *tensors):

@@ -14,6 +14,7 @@ contributes 0 (see the -inf policy in ARCHITECTURE.md).
 import torch
 
 from distil import _kl_ce_op  # noqa: F401  (registers the op's CUDA kernel, fake impl and autograd)
+from distil._grad_buffer import announced_coef, divisor, needs_grad, row_count
 from distil._validate import (
     check_non_negative_finite,
     check_pair,
@@ -63,29 +64,9 @@ def _check_labels(labels, student_logits, ignore_index):
     return labels, labelled
 
 
-def _row_count(mask, rows_shape):
-    return rows_shape.numel() if mask is None else mask.sum()
-
-
-def _divisor(count):
-    """max(count, 1) as the losses divide by it: an fp32 tensor or a Python int."""
-    return count.clamp(min=1).to(torch.float32) if isinstance(count, torch.Tensor) else max(count, 1)
-
-
 def _coef(kl_weight, kl_count, ce_weight, ce_count, device):
-    """[kl_weight / n_kl, ce_weight / n_ce] as a device tensor, without a host sync.
-
-    Formed exactly as autograd forms the per-row gradient of ``weight * (rows.sum() / n)`` (an fp32
-    weight divided by n), so that the backward finds the factor 1 and does nothing."""
-
-    def scaled(weight, count):
-        return torch.full((), weight, dtype=torch.float32, device=device) / _divisor(count)
-
-    return torch.stack([scaled(kl_weight, kl_count), scaled(ce_weight, ce_count)])
-
-
-def _needs_grad(student_logits):
-    return torch.is_grad_enabled() and student_logits.requires_grad
+    """[kl_weight / n_kl, ce_weight / n_ce] as a device tensor, without a host sync (see announced_coef)."""
+    return torch.stack([announced_coef(kl_weight, kl_count, device), announced_coef(ce_weight, ce_count, device)])
 
 
 def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, reduction="batchmean"):
@@ -111,14 +92,14 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
     mask = check_row_mask("mask", mask, student_logits.shape[:-1], student_logits.device)
     if reduction not in _KL_REDUCTIONS:
         raise ValueError(f"reduction must be one of {_KL_REDUCTIONS}, got {reduction!r}")
-    count = _row_count(mask, student_logits.shape[:-1]) if reduction == "batchmean" else 1
+    count = row_count(mask, student_logits.shape[:-1]) if reduction == "batchmean" else 1
     coef = _coef(1.0, count, 0.0, 1, student_logits.device)
     kl_rows, _, _ = torch.ops.distil.kl_ce_rows(
-        student_logits, teacher_logits, None, mask, coef, temperature, -100, _needs_grad(student_logits)
+        student_logits, teacher_logits, None, mask, coef, temperature, -100, needs_grad(student_logits)
     )
     if reduction == "none":
         return kl_rows
-    return kl_rows.sum() / _divisor(count)
+    return kl_rows.sum() / divisor(count)
 
 
 def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_mask=None, ignore_index=-100,
@@ -150,14 +131,14 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
     labels, labelled = _check_labels(labels, student_logits, ignore_index)
     kl_weight = check_non_negative_finite("kl_weight", kl_weight)
     ce_weight = check_non_negative_finite("ce_weight", ce_weight)
-    kl_count = _row_count(kl_mask, student_logits.shape[:-1])
+    kl_count = row_count(kl_mask, student_logits.shape[:-1])
     ce_count = labelled.sum()
     coef = _coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)
     kl_rows, ce_rows, _ = torch.ops.distil.kl_ce_rows(
         student_logits, teacher_logits, labels, kl_mask, coef, temperature, ignore_index,
-        _needs_grad(student_logits),
+        needs_grad(student_logits),
     )
-    return kl_rows.sum() / _divisor(kl_count), ce_rows.sum() / _divisor(ce_count)
+    return kl_rows.sum() / divisor(kl_count), ce_rows.sum() / divisor(ce_count)
 
 
 # One op = one module; they are re-exported here. distillation_loss imports this module, so it comes last.
