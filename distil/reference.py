@@ -3,6 +3,7 @@
 (shared/REFERENCE.md). It is what the fused losses are tested and benchmarked against; it is not
 fast: it builds full-size expanded masks and ``masked_select`` copies, as distiller.py does.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -27,9 +28,12 @@ def distiller_loss(student_logits, teacher_logits, labels, student_hidden, teach
     - ``total = alpha_kl·kl + alpha_mlm·mlm + alpha_cos·cos`` (before distiller's division by the
       gradient-accumulation steps).
 
-    Logits ``[B, S, V]`` or ``[N, V]``; labels, attention_mask (bool) over the row dims.
+    Logits ``[B, S, V]`` or ``[N, V]``; labels, attention_mask (bool, None = no padding) over the row
+    dims; the hidden states may be None when ``alpha_cos == 0``.
     """
     vocab = student_logits.shape[-1]
+    if attention_mask is None:  # no padding: every row is a real token
+        attention_mask = labels.new_ones(labels.shape, dtype=torch.bool)
     kl_rows = (labels > -1) if restrict_kl_to_mask else attention_mask
     s_sel, t_sel = _select_rows(student_logits, kl_rows), _select_rows(teacher_logits, kl_rows)
     kl = nn.KLDivLoss(reduction="batchmean")(

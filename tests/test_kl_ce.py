@@ -11,6 +11,7 @@ from conftest import GPU_RUN, relative_error, rows_past_int32
 
 from distil import fused_loss
 from distil.kernels import kl_ce as K
+from distil.reference import distiller_loss
 
 API_DEVICES = ["cpu"] + (["cuda"] if GPU_RUN else [])
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -32,19 +33,9 @@ def reference_rows(s, t, labels, mask, temperature, ignore_index=-100):
 
 
 def distiller_losses(s, t, labels, mask, temperature):
-    """distiller.py's Distiller.step: masked_select of the KL rows, KLDivLoss(batchmean)·T², CE(ignore -100)."""
-    s, t = s.double(), t.double()
-    vocab = s.shape[-1]
-    if mask is not None:
-        sel = mask.unsqueeze(-1).expand_as(s)
-        s_sel = torch.masked_select(s, sel).view(-1, vocab)
-        t_sel = torch.masked_select(t, sel).view(-1, vocab)
-    else:
-        s_sel, t_sel = s.reshape(-1, vocab), t.reshape(-1, vocab)
-    kl = nn.KLDivLoss(reduction="batchmean")(
-        F.log_softmax(s_sel / temperature, -1), F.softmax(t_sel / temperature, -1)
-    ) * temperature**2
-    ce = nn.CrossEntropyLoss(ignore_index=-100)(s.reshape(-1, vocab), labels.reshape(-1))
+    """distiller.py's (kl, mlm) in float64 (distil.reference): KL on the mask rows, CE(ignore -100)."""
+    _, kl, ce, _ = distiller_loss(s.double(), t.double(), labels, None, None, mask, alpha_cos=0.0,
+                                  temperature=temperature)
     return kl, ce
 
 
