@@ -380,7 +380,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         param_norm = float(torch.nn.utils.get_total_norm(self.student.parameters()))
         if not math.isfinite(param_norm):
-            err = self._diverged("the parameters are not finite after the optimizer step", {"param_norm": param_norm})
+            err = self._diverged("the norm of the parameters is not finite after the optimizer step", {"param_norm": param_norm})
             err.metrics = {"step": self.step + 1, **metrics, "param_norm": param_norm}
             raise err
         self.step += 1
