@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from distil import _validate
+from distil._ops import common as _validate
 from distil.data import LengthGroupedBatches, load_corpus
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker, token_counts
