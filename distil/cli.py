@@ -88,7 +88,7 @@ class TrainConfig:
 
     def validate(self):
         """Every value checked before anything heavy loads; raises ValueError/TypeError naming the flag."""
-        from distil._validate import check_non_negative_finite, check_positive_finite
+        from distil._ops.common import check_non_negative_finite, check_positive_finite
 
         for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every", "max_length", "eval_every",
                      "eval_max_sequences", "max_steps", "save_total_limit"):

@@ -4,10 +4,12 @@ the end-to-end run (BERT, RoBERTa, DistilBERT students), teacher and data checks
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +236,15 @@ def test_divergence_exits_with_its_own_code(workdir, capsys):
     assert main(argv(workdir, "diverge", "bert", "--lr", "1e30", "--warmup", "0")) == EXIT_DIVERGED
     one_error_line(capsys, "not finite", "No checkpoint was written yet")
     assert not checkpoints(workdir / "diverge")
+
+
+def test_a_shadowing_source_checkout_is_named(tmp_path):
+    # A copy of the package's Python files without its own build, imported from the current folder.
+    import distil
+
+    shutil.copytree(Path(distil.__file__).parent, tmp_path / "distil",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    proc = subprocess.run([sys.executable, "-c", "import distil.fused_loss"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "shadows the installed distil" in proc.stderr and str(tmp_path / "distil") in proc.stderr

@@ -4,8 +4,6 @@ The command line (distil.cli) is tested in test_cli.py."""
 import copy
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +12,13 @@ from transformers import AutoModelForMaskedLM
 from distil.cli import TrainConfig
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker
+from distil.reference import distiller_step
 from distil.step import DistillationStep, StudentRows
 from distil.student import build_student
 from distil.train import METRICS, STUDENT, TRAINING_STATE, NonFiniteError, Trainer, checkpoints, json_record
 from tiny import bert_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
 
-from conftest import relative_error
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_step import eager_loss  # noqa: E402  (distiller.py's step, shared with the benchmark)
+from helpers import relative_error
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +66,7 @@ def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert):
     masked, labels = MLMMasker(vocab, special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn, torch.Generator().manual_seed(3))
     assert (labels != -100).sum() > 0 and (attn == 0).sum() > 0  # both row kinds are exercised
 
-    ref = eager_loss(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=restrict)
+    ref = distiller_step(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=restrict)
     ref[0].backward()
 
     loss_fn = DistillationLoss()
@@ -100,7 +96,7 @@ def test_step_skips_the_teacher_work_that_zero_weights_switch_off(alphas):
         teacher.cls.predictions.bias.copy_(3.0 * torch.randn(len(tok)))
     ids, attn = random_batch(len(tok), 6, 24, cls_id=2, sep_id=3, pad_id=0, seed=1)
     masked, labels = MLMMasker(len(tok), special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn, torch.Generator().manual_seed(3))
-    ref = eager_loss(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=False,
+    ref = distiller_step(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=False,
                      alpha_kl=alpha_kl, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos)
 
     calls = {"body": 0, "head": 0}
