@@ -2,6 +2,7 @@
 step's skipped work for zero weights, bit-exact resume, checkpoints, the non-finite stops, validation.
 The command line (distil.cli) is tested in test_cli.py."""
 import copy
+import importlib.util
 import json
 import math
 
@@ -169,12 +170,16 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_truncates_the_metrics(w
     assert all(torch.equal(v, ref[k]) for k, v in resumed.student.state_dict().items())
 
 
-def test_save_total_limit_keeps_the_newest_checkpoints(workdir):
-    Trainer(config(workdir, "limit", save_every=1, save_total_limit=2)).fit()
+def test_save_total_limit_keeps_the_newest_checkpoints_and_tensorboard_gets_events(workdir):
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    Trainer(config(workdir, "limit", save_every=1, save_total_limit=2,
+                   report_to="tensorboard" if tensorboard else "none")).fit()
     assert [s for s, _ in checkpoints(workdir / "limit")] == [4, 3]
+    if tensorboard:
+        assert list((workdir / "limit" / "runs").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("flag, value", [("batch_size", 16), ("max_steps", 8), ("temperature", 3.0)])
+@pytest.mark.parametrize("flag, value", [("batch_size", 16), ("max_steps", 8)])
 def test_resume_names_a_changed_flag(workdir, flag, value):
     Trainer(config(workdir, f"changed_{flag}")).fit(max_steps=1)
     with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} is {value!r} but .*checkpoint-1"):
@@ -266,12 +271,6 @@ def test_max_steps_0_saves_the_initial_student(workdir):
     assert trainer.fit() == "done" and trainer.step == 0
     loaded = AutoModelForMaskedLM.from_pretrained(workdir / "zero" / STUDENT)
     assert all(torch.equal(v, initial[k]) for k, v in loaded.state_dict().items())
-
-
-def test_tensorboard_events_are_written(workdir):
-    pytest.importorskip("tensorboard")
-    Trainer(config(workdir, "tb", max_steps=2, report_to="tensorboard")).fit()
-    assert list((workdir / "tb" / "runs").glob("events.out.tfevents.*"))
 
 
 def test_half_precision_needs_cuda(workdir):
