@@ -28,7 +28,7 @@ exit codes:
   3    interrupted by SIGINT (Ctrl-C) or SIGTERM: the current step finished and a checkpoint was
        written; continue with --resume
   4    diverged: a loss, the gradient norm or a parameter became NaN/inf; nothing non-finite was saved
-  130  stopped by a second Ctrl-C before the checkpoint was written
+  130  stopped by Ctrl-C while loading, or by a second Ctrl-C before the checkpoint was written
 """
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
@@ -181,13 +181,12 @@ def main(argv=None):
             trainer = Trainer(config)
         except (ValueError, TypeError, OSError) as err:
             return _error(err)
-        try:
-            status = trainer.fit()
-        except NonFiniteError as err:
-            return _error(err, EXIT_DIVERGED)
-        except KeyboardInterrupt:
-            return _error(f"stopped by a second Ctrl-C; the newest checkpoint in {config.output_dir} is the "
-                          "one to --resume from", EXIT_ABORTED)
+        status = trainer.fit()
+    except NonFiniteError as err:
+        return _error(err, EXIT_DIVERGED)
+    except KeyboardInterrupt:  # Ctrl-C while setting up, or a second one while training
+        return _error(f"stopped by Ctrl-C; the newest checkpoint in {config.output_dir}, if any, is the one to "
+                      "--resume from", EXIT_ABORTED)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
