@@ -404,15 +404,15 @@ def main(argv=None):
           f"triton {machine['triton']}; copy bandwidth {copy_gbs:.0f} GB/s (read+write); {len(plan)} cells",
           flush=True)
     records = []
-    # The ETA assumes a cell's time grows with its N·V·modes (true within an op to a few tens of %).
-    work = [n * v * len(modes) for _, _, n, v, modes in plan]
+    # The ETA is the mean time of the cells so far: fixed costs (torch.compile, the fresh processes of the
+    # memory measurement) dominate a cell's time on the CPU, so its size predicts it poorly.
     start = time.perf_counter()
     for i, (op, dtype, n, v, modes) in enumerate(plan):
         print(f"  [{i + 1}/{len(plan)}] {op} {dtype} {n}×{v} ...", end="", flush=True)
         cell_start = time.perf_counter()
         records += run_cell(op, dtype, n, v, modes, device, args.variants, copy_gbs)
         now = time.perf_counter()
-        eta = (now - start) / sum(work[: i + 1]) * sum(work[i + 1 :])
+        eta = (now - start) / (i + 1) * (len(plan) - i - 1)
         print(f" {C.format_seconds(now - cell_start)} (elapsed {C.format_seconds(now - start)}, "
               f"ETA {C.format_seconds(eta)})", flush=True)
     C.add_ratios(records)

@@ -37,6 +37,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -587,7 +588,9 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(self.output_dir / TENSORBOARD, purge_step=self.step + 1 if self.step else None)
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Python delivers signals to the main thread only (fit() in another thread keeps the defaults).
+        handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        previous = {s: signal.signal(s, self._on_signal) for s in handled}
         window, window_start = [], time.perf_counter()
         evaluated_at = None
         try:
@@ -599,7 +602,8 @@ class Trainer:
                         self._log(err.metrics, bar, writer, metrics_file)
                     raise
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == end:
+                stop = self._should_stop()
+                if stop or self.step % cfg.log_every == 0 or self.step == end:
                     now = time.perf_counter()
                     record = {"step": self.step, "steps": len(window)}
                     for key in (*_TRAIN_PARTS, "grad_norm"):
@@ -609,8 +613,7 @@ class Trainer:
                     record["tokens_per_s"] = record["tokens"] / max(now - window_start, 1e-9)
                     if main_rank:
                         self._log(record, bar, writer, metrics_file)
-                    window, window_start = [], now
-                stop = self._should_stop()
+                    window = []
                 if stop or self.step % cfg.save_every == 0 or self.step == end:
                     self.save_checkpoint()
                 if stop:
@@ -618,6 +621,8 @@ class Trainer:
                 if main_rank and (self.step % cfg.eval_every == 0 or self.step == end):
                     self._log_eval(bar, writer, metrics_file)
                     evaluated_at = self.step
+                if not window:  # tokens/s counts training time only, not checkpoints and validation
+                    window_start = time.perf_counter()
             if main_rank:
                 if evaluated_at != self.step:  # no step ran (--max-steps 0, or a finished run resumed)
                     self._log_eval(bar, writer, metrics_file)
