@@ -481,7 +481,7 @@ class Trainer:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(
                     f"resume: {flag} is {value!r} but {path} was written with {saved.get(name)!r}; resume with the "
-                    f"same value, or start a new run in another --output-dir")
+                    f"same value, or start a new run in another --output-dir from this student (--student {path})")
         if state["world_size"] != self.world_size:
             raise ValueError(
                 f"resume: {path} was written by {state['world_size']} processes, this run has "
