@@ -88,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_rows_cpu(const at::Tensor& student_in,
   at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   Rows rx = rows_of(student), ry = rows_of(teacher);
   at::Tensor loss = at::empty(student.sizes().slice(0, student.dim() - 1), student.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? distil::cpu::empty_written_once(student.sizes(), student.options())
+                                 : at::empty({0}, student.options());
   const float c = coef.item<float>();
   const bool* m = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   float* l = loss.data_ptr<float>();
