@@ -24,8 +24,7 @@ from tiny import bert_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tin
 
 from helpers import relative_error
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_step import eager_loss  # noqa: E402  (distiller.py's step, shared with the benchmark)
+from distil.reference import distiller_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +68,7 @@ def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert):
     masked, labels = MLMMasker(vocab, special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn, torch.Generator().manual_seed(3))
     assert (labels != -100).sum() > 0 and (attn == 0).sum() > 0  # both row kinds are exercised
 
-    ref = eager_loss(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=restrict)
+    ref = distiller_step(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=restrict)
     ref[0].backward()
 
     loss_fn = DistillationLoss()
