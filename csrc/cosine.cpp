@@ -80,12 +80,11 @@ void write_grad(TX* dx, const TX* x, const TY* y, int64_t H, float kx, float ky)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> cosine_rows_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
+std::tuple<at::Tensor, at::Tensor> cosine_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                    const c10::optional<at::Tensor>& mask_in, const at::Tensor& coef,
                                                    bool compute_grad) {
-  check_inputs(student_in, teacher_in, mask_in, coef);
-  const at::Tensor &student = student_in, &teacher = teacher_in;
-  at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  check_inputs(student, teacher, mask_in, coef);
+    at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   Rows rx = rows_of(student), ry = rows_of(teacher);
   at::Tensor loss = at::empty(student.sizes().slice(0, student.dim() - 1), student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? distil::cpu::empty_written_once(student.sizes(), student.options())
@@ -118,15 +117,14 @@ std::tuple<at::Tensor, at::Tensor> cosine_rows_cpu(const at::Tensor& student_in,
   return {loss, grad};
 }
 
-void cosine_rows_backward_cpu(at::Tensor& grad, const at::Tensor& grad_rows_in, const at::Tensor& student_in,
-                              const at::Tensor& teacher_in, const c10::optional<at::Tensor>& mask_in,
+void cosine_rows_backward_cpu(at::Tensor& grad, const at::Tensor& grad_rows_in, const at::Tensor& student,
+                              const at::Tensor& teacher, const c10::optional<at::Tensor>& mask_in,
                               const at::Tensor& coef) {
-  check_inputs(student_in, teacher_in, mask_in, coef);
-  TORCH_CHECK(grad.sizes() == student_in.sizes() && grad.is_contiguous() &&
-                  grad.scalar_type() == student_in.scalar_type(),
+  check_inputs(student, teacher, mask_in, coef);
+  TORCH_CHECK(grad.sizes() == student.sizes() && grad.is_contiguous() &&
+                  grad.scalar_type() == student.scalar_type(),
               "cosine_rows_backward: grad must be the forward's gradient buffer");
-  const at::Tensor &student = student_in, &teacher = teacher_in;
-  at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+    at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   at::Tensor grad_rows = grad_rows_in.to(at::kFloat).contiguous();
   Rows rx = rows_of(student), ry = rows_of(teacher);
   TORCH_CHECK(grad_rows.numel() == rx.n, "cosine_rows_backward: grad_rows must have one value per row");

@@ -170,36 +170,46 @@ def cosine_bwd_kernel(
         tl.store(dx_ptr + dx_row[:, None] + c[None, :], new.to(dx_ptr.dtype.element_ty), mask=ms | mr)
 
 
-def _launch_args(student, teacher, mask):
+def _common_args(student, teacher, mask, coef):
     S, sx_b, sx_s = row_geometry(student)
     _, sy_b, sy_s = row_geometry(teacher)
-    mask_arg = student if mask is None else mask.reshape(-1).view(torch.uint8)
-    return mask_arg, (student.shape[:-1].numel(), S, student.shape[-1], sx_b, sx_s, sy_b, sy_s)
+    return dict(x_ptr=student, y_ptr=teacher, mask_ptr=student if mask is None else mask.reshape(-1).view(torch.uint8),
+                coef_ptr=coef, n_rows=student.shape[:-1].numel(), S=S, H=student.shape[-1], sx_b=sx_b, sx_s=sx_s,
+                sy_b=sy_b, sy_s=sy_s, HAS_MASK=mask is not None)
+
+
+def fwd_launch(student, teacher, mask, coef, loss_rows, grad):
+    """(grid, {parameter: argument}, num_warps) of the forward launch: what :func:`cosine_rows` launches
+    and what the ahead-of-time tests compile (from meta tensors)."""
+    args = _common_args(student, teacher, mask, coef)
+    block_h, rows, warps = tuning_for(args["H"])
+    args.update(loss_ptr=loss_rows, dx_ptr=student if grad is None else grad, COMPUTE_GRAD=grad is not None,
+                SINGLE=args["H"] <= block_h, BLOCK_H=block_h, ROWS=rows)
+    return (triton.cdiv(args["n_rows"], rows),), args, warps
+
+
+def bwd_launch(grad, grad_rows, student, teacher, mask, coef):
+    """(grid, {parameter: argument}, num_warps) of the backward launch (see :func:`fwd_launch`)."""
+    args = _common_args(student, teacher, mask, coef)
+    block_h, rows, warps = bwd_tuning_for(args["H"])
+    args.update(dx_ptr=grad, g_ptr=grad_rows, BLOCK_H=block_h, ROWS=rows)
+    return (triton.cdiv(args["n_rows"], rows),), args, warps
 
 
 def cosine_rows(student, teacher, mask, coef, loss_rows, grad):
     """Launch :func:`cosine_fwd_kernel` into the caller's ``loss_rows`` (fp32, contiguous, one value
     per row) and ``grad`` (contiguous, the student's shape and dtype; ``None``: no gradient).
     ``mask`` is a contiguous bool over the row dims or ``None``; ``coef`` a 1-element fp32 tensor."""
-    mask_arg, geo = _launch_args(student, teacher, mask)
-    if geo[0] == 0:
+    if loss_rows.numel() == 0:
         return
-    block_h, rows, warps = tuning_for(geo[2])
-    cosine_fwd_kernel[(triton.cdiv(geo[0], rows),)](
-        student, teacher, mask_arg, coef, loss_rows, student if grad is None else grad, *geo,
-        HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None, SINGLE=geo[2] <= block_h,
-        BLOCK_H=block_h, ROWS=rows, num_warps=warps,
-    )
+    grid, args, warps = fwd_launch(student, teacher, mask, coef, loss_rows, grad)
+    cosine_fwd_kernel[grid](**args, num_warps=warps)
 
 
 def cosine_rows_backward(grad, grad_rows, student, teacher, mask, coef):
     """Launch :func:`cosine_bwd_kernel`: rewrites ``grad`` (made by the forward for ``coef``) in place
     into the gradient for the incoming per-row gradients ``grad_rows`` (fp32, contiguous)."""
-    mask_arg, geo = _launch_args(student, teacher, mask)
-    if geo[0] == 0:
+    if grad_rows.numel() == 0:
         return
-    block_h, rows, warps = bwd_tuning_for(geo[2])
-    cosine_bwd_kernel[(triton.cdiv(geo[0], rows),)](
-        grad, grad_rows, student, teacher, mask_arg, coef, *geo,
-        HAS_MASK=mask is not None, BLOCK_H=block_h, ROWS=rows, num_warps=warps,
-    )
+    grid, args, warps = bwd_launch(grad, grad_rows, student, teacher, mask, coef)
+    cosine_bwd_kernel[grid](**args, num_warps=warps)

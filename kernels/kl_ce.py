@@ -234,19 +234,41 @@ def kl_ce_bwd_kernel(
                             finite_lse(lse_c), label, new_kl, new_ce, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
 
 
-def _launch_args(student, teacher, labels, kl_mask, temperature, block_v, num_warps):
+def _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v, num_warps):
     vocab = student.shape[-1]
     block, warps = tuning_for(vocab)
     block = block_v or block
-    warps = num_warps or warps
     S, s_sb, s_ss = row_geometry(student)
     _, t_sb, t_ss = row_geometry(teacher)
-    labels_arg = student if labels is None else labels.reshape(-1)
-    mask_arg = student if kl_mask is None else kl_mask.reshape(-1)
-    common = (S, s_sb, s_ss, t_sb, t_ss, vocab, LOG2E.value / temperature, temperature)
-    meta = dict(HAS_LABELS=labels is not None, HAS_MASK=kl_mask is not None, BLOCK_V=block,
-                NUM_CHUNKS=triton.cdiv(vocab, block), num_warps=warps)
-    return labels_arg, mask_arg, common, meta
+    args = dict(
+        s_ptr=student, t_ptr=teacher, labels_ptr=student if labels is None else labels.reshape(-1),
+        mask_ptr=student if kl_mask is None else kl_mask.reshape(-1), coef_ptr=coef,
+        S=S, s_stride_b=s_sb, s_stride_s=s_ss, t_stride_b=t_sb, t_stride_s=t_ss, V=vocab,
+        scale_t=LOG2E.value / temperature, temperature=temperature, ignore_index=ignore_index,
+        HAS_LABELS=labels is not None, HAS_MASK=kl_mask is not None, BLOCK_V=block,
+        NUM_CHUNKS=triton.cdiv(vocab, block),
+    )
+    return args, num_warps or warps
+
+
+def fwd_launch(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,
+               block_v=None, num_warps=None):
+    """(grid, {parameter: argument}, num_warps) of the forward launch: what :func:`kl_ce_rows` launches
+    and what the ahead-of-time tests compile (from meta tensors)."""
+    args, warps = _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v,
+                               num_warps)
+    args.update(kl_ptr=kl_rows, ce_ptr=ce_rows, grad_ptr=kl_rows if grad is None else grad,
+                WRITE_GRAD=grad is not None)
+    return (kl_rows.numel(),), args, warps
+
+
+def bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef, temperature,
+               ignore_index, block_v=None, num_warps=None):
+    """(grid, {parameter: argument}, num_warps) of the backward launch (see :func:`fwd_launch`)."""
+    args, warps = _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v,
+                               num_warps)
+    args.update(gkl_ptr=grad_kl_rows, gce_ptr=grad_ce_rows, grad_ptr=grad)
+    return (grad_kl_rows.numel(),), args, warps
 
 
 def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,
@@ -258,30 +280,22 @@ def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_inde
     is the fp32 ``[kl_coef, ce_coef]`` device tensor. Inputs are validated once, by the public
     functions (distil._ops.kl_ce) or the op entry. ``block_v`` / ``num_warps`` override TUNING (tests
     force chunking with them; benchmarks/tune_kl_ce.py sweeps them)."""
-    n = kl_rows.numel()
     if student.shape[-1] == 0:
         kl_rows.zero_()
         ce_rows.zero_()
-    if n == 0 or student.shape[-1] == 0:
+    if kl_rows.numel() == 0 or student.shape[-1] == 0:
         return
-    labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v,
-                                                      num_warps)
-    kl_ce_fwd_kernel[(n,)](
-        student, teacher, labels_arg, mask_arg, coef, kl_rows, ce_rows, kl_rows if grad is None else grad,
-        *common, ignore_index, WRITE_GRAD=grad is not None, **meta,
-    )
+    grid, args, warps = fwd_launch(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows,
+                                   ce_rows, grad, block_v, num_warps)
+    kl_ce_fwd_kernel[grid](**args, num_warps=warps)
 
 
 def kl_ce_rows_backward(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
                         temperature, ignore_index, block_v=None, num_warps=None):
     """Launch :func:`kl_ce_bwd_kernel`: rewrites ``grad`` in place for the incoming per-row gradients
     (fp32, contiguous); see the module docstring."""
-    n = grad_kl_rows.numel()
-    if n == 0 or student.shape[-1] == 0:
+    if grad_kl_rows.numel() == 0 or student.shape[-1] == 0:
         return
-    labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v,
-                                                      num_warps)
-    kl_ce_bwd_kernel[(n,)](
-        student, teacher, labels_arg, mask_arg, coef, grad_kl_rows, grad_ce_rows, grad,
-        *common, ignore_index, **meta,
-    )
+    grid, args, warps = bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
+                                   temperature, ignore_index, block_v, num_warps)
+    kl_ce_bwd_kernel[grid](**args, num_warps=warps)

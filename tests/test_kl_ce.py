@@ -501,16 +501,6 @@ def test_second_backward_raises():
         loss.backward()
 
 
-def test_second_backward_raises():
-    s, t, labels, _ = make_inputs((4,), 20)
-    s.requires_grad_()
-    kl, ce = fused_loss.kl_ce_loss(s, t, labels)
-    loss = kl + ce
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backpropagated once"):
-        loss.backward()
-
-
 def test_no_grad_skips_the_gradient():
     """Under no_grad the op is asked for no gradient and writes none (an empty buffer)."""
     s, t, labels, _ = make_inputs((4,), 20)
