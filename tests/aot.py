@@ -7,12 +7,13 @@ cannot be compiled.
 
 A spec is a dict: module (e.g. "distil.kernels.kl_ce"), kernel (function name), signature
 ({arg: "*bf16" | "i32" | "fp32" | "constexpr" ...}), constexprs ({arg: value}), attrs ({arg: "D"}:
-divisible by 16), cc (80 or 90), num_warps. :func:`launch_spec` builds one from the arguments of a
+divisible by 16), cc (80 or 90), num_warps, maxnreg. :func:`launch_spec` builds one from the arguments of a
 launch, specialised exactly as Triton specialises a real launch. ``compile_reports(specs)`` returns
 per spec: registers, spill_stores, spill_loads, arch, and ``accesses``: every global load / store of
 the PTX as ``{"op": "ld" | "st", "bits": access width, "in_loop": inside a loop body}``.
 """
 import importlib
+import inspect
 import json
 import os
 import re
@@ -23,33 +24,43 @@ import tempfile
 PTXAS = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas")
 
 
-def launch_spec(kernel, module, args, *, cc, num_warps):
+def launch_spec(kernel, module, args, *, cc, num_warps, maxnreg=None):
     """The spec Triton compiles when ``kernel`` is launched with ``args`` ({parameter: value}).
 
-    Values: ``torch.dtype`` for a tensor argument (its base pointer taken as 16-byte aligned, as
-    every fresh allocation is), Python ints / floats / bools as passed, and the constexpr values.
+    Values: tensors (meta tensors will do) or ``torch.dtype`` for tensor arguments (base pointers
+    taken as 16-byte aligned, as every fresh allocation is), Python ints / floats / bools as passed,
+    and the constexpr values.
     Triton's own launch-time rule (``native_specialize_impl``) decides: an int equal to 1 becomes the
     constant 1, an int divisible by 16 gets ``tt.divisibility = 16`` and no other does, an aligned
     pointer gets ``tt.divisibility = 16``."""
+    import torch
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import MockTensor
 
     signature, constexprs, attrs = {}, {}, {}
-    for param in kernel.params:
-        value = args[param.name]
-        if param.is_constexpr:
-            signature[param.name], constexprs[param.name] = "constexpr", value
+    # kernel.fn: the Python function, also when the session's Triton is the interpreter.
+    for name, param in inspect.signature(kernel.fn).parameters.items():
+        value = args[name]
+        if "constexpr" in str(param.annotation):
+            signature[name], constexprs[name] = "constexpr", value
             continue
-        arg = MockTensor.wrap_dtype(value)
+        arg = MockTensor(value.dtype) if isinstance(value, torch.Tensor) else MockTensor.wrap_dtype(value)
         kind, attr = native_specialize_impl(BaseBackend, arg, False, True, True)
-        signature[param.name] = kind
+        signature[name] = kind
         if kind == "constexpr":
-            constexprs[param.name] = attr
+            constexprs[name] = attr
         elif attr:
-            attrs[param.name] = attr
+            attrs[name] = attr
     return dict(module=module, kernel=kernel.__name__, signature=signature, constexprs=constexprs, attrs=attrs,
-                cc=cc, num_warps=num_warps)
+                cc=cc, num_warps=num_warps, maxnreg=maxnreg)
+
+
+def main_loop_widths(report):
+    """(bits of every global access inside a loop, bits of those outside): 128-bit main loops have
+    only 128 in the first; the scalar head / tail code shows in the second."""
+    return ([a["bits"] for a in report["accesses"] if a["in_loop"]],
+            [a["bits"] for a in report["accesses"] if not a["in_loop"]])
 
 
 def compile_reports(specs):
@@ -69,8 +80,9 @@ _BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\w+);")
 
 def global_accesses(ptx):
     """Every ld.global / st.global of a PTX listing with its width in bits and whether it lies in a
-    loop: in a basic block LLVM annotates as part of one ("in Loop", "Loop Header"), or in a
-    single-block loop (a block that branches to itself, which LLVM leaves unannotated)."""
+    loop: in a basic block LLVM annotates as part of one ("in Loop: Header=...", "Loop Header"), in a
+    header those annotations name, or in a single-block loop (a block that branches to itself);
+    LLVM leaves the last two unannotated."""
     blocks = [["", "", []]]  # label, annotation, lines
     for line in ptx.splitlines():
         block = _BLOCK.match(line)
@@ -78,9 +90,11 @@ def global_accesses(ptx):
             blocks.append([block.group(1), block.group(2), []])
         else:
             blocks[-1][2].append(line)
+    headers = {"$L__" + h for _, note, _ in blocks for h in re.findall(r"Header=(BB\w+)", note)}
     accesses = []
     for label, note, lines in blocks:
-        in_loop = "Loop" in note or any(m and m.group(1) == label for m in map(_BRANCH.search, lines))
+        in_loop = ("Loop" in note or label in headers
+                   or any(m and m.group(1) == label for m in map(_BRANCH.search, lines)))
         for line in lines:
             match = _ACCESS.search(line)
             if not match:

@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 
 import pytest
 import torch
-from aot import compile_reports
+from aot import compile_reports, launch_spec, main_loop_widths
 from helpers import API_DEVICES, GPU_RUN, TOL, RecordOps, nan_empty, poison_heap, relative_error, rows_past_int32
 
 from distil import fused_loss, reference
@@ -562,53 +562,49 @@ def test_torch_compile_fullgraph(backend):
 
 
 # ----------------------------------------------------------------------------------------------
-# Real GPU builds: every tuning-table entry, every dtype, sm_80 and sm_90, zero spills
+# Real GPU builds, specialised as Triton specialises a real launch (tests/aot.py): every tuning entry
+# and specialisation without spills on sm_80 and sm_90; 128-bit accesses in the main loops at the
+# vocabularies users have (odd ones included), for every dtype.
 # ----------------------------------------------------------------------------------------------
-def _signature(kernel, s_dtype, t_dtype):
-    ints = {"S", "s_stride_b", "s_stride_s", "t_stride_b", "t_stride_s", "V", "ignore_index"}
-    ptrs = {"s_ptr": s_dtype, "t_ptr": t_dtype, "grad_ptr": s_dtype, "labels_ptr": "i64", "mask_ptr": "i1"}
-    sig = {}
-    for name in kernel.arg_names:
-        if name in ints:
-            sig[name] = "i64"
-        elif name in ptrs:
-            sig[name] = "*" + ptrs[name]
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        elif name.isupper():
-            sig[name] = "constexpr"
-        else:
-            sig[name] = "fp32"
-    return sig
+VOCABS = (30522, 50257, 32000, 128256)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _spec(kernel, s_dt, t_dt, block, warps, chunks, cc, has_labels=True, has_mask=True, write_grad=True):
-    consts = {"HAS_LABELS": has_labels, "HAS_MASK": has_mask, "WRITE_GRAD": write_grad,
-              "BLOCK_V": block, "NUM_CHUNKS": chunks}
-    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-    return dict(module="distil.kernels.kl_ce", kernel=kernel.__name__, signature=_signature(kernel, s_dt, t_dt),
-                constexprs=consts, cc=cc, num_warps=warps)
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _launch_specs(vocab, s_dtype, t_dtype, cc, has_labels=True, has_mask=True, write_grad=True, rows=8192):
+    """(forward, backward) specs of a launch on [rows, vocab] logits, from the launchers themselves."""
+    s, t = _meta(rows, vocab, dtype=s_dtype), _meta(rows, vocab, dtype=t_dtype)
+    labels = _meta(rows, dtype=torch.int64) if has_labels else None
+    mask = _meta(rows, dtype=torch.bool) if has_mask else None
+    coef, kl, ce, grad = _meta(2), _meta(rows), _meta(rows), _meta(rows, vocab, dtype=s_dtype)
+    fwd = K.fwd_launch(s, t, labels, mask, coef, 2.0, -100, kl, ce, grad if write_grad else None)
+    bwd = K.bwd_launch(grad, kl, ce, s, t, labels, mask, coef, 2.0, -100)
+    return [launch_spec(kernel, "distil.kernels.kl_ce", args, cc=cc, **options)
+            for kernel, (_, args, options) in ((K.kl_ce_fwd_kernel, fwd), (K.kl_ce_bwd_kernel, bwd))]
 
 
 @pytest.mark.skipif(GPU_RUN, reason="ahead-of-time builds are checked on the CPU machine")
-def test_every_specialisation_compiles_for_sm80_sm90_without_spills():
-    specs = []
-    dtype_pairs = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp32", "bf16")]
-    for kernel in (K.kl_ce_fwd_kernel, K.kl_ce_bwd_kernel):
-        for s_dt, t_dt in dtype_pairs:
-            for max_v, _, _ in K.TUNING:
-                block, warps = K.tuning_for(max_v or 30522)
-                for cc in (80, 90):
-                    specs.append(_spec(kernel, s_dt, t_dt, block, warps, 1 if max_v else 8, cc))
-        # The optional-input and no-gradient specialisations, on the chunked rows.
-        for s_dt in ("fp32", "bf16"):
-            block, warps = K.tuning_for(30522)
-            for has_labels, has_mask, write_grad in itertools.product((False, True), repeat=3):
-                if (has_labels, has_mask, write_grad) != (True, True, True) and (
-                        write_grad or kernel is K.kl_ce_fwd_kernel):
-                    specs.append(_spec(kernel, s_dt, s_dt, block, warps, 8, 90, has_labels, has_mask, write_grad))
-    reports = compile_reports(specs)
-    spilled = [(s["kernel"], s["constexprs"], s["signature"]["s_ptr"], s["cc"], r)
-               for s, r in zip(specs, reports) if r["spill_stores"] or r["spill_loads"]]
+def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
+    # 128-bit main loops: every vocabulary above, every dtype, both architectures.
+    vector_specs = [spec for vocab in VOCABS for dt in DTYPES.values() for cc in (80, 90)
+                    for spec in _launch_specs(vocab, dt, dt, cc)]
+    # The rest of the specialisations: the single-block row, mixed dtypes, the optional inputs.
+    other_specs = [spec for vocab in (300, 1000) for cc in (80, 90)
+                   for spec in _launch_specs(vocab, torch.float32, torch.float32, cc)]
+    other_specs += [spec for s_dt, t_dt in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16))
+                    for spec in _launch_specs(30522, s_dt, t_dt, 90)]
+    other_specs += [_launch_specs(30522, torch.bfloat16, torch.bfloat16, 90, *flags)[0]
+                    for flags in itertools.product((False, True), repeat=3) if flags != (True, True, True)]
+    reports = compile_reports(vector_specs + other_specs)
+    spilled = [(s["kernel"], s["signature"]["s_ptr"], s["constexprs"], s["cc"], r["spill_stores"])
+               for s, r in zip(vector_specs + other_specs, reports) if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled
     assert {r["arch"] for r in reports} == {"sm_80", "sm_90a"}
+    for spec, report in zip(vector_specs, reports):
+        in_loop, outside = main_loop_widths(report)
+        where = (spec["kernel"], spec["signature"]["s_ptr"], spec["signature"]["V"], spec["cc"])
+        assert in_loop and set(in_loop) == {128}, (where, in_loop)
+        assert set(outside) - {128}, where  # the head / tail chunks: masked, scalar
