@@ -61,6 +61,10 @@ def sample_inputs(device="cpu"):
     labels[0, 1] = -100
     mask = (torch.rand(S, B, device=device) < 0.6).t()
     out.append(Sample("3-D strided", s, t, labels, mask))
+    # Rows 8 elements apart beyond V: odd row starts that still share their 16-byte phase with the
+    # gradient's, so the rows are cut at a different column each (kernels/rows.py).
+    s, t, labels, mask = make_inputs((6,), 301, f32, bf16, device, pad=8)
+    out.append(Sample("V=301 stride 309", s, t, labels, mask))
     s, t, labels, mask = make_inputs((5,), 33, device=device)
     out.append(Sample("no labels, no mask", s, t, None, None, 1.5))
     labels[labels == -100] = 3
