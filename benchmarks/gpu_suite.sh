@@ -73,7 +73,7 @@ if [ "$BUILD_RC" = 0 ]; then
     step "$(basename "$test_file" .py)" 240 env DISTIL_GPU_TESTS=1 "$PY" -m pytest "$test_file" -q -p no:cacheprovider
   done
   step bench_loss 480 "$PY" benchmarks/bench_loss.py --device cuda $FULL
-  for bench in benchmarks/bench_gather.py benchmarks/bench_step.py; do
+  for bench in benchmarks/bench_vector_access.py benchmarks/bench_gather.py benchmarks/bench_step.py; do
     [ -f "$bench" ] && step "$(basename "$bench" .py)" 300 "$PY" "$bench"
   done
   TAG=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import _common; print(_common.machine_tag("cuda"))')

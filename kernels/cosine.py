@@ -15,6 +15,15 @@ streamed twice (sums, then gradient), the second read mostly from L2.  The backw
 writes nothing for rows whose incoming gradient equals ``coef`` (the usual ``loss.backward()``),
 reads and writes dx once for the other rows, and re-reads x and y only where ``coef`` is 0.
 
+Instruction model (memory instructions per thread, per row and tensor): the whole-row tile (H up to
+8192 in the forward) is one masked access per element group; it is 128-bit exactly when H and the
+row strides are multiples of 16 (H = 768, 1024, 4096: the usual hidden sizes), scalar otherwise. The
+streamed rows (CHUNK_H = 4096 x 8 warps: 16 elements per thread and chunk) are cut at 16-byte
+boundaries (kernels/rows.py): before, 16 * ceil(H / 4096) scalar accesses at an odd H or stride (128
+at H = 30522); after, 48 scalar ones in the masked head and two tail chunks plus
+(H // 4096 - 1) * 16 * e / 16 128-bit ones (H = 30522: 60 in bf16, 72 in fp32). tests/test_cosine.py
+asserts 128-bit main loops from the sm_80 / sm_90 PTX at H in {30522, 50257, 32000, 128256}.
+
 Rows follow the convention of kernels/rows.py (a ``[B, S, H]`` view with padding or a transposed
 batch is read in place). The backward leaves ``dx`` as it is where the incoming gradient equals
 ``coef`` exactly. Launchers write into caller-allocated outputs. The CPU twin is csrc/cosine.cpp;
