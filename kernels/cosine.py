@@ -53,22 +53,25 @@ CHUNK_H = 4096  # above the table a row is streamed in chunks of this size (not 
 
 
 def tuning_for(h):
-    """(BLOCK_H, ROWS, launch options) for hidden size ``h``; ``h > BLOCK_H`` means chunked rows. The
-    chunked rows' masked head and tail beside the unmasked interior take ptxas to 150-170 registers
-    on sm_80 unless capped: 128 keeps two programs per SM with 0 spills."""
+    """(BLOCK_H, ROWS, num_warps) for hidden size ``h``; ``h > BLOCK_H`` means chunked rows."""
     for max_h, rows, warps in TUNING:
         if h <= max_h:
-            return triton.next_power_of_2(max(h, 1)), rows, {"num_warps": warps, "maxnreg": None}
-    return CHUNK_H, 1, {"num_warps": 8, "maxnreg": 128}
+            return triton.next_power_of_2(max(h, 1)), rows, warps
+    return CHUNK_H, 1, 8
 
 
 def bwd_tuning_for(h):
     """The backward streams rows in chunks anyway, so it caps the chunk at CHUNK_H (the 8192-wide
     single-pass tile would spill there on sm_80)."""
-    block_h, rows, options = tuning_for(h)
-    if block_h >= CHUNK_H:
-        return CHUNK_H, rows, {"num_warps": 8, "maxnreg": 128}
-    return block_h, rows, options
+    block_h, rows, warps = tuning_for(h)
+    return min(block_h, CHUNK_H), rows, min(warps, 8)
+
+
+def launch_options(streamed, num_warps):
+    """Triton launch options: rows streamed in CHUNK_H chunks (masked head and tail beside the
+    unmasked interior) take ptxas to 150-170 registers on sm_80 unless capped; 128 keeps two
+    programs per SM with 0 spills."""
+    return {"num_warps": num_warps, "maxnreg": 128 if streamed else None}
 
 
 @triton.jit
@@ -269,20 +272,20 @@ def fwd_launch(student, teacher, mask, coef, loss_rows, grad):
     """(grid, {parameter: argument}, launch options) of the forward launch: what :func:`cosine_rows` launches
     and what the ahead-of-time tests compile (from meta tensors)."""
     args = _common_args(student, teacher, mask, coef)
-    block_h, rows, options = tuning_for(args["H"])
+    block_h, rows, warps = tuning_for(args["H"])
     single = args["H"] <= block_h
     args.update(loss_ptr=loss_rows, dx_ptr=student if grad is None else grad, COMPUTE_GRAD=grad is not None,
                 SINGLE=single, BLOCK_H=block_h, ROWS=rows,
                 ALIGN=1 if single else vector_width(student, teacher, student if grad is None else grad))
-    return (triton.cdiv(args["n_rows"], rows),), args, options
+    return (triton.cdiv(args["n_rows"], rows),), args, launch_options(not single, warps)
 
 
 def bwd_launch(grad, grad_rows, student, teacher, mask, coef):
     """(grid, {parameter: argument}, launch options) of the backward launch (see :func:`fwd_launch`)."""
     args = _common_args(student, teacher, mask, coef)
-    block_h, rows, options = bwd_tuning_for(args["H"])
+    block_h, rows, warps = bwd_tuning_for(args["H"])
     args.update(dx_ptr=grad, g_ptr=grad_rows, BLOCK_H=block_h, ROWS=rows, ALIGN=vector_width(student, teacher, grad))
-    return (triton.cdiv(args["n_rows"], rows),), args, options
+    return (triton.cdiv(args["n_rows"], rows),), args, launch_options(block_h == CHUNK_H, warps)
 
 
 def cosine_rows(student, teacher, mask, coef, loss_rows, grad):

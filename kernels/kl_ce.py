@@ -83,13 +83,24 @@ TUNING = (
 )
 
 
-def tuning_for(vocab):
-    """(BLOCK_V, {"num_warps": .., "maxnreg": ..}) for a vocabulary size, from TUNING."""
-    for max_v, block, warps, maxnreg in TUNING:
-        if max_v is None or vocab <= max_v:
-            block = block or max(triton.next_power_of_2(vocab), 16)
-            return block, {"num_warps": warps, "maxnreg": maxnreg}
+def _tuning_row(vocab):
+    for row in TUNING:
+        if row[0] is None or vocab <= row[0]:
+            return row
     raise AssertionError("TUNING must end with a catch-all row")
+
+
+def tuning_for(vocab):
+    """(BLOCK_V, num_warps) for a vocabulary size, from TUNING."""
+    _, block, warps, _ = _tuning_row(vocab)
+    return block or max(triton.next_power_of_2(vocab), 16), warps
+
+
+def launch_options(vocab, num_warps=None):
+    """Triton launch options for a vocabulary size: TUNING's num_warps and maxnreg, or ``num_warps``
+    without a register cap."""
+    _, _, warps, maxnreg = _tuning_row(vocab)
+    return {"num_warps": num_warps, "maxnreg": None} if num_warps else {"num_warps": warps, "maxnreg": maxnreg}
 
 
 @triton.jit
@@ -297,9 +308,8 @@ def kl_ce_bwd_kernel(
 
 def _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v, num_warps):
     vocab = student.shape[-1]
-    block, options = tuning_for(vocab)
-    if num_warps:
-        options = {"num_warps": num_warps, "maxnreg": None}
+    block, _ = tuning_for(vocab)
+    options = launch_options(vocab, num_warps)
     S, s_sb, s_ss = row_geometry(student)
     _, t_sb, t_ss = row_geometry(teacher)
     args = dict(

@@ -70,6 +70,7 @@ def sample_inputs(device="cpu"):
     labels[labels == -100] = 3
     out.append(Sample("ignore_index=3", s, t, labels, mask, ignore_index=3))
     s, t, labels, mask = make_inputs((7,), 40, device=device, label_frac=1.0, mask_frac=1.0)
+    labels[:] = 7  # a finite student logit in every row: finite CE
     s[0, :5] = t[0, :5] = NEG_INF  # excluded in both: finite
     t[1, 10:] = NEG_INF  # teacher-only: q = 0 there
     s[2, 20:30] = NEG_INF  # student -inf only where q = 0
