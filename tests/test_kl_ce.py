@@ -506,6 +506,18 @@ def test_second_backward_raises():
         loss.backward()
 
 
+@pytest.mark.skipif(not GPU_RUN, reason="the CUDA entry of the op runs on a GPU")
+def test_cuda_op_entry_checks_what_the_kernel_assumes():
+    """Direct torch.ops calls skip the public functions; the Triton path's entry checks in Python."""
+    s, t, labels, mask = make_inputs((3,), 5, device="cuda")
+    coef = torch.ones(2, device="cuda")
+    bad = [(s, t[:, :4], labels, mask, coef), (s.t().contiguous().t(), t, labels, mask, coef),
+           (s, t, labels.int(), mask, coef), (s, t, labels, mask.int(), coef), (s, t, labels, mask, coef[:1])]
+    for args in bad:
+        with pytest.raises(ValueError, match="kl_ce_rows"):
+            kl_ce_rows(*args, 2.0, -100, True)
+
+
 def test_no_grad_skips_the_gradient():
     """Under no_grad the op is asked for no gradient and writes none (an empty buffer)."""
     s, t, labels, _ = make_inputs((4,), 20)
