@@ -59,6 +59,7 @@ from distil.kernels.rows import (
     finite_lse,
     load_chunk,
     online_lse_update,
+    row_flags,
     row_geometry,
     row_split,
     row_start,
@@ -201,21 +202,6 @@ def _fill_row(g_row, h, n, V, factor, SCALE: tl.constexpr, BLOCK_V: tl.constexpr
 
 
 @triton.jit
-def _row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr):
-    if HAS_MASK:
-        use_kl = tl.load(mask_ptr + r) != 0
-    else:
-        use_kl = r >= 0
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + r)
-        use_ce = label != ignore_index
-    else:
-        label = r * 0 - 1
-        use_ce = r < 0
-    return use_kl, use_ce, label
-
-
-@triton.jit
 def _guarded_coefs(lse_a, lse_b, lse_c, kl_coef, ce_coef):
     # Rows that are -inf everywhere get loss 0 and gradient 0 (see the -inf policy).
     kl_coef = tl.where((lse_a == float("-inf")) | (lse_b == float("-inf")), 0.0, kl_coef)
@@ -247,7 +233,7 @@ def kl_ce_fwd_kernel(
     r = tl.program_id(0).to(tl.int64)
     s_start, h, n, s_row, t_row, g_row = _aligned_rows(r, s_ptr, t_ptr, grad_ptr, S, s_stride_b, s_stride_s,
                                                        t_stride_b, t_stride_s, V, ALIGN, BLOCK_V)
-    use_kl, use_ce, label = _row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
+    use_kl, use_ce, label = row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
     kl = 0.0
     ce = 0.0
     if use_kl | use_ce:
@@ -280,7 +266,7 @@ def kl_ce_bwd_kernel(
     BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
-    use_kl, use_ce, label = _row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
+    use_kl, use_ce, label = row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
     if use_kl | use_ce:
         kl_coef = tl.load(coef_ptr)
         ce_coef = tl.load(coef_ptr + 1)

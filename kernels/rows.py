@@ -49,6 +49,23 @@ def finite_lse(lse):
     return tl.where(lse == float("-inf"), 0.0, lse)
 
 
+@triton.jit
+def row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(use_kl, use_ce, label) of row r of the KL+CE losses: its kl_mask entry (True without a mask)
+    and whether it has a label other than ignore_index (-1 without labels)."""
+    if HAS_MASK:
+        use_kl = tl.load(mask_ptr + r) != 0
+    else:
+        use_kl = r >= 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + r)
+        use_ce = label != ignore_index
+    else:
+        label = r * 0 - 1
+        use_ce = r < 0
+    return use_kl, use_ce, label
+
+
 # ------------------------------------------------------------------------------------------------
 # 128-bit access at any row length and row stride.
 #
