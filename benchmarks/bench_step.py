@@ -7,7 +7,7 @@
 A step = teacher forward (no grad), student forward + backward, gradient clipping at 5.0, AdamW step.
 Both variants use the same models, batch and masks:
 
-- ``eager``: ``Distiller.step`` of the paper's ``distiller.py`` in MLM mode (see :func:`eager_loss`):
+- ``eager``: ``Distiller.step`` of the paper's ``distiller.py`` in MLM mode (:func:`distil.reference.distiller_step`):
   full ``[B, S, V]`` logits for teacher and student, ``masked_select`` with expanded masks,
   ``nn.KLDivLoss`` / ``nn.CrossEntropyLoss`` / ``nn.CosineEmbeddingLoss``;
 - ``ours``: :class:`distil.step.DistillationStep` (what ``distil-train`` runs): bodies on the batch,
@@ -24,17 +24,15 @@ import argparse
 import os
 import sys
 
+import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker
-from distil.reference import distiller_loss
+from distil.reference import distiller_step
 from distil.student import build_student
 from distil.step import DistillationStep, StudentRows
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
 
 ALPHA_KL, ALPHA_MLM, ALPHA_COS, T = 5.0, 2.0, 1.0, 2.0
 MODES = {"kl=non-pad": False, "kl=masked": True}
@@ -44,20 +42,6 @@ SHAPES = {
     "cuda": (12, 768, 12, 3072, 6, 30522, [(32, 128), (32, 512)]),
     "quick": (2, 64, 2, 128, 1, 1000, [(4, 32)]),
 }
-
-
-def eager_loss(student, teacher, input_ids, attention_mask, labels, *, restrict_kl_to_mask,
-               alpha_kl=ALPHA_KL, alpha_mlm=ALPHA_MLM, alpha_cos=ALPHA_COS, temperature=T):
-    """(total, kl, mlm, cos) exactly as ``Distiller.step`` in MLM mode computes them (REFERENCE.md),
-    written from that description: full logits, rows picked with ``masked_select`` on expanded
-    masks, KL on non-pad rows (masked rows with ``restrict_kl_to_mask``), CE on the full logits,
-    cosine on the non-pad rows of the last hidden states."""
-    with torch.no_grad():
-        t_out = teacher(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    s_out = student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    return distiller_loss(s_out.logits, t_out.logits, labels, s_out.hidden_states[-1], t_out.hidden_states[-1],
-                          attention_mask.bool(), alpha_kl=alpha_kl, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos,
-                          temperature=temperature, restrict_kl_to_mask=restrict_kl_to_mask)
 
 
 def make_inputs(device, shape_key, batch, seq, restrict):
@@ -105,7 +89,7 @@ def make_step(variant, inputs):
 
         def loss():
             with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-                return eager_loss(student, teacher, ids, attn, labels, restrict_kl_to_mask=restrict)[0]
+                return distiller_step(student, teacher, ids, attn, labels, restrict_kl_to_mask=restrict)[0]
 
     def step():
         loss().backward()

@@ -73,6 +73,7 @@ if [ "$BUILD_RC" = 0 ]; then
     step "$(basename "$test_file" .py)" 240 env DISTIL_GPU_TESTS=1 "$PY" -m pytest "$test_file" -q -p no:cacheprovider
   done
   step bench_loss 480 "$PY" benchmarks/bench_loss.py --device cuda --save $FULL
+  [ -f benchmarks/bench_vector_access.py ] && step bench_vector_access 300 "$PY" benchmarks/bench_vector_access.py
   for bench in benchmarks/bench_gather.py benchmarks/bench_step.py; do
     [ -f "$bench" ] && step "$(basename "$bench" .py)" 300 "$PY" "$bench" --save
   done

@@ -27,12 +27,14 @@ def main():
             labels = torch.randint(0, vocab, (args.n,), device="cuda")
             labels[torch.rand(args.n, device="cuda") > 0.15] = -100
             coef = torch.tensor([1.0, 1.0], device="cuda")
+            kl, ce = (torch.empty(args.n, device="cuda") for _ in range(2))
+            grad = torch.empty_like(s)
             nbytes = 3 * s.numel() * s.element_size()
             for block in (1024, 2048, 4096, 8192, 16384, 32768):
                 for warps in (4, 8, 16, 32):
                     if block // (warps * 32) < 4 or block // (warps * 32) > 64:
                         continue
-                    fn = lambda: K.kl_ce_rows(s, t, labels, None, coef, 2.0, -100, True, block_v=block,
+                    fn = lambda: K.kl_ce_rows(s, t, labels, None, coef, 2.0, -100, kl, ce, grad, block_v=block,
                                               num_warps=warps)
                     try:
                         ms = triton.testing.do_bench(fn, return_mode="median")

@@ -80,17 +80,31 @@ void write_grad(TX* dx, const TX* x, const TY* y, int64_t H, float kx, float ky)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> cosine_rows_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
+// What both ops read, checked: the rows of x and y, the mask (contiguous, or undefined) and coef[0].
+struct Problem {
+  Rows x, y;
+  at::Tensor mask;
+  float coef;
+  const bool* selected() const { return mask.defined() ? mask.const_data_ptr<bool>() : nullptr; }
+};
+
+Problem problem(const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& mask,
+                const at::Tensor& coef) {
+  check_inputs(student, teacher, mask, coef);
+  return {rows_of(student), rows_of(teacher), mask.has_value() ? mask->contiguous() : at::Tensor(),
+          coef.item<float>()};
+}
+
+std::tuple<at::Tensor, at::Tensor> cosine_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                    const c10::optional<at::Tensor>& mask_in, const at::Tensor& coef,
                                                    bool compute_grad) {
-  check_inputs(student_in, teacher_in, mask_in, coef);
-  const at::Tensor &student = student_in, &teacher = teacher_in;
-  at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  Rows rx = rows_of(student), ry = rows_of(teacher);
+  const Problem pb = problem(student, teacher, mask_in, coef);
+  const Rows &rx = pb.x, &ry = pb.y;
   at::Tensor loss = at::empty(student.sizes().slice(0, student.dim() - 1), student.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
-  const float c = coef.item<float>();
-  const bool* m = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  at::Tensor grad = compute_grad ? distil::cpu::empty_written_once(student.sizes(), student.options())
+                                 : at::empty({0}, student.options());
+  const float c = pb.coef;
+  const bool* m = pb.selected();
   float* l = loss.data_ptr<float>();
   const int64_t H = rx.H;
   distil::cpu::dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto tx, auto ty) {
@@ -117,20 +131,18 @@ std::tuple<at::Tensor, at::Tensor> cosine_rows_cpu(const at::Tensor& student_in,
   return {loss, grad};
 }
 
-void cosine_rows_backward_cpu(at::Tensor& grad, const at::Tensor& grad_rows_in, const at::Tensor& student_in,
-                              const at::Tensor& teacher_in, const c10::optional<at::Tensor>& mask_in,
+void cosine_rows_backward_cpu(at::Tensor& grad, const at::Tensor& grad_rows_in, const at::Tensor& student,
+                              const at::Tensor& teacher, const c10::optional<at::Tensor>& mask_in,
                               const at::Tensor& coef) {
-  check_inputs(student_in, teacher_in, mask_in, coef);
-  TORCH_CHECK(grad.sizes() == student_in.sizes() && grad.is_contiguous() &&
-                  grad.scalar_type() == student_in.scalar_type(),
+  const Problem pb = problem(student, teacher, mask_in, coef);
+  const Rows &rx = pb.x, &ry = pb.y;
+  TORCH_CHECK(grad.sizes() == student.sizes() && grad.is_contiguous() &&
+                  grad.scalar_type() == student.scalar_type(),
               "cosine_rows_backward: grad must be the forward's gradient buffer");
-  const at::Tensor &student = student_in, &teacher = teacher_in;
-  at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   at::Tensor grad_rows = grad_rows_in.to(at::kFloat).contiguous();
-  Rows rx = rows_of(student), ry = rows_of(teacher);
   TORCH_CHECK(grad_rows.numel() == rx.n, "cosine_rows_backward: grad_rows must have one value per row");
-  const float c = coef.item<float>();
-  const bool* m = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const float c = pb.coef;
+  const bool* m = pb.selected();
   const float* g = grad_rows.const_data_ptr<float>();
   const int64_t H = rx.H;
   distil::cpu::dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto tx, auto ty) {

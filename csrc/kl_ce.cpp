@@ -338,7 +338,8 @@ std::tuple<Tensor, Tensor, Tensor> kl_ce_rows_cpu(const Tensor& student, const T
   const auto row_shape = student.sizes().slice(0, student.dim() - 1);
   Tensor kl_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
   Tensor ce_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
-  Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
+  Tensor grad = compute_grad ? distil::cpu::empty_written_once(student.sizes(), student.options())
+                                 : at::empty({0}, student.options());
   float* kl = kl_rows.data_ptr<float>();
   float* ce = ce_rows.data_ptr<float>();
   dispatch_pair(pb.student.scalar_type(), pb.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {

@@ -24,6 +24,17 @@ Traffic model (bytes through DRAM per row, e = element size):
 - no gradient requested: 2 * V * e (pass 1 only).
 - rows with neither a KL nor a CE term: the gradient row is written as zeros, nothing is read.
 
+Instruction model (memory instructions per thread, per row and tensor, BLOCK_V = 2048 x 8 warps, so
+8 elements per thread and chunk; n = ceil((V + h) / 2048) chunks, h < 16 / e the row's 16-byte phase):
+- before (every chunk masked with `cols < V`): 8 * ceil(V / 2048) scalar accesses whenever V or the
+  row stride is not a multiple of 16, which is what Triton's launch specialisation can prove; that is
+  120 at V = 30522 (33 ld.global.b16 / 35 ld.global.b32 per pass in the PTX) and 504 at V = 128256.
+- after (rows cut at 16-byte boundaries, kernels/rows.py): 16 scalar accesses in the masked head and
+  tail chunks plus (n - 2) * 8 * e / 16 128-bit ones in the unmasked interior, at any V and stride:
+  V = 30522: 29 (bf16/fp16) or 42 (fp32) instead of 120; V = 128256: 77 or 138 instead of 504. The
+  bytes do not change. tests/test_kl_ce.py asserts from the sm_80 / sm_90 PTX that every global access
+  in the main loops is 128-bit at V in {30522, 50257, 32000, 128256} for fp32, bf16 and fp16.
+
 -inf policy: a -inf logit is a token of probability exactly 0; q_j = 0 terms contribute 0 (xlogy), a
 row that is -inf everywhere in s or t has loss 0 and gradient 0, and a -inf student entry where
 q_j > 0 gives +inf, as PyTorch does.
@@ -40,42 +51,85 @@ fused LM-head loss) launches once per chunk into row slices of its preallocated 
 import triton
 import triton.language as tl
 
-from distil.kernels.rows import LN2, LOG2E, finite_lse, online_lse_update, row_geometry, row_start
+from distil.kernels.rows import (
+    LN2,
+    LOG2E,
+    aligned_row,
+    chunk_cols,
+    finite_lse,
+    load_chunk,
+    online_lse_update,
+    row_flags,
+    row_geometry,
+    row_split,
+    row_start,
+    store_chunk,
+    vector_width,
+)
 
-# (max V, BLOCK_V, num_warps) rows: the first row whose max V covers the vocabulary is used. Up to
-# 1024 the row is one block (its second pass re-reads it from L1); above, it is streamed in chunks
-# of BLOCK_V (see the traffic model).
+# (max V, BLOCK_V, num_warps, maxnreg) rows: the first row whose max V covers the vocabulary is used.
+# Up to 1024 the row is one block (its second pass re-reads it from L1); above, it is streamed in
+# chunks of BLOCK_V (see the traffic model).
 # History: measured on an H100 (N=8192, V=30522, benchmarks/results/loss_cuda_h100-80gb-hbm3.json),
 # 4096 x 16 ran fp32 at 42% of copy bandwidth, and bf16 in the same 2.0 ms as fp32, latency-bound:
 # its program needs 102 registers, so one program (row) per SM; in fp32 without a KL mask it also
-# spilled. 2048 x 8 keeps 8 elements per thread in 48-64 registers with 0 spills everywhere, so four
-# rows per SM keep loads in flight while others reduce. It awaits a GPU re-measurement
-# (benchmarks/tune_kl_ce.py sweeps the alternatives). tests/test_kl_ce.py compiles every entry and
-# specialisation for sm_80 and sm_90 and asserts 0 spills.
+# spilled. 2048 x 8 keeps 8 elements per thread; with the masked head and tail chunks beside the
+# unmasked interior, ptxas takes 110+ registers on sm_90 unless capped: 80 keeps three rows per SM
+# with 0 spills everywhere. It awaits a GPU re-measurement (benchmarks/tune_kl_ce.py sweeps the
+# alternatives). tests/test_kl_ce.py compiles every entry and specialisation for sm_80 and sm_90 and
+# asserts 0 spills and 128-bit accesses in the loops.
 TUNING = (
-    (1024, None, 4),
-    (None, 2048, 8),
+    (1024, None, 4, None),
+    (None, 2048, 8, 80),
 )
+
+
+def _tuning_row(vocab):
+    for row in TUNING:
+        if row[0] is None or vocab <= row[0]:
+            return row
+    raise AssertionError("TUNING must end with a catch-all row")
 
 
 def tuning_for(vocab):
     """(BLOCK_V, num_warps) for a vocabulary size, from TUNING."""
-    for max_v, block, warps in TUNING:
-        if max_v is None:
-            return block, warps
-        if vocab <= max_v:
-            return max(triton.next_power_of_2(vocab), 16), warps
-    raise AssertionError("TUNING must end with a catch-all row")
+    _, block, warps, _ = _tuning_row(vocab)
+    return block or max(triton.next_power_of_2(vocab), 16), warps
+
+
+def launch_options(vocab, num_warps=None):
+    """Triton launch options for a vocabulary size: TUNING's num_warps and maxnreg, or ``num_warps``
+    without a register cap."""
+    _, _, warps, maxnreg = _tuning_row(vocab)
+    return {"num_warps": num_warps, "maxnreg": None} if num_warps else {"num_warps": warps, "maxnreg": maxnreg}
 
 
 @triton.jit
-def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+def _stats_chunk(s_row, t_row, k, h, V, scale_t, m_a, m_b, m_c, d_a, d_b, d_c, w, USE_KL, USE_CE,
+                 MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Fold chunk k into the running log2-domain statistics (see _row_stats)."""
+    s = load_chunk(s_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
+    if USE_KL:
+        t = load_chunk(t_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
+        a = s * scale_t
+        b = t * scale_t
+        m_a, _ma_ref, d_a, _ea = online_lse_update(m_a, d_a, a)
+        m_b_old = m_b
+        m_b, mb_ref, d_b, eb = online_lse_update(m_b, d_b, b)
+        # q_j = 0 terms contribute 0 even where b - a is -inf or nan (xlogy).
+        w = w * tl.exp2(m_b_old - mb_ref) + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), axis=0)
+    if USE_CE:
+        m_c, _mc_ref, d_c, _ec = online_lse_update(m_c, d_c, s * LOG2E)
+    return m_a, m_b, m_c, d_a, d_b, d_c, w
+
+
+@triton.jit
+def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr):
     """Log2-domain statistics of one row: (lse2 of s/T, lse2 of t/T, lse2 of s, sum q*(b - a) * d_b).
 
     a = s*log2e/T, b = t*log2e/T, c = s*log2e; returns (m_a + log2 d_a, m_b + log2 d_b, m_c + log2 d_c,
-    w / d_b) where w / d_b = sum_j q_j (b_j - a_j).
+    w / d_b) where w / d_b = sum_j q_j (b_j - a_j). Masked head, unmasked interior, masked tail.
     """
-    offs = tl.arange(0, BLOCK_V)
     zero = tl.full((), 0.0, tl.float32)
     m_a = zero + float("-inf")
     m_b = zero + float("-inf")
@@ -84,69 +138,67 @@ def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, 
     d_b = zero
     d_c = zero
     w = zero
-    for i in range(NUM_CHUNKS):
-        cols = i * BLOCK_V + offs
-        valid = cols < V
-        s = tl.load(s_row + cols, mask=valid, other=0.0).to(tl.float32)
-        s = tl.where(valid, s, float("-inf"))
-        if USE_KL:
-            t = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32)
-            t = tl.where(valid, t, float("-inf"))
-            a = s * scale_t
-            b = t * scale_t
-            m_a, _ma_ref, d_a, _ea = online_lse_update(m_a, d_a, a)
-            m_b_old = m_b
-            m_b, mb_ref, d_b, eb = online_lse_update(m_b, d_b, b)
-            # q_j = 0 terms contribute 0 even where b - a is -inf or nan (xlogy).
-            w = w * tl.exp2(m_b_old - mb_ref) + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), axis=0)
-        if USE_CE:
-            m_c, _mc_ref, d_c, _ec = online_lse_update(m_c, d_c, s * LOG2E)
+    m_a, m_b, m_c, d_a, d_b, d_c, w = _stats_chunk(s_row, t_row, 0, h, V, scale_t, m_a, m_b, m_c, d_a, d_b, d_c,
+                                                   w, USE_KL, USE_CE, True, BLOCK_V)
+    for k in range(1, n - 1):
+        m_a, m_b, m_c, d_a, d_b, d_c, w = _stats_chunk(s_row, t_row, k, h, V, scale_t, m_a, m_b, m_c, d_a, d_b,
+                                                       d_c, w, USE_KL, USE_CE, False, BLOCK_V)
+    if n > 1:
+        m_a, m_b, m_c, d_a, d_b, d_c, w = _stats_chunk(s_row, t_row, n - 1, h, V, scale_t, m_a, m_b, m_c, d_a,
+                                                       d_b, d_c, w, USE_KL, USE_CE, True, BLOCK_V)
     return m_a + tl.log2(d_a), m_b + tl.log2(d_b), m_c + tl.log2(d_c), w / d_b
 
 
 @triton.jit
-def _write_grad_row(s_row, t_row, g_row, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
-                    USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+def _grad_chunk(s_row, t_row, g_row, k, h, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
+                USE_KL, USE_CE, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    s = load_chunk(s_row, k, h, V, 0.0, MASKED, BLOCK_V)
+    g = tl.zeros([BLOCK_V], tl.float32)
+    if USE_KL:
+        t = load_chunk(t_row, k, h, V, 0.0, MASKED, BLOCK_V)
+        p = tl.exp2(s * scale_t - lse_a)
+        q = tl.exp2(t * scale_t - lse_b)
+        g += kl_coef * (p - q)
+    if USE_CE:
+        big_p = tl.exp2(s * LOG2E - lse_c)
+        g += ce_coef * (big_p - tl.where(chunk_cols(k, h, BLOCK_V) == label, 1.0, 0.0))
+    store_chunk(g_row, k, h, V, g, MASKED, BLOCK_V)
+
+
+@triton.jit
+def _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
+                    USE_KL, USE_CE, BLOCK_V: tl.constexpr):
     """g = kl_coef * (p - q) + ce_coef * (P - onehot(label)) over the row, chunk by chunk, last chunk first:
     the statistics pass read the row front to back, so its end is the likeliest still in L1/L2."""
-    offs = tl.arange(0, BLOCK_V)
-    for k in range(NUM_CHUNKS):
-        cols = (NUM_CHUNKS - 1 - k) * BLOCK_V + offs
-        valid = cols < V
-        s = tl.load(s_row + cols, mask=valid, other=0.0).to(tl.float32)
-        g = tl.zeros([BLOCK_V], tl.float32)
-        if USE_KL:
-            t = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32)
-            p = tl.exp2(s * scale_t - lse_a)
-            q = tl.exp2(t * scale_t - lse_b)
-            g += kl_coef * (p - q)
-        if USE_CE:
-            big_p = tl.exp2(s * LOG2E - lse_c)
-            g += ce_coef * (big_p - tl.where(cols == label, 1.0, 0.0))
-        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=valid)
+    if n > 1:
+        _grad_chunk(s_row, t_row, g_row, n - 1, h, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
+                    USE_KL, USE_CE, True, BLOCK_V)
+    for j in range(1, n - 1):
+        _grad_chunk(s_row, t_row, g_row, n - 1 - j, h, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
+                    USE_KL, USE_CE, False, BLOCK_V)
+    _grad_chunk(s_row, t_row, g_row, 0, h, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
+                USE_KL, USE_CE, True, BLOCK_V)
 
 
 @triton.jit
-def _zero_row(g_row, V, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    offs = tl.arange(0, BLOCK_V)
-    for i in range(NUM_CHUNKS):
-        cols = i * BLOCK_V + offs
-        tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(g_row.dtype.element_ty), mask=cols < V)
-
-
-@triton.jit
-def _row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr):
-    if HAS_MASK:
-        use_kl = tl.load(mask_ptr + r) != 0
+def _fill_row(g_row, h, n, V, factor, SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Every chunk of the row set to 0 (SCALE false) or multiplied by ``factor`` (SCALE true)."""
+    zero = tl.zeros([BLOCK_V], tl.float32)
+    if SCALE:
+        store_chunk(g_row, 0, h, V, load_chunk(g_row, 0, h, V, 0.0, True, BLOCK_V) * factor, True, BLOCK_V)
     else:
-        use_kl = r >= 0
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + r)
-        use_ce = label != ignore_index
-    else:
-        label = r * 0 - 1
-        use_ce = r < 0
-    return use_kl, use_ce, label
+        store_chunk(g_row, 0, h, V, zero, True, BLOCK_V)
+    for k in range(1, n - 1):
+        if SCALE:
+            store_chunk(g_row, k, h, V, load_chunk(g_row, k, h, V, 0.0, False, BLOCK_V) * factor, False, BLOCK_V)
+        else:
+            store_chunk(g_row, k, h, V, zero, False, BLOCK_V)
+    if n > 1:
+        if SCALE:
+            store_chunk(g_row, n - 1, h, V, load_chunk(g_row, n - 1, h, V, 0.0, True, BLOCK_V) * factor, True,
+                        BLOCK_V)
+        else:
+            store_chunk(g_row, n - 1, h, V, zero, True, BLOCK_V)
 
 
 @triton.jit
@@ -158,37 +210,49 @@ def _guarded_coefs(lse_a, lse_b, lse_c, kl_coef, ce_coef):
 
 
 @triton.jit
+def _aligned_rows(r, s_ptr, t_ptr, grad_ptr, S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, V,
+                  ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Row r of s, t and grad cut for 128-bit access (kernels/rows.py): (s_start, h, n, s_row, t_row,
+    g_row), where s_start points at column 0 of the student row and *_row at column -h."""
+    s_off = row_start(r, S, s_stride_b, s_stride_s)
+    h, n = row_split(s_off, V, ALIGN, BLOCK_V)
+    s_row = aligned_row(s_ptr, s_off, h, ALIGN)
+    t_row = aligned_row(t_ptr, row_start(r, S, t_stride_b, t_stride_s), h, ALIGN)
+    g_row = aligned_row(grad_ptr, r * V, h, ALIGN)
+    return s_ptr + s_off, h, n, s_row, t_row, g_row
+
+
+@triton.jit
 def kl_ce_fwd_kernel(
     s_ptr, t_ptr, labels_ptr, mask_ptr, coef_ptr, kl_ptr, ce_ptr, grad_ptr,
     S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, V,
     scale_t, temperature, ignore_index,
     HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row_start(r, S, s_stride_b, s_stride_s)
-    t_row = t_ptr + row_start(r, S, t_stride_b, t_stride_s)
-    g_row = grad_ptr + r * V
-    use_kl, use_ce, label = _row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
+    s_start, h, n, s_row, t_row, g_row = _aligned_rows(r, s_ptr, t_ptr, grad_ptr, S, s_stride_b, s_stride_s,
+                                                       t_stride_b, t_stride_s, V, ALIGN, BLOCK_V)
+    use_kl, use_ce, label = row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
     kl = 0.0
     ce = 0.0
     if use_kl | use_ce:
-        lse_a, lse_b, lse_c, kl_cross = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+        lse_a, lse_b, lse_c, kl_cross = _row_stats(s_row, t_row, h, n, V, scale_t, use_kl, use_ce, BLOCK_V)
         if use_kl:
             # T^2 * KL = T^2 * ln2 * (sum q (b - a) - lse_b + lse_a); 0 if either row is all -inf.
             kl = tl.where((lse_a == float("-inf")) | (lse_b == float("-inf")), 0.0,
                           temperature * temperature * LN2 * (kl_cross - lse_b + lse_a))
         if use_ce:
             in_range = (label >= 0) & (label < V)
-            s_y = tl.load(s_row + label, mask=in_range, other=0.0).to(tl.float32)
+            s_y = tl.load(s_start + label, mask=in_range, other=0.0).to(tl.float32)
             ce = tl.where(lse_c == float("-inf"), 0.0, lse_c * LN2 - s_y)
         if WRITE_GRAD:
             kl_coef, ce_coef = _guarded_coefs(lse_a, lse_b, lse_c, tl.load(coef_ptr) * temperature,
                                               tl.load(coef_ptr + 1))
-            _write_grad_row(s_row, t_row, g_row, V, scale_t, finite_lse(lse_a), finite_lse(lse_b),
-                            finite_lse(lse_c), label, kl_coef, ce_coef, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+            _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, finite_lse(lse_a), finite_lse(lse_b),
+                            finite_lse(lse_c), label, kl_coef, ce_coef, use_kl, use_ce, BLOCK_V)
     elif WRITE_GRAD:
-        _zero_row(g_row, V, BLOCK_V, NUM_CHUNKS)
+        _fill_row(g_row, h, n, V, 0.0, False, BLOCK_V)
     tl.store(kl_ptr + r, kl)
     tl.store(ce_ptr + r, ce)
 
@@ -199,10 +263,10 @@ def kl_ce_bwd_kernel(
     S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, V,
     scale_t, temperature, ignore_index,
     HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
-    use_kl, use_ce, label = _row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
+    use_kl, use_ce, label = row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
     if use_kl | use_ce:
         kl_coef = tl.load(coef_ptr)
         ce_coef = tl.load(coef_ptr + 1)
@@ -216,37 +280,53 @@ def kl_ce_bwd_kernel(
         prop = ((use_kl & use_ce) == 0) | (tl.abs(lhs - rhs) <= 1e-6 * tl.maximum(tl.abs(lhs), tl.abs(rhs)))
         factor = tl.where(use_kl, g_kl / tl.where(kl_coef == 0.0, 1.0, kl_coef),
                           g_ce / tl.where(ce_coef == 0.0, 1.0, ce_coef))
-        g_row = grad_ptr + r * V
+        _s_start, h, n, s_row, t_row, g_row = _aligned_rows(r, s_ptr, t_ptr, grad_ptr, S, s_stride_b, s_stride_s,
+                                                            t_stride_b, t_stride_s, V, ALIGN, BLOCK_V)
         if kl_ok & ce_ok & prop:
             if factor != 1.0:  # exactly coef: the buffer already is the gradient
-                offs = tl.arange(0, BLOCK_V)
-                for i in range(NUM_CHUNKS):
-                    cols = i * BLOCK_V + offs
-                    valid = cols < V
-                    g = tl.load(g_row + cols, mask=valid, other=0.0).to(tl.float32)
-                    tl.store(g_row + cols, (g * factor).to(g_row.dtype.element_ty), mask=valid)
+                _fill_row(g_row, h, n, V, factor, True, BLOCK_V)
         else:
-            s_row = s_ptr + row_start(r, S, s_stride_b, s_stride_s)
-            t_row = t_ptr + row_start(r, S, t_stride_b, t_stride_s)
-            lse_a, lse_b, lse_c, _kl_cross = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+            lse_a, lse_b, lse_c, _kl_cross = _row_stats(s_row, t_row, h, n, V, scale_t, use_kl, use_ce, BLOCK_V)
             new_kl, new_ce = _guarded_coefs(lse_a, lse_b, lse_c, g_kl * temperature, g_ce)
-            _write_grad_row(s_row, t_row, g_row, V, scale_t, finite_lse(lse_a), finite_lse(lse_b),
-                            finite_lse(lse_c), label, new_kl, new_ce, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+            _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, finite_lse(lse_a), finite_lse(lse_b),
+                            finite_lse(lse_c), label, new_kl, new_ce, use_kl, use_ce, BLOCK_V)
 
 
-def _launch_args(student, teacher, labels, kl_mask, temperature, block_v, num_warps):
+def _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v, num_warps):
     vocab = student.shape[-1]
-    block, warps = tuning_for(vocab)
-    block = block_v or block
-    warps = num_warps or warps
+    block, _ = tuning_for(vocab)
+    options = launch_options(vocab, num_warps)
     S, s_sb, s_ss = row_geometry(student)
     _, t_sb, t_ss = row_geometry(teacher)
-    labels_arg = student if labels is None else labels.reshape(-1)
-    mask_arg = student if kl_mask is None else kl_mask.reshape(-1)
-    common = (S, s_sb, s_ss, t_sb, t_ss, vocab, LOG2E.value / temperature, temperature)
-    meta = dict(HAS_LABELS=labels is not None, HAS_MASK=kl_mask is not None, BLOCK_V=block,
-                NUM_CHUNKS=triton.cdiv(vocab, block), num_warps=warps)
-    return labels_arg, mask_arg, common, meta
+    args = dict(
+        s_ptr=student, t_ptr=teacher, labels_ptr=student if labels is None else labels.reshape(-1),
+        mask_ptr=student if kl_mask is None else kl_mask.reshape(-1), coef_ptr=coef,
+        S=S, s_stride_b=s_sb, s_stride_s=s_ss, t_stride_b=t_sb, t_stride_s=t_ss, V=vocab,
+        scale_t=LOG2E.value / temperature, temperature=temperature, ignore_index=ignore_index,
+        HAS_LABELS=labels is not None, HAS_MASK=kl_mask is not None, BLOCK_V=block_v or block,
+    )
+    return args, options
+
+
+def fwd_launch(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,
+               block_v=None, num_warps=None):
+    """(grid, {parameter: argument}, launch options) of the forward launch: what :func:`kl_ce_rows`
+    launches and what the ahead-of-time tests compile (from meta tensors)."""
+    args, options = _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v,
+                                 num_warps)
+    args.update(kl_ptr=kl_rows, ce_ptr=ce_rows, grad_ptr=kl_rows if grad is None else grad,
+                WRITE_GRAD=grad is not None,
+                ALIGN=vector_width(student, teacher) if grad is None else vector_width(student, teacher, grad))
+    return (kl_rows.numel(),), args, options
+
+
+def bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef, temperature,
+               ignore_index, block_v=None, num_warps=None):
+    """(grid, {parameter: argument}, launch options) of the backward launch (see :func:`fwd_launch`)."""
+    args, options = _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v,
+                                 num_warps)
+    args.update(gkl_ptr=grad_kl_rows, gce_ptr=grad_ce_rows, grad_ptr=grad, ALIGN=vector_width(student, teacher, grad))
+    return (grad_kl_rows.numel(),), args, options
 
 
 def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,
@@ -257,31 +337,25 @@ def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_inde
     ``labels`` (int64) and ``kl_mask`` (bool) are contiguous over the row dims or ``None``; ``coef``
     is the fp32 ``[kl_coef, ce_coef]`` device tensor. Inputs are validated once, by the public
     functions (distil._ops.kl_ce) or the op entry. ``block_v`` / ``num_warps`` override TUNING (tests
-    force chunking with them; benchmarks/tune_kl_ce.py sweeps them)."""
-    n = kl_rows.numel()
+    force chunking with them; benchmarks/tune_kl_ce.py sweeps them). A caller producing the logits in
+    row chunks passes row slices of its buffers; slices starting at a multiple of 8 rows keep the
+    16-byte alignment the 128-bit accesses need (others run correct but scalar)."""
     if student.shape[-1] == 0:
         kl_rows.zero_()
         ce_rows.zero_()
-    if n == 0 or student.shape[-1] == 0:
+    if kl_rows.numel() == 0 or student.shape[-1] == 0:
         return
-    labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v,
-                                                      num_warps)
-    kl_ce_fwd_kernel[(n,)](
-        student, teacher, labels_arg, mask_arg, coef, kl_rows, ce_rows, kl_rows if grad is None else grad,
-        *common, ignore_index, WRITE_GRAD=grad is not None, **meta,
-    )
+    grid, args, options = fwd_launch(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows,
+                                     ce_rows, grad, block_v, num_warps)
+    kl_ce_fwd_kernel[grid](**args, **options)
 
 
 def kl_ce_rows_backward(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
                         temperature, ignore_index, block_v=None, num_warps=None):
     """Launch :func:`kl_ce_bwd_kernel`: rewrites ``grad`` in place for the incoming per-row gradients
     (fp32, contiguous); see the module docstring."""
-    n = grad_kl_rows.numel()
-    if n == 0 or student.shape[-1] == 0:
+    if grad_kl_rows.numel() == 0 or student.shape[-1] == 0:
         return
-    labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v,
-                                                      num_warps)
-    kl_ce_bwd_kernel[(n,)](
-        student, teacher, labels_arg, mask_arg, coef, grad_kl_rows, grad_ce_rows, grad,
-        *common, ignore_index, **meta,
-    )
+    grid, args, options = bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
+                                     temperature, ignore_index, block_v, num_warps)
+    kl_ce_bwd_kernel[grid](**args, **options)

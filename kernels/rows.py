@@ -9,6 +9,8 @@ folds away). Strided views (padded D, a transposed batch) are read in place, nev
 Outputs written by the kernels (per-row values, gradients) are contiguous: row ``r`` of an
 ``[n, D]`` output starts at ``r * D``.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -45,3 +47,91 @@ def online_lse_update(m, d, x):
 def finite_lse(lse):
     """A row that is -inf everywhere has lse = -inf; 0 instead makes its probabilities 0, not nan."""
     return tl.where(lse == float("-inf"), 0.0, lse)
+
+
+@triton.jit
+def row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(use_kl, use_ce, label) of row r of the KL+CE losses: its kl_mask entry (True without a mask)
+    and whether it has a label other than ignore_index (-1 without labels)."""
+    if HAS_MASK:
+        use_kl = tl.load(mask_ptr + r) != 0
+    else:
+        use_kl = r >= 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + r)
+        use_ce = label != ignore_index
+    else:
+        label = r * 0 - 1
+        use_ce = r < 0
+    return use_kl, use_ce, label
+
+
+# ------------------------------------------------------------------------------------------------
+# 128-bit access at any row length and row stride.
+#
+# A masked access (`cols < V` on every chunk) compiles to one scalar load per element unless the
+# compiler can prove that the mask is constant over 16-byte groups, which it cannot for V = 30522
+# (BERT) or 50257 (GPT-2): 8 (bf16) or 4 (fp32) times the memory instructions the bytes need.
+# So a row is cut at 16-byte boundaries instead: with h = (row offset) mod ALIGN, chunk k covers
+# columns [k*BLOCK - h, (k+1)*BLOCK - h), which start 16 bytes aligned (given a 16-byte aligned base
+# pointer, as every allocation is). Chunk 0 (the head, from column -h) and chunk n-1 (the tail) are
+# masked; chunks 1 .. n-2 lie inside the row, so they are loaded and stored without a mask, and
+# `tl.multiple_of` tells the compiler their alignment: 128-bit accesses. ALIGN is the number of
+# elements in 16 bytes of the narrowest dtype among the row tensors a program addresses at the same
+# columns (`vector_width`); 1 when their rows are not congruent, which falls back to plain chunks.
+# ------------------------------------------------------------------------------------------------
+def vector_width(*tensors):
+    """ALIGN for tensors whose row r a program reads / writes at the same columns: the elements in 16
+    bytes of the narrowest dtype, when every tensor's rows start at the same offset modulo that
+    (row strides congruent modulo it, as for contiguous tensors of one shape); else 1."""
+    if os.environ.get("DISTIL_SCALAR_ROWS") == "1":  # benchmarks/bench_vector_access.py's "before"
+        return 1
+    align = 16 // min(t.element_size() for t in tensors)
+    _, ref_b, ref_s = row_geometry(tensors[0])
+    for t in tensors[1:]:
+        _, stride_b, stride_s = row_geometry(t)
+        if (stride_b - ref_b) % align or (stride_s - ref_s) % align:
+            return 1
+    return align
+
+
+@triton.jit
+def row_split(off, V, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """(h, n): the row at element offset ``off`` is chunked from column -h, n chunks of BLOCK."""
+    h = (off % ALIGN).to(tl.int32)  # int32 column arithmetic keeps the per-element offsets in one register
+    return h, tl.cdiv(V + h, BLOCK)
+
+
+@triton.jit
+def aligned_row(ptr, off, h, ALIGN: tl.constexpr):
+    """Pointer to column -h of the row at ``off``: 16-byte aligned when ``ptr`` is."""
+    return ptr + tl.multiple_of(off - h, ALIGN)
+
+
+@triton.jit
+def chunk_cols(k, h, BLOCK: tl.constexpr):
+    """Column indices of chunk k (negative in the head, >= V in the tail)."""
+    return k * BLOCK - h + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def load_chunk(row, k, h, V, other, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """Chunk k of an ``aligned_row`` in fp32; outside the row (MASKED chunks only) it reads ``other``."""
+    offs = k * BLOCK + tl.arange(0, BLOCK)
+    if MASKED:
+        cols = offs - h
+        valid = (cols >= 0) & (cols < V)
+        return tl.load(row + offs, mask=valid, other=other).to(tl.float32)
+    else:
+        return tl.load(row + offs).to(tl.float32)
+
+
+@triton.jit
+def store_chunk(row, k, h, V, x, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """Store ``x`` (converted to the row's dtype) into chunk k of an ``aligned_row``."""
+    offs = k * BLOCK + tl.arange(0, BLOCK)
+    if MASKED:
+        cols = offs - h
+        tl.store(row + offs, x.to(row.dtype.element_ty), mask=(cols >= 0) & (cols < V))
+    else:
+        tl.store(row + offs, x.to(row.dtype.element_ty))

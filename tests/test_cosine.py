@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from aot import compile_reports
+from aot import compile_reports, launch_spec, main_loop_widths
 from helpers import API_DEVICES, GPU_RUN, TOL, RecordOps, nan_empty, relative_error, rows_past_int32
 
 from distil import fused_loss, reference
@@ -48,6 +48,12 @@ def sample_inputs(device="cpu"):
         x, y, mask = make_hidden(shape, h, a, b, device)
         out.append(Sample(f"H={h} {str(a)[6:]}/{str(b)[6:]}{' masked' if use_mask else ''}", x, y,
                           mask if use_mask else None))
+    # Streamed rows of odd width, contiguous and 8 elements apart: cut at a different column each.
+    x, y, mask = make_hidden((3,), 8195, f32, bf16, device)
+    out.append(Sample("H=8195 float32/bfloat16 masked", x, y, mask))
+    x = torch.randn(3, 8205, device=device).to(bf16)[:, :8197]
+    y = torch.randn(3, 8205, device=device).to(bf16)[:, :8197]
+    out.append(Sample("H=8197 stride 8205", x, y, None))
     return out
 
 
@@ -329,49 +335,44 @@ def test_torch_compile_fullgraph():
 
 
 # ----------------------------------------------------------------------------------------------
-# Real GPU builds: every tuning-table entry, both kernels, every dtype, sm_80 and sm_90, zero spills
+# Real GPU builds, specialised as Triton specialises a real launch (tests/aot.py): every tuning entry
+# of both kernels without spills on sm_80 and sm_90; 128-bit accesses in the main loops of the
+# streamed rows at odd and even widths, for every dtype.
 # ----------------------------------------------------------------------------------------------
-_CONSTEXPRS = ("HAS_MASK", "COMPUTE_GRAD", "SINGLE", "BLOCK_H", "ROWS")
+WIDTHS = (30522, 50257, 32000, 128256)
 
 
-def _signature(kernel, s_dtype, t_dtype):
-    ptrs = {"x_ptr": s_dtype, "y_ptr": t_dtype, "dx_ptr": s_dtype, "mask_ptr": "u8"}
-    sig = {}
-    for name in kernel.arg_names:
-        if name in ptrs:
-            sig[name] = "*" + ptrs[name]
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        elif name in _CONSTEXPRS:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = "i64"
-    return sig
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _launch_specs(h, s_dtype, t_dtype, cc, rows=16384):
+    """(forward, backward) specs of a launch on [rows, h] hidden states, from the launchers themselves."""
+    x, y, dx = _meta(rows, h, dtype=s_dtype), _meta(rows, h, dtype=t_dtype), _meta(rows, h, dtype=s_dtype)
+    mask, coef, loss = _meta(rows, dtype=torch.bool), _meta(1), _meta(rows)
+    launches = ((K.cosine_fwd_kernel, K.fwd_launch(x, y, mask, coef, loss, dx)),
+                (K.cosine_bwd_kernel, K.bwd_launch(dx, loss, x, y, mask, coef)))
+    return [launch_spec(kernel, "distil.kernels.cosine", args, cc=cc, **options)
+            for kernel, (_, args, options) in launches]
 
 
 @pytest.mark.skipif(GPU_RUN, reason="ahead-of-time builds are checked on the CPU machine")
-def test_every_specialisation_compiles_for_sm80_sm90_without_spills():
-    """Every tuning-table entry of both kernels, fp32 (widest loads, most registers) on sm_80 and
-    bf16 on sm_90; fp16 with an fp32 teacher on both at the H = 768 entry (~1.5 s per build)."""
-    builds = {(max_h, dt, cc) for max_h in [e[0] for e in K.TUNING] + [3 * K.CHUNK_H]
-              for dt, cc in [(("fp32", "fp32"), 80), (("bf16", "bf16"), 90)]}
-    builds |= {(768, ("fp16", "fp32"), cc) for cc in (80, 90)}
-    specs, seen = [], set()
-    for kernel, config in ((K.cosine_fwd_kernel, K.tuning_for), (K.cosine_bwd_kernel, K.bwd_tuning_for)):
-        for max_h, (s_dt, t_dt), cc in sorted(builds):
-            block_h, rows, warps = config(max_h)
-            consts = {"HAS_MASK": True, "COMPUTE_GRAD": True, "SINGLE": max_h <= block_h,
-                      "BLOCK_H": block_h, "ROWS": rows}
-            consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-            key = (kernel.__name__, tuple(consts.items()), s_dt, t_dt, cc, warps)
-            if key in seen:
-                continue
-            seen.add(key)
-            specs.append(dict(module="distil.kernels.cosine", kernel=kernel.__name__,
-                              signature=_signature(kernel, s_dt, t_dt), constexprs=consts, cc=cc, num_warps=warps))
+def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
+    """Every tuning-table entry, fp32 (widest loads, most registers) on sm_80 and bf16 on sm_90, fp16
+    with an fp32 teacher at H = 768; the streamed rows at every width above in every dtype on both."""
+    vector_specs = [spec for h in WIDTHS for dt in (torch.float32, torch.bfloat16, torch.float16) for cc in (80, 90)
+                    for spec in _launch_specs(h, dt, dt, cc)]
+    other_specs = [spec for max_h in [e[0] for e in K.TUNING]
+                   for dt, cc in ((torch.float32, 80), (torch.bfloat16, 90))
+                   for spec in _launch_specs(max_h, dt, dt, cc)]
+    other_specs += [spec for cc in (80, 90) for spec in _launch_specs(768, torch.float16, torch.float32, cc)]
+    specs = vector_specs + other_specs
     reports = compile_reports(specs)
     spilled = [(s["kernel"], s["constexprs"]["BLOCK_H"], s["signature"]["x_ptr"], s["cc"], r)
                for s, r in zip(specs, reports) if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled
-    assert len(reports) == len(specs) and all(r["registers"] > 0 for r in reports)
-    assert {r["arch"] for r in reports} >= {"sm_80", "sm_90a"}
+    assert {r["arch"] for r in reports} == {"sm_80", "sm_90a"}
+    for spec, report in zip(vector_specs, reports):
+        in_loop, outside = main_loop_widths(report)
+        where = (spec["kernel"], spec["signature"]["x_ptr"], spec["signature"]["H"], spec["cc"])
+        assert in_loop and set(in_loop) == {128}, (where, in_loop)

@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 
 import pytest
 import torch
-from aot import compile_reports
+from aot import compile_reports, launch_spec, main_loop_widths
 from helpers import API_DEVICES, GPU_RUN, TOL, RecordOps, nan_empty, poison_heap, relative_error, rows_past_int32
 
 from distil import fused_loss, reference
@@ -61,11 +61,16 @@ def sample_inputs(device="cpu"):
     labels[0, 1] = -100
     mask = (torch.rand(S, B, device=device) < 0.6).t()
     out.append(Sample("3-D strided", s, t, labels, mask))
+    # Rows 8 elements apart beyond V: odd row starts that still share their 16-byte phase with the
+    # gradient's, so the rows are cut at a different column each (kernels/rows.py).
+    s, t, labels, mask = make_inputs((6,), 301, f32, bf16, device, pad=8)
+    out.append(Sample("V=301 stride 309", s, t, labels, mask))
     s, t, labels, mask = make_inputs((5,), 33, device=device)
     out.append(Sample("no labels, no mask", s, t, None, None, 1.5))
     labels[labels == -100] = 3
     out.append(Sample("ignore_index=3", s, t, labels, mask, ignore_index=3))
     s, t, labels, mask = make_inputs((7,), 40, device=device, label_frac=1.0, mask_frac=1.0)
+    labels[:] = 7  # a finite student logit in every row: finite CE
     s[0, :5] = t[0, :5] = NEG_INF  # excluded in both: finite
     t[1, 10:] = NEG_INF  # teacher-only: q = 0 there
     s[2, 20:30] = NEG_INF  # student -inf only where q = 0
@@ -501,14 +506,16 @@ def test_second_backward_raises():
         loss.backward()
 
 
-def test_second_backward_raises():
-    s, t, labels, _ = make_inputs((4,), 20)
-    s.requires_grad_()
-    kl, ce = fused_loss.kl_ce_loss(s, t, labels)
-    loss = kl + ce
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backpropagated once"):
-        loss.backward()
+@pytest.mark.skipif(not GPU_RUN, reason="the CUDA entry of the op runs on a GPU")
+def test_cuda_op_entry_checks_what_the_kernel_assumes():
+    """Direct torch.ops calls skip the public functions; the Triton path's entry checks in Python."""
+    s, t, labels, mask = make_inputs((3,), 5, device="cuda")
+    coef = torch.ones(2, device="cuda")
+    bad = [(s, t[:, :4], labels, mask, coef), (s.t().contiguous().t(), t, labels, mask, coef),
+           (s, t, labels.int(), mask, coef), (s, t, labels, mask.int(), coef), (s, t, labels, mask, coef[:1])]
+    for args in bad:
+        with pytest.raises(ValueError, match="kl_ce_rows"):
+            kl_ce_rows(*args, 2.0, -100, True)
 
 
 def test_no_grad_skips_the_gradient():
@@ -572,53 +579,49 @@ def test_torch_compile_fullgraph(backend):
 
 
 # ----------------------------------------------------------------------------------------------
-# Real GPU builds: every tuning-table entry, every dtype, sm_80 and sm_90, zero spills
+# Real GPU builds, specialised as Triton specialises a real launch (tests/aot.py): every tuning entry
+# and specialisation without spills on sm_80 and sm_90; 128-bit accesses in the main loops at the
+# vocabularies users have (odd ones included), for every dtype.
 # ----------------------------------------------------------------------------------------------
-def _signature(kernel, s_dtype, t_dtype):
-    ints = {"S", "s_stride_b", "s_stride_s", "t_stride_b", "t_stride_s", "V", "ignore_index"}
-    ptrs = {"s_ptr": s_dtype, "t_ptr": t_dtype, "grad_ptr": s_dtype, "labels_ptr": "i64", "mask_ptr": "i1"}
-    sig = {}
-    for name in kernel.arg_names:
-        if name in ints:
-            sig[name] = "i64"
-        elif name in ptrs:
-            sig[name] = "*" + ptrs[name]
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        elif name.isupper():
-            sig[name] = "constexpr"
-        else:
-            sig[name] = "fp32"
-    return sig
+VOCABS = (30522, 50257, 32000, 128256)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _spec(kernel, s_dt, t_dt, block, warps, chunks, cc, has_labels=True, has_mask=True, write_grad=True):
-    consts = {"HAS_LABELS": has_labels, "HAS_MASK": has_mask, "WRITE_GRAD": write_grad,
-              "BLOCK_V": block, "NUM_CHUNKS": chunks}
-    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-    return dict(module="distil.kernels.kl_ce", kernel=kernel.__name__, signature=_signature(kernel, s_dt, t_dt),
-                constexprs=consts, cc=cc, num_warps=warps)
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _launch_specs(vocab, s_dtype, t_dtype, cc, has_labels=True, has_mask=True, write_grad=True, rows=8192):
+    """(forward, backward) specs of a launch on [rows, vocab] logits, from the launchers themselves."""
+    s, t = _meta(rows, vocab, dtype=s_dtype), _meta(rows, vocab, dtype=t_dtype)
+    labels = _meta(rows, dtype=torch.int64) if has_labels else None
+    mask = _meta(rows, dtype=torch.bool) if has_mask else None
+    coef, kl, ce, grad = _meta(2), _meta(rows), _meta(rows), _meta(rows, vocab, dtype=s_dtype)
+    fwd = K.fwd_launch(s, t, labels, mask, coef, 2.0, -100, kl, ce, grad if write_grad else None)
+    bwd = K.bwd_launch(grad, kl, ce, s, t, labels, mask, coef, 2.0, -100)
+    return [launch_spec(kernel, "distil.kernels.kl_ce", args, cc=cc, **options)
+            for kernel, (_, args, options) in ((K.kl_ce_fwd_kernel, fwd), (K.kl_ce_bwd_kernel, bwd))]
 
 
 @pytest.mark.skipif(GPU_RUN, reason="ahead-of-time builds are checked on the CPU machine")
-def test_every_specialisation_compiles_for_sm80_sm90_without_spills():
-    specs = []
-    dtype_pairs = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp32", "bf16")]
-    for kernel in (K.kl_ce_fwd_kernel, K.kl_ce_bwd_kernel):
-        for s_dt, t_dt in dtype_pairs:
-            for max_v, _, _ in K.TUNING:
-                block, warps = K.tuning_for(max_v or 30522)
-                for cc in (80, 90):
-                    specs.append(_spec(kernel, s_dt, t_dt, block, warps, 1 if max_v else 8, cc))
-        # The optional-input and no-gradient specialisations, on the chunked rows.
-        for s_dt in ("fp32", "bf16"):
-            block, warps = K.tuning_for(30522)
-            for has_labels, has_mask, write_grad in itertools.product((False, True), repeat=3):
-                if (has_labels, has_mask, write_grad) != (True, True, True) and (
-                        write_grad or kernel is K.kl_ce_fwd_kernel):
-                    specs.append(_spec(kernel, s_dt, s_dt, block, warps, 8, 90, has_labels, has_mask, write_grad))
-    reports = compile_reports(specs)
-    spilled = [(s["kernel"], s["constexprs"], s["signature"]["s_ptr"], s["cc"], r)
-               for s, r in zip(specs, reports) if r["spill_stores"] or r["spill_loads"]]
+def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
+    # 128-bit main loops: every vocabulary above, every dtype, both architectures.
+    vector_specs = [spec for vocab in VOCABS for dt in DTYPES.values() for cc in (80, 90)
+                    for spec in _launch_specs(vocab, dt, dt, cc)]
+    # The rest of the specialisations: the single-block row, mixed dtypes, the optional inputs.
+    other_specs = [spec for vocab in (300, 1000) for cc in (80, 90)
+                   for spec in _launch_specs(vocab, torch.float32, torch.float32, cc)]
+    other_specs += [spec for s_dt, t_dt in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16))
+                    for spec in _launch_specs(30522, s_dt, t_dt, 90)]
+    other_specs += [_launch_specs(30522, torch.bfloat16, torch.bfloat16, 90, *flags)[0]
+                    for flags in itertools.product((False, True), repeat=3) if flags != (True, True, True)]
+    reports = compile_reports(vector_specs + other_specs)
+    spilled = [(s["kernel"], s["signature"]["s_ptr"], s["constexprs"], s["cc"], r["spill_stores"])
+               for s, r in zip(vector_specs + other_specs, reports) if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled
     assert {r["arch"] for r in reports} == {"sm_80", "sm_90a"}
+    for spec, report in zip(vector_specs, reports):
+        in_loop, outside = main_loop_widths(report)
+        where = (spec["kernel"], spec["signature"]["s_ptr"], spec["signature"]["V"], spec["cc"])
+        assert in_loop and set(in_loop) == {128}, (where, in_loop)
+        assert set(outside) - {128}, where  # the head / tail chunks: masked, scalar

@@ -117,7 +117,11 @@ void copy_rows(void* dst, const void* src, RowLayout layout, int64_t col_stride,
       default: TORCH_CHECK_TYPE(false, "masked_gather: unsupported element size ", elem_size);
     }
   }
-  // Widest word that divides the row size, both base addresses and every row stride.
+  // Widest word that divides the row size, both base addresses and every row stride: 16-byte
+  // (uint4) copies for H = 768 in bf16 or fp32 (1536 / 3072-byte rows, aligned allocations), 8, 4
+  // or 2 bytes when only those divide (e.g. an odd H in bf16 copies 2-byte words), 1 byte at worst.
+  // A row is never split into an aligned middle and ragged ends here: the gathered rows are short
+  // (one hidden state) and the narrower word only costs instructions, not bytes.
   auto fits = [&](int64_t w) {
     if (row_bytes % w || reinterpret_cast<uintptr_t>(src) % w || reinterpret_cast<uintptr_t>(dst) % w) return false;
     for (int d = 0; d < layout.ndim; ++d) {
