@@ -385,8 +385,7 @@ def run(budget_name, budget, sources, cache, results_dir, *, eval_args=()):
     ]
     distil_eval(argv)
     results = json.loads(json_path.read_text())
-    results["budget"] = {"name": budget_name, **dataclasses.asdict(budget),
-                         "distil_tokens_per_step_max": budget.distil_batch * budget.max_length}
+    results["budget"] = {"name": budget_name, **dataclasses.asdict(budget), "distil_batch": budget.distil_batch}
     results["metrics"] = {name: _final_metrics(work / d) for name, d in
                           (("triple loss (a)", "triple"), ("MLM only (b)", "mlm-only"),
                            ("random init + triple (d)", "random-triple"))}
