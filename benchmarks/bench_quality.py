@@ -324,7 +324,7 @@ def distil(teacher_dir, corpus, output_dir, budget, *, student=None, alpha_kl=5.
     if (output_dir / "student" / "config.json").is_file():
         return output_dir / "student"
     command = [
-        sys.executable, "-m", "distil.train", "--teacher", str(teacher_dir), "--data", str(corpus),
+        sys.executable, "-m", "distil.cli", "--teacher", str(teacher_dir), "--data", str(corpus),
         "--output-dir", str(output_dir), "--student-layers", str(STUDENT_LAYERS),
         "--max-length", str(budget.max_length), "--batch-size", str(budget.distil_micro_batch),
         "--grad-accum", str(budget.distil_grad_accum), "--max-steps", str(budget.distil_steps),
