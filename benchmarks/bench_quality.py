@@ -402,13 +402,10 @@ def _has_cuda():
 
 
 def _final_metrics(run_dir):
+    """The last row of distil-train's ``metrics.jsonl`` (the final loss parts), or None."""
     path = Path(run_dir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
-    if not lines:
-        return None
-    last = json.loads(lines[-1])
-    tokens = sum(json.loads(line)["tokens"] for line in lines)  # logged steps only: a lower bound
-    return {**last, "logged_tokens": tokens}
+    return json.loads(lines[-1]) if lines else None
 
 
 def report(results):
