@@ -79,8 +79,8 @@ class Budget:
 # the vocabulary projections of every token would cost ~40% of the step for little signal.
 BUDGETS = {
     "quick": Budget(
-        teacher_steps=30, teacher_batch=32, teacher_lr=2e-4, distil_steps=30, distil_micro_batch=32,
-        distil_grad_accum=1, distil_lr=3e-4, max_length=64, finetune_rows=1000, finetune_epochs=1.0,
+        teacher_steps=20, teacher_batch=32, teacher_lr=2e-4, distil_steps=20, distil_micro_batch=32,
+        distil_grad_accum=1, distil_lr=3e-4, max_length=64, finetune_rows=500, finetune_epochs=1.0,
         finetune_lr=1e-4, seeds=(0, 1, 2), restrict_kl_to_mask=True,
     ),
     "full": Budget(
