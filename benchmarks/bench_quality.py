@@ -84,8 +84,8 @@ BUDGETS = {
         finetune_lr=1e-4, seeds=(0, 1, 2), restrict_kl_to_mask=True,
     ),
     "full": Budget(
-        teacher_steps=150, teacher_batch=32, teacher_lr=2e-4, distil_steps=60, distil_micro_batch=32,
-        distil_grad_accum=1, distil_lr=3e-4, max_length=64, finetune_rows=1200, finetune_epochs=1.0,
+        teacher_steps=150, teacher_batch=32, teacher_lr=2e-4, distil_steps=200, distil_micro_batch=32,
+        distil_grad_accum=1, distil_lr=3e-4, max_length=64, finetune_rows=4000, finetune_epochs=1.0,
         finetune_lr=1e-4, seeds=(0, 1, 2), restrict_kl_to_mask=True,
     ),
     "gpu": Budget(

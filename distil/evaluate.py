@@ -205,9 +205,10 @@ def fine_tune(model_path, train, evaluation, labels, seed, config):
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        logits = trainer.predict(eval_set).predictions
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    metrics = classification_metrics(torch.as_tensor(logits).argmax(-1), eval_set["labels"], len(labels))
+        # label_ids come back in the predictions' order (group_by_length reorders the evaluation too)
+        output = trainer.predict(eval_set)
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    metrics = classification_metrics(torch.as_tensor(logits).argmax(-1), torch.as_tensor(output.label_ids), len(labels))
     return {"seed": seed, **metrics, "train_seconds": seconds}
 
 
