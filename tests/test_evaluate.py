@@ -1,0 +1,205 @@
+"""distil.evaluate (distil-eval): labelled-data readers, metrics against scikit-learn's definitions,
+parameter counts, the held-out masked-LM score, and the whole comparison on tiny models."""
+import json
+
+import pytest
+import torch
+from transformers import BertModel
+
+from distil.evaluate import (
+    EvalConfig,
+    classification_metrics,
+    count_parameters,
+    evaluate,
+    label_names,
+    load_labelled,
+    main,
+    markdown_table,
+    masked_lm_metrics,
+)
+from distil.student import build_student, save_student
+from tiny import bert_tokenizer, corpus_lines, tiny_bert
+
+CLASSES = ("neg", "neu", "pos")
+
+
+def _rows(n, seed=0):
+    # the label is readable from the text (which of three words it holds), so fine-tuning can learn it
+    marker = {"neg": "gradient", "neu": "matrix", "pos": "kernel"}
+    lines = corpus_lines(n, seed=seed, max_words=12)
+    return [(f"{line} {marker[CLASSES[i % 3]]}", CLASSES[i % 3]) for i, line in enumerate(lines)]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps({"sentence": t, "y": y}) + "\n" for t, y in rows), encoding="utf-8")
+    return path
+
+
+def _write_csv(path, rows, delimiter=","):
+    lines = [f"sentence{delimiter}y"] + [f'"{t}"{delimiter}{y}' for t, y in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny teacher and its half-depth student, as model directories with the tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = bert_tokenizer()
+    teacher = tiny_bert(len(tokenizer))
+    save_student(teacher, root / "teacher", tokenizer)
+    save_student(build_student(teacher), root / "student", tokenizer)
+    encoder = BertModel(teacher.config)  # an encoder without a masked-LM head
+    save_student(encoder, root / "encoder", tokenizer)
+    return root
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv"])
+def test_load_labelled_files(tmp_path, suffix):
+    rows = _rows(6)
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        _write_jsonl(path, rows)
+    else:
+        _write_csv(path, rows, "\t" if suffix == ".tsv" else ",")
+    ds = load_labelled(path, text_column="sentence", label_column="y")
+    assert ds.column_names == ["text", "label"]
+    assert ds["text"] == [t for t, _ in rows] and ds["label"] == [y for _, y in rows]
+
+
+def test_load_labelled_dataset_on_disk(tmp_path):
+    import datasets
+
+    rows = _rows(8)
+    part = {"sentence": [t for t, _ in rows], "y": [CLASSES.index(y) for _, y in rows]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(part)}).save_to_disk(tmp_path / "dd")
+    ds = load_labelled(tmp_path / "dd", text_column="sentence", label_column="y", split="train")
+    assert ds["label"] == part["y"]
+    with pytest.raises(ValueError, match="split"):
+        load_labelled(tmp_path / "dd", text_column="sentence", label_column="y")
+    datasets.Dataset.from_dict(part).save_to_disk(tmp_path / "single")
+    assert len(load_labelled(tmp_path / "single", text_column="sentence", label_column="y")) == 8
+
+
+def test_load_labelled_errors(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", _rows(3))
+    with pytest.raises(ValueError, match="column 'text'"):
+        load_labelled(path)
+    (tmp_path / "d.txt").write_text("x\n")
+    with pytest.raises(ValueError, match="must end in"):
+        load_labelled(tmp_path / "d.txt")
+    with pytest.raises(ValueError, match="neither"):
+        load_labelled(tmp_path / "missing.jsonl")
+    with pytest.raises(TypeError, match="path"):
+        load_labelled(3)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no rows"):
+        load_labelled(tmp_path / "empty.jsonl")
+
+
+def test_label_names():
+    import datasets
+
+    train = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, 1]})
+    assert label_names(train, train) == ["0", "1"]
+    with pytest.raises(ValueError, match=r"\['2'\]"):
+        label_names(train, datasets.Dataset.from_dict({"text": ["d"], "label": [2]}))
+    with pytest.raises(ValueError, match="two distinct"):
+        label_names(datasets.Dataset.from_dict({"text": ["a"], "label": [0]}), train)
+
+
+def test_classification_metrics_match_sklearn_definitions():
+    predictions = [0, 1, 1, 2, 2, 2, 0, 1]
+    references = [0, 1, 2, 2, 2, 0, 0, 0]
+    m = classification_metrics(predictions, references, num_labels=4)  # class 3: absent, F1 counted as 0
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    # per-class F1 by hand: class 0 P=2/2 R=2/4 -> 2/3; class 1 P=1/3 R=1/1 -> 1/2; class 2 P=2/3 R=2/3 -> 2/3
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3 + 0) / 4)
+    sklearn = pytest.importorskip("sklearn.metrics")
+    assert m["macro_f1"] == pytest.approx(
+        sklearn.f1_score(references, predictions, average="macro", labels=range(4), zero_division=0)
+    )
+    with pytest.raises(ValueError, match="1-D"):
+        classification_metrics([0, 1], [0], num_labels=2)
+    with pytest.raises(ValueError, match="empty"):
+        classification_metrics([], [], num_labels=2)
+
+
+def test_count_parameters_counts_tied_weights_once(models):
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(models / "teacher")
+    unique = {id(p): p.numel() for p in model.parameters()}
+    total, non_embedding = count_parameters(model)
+    assert total == sum(unique.values())
+    embeddings = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
+    assert non_embedding == total - embeddings
+
+
+def test_masked_lm_metrics(models, tmp_path):
+    text = tmp_path / "held.txt"
+    text.write_text("\n".join(corpus_lines(20, seed=5, min_words=15)) + "\n")
+    first = masked_lm_metrics(models / "teacher", text, max_length=32, seed=3)
+    assert first == masked_lm_metrics(models / "teacher", text, max_length=32, seed=3)  # fixed seed: same tokens
+    assert first["masked_tokens"] > 0 and 0.0 <= first["accuracy"] <= 1.0 and first["loss"] > 0
+    assert masked_lm_metrics(models / "encoder", text, max_length=32) is None  # no head: no score
+
+
+def test_evaluate_end_to_end(models, tmp_path, capsys):
+    train = _write_jsonl(tmp_path / "train.jsonl", _rows(36, seed=1))
+    test = _write_csv(tmp_path / "test.csv", _rows(12, seed=2))
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(corpus_lines(10, seed=7, min_words=15)) + "\n")
+    out = tmp_path / "res" / "results.json"
+    argv = [
+        "--models", str(models / "teacher"), str(models / "student"), "--names", "T", "S",
+        "--train", str(train), "--eval", str(test), "--text-column", "sentence", "--label-column", "y",
+        "--seeds", "0", "1", "--epochs", "1", "--batch-size", "8", "--max-length", "32",
+        "--mlm-text", str(held), "--mlm-max-length", "32",
+        "--throughput-sequences", "8", "--throughput-rounds", "2", "--output", str(out),
+    ]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    header = table.splitlines()[0]
+    for column in ("model", "params (M)", "accuracy % (mean ± std)", "macro-F1 %", "retention", "seq/s",
+                   "speed-up", "MLM acc. %", "MLM loss"):
+        assert f"| {column} |" in header
+    results = json.loads(out.read_text())
+    assert results["labels"] == list(CLASSES)
+    assert [m["name"] for m in results["models"]] == ["T", "S"]
+    teacher, student = results["models"]
+    assert teacher["retention"] == 1.0 and teacher["speedup"] == 1.0
+    assert [r["seed"] for r in student["runs"]] == [0, 1]
+    accuracies = [r["accuracy"] for r in student["runs"]]
+    assert student["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
+    assert student["accuracy"]["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2**0.5)
+    assert student["params"] < teacher["params"] and student["macro_f1"] is not None
+    assert student["mlm"]["masked_tokens"] == teacher["mlm"]["masked_tokens"]  # same tokenizer, same positions
+    assert student["throughput_seq_s"] > 0
+    assert markdown_table(results).splitlines()[2].startswith("| T |")
+
+
+def test_same_seed_same_result(models, tmp_path):
+    train = _write_jsonl(tmp_path / "train.jsonl", _rows(12, seed=1))
+    config = EvalConfig(models=[str(models / "student")], train=str(train), text_column="sentence",
+                        label_column="y", seeds=[4], epochs=1.0, batch_size=4, max_length=32,
+                        throughput_sequences=4, throughput_rounds=1)
+    first, second = evaluate(config)["models"][0], evaluate(config)["models"][0]
+    assert first["runs"][0]["accuracy"] == second["runs"][0]["accuracy"]
+    assert first["macro_f1"] is not None  # 3 classes
+
+
+def test_config_validation(models, tmp_path):
+    base = dict(models=[str(models / "teacher")], train=str(tmp_path / "t.jsonl"))
+    for change, message in [
+        ({"models": [str(tmp_path / "nope")]}, "not a model directory"),
+        ({"names": ["a", "b"]}, "names has 2"),
+        ({"seeds": [1, 1]}, "distinct"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"epochs": 0}, "epochs"),
+        ({"warmup": 1.0}, "warmup"),
+        ({"mlm_prop": 0.0}, "mlm_prop"),
+        ({"mlm_text": str(tmp_path / "none.txt")}, "mlm_text"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            EvalConfig(**{**base, **change}).validate()
