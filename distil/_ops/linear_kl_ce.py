@@ -144,12 +144,11 @@ def _linear_kl_ce(student_hidden: torch.Tensor, student_weight: torch.Tensor, st
                                      teacher_bias, teacher_logits, labels, kl_mask, coef, temperature,
                                      ignore_index, chunk_rows, grads)
     grad_hidden, grad_weight, grad_bias = grads if grads is not None else (None, None, None)
-    empty = student_hidden.new_empty(0)
     return (
         kl_sum, ce_sum,
-        empty if grad_hidden is None else grad_hidden,
-        empty if grad_weight is None else grad_weight.to(student_weight.dtype),
-        empty if grad_bias is None else grad_bias.to(student_bias.dtype),
+        student_hidden.new_empty(0) if grad_hidden is None else grad_hidden,
+        student_hidden.new_empty(0) if grad_weight is None else grad_weight.to(student_weight.dtype),
+        student_hidden.new_empty(0) if grad_bias is None else grad_bias.to(student_bias.dtype),
     )
 
 
@@ -157,13 +156,11 @@ def _linear_kl_ce(student_hidden: torch.Tensor, student_weight: torch.Tensor, st
 def _linear_kl_ce_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                        teacher_logits, labels, kl_mask, coef, temperature, ignore_index, chunk_rows, grad_inputs):
     want_hidden, want_weight, want_bias = grad_inputs
-    empty = student_hidden.new_empty(0)
-    scalar = student_hidden.new_empty((), dtype=torch.float32)
     return (
-        scalar, scalar.clone(),
-        torch.empty_like(student_hidden) if want_hidden else empty,
-        torch.empty_like(student_weight) if want_weight else empty.clone(),
-        torch.empty_like(student_bias) if want_bias and student_bias is not None else empty.clone(),
+        student_hidden.new_empty((), dtype=torch.float32), student_hidden.new_empty((), dtype=torch.float32),
+        torch.empty_like(student_hidden) if want_hidden else student_hidden.new_empty(0),
+        torch.empty_like(student_weight) if want_weight else student_hidden.new_empty(0),
+        torch.empty_like(student_bias) if want_bias and student_bias is not None else student_hidden.new_empty(0),
     )
 
 
