@@ -23,7 +23,8 @@ from distil._validate import (
     check_tensor,
 )
 
-__all__ = ["kl_div_loss", "kl_ce_loss", "cosine_loss", "DistillationLoss", "DistillationLossOutput"]
+__all__ = ["kl_div_loss", "kl_ce_loss", "cosine_loss", "linear_kl_ce_loss", "LinearKLCELoss", "DistillationLoss",
+           "DistillationLossOutput"]
 
 _KL_REDUCTIONS = ("batchmean", "sum", "none")
 
@@ -143,4 +144,5 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
 
 # One op = one module; they are re-exported here. distillation_loss imports this module, so it comes last.
 from distil._cosine_op import cosine_loss  # noqa: E402
+from distil._ops.linear_kl_ce import LinearKLCELoss, linear_kl_ce_loss  # noqa: E402
 from distil.distillation_loss import DistillationLoss, DistillationLossOutput  # noqa: E402

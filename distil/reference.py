@@ -46,3 +46,14 @@ def distiller_loss(student_logits, teacher_logits, labels, student_hidden, teach
         s_h, t_h = _select_rows(student_hidden, attention_mask), _select_rows(teacher_hidden, attention_mask)
         cos = nn.CosineEmbeddingLoss(reduction="mean")(s_h, t_h, s_h.new_ones(s_h.shape[0]))
     return alpha_kl * kl + alpha_mlm * mlm + alpha_cos * cos, kl, mlm, cos
+
+
+def linear_distiller_losses(student_hidden, student_weight, student_bias, teacher_logits, labels, kl_mask, *,
+                            temperature=2.0):
+    """``(kl, mlm)`` of :func:`distiller_loss` on the student head's logits ``F.linear(student_hidden,
+    student_weight, student_bias)`` (what ``linear_kl_ce_loss`` fuses): the KL over the ``kl_mask`` rows
+    (None = all), the cross-entropy over the labelled rows."""
+    student_logits = F.linear(student_hidden, student_weight, student_bias)
+    _, kl, mlm, _ = distiller_loss(student_logits, teacher_logits, labels, None, None, kl_mask, alpha_cos=0.0,
+                                   temperature=temperature)
+    return kl, mlm

@@ -262,10 +262,13 @@ def _check_labels(labels, rows_shape, vocab, device, ignore_index):
     return labels, labelled
 
 
-def _check_head(prefix, hidden, weight, bias, rows_shape, device):
-    """hidden ``[*rows, H]`` float, weight ``[V, H]`` and bias ``[V]`` (or None) of the same dtype."""
+def _check_head(prefix, hidden, weight, bias, rows_shape, device, vocab=None):
+    """hidden ``[*rows, H]`` float, weight ``[V, H]`` (V = ``vocab`` when given) and bias ``[V]`` (or None)
+    of the same dtype."""
     check_tensor(f"{prefix}_hidden", hidden, dtypes=FLOAT_DTYPES, ndims=(2, 3))
     check_tensor(f"{prefix}_weight", weight, dtypes=FLOAT_DTYPES, ndims=(2,))
+    if vocab is not None and weight.shape[0] != vocab:
+        raise ValueError(f"{prefix}_weight has V = {weight.shape[0]} but student_weight has {vocab}")
     if tuple(hidden.shape[:-1]) != tuple(rows_shape):
         raise ValueError(f"{prefix}_hidden must have the row dims {tuple(rows_shape)}, got shape {tuple(hidden.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
@@ -333,9 +336,7 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
     if (teacher_hidden is None) != (teacher_weight is None) or (teacher_bias is not None and teacher_weight is None):
         raise ValueError("teacher_hidden and teacher_weight (and teacher_bias) go together")
     if teacher_weight is not None:
-        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, rows_shape, device)
-        if teacher_weight.shape[0] != vocab:
-            raise ValueError(f"teacher_weight has V = {teacher_weight.shape[0]} but student_weight has {vocab}")
+        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, rows_shape, device, vocab)
         teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
         teacher_weight = teacher_weight.detach()
         teacher_bias = None if teacher_bias is None else teacher_bias.detach()
