@@ -10,14 +10,16 @@ from distil.ops import masked_gather
 from distil.student import lm_adapter
 
 
-def select_rows(adapter, input_ids, attention_mask, kl_mask, cos_mask):
+def select_rows(adapter, input_ids, attention_mask, kl_mask, cos_mask, project=True):
     """Body on the whole batch, LM head on the KL rows only. Returns (logits [M, V] of the ``kl_mask``
     rows, last hidden rows [M', H] of the ``cos_mask`` rows; the KL rows themselves when ``cos_mask``
-    is None). The eager equivalent is ``model(...).logits[kl_mask]`` and ``hidden_states[-1][cos_mask]``."""
+    is None). The eager equivalent is ``model(...).logits[kl_mask]`` and ``hidden_states[-1][cos_mask]``.
+    With ``project=False`` the first is the head's transform of those rows (what the output projection
+    multiplies), for the fused head loss."""
     hidden = adapter.body(input_ids, attention_mask)
     kl_hidden = masked_gather(hidden, kl_mask)[0]
     cos_hidden = kl_hidden if cos_mask is None else masked_gather(hidden, cos_mask)[0]
-    return adapter.head(kl_hidden), cos_hidden
+    return (adapter.head(kl_hidden) if project else adapter.transform(kl_hidden)), cos_hidden
 
 
 class StudentRows(nn.Module):
@@ -29,8 +31,8 @@ class StudentRows(nn.Module):
         self.student = student
         self._adapter = lm_adapter(student)
 
-    def forward(self, input_ids, attention_mask, kl_mask, cos_mask):
-        return select_rows(self._adapter, input_ids, attention_mask, kl_mask, cos_mask)
+    def forward(self, input_ids, attention_mask, kl_mask, cos_mask, project=True):
+        return select_rows(self._adapter, input_ids, attention_mask, kl_mask, cos_mask, project)
 
 
 class DistillationStep:
@@ -43,6 +45,8 @@ class DistillationStep:
     tokens' last hidden states) without materialising the [B, S, V] logits.
     ``student_rows`` is a :class:`StudentRows` or the DDP module that wraps one. The step picks the KL
     rows itself, so ``loss_fn`` sees only those rows and must not restrict them a second time.
+    A ``loss_fn`` built with the models' heads (``DistillationLoss(student_head=..., teacher_head=...)``)
+    gets the heads' transformed rows instead of logits: the fused head, no ``[M, V]`` logits at all.
     """
 
     def __init__(self, student_rows, teacher, loss_fn, *, restrict_kl_to_mask=False, autocast_dtype=None):
@@ -63,10 +67,15 @@ class DistillationStep:
         # default: KL rows = non-pad rows ⊇ MLM rows, and the cosine reuses them.
         kl_mask, cos_mask = (labels != -100, non_pad) if self.restrict_kl_to_mask else (non_pad, None)
         device_type = input_ids.device.type
+        project = self.loss_fn.head_loss is None
         with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             with torch.no_grad():
-                t_logits, t_hidden = select_rows(self.teacher_adapter, input_ids, attention_mask, kl_mask, cos_mask)
-            s_logits, s_hidden = self.student_rows(input_ids, attention_mask, kl_mask, cos_mask)
-        # Pre-gathered rows: with restrict the cosine rows (non-pad) differ from the KL/MLM rows (masked),
-        # which DistillationLoss accepts when no attention mask is passed.
-        return self.loss_fn(s_logits, t_logits, labels[kl_mask], s_hidden, t_hidden, None)
+                t_rows, t_hidden = select_rows(self.teacher_adapter, input_ids, attention_mask, kl_mask, cos_mask,
+                                               project)
+            s_rows, s_hidden = self.student_rows(input_ids, attention_mask, kl_mask, cos_mask, project)
+            # Pre-gathered rows: with restrict the cosine rows (non-pad) differ from the KL/MLM rows
+            # (masked), which DistillationLoss accepts when no attention mask is passed.
+            if project:
+                return self.loss_fn(s_rows, t_rows, labels[kl_mask], s_hidden, t_hidden, None)
+            return self.loss_fn(None, None, labels[kl_mask], s_hidden, t_hidden, None, student_head_input=s_rows,
+                                teacher_head_input=t_rows)

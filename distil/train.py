@@ -10,8 +10,9 @@ Equivalent of the paper's ``train.py`` + ``Distiller`` (Hugging Face
   (:class:`distil.data.LengthGroupedBatches`);
 - loss :class:`distil.fused_loss.DistillationLoss` on gathered rows only: the bodies run on the whole
   batch, :func:`distil.ops.masked_gather` selects the KL rows (non-pad, or masked only with
-  ``--restrict-kl-to-mask``), and both LM heads run on those rows alone; the cosine uses the non-pad
-  rows' last hidden states;
+  ``--restrict-kl-to-mask``), and both LM heads run on those rows alone, their output projections fused
+  into the KL+CE loss (:func:`distil.fused_loss.linear_kl_ce_loss`: no ``[rows, V]`` logits;
+  ``--no-fused-head`` builds the logits); the cosine uses the non-pad rows' last hidden states;
 - AdamW (betas 0.9/0.98, eps 1e-6), linear warmup (5%) then linear decay, gradient accumulation,
   clipping at 5.0, bf16/fp16 autocast on GPU;
 - DDP under ``torchrun`` (NCCL on GPU, gloo on CPU); checkpoints (atomic) with model, optimizer,
@@ -115,11 +116,16 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             rows = nn.parallel.DistributedDataParallel(rows, device_ids=ids)
         self.rows = rows
+        heads = {}
+        if config.fused_head:
+            heads = dict(student_head=self.student.get_output_embeddings(),
+                         teacher_head=self.teacher.get_output_embeddings())
         loss_fn = DistillationLoss(
             alpha_kl=config.alpha_kl,
             alpha_mlm=config.alpha_mlm,
             alpha_cos=config.alpha_cos,
             temperature=config.temperature,
+            **heads,
         )
         self.step_fn = DistillationStep(
             rows, self.teacher, loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,

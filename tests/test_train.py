@@ -55,9 +55,10 @@ def metrics(workdir, out):
 
 
 # ------------------------------------------------------------------ the step itself
+@pytest.mark.parametrize("fused_head", [True, False])
 @pytest.mark.parametrize("as_distilbert", [False, True])
 @pytest.mark.parametrize("restrict", [False, True])
-def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert):
+def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert, fused_head):
     tok = bert_tokenizer()
     vocab = len(tok)
     teacher = tiny_bert(vocab, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -72,7 +73,10 @@ def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert):
     ref = eager_loss(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=restrict)
     ref[0].backward()
 
-    loss_fn = DistillationLoss()
+    heads = {}
+    if fused_head:  # the projections fused into the KL+CE loss
+        heads = dict(student_head=student.get_output_embeddings(), teacher_head=teacher.get_output_embeddings())
+    loss_fn = DistillationLoss(**heads)
     out = DistillationStep(StudentRows(student), teacher, loss_fn, restrict_kl_to_mask=restrict)(masked, attn, labels)
     out.total.backward()
     assert ref[1] > 0.1
@@ -157,7 +161,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(workdir):
     assert not (out / "student").exists()  # interrupted, not finished
 
 
-@pytest.mark.parametrize("teacher, flags", [("bert", ["--restrict-kl-to-mask", "--as-distilbert"]), ("roberta", [])])
+@pytest.mark.parametrize("teacher, flags", [("bert", ["--restrict-kl-to-mask", "--as-distilbert"]),
+                                            ("roberta", ["--no-fused-head"])])
 def test_cli_end_to_end_gives_a_student_that_transformers_loads(workdir, teacher, flags):
     out = workdir / f"cli_{teacher}"
     argv = ["--teacher", str(workdir / teacher), "--data", str(workdir / "corpus"), "--output-dir", str(out),
@@ -182,7 +187,8 @@ NON_DEFAULT_FLAGS = {
     "teacher": "t", "data": ["a.txt", "b"], "output_dir": "o", "student": "s", "student_layers": 3,
     "as_distilbert": True, "max_length": 128, "batch_size": 7, "grad_accum": 3, "epochs": 2, "max_steps": 9,
     "lr": 1e-3, "weight_decay": 0.01, "warmup": 0.1, "adam_eps": 1e-8, "max_grad_norm": 1.0, "alpha_kl": 0.5,
-    "alpha_mlm": 0.25, "alpha_cos": 0.0, "temperature": 4.0, "restrict_kl_to_mask": True, "mask_prop": 0.2,
+    "alpha_mlm": 0.25, "alpha_cos": 0.0, "temperature": 4.0, "restrict_kl_to_mask": True, "fused_head": False,
+    "mask_prop": 0.2,
     "word_mask": 0.7, "word_keep": 0.2, "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "seed": 3, "precision": "fp32",
     "save_every": 11, "log_every": 5, "resume": True, "progress": False,
 }
