@@ -564,7 +564,10 @@ def main(argv=None):
           f"once), fwd+bwd rows only; % of a {copy_gbs:.0f} GB/s copy measured in this run. {method}. "
           f"fwd = forward with student.requires_grad=True. Loss values checked against eager: "
           f"max rel. err {max((r.get('loss_rel_err', 0) for r in records), default=0):.1e}.")
-    stem = f"loss_{device}_{C.machine_tag(device)}" + ("_quick" if args.quick else "")
+    stem = f"loss_{device}_{C.machine_tag(device)}"
+    if list(args.ops) != list(OPS):  # a subset run does not overwrite the whole table
+        stem += "_" + "-".join(args.ops)
+    stem += "_quick" if args.quick else ""
     path = C.write_json(stem, machine, records, copy_gbs=copy_gbs, timing=timing, memory_method=method,
                         targets=[dict(target=a, measured=b, met=c) for a, b, c in goal_rows],
                         linear_kl_ce_memory_sweep=sweep)
