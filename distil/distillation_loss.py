@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distil import fused_loss
-from distil._cosine_op import cosine_loss
+from distil._ops.common import check_non_negative_finite, check_positive_finite, check_tensor
+from distil._ops.cosine import cosine_loss
+from distil._ops.kl_ce import kl_ce_loss, kl_div_loss
 from distil._ops.linear_kl_ce import LinearKLCELoss
-from distil._validate import check_non_negative_finite, check_positive_finite, check_tensor
 
 IGNORE_INDEX = -100  # distiller.py's "not masked" label
 
@@ -141,13 +141,13 @@ class DistillationLoss(nn.Module):
             if teacher_logits is None:
                 raise ValueError("teacher_logits is required when alpha_kl > 0")
             if self.alpha_mlm > 0:
-                kl, mlm = fused_loss.kl_ce_loss(
+                kl, mlm = kl_ce_loss(
                     student_logits, teacher_logits, labels, temperature=self.temperature, kl_mask=kl_mask,
                     ignore_index=IGNORE_INDEX, kl_weight=self.alpha_kl, ce_weight=self.alpha_mlm,
                 )
             else:
-                kl = fused_loss.kl_div_loss(student_logits, teacher_logits, temperature=self.temperature,
-                                            mask=kl_mask, reduction="batchmean")
+                kl = kl_div_loss(student_logits, teacher_logits, temperature=self.temperature, mask=kl_mask,
+                                 reduction="batchmean")
         elif self.alpha_mlm > 0:
             mlm = _masked_lm_loss(student_logits, labels)
         if self.alpha_cos > 0:

@@ -9,14 +9,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import GPU_RUN, relative_error
+from helpers import API_DEVICES, TOL, relative_error
 from torch import nn
 
 from distil.fused_loss import LinearKLCELoss, kl_ce_loss, linear_kl_ce_loss
 from distil.reference import linear_distiller_losses
 
-DEVICES = ["cpu"] + (["cuda"] if GPU_RUN else [])
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 V = 97  # prime
 
 
@@ -62,7 +60,7 @@ def _grads(student):
     return {k: None if v is None else v.grad for k, v in student.items()}
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", API_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("teacher_kind", ["head", "head_no_bias", "logits"])
 @pytest.mark.parametrize("three_d", [False, True])

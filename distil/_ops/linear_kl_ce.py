@@ -20,14 +20,18 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from distil import _kl_ce_op  # noqa: F401  (the kl_ce_rows kernels, fake impl and autograd)
-from distil._grad_buffer import announced_coef, divisor, row_count, take_gradient_buffer
-from distil._validate import (
+from distil._ops import kl_ce  # noqa: F401  (the kl_ce_rows kernels, fake impl and autograd)
+from distil._ops.common import (
     FLOAT_DTYPES,
+    announced_coef,
+    check_labels,
     check_non_negative_finite,
     check_positive_finite,
     check_row_mask,
     check_tensor,
+    divisor,
+    row_count,
+    take_gradient_buffer,
 )
 
 __all__ = ["linear_kl_ce_loss", "LinearKLCELoss", "auto_chunk_rows", "CHUNK_BYTES"]
@@ -240,28 +244,6 @@ def _backward(ctx, grad_kl_sum, grad_ce_sum, *_grads_of_buffers):
 _linear_kl_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_labels(labels, rows_shape, vocab, device, ignore_index):
-    """int64/int32 labels over the row dims in [0, V) or ignore_index; returns (labels int64, labelled)."""
-    check_tensor("labels", labels)
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be an integer (int64 or int32) tensor, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(rows_shape):
-        raise ValueError(f"labels must have shape {tuple(rows_shape)} (the hidden rows' dims), got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels is on {labels.device} but student_hidden is on {device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    labels = labels.long()
-    labelled = labels != ignore_index
-    bad = labelled & ((labels < 0) | (labels >= vocab))
-    if labels.is_cuda or torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), "labels out of range [0, V) (other than ignore_index)")
-    elif bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
-    return labels, labelled
-
-
 def _check_head(prefix, hidden, weight, bias, rows_shape, device, vocab=None):
     """hidden ``[*rows, H]`` float, weight ``[V, H]`` (V = ``vocab`` when given) and bias ``[V]`` (or None)
     of the same dtype."""
@@ -358,7 +340,7 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
     kl_count = row_count(kl_mask, rows_shape) if has_teacher else 0
     ce_count = 0
     if labels is not None:
-        labels, labelled = _check_labels(labels, rows_shape, vocab, device, ignore_index)
+        labels, labelled = check_labels(labels, rows_shape, vocab, device, ignore_index)
         labels = labels.reshape(-1)
         ce_count = labelled.sum()
     coef = torch.stack([announced_coef(kl_weight if has_teacher else 0.0, kl_count, device),
