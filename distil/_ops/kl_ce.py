@@ -58,6 +58,21 @@ if _triton_kl_ce is not None:
                                      temperature, ignore_index, kl_rows, ce_rows, grad)
         return kl_rows, ce_rows, student.new_empty(0) if grad is None else grad
 
+    @torch.library.register_kernel("distil::kl_ce_rows_into", "cuda")
+    def _kl_ce_rows_into_cuda(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
+                              grad):
+        _check_op_args(student, teacher, labels, kl_mask, coef)
+        rows = student.shape[:-1]
+        for name, x in (("kl_rows", kl_rows), ("ce_rows", ce_rows)):
+            if x.shape != rows or x.dtype != torch.float32 or not x.is_contiguous():
+                raise ValueError(f"kl_ce_rows_into: {name} must be contiguous float32 of shape {tuple(rows)}")
+        if grad is not None and (grad.shape != student.shape or grad.dtype != student.dtype
+                                 or not grad.is_contiguous()):
+            raise ValueError("kl_ce_rows_into: grad must be contiguous with the student's shape and dtype")
+        with torch.cuda.device(student.device):
+            _triton_kl_ce.kl_ce_rows(student, teacher, _contiguous(labels), _contiguous(kl_mask), coef,
+                                     temperature, ignore_index, kl_rows, ce_rows, grad)
+
     @torch.library.register_kernel("distil::kl_ce_rows_backward", "cuda")
     def _kl_ce_rows_backward_cuda(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
                                   temperature, ignore_index):
@@ -78,6 +93,12 @@ def _kl_ce_rows_fake(student, teacher, labels, kl_mask, coef, temperature, ignor
     ce = student.new_empty(rows, dtype=torch.float32)
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
     return kl, ce, grad
+
+
+@torch.library.register_fake("distil::kl_ce_rows_into")
+def _kl_ce_rows_into_fake(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
+                          grad):
+    return None
 
 
 @torch.library.register_fake("distil::kl_ce_rows_backward")

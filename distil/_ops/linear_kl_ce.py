@@ -4,10 +4,10 @@ never exist; plus the public :func:`linear_kl_ce_loss` and its module :class:`Li
 
 Per chunk of rows the op builds the student's logits (one GEMM, accumulated in fp32 by the backend and
 kept in the student's dtype, as ``F.linear`` does: fp32 inputs give fp32 logits), the teacher's logits for
-the same rows (or reads the precomputed ones), and runs ``distil::kl_ce_rows``, which writes the chunk's
-logit gradient ``g`` for the announced ``coef``; then ``grad_hidden[chunk] = g @ W``,
+the same rows (or reads the precomputed ones), and runs ``distil::kl_ce_rows_into``, which overwrites the
+student's logits with the chunk's logit gradient ``g`` for the announced ``coef``; then ``grad_hidden[chunk] = g @ W``,
 ``grad_weight += gᵀ @ h`` and ``grad_bias += g.sum(0)``, the last two accumulated in fp32. The same
-composite serves every device: ``kl_ce_rows`` is the C++ kernel on CPU and the Triton kernel on CUDA.
+composite serves every device: ``kl_ce_rows_into`` is the C++ kernel on CPU and the Triton kernel on CUDA.
 
 Autograd: the forward returns the two loss sums and the three gradient buffers; the backward
 (``distil::linear_kl_ce_backward``) reads the two incoming scalars and leaves the buffers as they are
@@ -36,22 +36,23 @@ from distil._ops.common import (
 
 __all__ = ["linear_kl_ce_loss", "LinearKLCELoss", "auto_chunk_rows", "CHUNK_BYTES"]
 
-# Bytes of the three per-chunk [rows, V] buffers (student logits, teacher logits, logit gradient) that
-# the automatic chunk size aims for: a chunk is then large enough for the GEMMs to run at full speed
-# (>= 256 rows at V = 30522 fp32; see benchmarks/bench_loss.py's linear_kl_ce sweep) and its memory
-# is small next to the [N, V] logits it replaces.
-CHUNK_BYTES = 96 * 2**20
+# Bytes of the two per-chunk [rows, V] buffers (the student's logits, overwritten in place by their
+# gradient, and the teacher's logits) that the automatic chunk size aims for. Measured on the CPU
+# (benchmarks/bench_loss.py, N = 4096, H = 768, V = 30522 fp32): each chunk costs a pass over the fp32
+# weight gradient [V, H] and a packing of the weights for the GEMMs, so 1024-row chunks run at the
+# speed of the unfused path where 256-row ones are ~15% slower, while the two buffers (250 MB) stay
+# small next to the [N, V] logits, their gradient and the teacher's logits they replace.
+CHUNK_BYTES = 256 * 2**20
 # A backward factor within two fp32 ulps of 1 leaves the forward's gradients as they are (the same
 # tolerance as kl_ce_rows_backward: the difference is rounding in how the caller formed w / n).
 _UNIT_SCALE_TOLERANCE = 2.4e-7
 
 
 def auto_chunk_rows(n_rows, vocab, bytes_per_logit):
-    """Rows per chunk when ``chunk_rows`` is None: the most rows whose three ``[rows, vocab]`` buffers
-    fit :data:`CHUNK_BYTES`, rounded down to a multiple of 16 (at least 16), and never more than N."""
-    per_row = 3 * max(vocab, 1) * bytes_per_logit
-    rows = max(16, CHUNK_BYTES // per_row // 16 * 16)
-    return max(1, min(rows, n_rows))
+    """Rows per chunk when ``chunk_rows`` is None: the largest power of two whose two ``[rows, vocab]``
+    buffers fit :data:`CHUNK_BYTES` (at least 16), never more than N."""
+    fit = max(16, CHUNK_BYTES // (2 * max(vocab, 1) * bytes_per_logit))
+    return max(1, min(1 << (fit.bit_length() - 1), n_rows))
 
 
 def _linear_into(out, hidden, weight, bias):
@@ -83,33 +84,38 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_hidden, te
     if n == 0:
         return kl_sum, ce_sum
     rows = min(chunk_rows, n)
-    student_buf = student_hidden.new_empty(rows, vocab)
+    # The student's logits, then (written in place by the kernel) their gradient.
+    logits_buf = student_hidden.new_empty(rows, vocab)
+    kl_buf = torch.empty(rows, dtype=torch.float32, device=device)
+    ce_buf = torch.empty(rows, dtype=torch.float32, device=device)
     has_teacher = teacher_logits is not None or teacher_weight is not None
     if teacher_weight is not None:
         teacher_buf = teacher_hidden.new_empty(rows, vocab)
-    if not has_teacher:  # no KL part: the kernel reads the student's own logits as the teacher, on no row
+    if not has_teacher:  # no KL part: the kernel gets the student's logits as the teacher, on no row
         no_kl_rows = torch.zeros(rows, dtype=torch.bool, device=device)
     grad_hidden, grad_weight, grad_bias = grads if grads is not None else (None, None, None)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
+        m = stop - start
         hidden = student_hidden[start:stop]
-        student = _linear_into(student_buf[: stop - start], hidden, student_weight, student_bias)
+        student = _linear_into(logits_buf[:m], hidden, student_weight, student_bias)
         if teacher_logits is not None:
             teacher = teacher_logits[start:stop]
         elif teacher_weight is not None:
-            teacher = _linear_into(teacher_buf[: stop - start], teacher_hidden[start:stop], teacher_weight,
-                                   teacher_bias)
+            teacher = _linear_into(teacher_buf[:m], teacher_hidden[start:stop], teacher_weight, teacher_bias)
         else:
             teacher = student
-        mask = kl_mask[start:stop] if has_teacher and kl_mask is not None else None
         if not has_teacher:
-            mask = no_kl_rows[: stop - start]
-        kl_rows, ce_rows, grad = torch.ops.distil.kl_ce_rows(
+            mask = no_kl_rows[:m]
+        else:
+            mask = None if kl_mask is None else kl_mask[start:stop]
+        torch.ops.distil.kl_ce_rows_into(
             student, teacher, None if labels is None else labels[start:stop], mask, coef, temperature,
-            ignore_index, grads is not None,
+            ignore_index, kl_buf[:m], ce_buf[:m], student if grads is not None else None,
         )
-        kl_sum += kl_rows.sum()
-        ce_sum += ce_rows.sum()
+        kl_sum += kl_buf[:m].sum()
+        ce_sum += ce_buf[:m].sum()
+        grad = student  # now the chunk's logit gradient
         if grad_hidden is not None:
             torch.mm(grad, student_weight, out=grad_hidden[start:stop])
         if grad_weight is not None:
@@ -302,7 +308,7 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
             Hs) and projection ``[V, Ht]``, ``[V]``; or instead ``teacher_logits`` ``[.., V]``. Without a
             teacher no KL is computed (kl = 0).
         temperature, kl_mask, ignore_index, kl_weight, ce_weight: as in ``kl_ce_loss``.
-        chunk_rows: rows per chunk; None picks :func:`auto_chunk_rows` (a byte budget of three
+        chunk_rows: rows per chunk; None picks :func:`auto_chunk_rows` (a byte budget of the two
             ``[rows, V]`` buffers).
     Returns:
         ``(kl, ce)`` fp32 scalars; each is exactly 0 when it has no rows.
@@ -347,7 +353,7 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
                         announced_coef(ce_weight if labels is not None else 0.0, ce_count, device)])
     n_rows = rows_shape.numel()
     if chunk_rows is None:
-        chunk_rows = auto_chunk_rows(n_rows, vocab, max(student_hidden.element_size(), 4))
+        chunk_rows = auto_chunk_rows(n_rows, vocab, student_hidden.element_size())
     grad_on = torch.is_grad_enabled()
     grad_inputs = [grad_on and t is not None and t.requires_grad
                    for t in (student_hidden, student_weight, student_bias)]
