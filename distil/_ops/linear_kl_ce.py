@@ -66,8 +66,8 @@ def _accumulate_mm(acc, a, b):
     """``acc += a @ b`` with ``acc`` fp32 and fp32 accumulation for half inputs too."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif acc.is_cuda:  # cuBLAS: half inputs, fp32 output (addmm's out_dtype with out=acc is not relied on)
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:  # CPU has no half-in, fp32-out GEMM: upcast the chunk's operands (chunk-sized temporaries).
         acc.addmm_(a.float(), b.float())
 
