@@ -14,7 +14,6 @@ Autograd: the forward returns the two loss sums and the three gradient buffers; 
 when they are the announced ones (``loss.backward()`` on ``kl_weight·kl + ce_weight·ce``), scales them
 when proportional to them, and otherwise runs the chunks again with the incoming coefficients (exact).
 """
-import math
 from typing import List, Optional
 
 import torch
@@ -40,7 +39,7 @@ __all__ = ["linear_kl_ce_loss", "LinearKLCELoss", "auto_chunk_rows", "CHUNK_BYTE
 # gradient, and the teacher's logits) that the automatic chunk size aims for. Measured on the CPU
 # (benchmarks/bench_loss.py, N = 4096, H = 768, V = 30522 fp32): each chunk costs a pass over the fp32
 # weight gradient [V, H] and a packing of the weights for the GEMMs, so 1024-row chunks run at the
-# speed of the unfused path where 256-row ones are ~15% slower, while the two buffers (250 MB) stay
+# speed of the unfused path where 256-row ones were 15-20% slower, while the two buffers (250 MB) stay
 # small next to the [N, V] logits, their gradient and the teacher's logits they replace.
 CHUNK_BYTES = 256 * 2**20
 # A backward factor within two fp32 ulps of 1 leaves the forward's gradients as they are (the same
