@@ -355,8 +355,14 @@ def _distributed_worker(rank, port, out):
         fully_shard(model)
         model(rank).backward()
         fsdp = {k: p.grad.full_tensor() for k, p in model.named_parameters() if p.requires_grad}
+        hidden, teacher_rows, labels = _rank_batch(rank)
+        try:  # outside the module's call its heads are sharded DTensors: a clear error, not a wrong loss
+            model.loss.forward(hidden, labels, teacher_rows)
+            error = None
+        except RuntimeError as exc:
+            error = str(exc)
         if rank == 0:
-            torch.save({"ddp": ddp, "fsdp": fsdp}, out)
+            torch.save({"ddp": ddp, "fsdp": fsdp, "error": error}, out)
     finally:
         dist.destroy_process_group()
 
@@ -376,6 +382,7 @@ def test_two_gloo_ranks_ddp_and_fsdp2_match_one_process(tmp_path):
     (0.5 * (model(0) + model(1))).backward()
     expected = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
     assert sorted(got["ddp"]) == sorted(got["fsdp"]) == sorted(expected)
+    assert "sharded DTensor" in got["error"]
     for name, grad in expected.items():
         assert relative_error(got["ddp"][name], grad) < 1e-5, name
         assert relative_error(got["fsdp"][name], grad) < 1e-5, name
