@@ -161,6 +161,19 @@ def test_bf16_gradient_error_no_larger_than_the_unfused_path():
         assert fused_error <= unfused_error * 1.02, (name, fused_error, unfused_error)
 
 
+def test_autocast_runs_the_heads_in_its_dtype():
+    """As F.linear under autocast: bf16 GEMMs, fp32 parameters get fp32 gradients."""
+    student, teacher, labels, kl_mask = sample_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kl, ce = _fused(student, teacher, labels, kl_mask, chunk_rows=8)
+    (kl + ce).backward()
+    ref_kl, ref_ce, ref_grads = _reference(student, teacher, labels, kl_mask)
+    assert relative_error(kl, ref_kl) < TOL[torch.bfloat16] and relative_error(ce, ref_ce) < TOL[torch.bfloat16]
+    for name, grad in _grads(student).items():
+        assert grad.dtype == torch.float32
+        assert relative_error(grad, ref_grads[name]) < TOL[torch.bfloat16], name
+
+
 def test_teacher_gets_no_gradient_and_no_grad_computes_none():
     student, teacher, labels, kl_mask = sample_inputs()
     teacher = {k: v.requires_grad_() for k, v in teacher.items()}
