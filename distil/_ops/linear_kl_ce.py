@@ -48,10 +48,15 @@ _UNIT_SCALE_TOLERANCE = 2.4e-7
 
 
 def auto_chunk_rows(n_rows, vocab, bytes_per_logit):
-    """Rows per chunk when ``chunk_rows`` is None: the largest power of two whose two ``[rows, vocab]``
-    buffers fit :data:`CHUNK_BYTES` (at least 16), never more than N."""
+    """Rows per chunk when ``chunk_rows`` is None: at most the largest power of two whose two
+    ``[rows, vocab]`` buffers fit :data:`CHUNK_BYTES` (at least 16), and N split into that many equal
+    chunks (rows rounded up to a multiple of 16), so that no chunk is a small remainder and the buffers
+    are no bigger than the split needs; never more than N."""
     fit = max(16, CHUNK_BYTES // (2 * max(vocab, 1) * bytes_per_logit))
-    return max(1, min(1 << (fit.bit_length() - 1), n_rows))
+    most = 1 << (fit.bit_length() - 1)
+    chunks = max(1, -(-n_rows // most))
+    rows = (-(-n_rows // chunks) + 15) // 16 * 16
+    return max(1, min(rows, most, n_rows))
 
 
 def _linear_into(out, hidden, weight, bias):
