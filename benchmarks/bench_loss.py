@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from distil import reference
-from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss
+from distil._ops.linear_kl_ce import auto_chunk_rows
+from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss, linear_kl_ce_loss
 
 T = 2.0
 KL_WEIGHT, CE_WEIGHT = 5.0, 2.0  # DistilBERT's alpha_ce, alpha_mlm
@@ -90,6 +91,61 @@ def eager_triple(s, t, labels, sh, th, mask):
                           temperature=T)[0]
 
 
+# The LM head's hidden size H for each benchmarked V: DistilBERT (768 × 30522), LLaMA-3 (4096 × 128256),
+# a small head for the CPU memory sweep over N, and a tiny one for --quick.
+LINEAR_HIDDEN = {30522: 768, 128256: 4096, 8192: 256, 4096: 64}
+
+
+def ours_linear(hs, w, b, ht, wt, bt, labels):
+    kl, ce = linear_kl_ce_loss(hs, w, b, labels, teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt,
+                               temperature=T, kl_weight=KL_WEIGHT, ce_weight=CE_WEIGHT)
+    return KL_WEIGHT * kl + CE_WEIGHT * ce
+
+
+def _head_logits(hs, w, b, ht, wt, bt):
+    with torch.no_grad():
+        t = F.linear(ht, wt, bt)
+    return F.linear(hs, w, b), t
+
+
+def unfused_linear(hs, w, b, ht, wt, bt, labels):
+    """ours without the fusion: both heads' full logits, then kl_ce_loss."""
+    return ours_kl_ce(*_head_logits(hs, w, b, ht, wt, bt), labels)
+
+
+def eager_linear(hs, w, b, ht, wt, bt, labels):
+    """distiller.py's loss_ce and loss_mlm on the heads' full logits."""
+    return eager_kl_ce(*_head_logits(hs, w, b, ht, wt, bt), labels)
+
+
+def gemms_linear(hs, w, b, ht, wt, bt, labels):
+    """The same four GEMMs alone (both heads forward, the student's two backward ones), no loss: the
+    floor the fused path is measured against on the GPU."""
+    s, t = _head_logits(hs, w, b, ht, wt, bt)
+    return s.sum() + t.sum()
+
+
+def make_linear(n, v, dtype, device, *, seed=0):
+    """[n, H] student and teacher rows, both heads [V, H] (+ bias), 15% MLM labels; H = LINEAR_HIDDEN[v]."""
+    h = LINEAR_HIDDEN[v]
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape, scale=1.0, grad=False):
+        x = torch.randn(*shape, device=device, generator=gen).mul_(scale).to(dtype)
+        return x.requires_grad_(grad)
+
+    label_gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, v, (n,), generator=label_gen)
+    labels[torch.rand(n, generator=label_gen) >= LABELLED] = IGNORE
+    return {"hs": rand(n, h, grad=True), "w": rand(v, h, scale=h**-0.5, grad=True), "b": rand(v, scale=0.1, grad=True),
+            "ht": rand(n, h), "wt": rand(v, h, scale=h**-0.5), "bt": rand(v, scale=0.1), "labels": labels.to(device)}
+
+
+def linear_param_grad_bytes(n, v, dtype):
+    """The student head's weight and bias gradients: memory every variant must hold, left out of its peak."""
+    return (LINEAR_HIDDEN[v] + 1) * v * dtype.itemsize
+
+
 def make_logits(n, v, dtype, device, *, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
     s = torch.randn(n, v, dtype=dtype, device=device, generator=gen).mul_(2).requires_grad_()
@@ -132,6 +188,9 @@ class LossOp:
     make_inputs: Callable  # (n, v, dtype, device, *, seed) -> dict of keyword arguments
     bytes_moved: Callable  # (n, v, dtype) -> bytes a fused fwd+bwd must move
     liger: Optional[Callable] = None
+    unfused: Optional[Callable] = None  # ours without the op's fusion (linear_kl_ce: logits + kl_ce_loss)
+    gemms: Optional[Callable] = None  # CUDA: the op's GEMMs alone (linear_kl_ce)
+    excluded_bytes: Callable = lambda n, v, dtype: 0  # noqa: E731  (memory left out of the peak)
 
 
 OPS = {
@@ -139,6 +198,10 @@ OPS = {
     "kl": LossOp(ours_kl, eager_kl, make_logits, logits_bytes, liger=liger_kl),
     "cos": LossOp(ours_cos, eager_cos, make_logits, logits_bytes),  # "V" is the hidden size H here
     "triple": LossOp(ours_triple, eager_triple, make_triple, triple_bytes),
+    # Liger's fused-linear KL (LigerFusedLinearKLDivLoss) is unreleased and has no CE, T² or bias: no
+    # Liger variant here.
+    "linear_kl_ce": LossOp(ours_linear, eager_linear, make_linear, logits_bytes, unfused=unfused_linear,
+                           gemms=gemms_linear, excluded_bytes=linear_param_grad_bytes),
 }
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -147,6 +210,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def variants(op, names, device):
     """{variant: loss function} among ``names`` for this op on ``device`` (Liger: CUDA only)."""
     out = {"ours": op.ours, "eager": op.eager, "compile": torch.compile(op.eager, dynamic=False)}
+    if op.unfused is not None:
+        out["unfused"] = op.unfused
+    if op.gemms is not None and device == "cuda":
+        out["gemms"] = op.gemms
     if op.liger is not None and device == "cuda" and liger_available():
         out["liger"] = op.liger
     return {k: f for k, f in out.items() if k in names}
@@ -173,6 +240,8 @@ def cpu_plan(quick, ops):
         cells += [("kl_ce", "fp32", n, v, ("fwd+bwd",)) for n, v in ((256, 30522), (512, 50257))]
         cells += [("kl", "fp32", 512, 30522, ("fwd+bwd",))]
         cells += [("cos", "fp32", 16384, 768, MODES), ("triple", "fp32", 512, 30522, ("fwd+bwd",))]
+        cells += [("linear_kl_ce", "fp32", n, 30522, ("fwd+bwd",)) for n in (1024, 4096)]
+        cells += [("linear_kl_ce", "fp32", 128, 128256, ("fwd+bwd",))]
     return [c for c in cells if c[0] in ops]
 
 
@@ -185,6 +254,10 @@ def cuda_plan(quick, full, ops):
         grid = [("bf16", 8192, 30522), ("fp32", 8192, 30522), ("bf16", 2048, 30522), ("bf16", 16384, 30522),
                 ("bf16", 8192, 50257), ("bf16", 8192, 128256), ("fp32", 8192, 128256)]
     cells = [(op, dt, n, v, MODES) for op in ops if op in ("kl_ce", "kl") for dt, n, v in grid]
+    if "linear_kl_ce" in ops:
+        linear = [("bf16", 1024, 30522)] if quick else [("bf16", 8192, 30522), ("bf16", 16384, 30522),
+                                                         ("bf16", 8192, 128256)]
+        cells += [("linear_kl_ce", dt, n, v, MODES) for dt, n, v in linear]
     if "cos" in ops:  # (dtype, N, H)
         hidden = [("bf16", 1024, 768)] if quick else [("bf16", 16384, 768), ("fp32", 16384, 768), ("bf16", 16384, 4096)]
         cells += [("cos", dt, n, h, MODES) for dt, n, h in hidden]
@@ -238,7 +311,7 @@ def run_cell(op_name, dtype_name, n, v, modes, device, names, copy_gbs):
                 rec["loss_rel_err"] = errs[name]
             records.append(rec)
         if device == "cuda":
-            _time_cuda(records[-len(fns):], fns, sets, backward)
+            _time_cuda(records[-len(fns):], fns, sets, backward, op.excluded_bytes(n, v, dtype) if backward else 0)
         else:
             _time_cpu(records[-len(fns):], fns, sets[0], backward)
             if backward:
@@ -253,7 +326,7 @@ def run_cell(op_name, dtype_name, n, v, modes, device, names, copy_gbs):
     return records
 
 
-def _time_cuda(records, fns, sets, backward):
+def _time_cuda(records, fns, sets, backward, excluded):
     for rec, (name, fn) in zip(records, fns.items()):
         steps = [C.make_step(fn, inputs, backward, clear_grads=False) for inputs in sets]
         cycle = itertools.cycle(steps)
@@ -263,7 +336,7 @@ def _time_cuda(records, fns, sets, backward):
             rec["ms"] = C.median_ms_cuda(lambda: next(cycle)(), grad_to_none=leaves)
             for leaf in leaves:
                 leaf.grad = None
-            rec["peak_bytes"] = C.cuda_peak_bytes(steps[0])
+            rec["peak_bytes"] = C.cuda_peak_bytes(steps[0]) - excluded
         except Exception as exc:  # noqa: BLE001
             rec["status"] = "oom" if C.is_oom(exc) else f"error: {type(exc).__name__}"
             print(f"  {rec['op']} {name}: {_short(exc)}", file=sys.stderr)
@@ -298,7 +371,7 @@ def _rss_cpu(records, op_name, dtype_name, n, v, mode):
             continue
         argv = [os.path.abspath(__file__), "--rss-child", op_name, rec["variant"], dtype_name, str(n), str(v), mode]
         try:
-            rec["peak_bytes"] = C.peak_rss_subprocess(argv)
+            rec["peak_bytes"] = C.peak_rss_subprocess(argv) - OPS[op_name].excluded_bytes(n, v, DTYPES[dtype_name])
         except RuntimeError as exc:
             print(f"  {op_name} {rec['variant']} memory: {exc}", file=sys.stderr)
 
@@ -308,6 +381,72 @@ def rss_child(op_name, variant, dtype_name, n, v, mode):
     fn = variants(op, (variant,), "cpu")[variant]
     make = lambda: op.make_inputs(n, v, DTYPES[dtype_name], "cpu")  # noqa: E731
     C.rss_child_report(make, lambda inputs: C.make_step(fn, inputs, mode == "fwd+bwd")())
+
+
+SWEEP_N, SWEEP_V = (1024, 2048, 4096, 8192, 16384), 8192  # H = LINEAR_HIDDEN[8192]
+
+
+def linear_memory_sweep(quick):
+    """CPU peak memory (fresh process each) of the fused and unfused linear_kl_ce over N, fwd+bwd, above the
+    inputs and the head's parameter gradients: the fused path should grow only by the [N, H] hidden
+    gradient, the unfused one by the [N, V] logits and their gradient."""
+    ns, v = ((64, 128, 256), 4096) if quick else (SWEEP_N, SWEEP_V)
+    rows = []
+    for n in ns:
+        for variant in ("ours", "unfused"):
+            print(f"  linear_kl_ce memory sweep: {variant} N={n} ...", flush=True)
+            argv = [os.path.abspath(__file__), "--rss-child", "linear_kl_ce", variant, "fp32", str(n), str(v),
+                    "fwd+bwd"]
+            peak = C.peak_rss_subprocess(argv) - linear_param_grad_bytes(n, v, torch.float32)
+            rows.append(dict(variant=variant, n=n, h=LINEAR_HIDDEN[v], v=v, peak_bytes=peak))
+    return rows
+
+
+def sweep_table(rows):
+    by = {(r["variant"], r["n"]): r["peak_bytes"] for r in rows}
+    ns = sorted({r["n"] for r in rows})
+    h, v = rows[0]["h"], rows[0]["v"]
+    lines = [f"linear_kl_ce peak memory over N (fp32, H={h}, V={v}, fwd+bwd, MiB above inputs and parameter "
+             "gradients)", "", "| N | ours (fused) | unfused | fused / unfused | [N, H] fp32 |", "|---|---|---|---|---|"]
+    for n in ns:
+        ours, unfused = by[("ours", n)], by[("unfused", n)]
+        lines.append(f"| {n} | {ours / 2**20:.1f} | {unfused / 2**20:.1f} | {ours / unfused:.3f} | "
+                     f"{n * h * 4 / 2**20:.1f} |")
+    # Below the automatic chunk size the chunk is all N rows; from there on only [N, H] tensors grow.
+    chunk = auto_chunk_rows(ns[-1], v, 4)
+    full = [n for n in ns[:-1] if n >= chunk]
+    first = min(full or ns[:1])
+    state = "is full" if full else "is never full in this sweep"
+    growth = by[("ours", ns[-1])] - by[("ours", first)]
+    lines += ["", f"fused growth from N={first} (the automatic chunk, {chunk} rows, {state}) "
+                  f"to N={ns[-1]}: {growth / 2**20:.1f} MiB = {growth / ((ns[-1] - first) * h * 4):.2f}× the "
+                  "[ΔN, H] fp32 hidden gradient"]
+    return "\n".join(lines)
+
+
+def plot_sweep(stem, rows, title):
+    """Peak memory over N, fused vs unfused: the PNG path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for variant, label in (("ours", "fused (linear_kl_ce_loss)"), ("unfused", "F.linear ×2 + kl_ce_loss")):
+        pts = sorted((r["n"], r["peak_bytes"] / 2**20) for r in rows if r["variant"] == variant)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rows N")
+    ax.set_ylabel("peak MiB above inputs + param grads")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    path = C.RESULTS_DIR / f"{stem}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------- targets
@@ -341,6 +480,13 @@ def targets(records, device):
             ratio("kl_ce", "fp32", shape, "ours", "eager", key="peak_bytes"), 0.5, False)
         add("CPU cos fp32 16384×768 fwd+bwd: ≥ 2× faster than eager",
             ratio("cos", "fp32", (16384, 768), "ours", "eager"), 2.0, True)
+        linear = (4096, 30522)
+        add("CPU linear_kl_ce fp32 N=4096 H=768 V=30522 fwd+bwd: peak memory ≤ 0.2× ours-unfused",
+            ratio("linear_kl_ce", "fp32", linear, "ours", "unfused", key="peak_bytes"), 0.2, False)
+        add("CPU linear_kl_ce fp32 N=4096 H=768 V=30522 fwd+bwd: peak memory ≤ 0.1× eager",
+            ratio("linear_kl_ce", "fp32", linear, "ours", "eager", key="peak_bytes"), 0.1, False)
+        add("CPU linear_kl_ce fp32 N=4096 H=768 V=30522 fwd+bwd: time ≤ 1.0× ours-unfused",
+            _inverse(ratio("linear_kl_ce", "fp32", linear, "ours", "unfused")), 1.0, False)
     else:
         shape = (8192, 30522)
         ours = _find(records, "kl_ce", "bf16", shape, "ours")
@@ -358,9 +504,19 @@ def targets(records, device):
         triple = _find(records, "triple", "bf16", (16384, 30522), "ours")
         parts = [_find(records, op, dt, shp, "ours") for op, dt, shp in
                  (("kl_ce", "bf16", (16384, 30522)), ("cos", "bf16", (16384, 768)))]
+        add("GPU linear_kl_ce bf16 16384×30522 (H=768) fwd+bwd: ≥ 1.2× faster than ours-unfused",
+            ratio("linear_kl_ce", "bf16", (16384, 30522), "ours", "unfused"), 1.2, True)
+        add("GPU linear_kl_ce bf16 16384×30522 (H=768) fwd+bwd: ≤ 0.25× ours-unfused's peak memory",
+            ratio("linear_kl_ce", "bf16", (16384, 30522), "ours", "unfused", key="peak_bytes"), 0.25, False)
+        add("GPU linear_kl_ce bf16 8192×128256 (H=4096) fwd+bwd: ≤ 1.2× the same four GEMMs alone",
+            _inverse(ratio("linear_kl_ce", "bf16", (8192, 128256), "ours", "gemms")), 1.2, False)
         add("H100 triple bf16 16384×30522 (+H=768) fwd+bwd: ≤ 1.0× the sum of its fused parts",
             None if triple is None or None in parts else triple["ms"] / sum(p["ms"] for p in parts), 1.0, False)
     return rows
+
+
+def _inverse(x):
+    return None if x is None else 1.0 / x
 
 
 def targets_table(rows):
@@ -376,7 +532,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke run); results get a _quick suffix")
     p.add_argument("--full", action="store_true", help="CUDA: N in {2048,8192,16384} x V in {30522,50257,128256} x {fp32,bf16}")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    p.add_argument("--variants", default="ours,eager,compile,liger", help="comma-separated subset")
+    p.add_argument("--variants", default="ours,unfused,gemms,eager,compile,liger", help="comma-separated subset")
     C.add_output_args(p)
     p.add_argument("--rss-child", nargs=6, metavar=("OP", "VARIANT", "DTYPE", "N", "V", "MODE"),
                    help=argparse.SUPPRESS)
@@ -415,6 +571,7 @@ def main(argv=None):
         eta = (now - start) / (i + 1) * (len(plan) - i - 1)
         print(f" {C.format_seconds(now - cell_start)} (elapsed {C.format_seconds(now - start)}, "
               f"ETA {C.format_seconds(eta)})", flush=True)
+    sweep = linear_memory_sweep(args.quick) if device == "cpu" and "linear_kl_ce" in args.ops else []
     C.add_ratios(records)
     method = C.CUDA_MEMORY_METHOD if device == "cuda" else C.CPU_MEMORY_METHOD
     timing = ("triton.testing.do_bench median (L2 flushed between runs)" if device == "cuda" else
@@ -425,15 +582,26 @@ def main(argv=None):
     print()
     print(targets_table(goal_rows))
     print()
+    if sweep:
+        print(sweep_table(sweep))
+        print()
     print(f"Timing: {timing}. GB/s = 3·N·V·bytes / time (student and teacher read once, gradient written "
           f"once), fwd+bwd rows only; % of a {copy_gbs:.0f} GB/s copy measured in this run. {method}. "
           f"fwd = forward with student.requires_grad=True. Loss values checked against eager: "
           f"max rel. err {max((r.get('loss_rel_err', 0) for r in records), default=0):.1e}.")
-    stem = C.result_stem(f"loss_{device}_{C.machine_tag(device)}", args)
+    stem = f"loss_{device}_{C.machine_tag(device)}"
+    if list(args.ops) != list(OPS):  # a subset run does not overwrite the whole table
+        stem += "_" + "-".join(args.ops)
+    stem = C.result_stem(stem, args)
     path = C.write_json(stem, machine, records, copy_gbs=copy_gbs, timing=timing, memory_method=method,
-                        targets=[dict(target=a, measured=b, met=c) for a, b, c in goal_rows])
+                        targets=[dict(target=a, measured=b, met=c) for a, b, c in goal_rows],
+                        linear_kl_ce_memory_sweep=sweep)
     png = C.plot_records(stem, records, f"distil loss, {machine.get('gpu', machine['cpu'])}")
     print(f"\nwrote {path}" + (f" and {png}" if png else " (no matplotlib: no plot)"))
+    if sweep:
+        sweep_png = plot_sweep(f"{stem}_linear_memory", sweep,
+                               f"linear_kl_ce peak memory over N, {machine.get('gpu', machine['cpu'])}")
+        print(f"wrote {sweep_png}" if sweep_png else "(no matplotlib: no sweep plot)")
     return 0
 
 

@@ -22,7 +22,7 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
 
 @pytest.mark.parametrize("mode", B.MODES)
 @pytest.mark.parametrize("dtype,n,v", SHAPES, ids=[f"{d}-{n}x{v}" for d, n, v in SHAPES])
-@pytest.mark.parametrize("variant", ["ours", "eager", "compile", "liger"])
+@pytest.mark.parametrize("variant", ["ours", "unfused", "eager", "compile", "liger"])
 @pytest.mark.parametrize("op", list(B.OPS))
 def test_loss(benchmark, op, variant, dtype, n, v, mode):
     torch._dynamo.reset()  # a fresh static compile per case, clear of the recompile limit

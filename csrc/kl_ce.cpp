@@ -330,21 +330,13 @@ class RowRunner {
   std::vector<float> buf_;  // 3 V of scratch, then fp32 copies of narrower rows
 };
 
-std::tuple<Tensor, Tensor, Tensor> kl_ce_rows_cpu(const Tensor& student, const Tensor& teacher,
-                                                  const std::optional<Tensor>& labels,
-                                                  const std::optional<Tensor>& kl_mask, const Tensor& coef,
-                                                  double temperature, int64_t ignore_index, bool compute_grad) {
-  const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index);
-  const auto row_shape = student.sizes().slice(0, student.dim() - 1);
-  Tensor kl_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
-  Tensor ce_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
-  Tensor grad = compute_grad ? distil::cpu::empty_written_once(student.sizes(), student.options())
-                                 : at::empty({0}, student.options());
-  float* kl = kl_rows.data_ptr<float>();
-  float* ce = ce_rows.data_ptr<float>();
+// The forward's rows into kl / ce (fp32, one per row) and, when g is given, the gradient rows
+// (contiguous, student dtype). g may be the student's own storage: each row is read before it is
+// written.
+void kl_ce_rows_fill(const Problem& pb, float* kl, float* ce, void* g_data) {
   dispatch_pair(pb.student.scalar_type(), pb.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
-    S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
+    S* g = static_cast<S*>(g_data);
     at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
       RowRunner<S, decltype(t_tag)> runner(pb);
       for (int64_t r = begin; r < end; ++r) {
@@ -354,7 +346,41 @@ std::tuple<Tensor, Tensor, Tensor> kl_ce_rows_cpu(const Tensor& student, const T
       }
     });
   });
+}
+
+std::tuple<Tensor, Tensor, Tensor> kl_ce_rows_cpu(const Tensor& student, const Tensor& teacher,
+                                                  const std::optional<Tensor>& labels,
+                                                  const std::optional<Tensor>& kl_mask, const Tensor& coef,
+                                                  double temperature, int64_t ignore_index, bool compute_grad) {
+  const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index);
+  const auto row_shape = student.sizes().slice(0, student.dim() - 1);
+  Tensor kl_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
+  Tensor ce_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
+  Tensor grad = compute_grad ? distil::cpu::empty_written_once(student.sizes(), student.options())
+                              : at::empty({0}, student.options());
+  kl_ce_rows_fill(pb, kl_rows.data_ptr<float>(), ce_rows.data_ptr<float>(),
+                  compute_grad ? grad.data_ptr() : nullptr);
   return {kl_rows, ce_rows, grad};
+}
+
+void kl_ce_rows_into_cpu(const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& labels,
+                         const std::optional<Tensor>& kl_mask, const Tensor& coef, double temperature,
+                         int64_t ignore_index, Tensor& kl_rows, Tensor& ce_rows, const std::optional<Tensor>& grad) {
+  const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index);
+  for (const auto& [name, x] : {std::pair<const char*, const Tensor&>{"kl_rows", kl_rows}, {"ce_rows", ce_rows}}) {
+    check_rows_tensor(name, x, student, at::kFloat);
+    TORCH_CHECK_VALUE(x.is_contiguous(), "kl_ce_rows_into: ", name, " must be contiguous");
+  }
+  if (grad) {
+    check_cpu("grad", *grad);
+    TORCH_CHECK_TYPE(grad->scalar_type() == student.scalar_type(), "kl_ce_rows_into: grad must have dtype ",
+                     student.scalar_type(), ", got ", grad->scalar_type());
+    TORCH_CHECK_VALUE(grad->sizes() == student.sizes() && grad->is_contiguous(),
+                      "kl_ce_rows_into: grad must be contiguous with shape ", student.sizes(), ", got ",
+                      grad->sizes(), " with strides ", grad->strides());
+  }
+  kl_ce_rows_fill(pb, kl_rows.data_ptr<float>(), ce_rows.data_ptr<float>(),
+                  grad ? const_cast<Tensor&>(*grad).data_ptr() : nullptr);
 }
 
 void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Tensor& grad_ce_rows,
@@ -421,6 +447,12 @@ TORCH_LIBRARY_FRAGMENT(distil, m) {
   m.def(
       "kl_ce_rows(Tensor student, Tensor teacher, Tensor? labels, Tensor? kl_mask, Tensor coef, "
       "float temperature, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  // kl_ce_rows into the caller's buffers: kl_rows, ce_rows fp32 contiguous over the row dims, grad
+  // (optional) contiguous in the student's shape and dtype. grad may be the student tensor itself
+  // (each row is read before it is written), so that a chunked caller keeps one [rows, V] buffer.
+  m.def(
+      "kl_ce_rows_into(Tensor student, Tensor teacher, Tensor? labels, Tensor? kl_mask, Tensor coef, "
+      "float temperature, int ignore_index, Tensor(a!) kl_rows, Tensor(b!) ce_rows, Tensor(c!)? grad) -> ()");
   // Turns the forward's grad (made for coef) into the gradient for the incoming per-row
   // gradients, in place: nothing when they equal coef, a per-row scale when they are
   // proportional to it, else a recomputation.
@@ -431,5 +463,6 @@ TORCH_LIBRARY_FRAGMENT(distil, m) {
 
 TORCH_LIBRARY_IMPL(distil, CPU, m) {
   m.impl("kl_ce_rows", &kl_ce_rows_cpu);
+  m.impl("kl_ce_rows_into", &kl_ce_rows_into_cpu);
   m.impl("kl_ce_rows_backward", &kl_ce_rows_backward_cpu);
 }

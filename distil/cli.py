@@ -68,6 +68,8 @@ class TrainConfig:
     alpha_cos: float = _option(1.0, "weight of the cosine loss between last hidden states")
     temperature: float = _option(2.0, "softmax temperature of the KL loss")
     restrict_kl_to_mask: bool = _option(False, "KL on masked tokens only (default: every non-pad token)")
+    fused_head: bool = _option(True, "both LM heads' projections fused into the KL+CE loss (linear_kl_ce_loss): "
+                                     "the [rows, V] logits are never built")
     mask_prop: float = _option(0.15, "fraction of tokens masked")
     word_mask: float = _option(0.8, "share of masked tokens replaced by the mask token")
     word_keep: float = _option(0.1, "share of masked tokens kept unchanged")

@@ -8,6 +8,7 @@ from torch import nn
 from distil._ops.common import check_non_negative_finite, check_positive_finite, check_tensor
 from distil._ops.cosine import cosine_loss
 from distil._ops.kl_ce import kl_ce_loss, kl_div_loss
+from distil._ops.linear_kl_ce import LinearKLCELoss
 
 IGNORE_INDEX = -100  # distiller.py's "not masked" label
 
@@ -35,6 +36,13 @@ class DistillationLoss(nn.Module):
     - ``cos``: ``nn.CosineEmbeddingLoss(reduction="mean")`` with target +1 between the student's and
       the teacher's last hidden states over the non-pad tokens.
 
+    With ``student_head`` (and ``teacher_head``), the output projections (``nn.Linear``, e.g.
+    ``model.get_output_embeddings()``), the module takes the rows *before* the projection
+    (``student_head_input`` / ``teacher_head_input``, after each head's transform; see
+    :class:`~distil.fused_loss.LinearKLCELoss` for where that is in BERT, DistilBERT, RoBERTa and LLaMA)
+    instead of logits, and runs :func:`~distil.fused_loss.linear_kl_ce_loss`: the ``[rows, V]`` logits
+    never exist. The teacher may instead give ``teacher_logits`` (e.g. cached).
+
     The rows are selected in the kernels (no ``masked_select`` copies), and each part's gradient is
     prepared in the forward for exactly ``total.backward()``.  A zero alpha skips its part entirely:
     ``alpha_kl=0`` never reads the teacher's logits (pass ``None``), ``alpha_cos=0`` never reads the
@@ -42,7 +50,8 @@ class DistillationLoss(nn.Module):
     DistilBERT README recipe (``--alpha_ce 5.0 --alpha_mlm 2.0 --alpha_cos 1.0``, temperature 2).
     """
 
-    def __init__(self, alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, restrict_kl_to_mask=False):
+    def __init__(self, alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, restrict_kl_to_mask=False,
+                 student_head=None, teacher_head=None, chunk_rows=None):
         super().__init__()
         self.alpha_kl = check_non_negative_finite("alpha_kl", alpha_kl)
         self.alpha_mlm = check_non_negative_finite("alpha_mlm", alpha_mlm)
@@ -53,57 +62,84 @@ class DistillationLoss(nn.Module):
         if not isinstance(restrict_kl_to_mask, bool):
             raise TypeError(f"restrict_kl_to_mask must be a bool, got {type(restrict_kl_to_mask).__name__}")
         self.restrict_kl_to_mask = restrict_kl_to_mask
+        if student_head is None and teacher_head is not None:
+            raise ValueError("teacher_head needs a student_head")
+        # The heads' loss is a submodule, so FSDP2 can shard it (its forward gathers the heads).
+        self.head_loss = None if student_head is None else LinearKLCELoss(
+            student_head, teacher_head, temperature=self.temperature, ignore_index=IGNORE_INDEX,
+            kl_weight=self.alpha_kl, ce_weight=self.alpha_mlm, chunk_rows=chunk_rows)
 
     def extra_repr(self):
         return (f"alpha_kl={self.alpha_kl}, alpha_mlm={self.alpha_mlm}, alpha_cos={self.alpha_cos}, "
                 f"temperature={self.temperature}, restrict_kl_to_mask={self.restrict_kl_to_mask}")
 
-    def forward(self, student_logits, teacher_logits, labels, student_hidden=None, teacher_hidden=None,
-                attention_mask=None):
+    def forward(self, student_logits=None, teacher_logits=None, labels=None, student_hidden=None,
+                teacher_hidden=None, attention_mask=None, *, student_head_input=None, teacher_head_input=None):
         """Args:
-            student_logits, teacher_logits: ``[B, S, V]``, or ``[M, V]`` rows already gathered.
+            student_logits, teacher_logits: ``[B, S, V]``, or ``[M, V]`` rows already gathered. With heads,
+                ``student_logits`` is None and ``teacher_logits`` optional (instead of ``teacher_head_input``).
             labels: int64/int32 ``[B, S]`` / ``[M]``, the masked-LM targets, -100 where not masked.
             student_hidden, teacher_hidden: last hidden states ``[B, S, H]`` / ``[M, H]`` (equal H). Rows
                 gathered beforehand may be a different set than the logits' rows (``[M', H]``).
             attention_mask: bool ``[B, S]`` / ``[M]``, True at real (non-pad) tokens; ``None`` means
                 every row is a real token (the usual case for pre-gathered rows).
+            student_head_input, teacher_head_input: with heads, the rows each projection multiplies
+                (``[B, S, Hs]`` / ``[M, Hs]`` and ``[.., Ht]``; Hs and Ht may differ).
         Returns:
             :class:`DistillationLossOutput` ``(total, kl, mlm, cos)``.
         """
-        check_tensor("student_logits", student_logits, ndims=(2, 3))
-        rows = tuple(student_logits.shape[:-1])
-        device = student_logits.device
+        if self.head_loss is None:
+            lead_name, lead = "student_logits", student_logits
+            if student_head_input is not None or teacher_head_input is not None:
+                raise ValueError("student_head_input / teacher_head_input need DistillationLoss(student_head=...)")
+        else:
+            lead_name, lead = "student_head_input", student_head_input
+            if student_logits is not None:
+                raise ValueError("this DistillationLoss projects with its heads: pass student_head_input, "
+                                 "not student_logits")
+        check_tensor(lead_name, lead, ndims=(2, 3))
+        rows = tuple(lead.shape[:-1])
+        device = lead.device
+        if labels is None:
+            raise ValueError("labels is required")
         check_tensor("labels", labels)
         if tuple(labels.shape) != rows:
-            raise ValueError(f"labels must have shape {rows} (the logits' row dims), got {tuple(labels.shape)}")
+            raise ValueError(f"labels must have shape {rows} (the {lead_name} row dims), got {tuple(labels.shape)}")
         if attention_mask is not None:
             check_tensor("attention_mask", attention_mask)
             if attention_mask.dtype != torch.bool:
                 raise TypeError(f"attention_mask must be a torch.bool tensor (use .bool()), got {attention_mask.dtype}")
             if tuple(attention_mask.shape) != rows:
-                raise ValueError(f"attention_mask must have shape {rows} (the logits' row dims), "
+                raise ValueError(f"attention_mask must have shape {rows} (the {lead_name} row dims), "
                                  f"got {tuple(attention_mask.shape)}")
         # Pre-gathered rows ([M, .], no attention_mask) may gather the hidden states with another mask
         # than the logits (e.g. masked-only KL rows, non-pad cosine rows): then only the two hidden
         # tensors must agree, which cosine_loss checks.
-        own_hidden_rows = attention_mask is None and student_logits.dim() == 2
-        for name, t in (("teacher_logits", teacher_logits), ("student_hidden", student_hidden),
-                        ("teacher_hidden", teacher_hidden)):
-            if t is None or (own_hidden_rows and name != "teacher_logits"):
+        own_hidden_rows = attention_mask is None and lead.dim() == 2
+        for name, t in (("teacher_logits", teacher_logits), ("teacher_head_input", teacher_head_input),
+                        ("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+            if t is None or (own_hidden_rows and name in ("student_hidden", "teacher_hidden")):
                 continue
             if tuple(t.shape[:-1]) != rows:
-                raise ValueError(f"{name} must have the row dims {rows} of student_logits, got shape {tuple(t.shape)}")
+                raise ValueError(f"{name} must have the row dims {rows} of {lead_name}, got shape {tuple(t.shape)}")
 
         zero = torch.zeros((), dtype=torch.float32, device=device)
         kl = mlm = cos = zero
-        if self.alpha_kl > 0:
+        kl_mask = attention_mask
+        if self.restrict_kl_to_mask:
+            kl_mask = labels != IGNORE_INDEX
+            if attention_mask is not None:
+                kl_mask = kl_mask & attention_mask
+        if self.head_loss is not None and (self.alpha_kl > 0 or self.alpha_mlm > 0):
+            if self.alpha_kl > 0 and teacher_logits is None and teacher_head_input is None:
+                raise ValueError("teacher_head_input (or teacher_logits) is required when alpha_kl > 0")
+            use_kl = self.alpha_kl > 0
+            kl, mlm = self.head_loss(student_head_input, labels if self.alpha_mlm > 0 else None,
+                                     teacher_head_input if use_kl else None,
+                                     teacher_logits=teacher_logits if use_kl else None, kl_mask=kl_mask)
+        elif self.alpha_kl > 0:
             if teacher_logits is None:
                 raise ValueError("teacher_logits is required when alpha_kl > 0")
-            kl_mask = attention_mask
-            if self.restrict_kl_to_mask:
-                kl_mask = labels != IGNORE_INDEX
-                if attention_mask is not None:
-                    kl_mask = kl_mask & attention_mask
             if self.alpha_mlm > 0:
                 kl, mlm = kl_ce_loss(
                     student_logits, teacher_logits, labels, temperature=self.temperature, kl_mask=kl_mask,

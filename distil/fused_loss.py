@@ -1,6 +1,6 @@
 """The public loss API of distil: fused DistilBERT losses that other trainers import.
 
-Every function takes raw logits (or hidden states) of shape ``[N, D]`` or ``[B, S, D]`` with row
+Every function takes raw logits (or hidden states; ``linear_kl_ce_loss`` the rows the LM heads project) of shape ``[N, D]`` or ``[B, S, D]`` with row
 masks / labels of shape ``[N]`` / ``[B, S]``; nothing of shape ``[..., D]`` is copied. CUDA tensors
 run the Triton kernels of :mod:`distil.kernels`, CPU tensors the C++ kernels of ``distil._C``; both
 have the same semantics. The gradient w.r.t. the student is computed in the forward pass, so the
@@ -15,6 +15,8 @@ This module only re-exports: each op lives in its own module under :mod:`distil.
 """
 from distil._ops.cosine import cosine_loss
 from distil._ops.kl_ce import kl_ce_loss, kl_div_loss
+from distil._ops.linear_kl_ce import LinearKLCELoss, linear_kl_ce_loss
 from distil.distillation_loss import DistillationLoss, DistillationLossOutput
 
-__all__ = ["kl_div_loss", "kl_ce_loss", "cosine_loss", "DistillationLoss", "DistillationLossOutput"]
+__all__ = ["kl_div_loss", "kl_ce_loss", "cosine_loss", "linear_kl_ce_loss", "LinearKLCELoss", "DistillationLoss",
+           "DistillationLossOutput"]

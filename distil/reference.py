@@ -5,7 +5,8 @@ and what the benchmarks time as "eager" (in the inputs' dtype). Not fast, by des
 - distiller.py's losses (Hugging Face ``examples/research_projects/distillation/distiller.py``,
   ``Distiller.step`` in MLM mode, restated from its definition): :func:`distiller_kl`,
   :func:`distiller_mlm`, :func:`distiller_cos` and the weighted step :func:`distiller_loss`, with its
-  row selection by ``masked_select`` on full-size expanded masks.
+  row selection by ``masked_select`` on full-size expanded masks, and the same on LM heads' logits,
+  :func:`linear_distiller_losses` (what ``linear_kl_ce_loss`` fuses).
 """
 import torch
 import torch.nn as nn
@@ -101,6 +102,17 @@ def distiller_loss(student_logits, teacher_logits, labels, student_hidden, teach
     else:
         cos = distiller_cos(select_rows(student_hidden, attention_mask), select_rows(teacher_hidden, attention_mask))
     return alpha_kl * kl + alpha_mlm * mlm + alpha_cos * cos, kl, mlm, cos
+
+
+def linear_distiller_losses(student_hidden, student_weight, student_bias, teacher_logits, labels, kl_mask, *,
+                            temperature=2.0):
+    """``(kl, mlm)`` of :func:`distiller_loss` on the student head's logits ``F.linear(student_hidden,
+    student_weight, student_bias)`` (what ``linear_kl_ce_loss`` fuses): the KL over the ``kl_mask`` rows
+    (None = all), the cross-entropy over the labelled rows."""
+    student_logits = F.linear(student_hidden, student_weight, student_bias)
+    _, kl, mlm, _ = distiller_loss(student_logits, teacher_logits, labels, None, None, kl_mask, alpha_cos=0.0,
+                                   temperature=temperature)
+    return kl, mlm
 
 
 def distiller_step(student, teacher, input_ids, attention_mask, labels, *, restrict_kl_to_mask, alpha_kl=5.0,

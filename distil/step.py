@@ -12,12 +12,13 @@ from distil.ops import masked_gather
 from distil.student import lm_adapter
 
 
-def select_rows(adapter, input_ids, attention_mask, logit_mask, hidden_mask):
+def select_rows(adapter, input_ids, attention_mask, logit_mask, hidden_mask, project=True):
     """Body on the whole batch, LM head on the ``logit_mask`` rows only. Returns (logits [M, V] of the
     ``logit_mask`` rows, last hidden rows [M', H] of the ``hidden_mask`` rows); either mask may be None
     (that output is None, and no head runs without ``logit_mask``), and ``hidden_mask is logit_mask``
     reuses one gather. The eager equivalent is ``model(...).logits[logit_mask]`` and
-    ``hidden_states[-1][hidden_mask]``."""
+    ``hidden_states[-1][hidden_mask]``. With ``project=False`` the first output is the head's transform
+    of those rows (what the output projection multiplies), for the fused head loss."""
     hidden = adapter.body(input_ids, attention_mask)
     logit_rows = None if logit_mask is None else masked_gather(hidden, logit_mask)[0]
     if hidden_mask is None:
@@ -26,7 +27,9 @@ def select_rows(adapter, input_ids, attention_mask, logit_mask, hidden_mask):
         hidden_rows = logit_rows
     else:
         hidden_rows = masked_gather(hidden, hidden_mask)[0]
-    return (None if logit_rows is None else adapter.head(logit_rows)), hidden_rows
+    if logit_rows is not None:
+        logit_rows = adapter.head(logit_rows) if project else adapter.transform(logit_rows)
+    return logit_rows, hidden_rows
 
 
 class StudentRows(nn.Module):
@@ -38,13 +41,14 @@ class StudentRows(nn.Module):
         self.student = student
         self._adapter = lm_adapter(student)
 
-    def forward(self, input_ids, attention_mask, logit_mask, hidden_mask):
-        return select_rows(self._adapter, input_ids, attention_mask, logit_mask, hidden_mask)
+    def forward(self, input_ids, attention_mask, logit_mask, hidden_mask, project=True):
+        return select_rows(self._adapter, input_ids, attention_mask, logit_mask, hidden_mask, project)
 
 
 class StepRows(NamedTuple):
     """The rows one step's loss reads: ``labels`` belong to the logit rows; a ``None`` is a part that
-    the loss weights switch off (teacher logits without KL, hidden rows without cosine)."""
+    the loss weights switch off (teacher logits without KL, hidden rows without cosine). With a fused-head
+    loss the two "logits" are the rows each output projection multiplies."""
 
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor | None
@@ -65,6 +69,8 @@ class DistillationStep:
     rows itself, so ``loss_fn`` sees only those rows and must not restrict them a second time.
     Parts weighted 0 are not computed: without KL the logits are the masked rows only and the teacher's
     LM head does not run; without KL and cosine the teacher does not run at all.
+    A ``loss_fn`` built with the models' heads (``DistillationLoss(student_head=..., teacher_head=...)``)
+    gets the heads' transformed rows instead of logits: the fused head, no ``[M, V]`` logits at all.
     """
 
     def __init__(self, student_rows, teacher, loss_fn, *, restrict_kl_to_mask=False, autocast_dtype=None):
@@ -88,16 +94,21 @@ class DistillationStep:
         logit_mask = non_pad if with_kl and not self.restrict_kl_to_mask else labels != -100
         hidden_mask = (logit_mask if logit_mask is non_pad else non_pad) if with_cos else None
         device_type = input_ids.device.type
+        project = self.loss_fn.head_loss is None  # with heads in the loss: the rows each projection multiplies
         with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             t_logits = t_hidden = None
             if with_kl or with_cos:
                 with torch.no_grad():
                     t_logits, t_hidden = select_rows(self.teacher_adapter, input_ids, attention_mask,
-                                                     logit_mask if with_kl else None, hidden_mask)
-            s_logits, s_hidden = self.student_rows(input_ids, attention_mask, logit_mask, hidden_mask)
+                                                     logit_mask if with_kl else None, hidden_mask, project)
+            s_logits, s_hidden = self.student_rows(input_ids, attention_mask, logit_mask, hidden_mask, project)
         return StepRows(s_logits, t_logits, labels[logit_mask], s_hidden, t_hidden)
 
     def __call__(self, input_ids, attention_mask, labels):
         # Pre-gathered rows: the cosine rows (non-pad) may differ from the logit rows, which
         # DistillationLoss accepts when no attention mask is passed.
-        return self.loss_fn(*self.rows(input_ids, attention_mask, labels), None)
+        rows = self.rows(input_ids, attention_mask, labels)
+        if self.loss_fn.head_loss is None:
+            return self.loss_fn(*rows, None)
+        return self.loss_fn(None, None, rows.labels, rows.student_hidden, rows.teacher_hidden, None,
+                            student_head_input=rows.student_logits, teacher_head_input=rows.teacher_logits)

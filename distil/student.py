@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     BertForMaskedLM,
     DistilBertConfig,
@@ -219,16 +220,24 @@ def save_student(student, path, tokenizer=None):
 
 
 class LMAdapter:
-    """A masked-LM model split into ``body`` and ``head`` so that logits can be computed on
+    """A masked-LM model split into ``body``, ``transform`` and ``projection`` so that logits (or the
+    rows the projection multiplies, for :func:`distil.fused_loss.linear_kl_ce_loss`) can be computed on
     selected rows only.  ``head(body(ids, mask))`` equals ``model(input_ids=ids,
-    attention_mask=mask).logits`` (BERT: ``model.bert`` then ``model.cls``; RoBERTa:
-    ``model.roberta`` then ``model.lm_head``; DistilBERT: ``model.distilbert`` then
-    ``vocab_transform`` -> activation -> ``vocab_layer_norm`` -> ``vocab_projector``)."""
+    attention_mask=mask).logits``, with ``head = projection ∘ transform`` (BERT: ``model.bert``, then
+    ``cls.predictions.transform`` and ``cls.predictions.decoder``; RoBERTa: ``model.roberta``, then
+    ``lm_head.dense`` -> GELU -> ``lm_head.layer_norm`` and ``lm_head.decoder``; DistilBERT:
+    ``model.distilbert``, then ``vocab_transform`` -> activation -> ``vocab_layer_norm`` and
+    ``vocab_projector``). ``projection`` is ``model.get_output_embeddings()``."""
 
-    def __init__(self, model, body_module, head_fn):
+    def __init__(self, model, body_module, transform_fn):
         self.model = model
         self._body_module = body_module
-        self._head_fn = head_fn
+        self._transform_fn = transform_fn
+
+    @property
+    def projection(self):
+        """The output projection ``nn.Linear`` ``[V, H]`` (with its bias)."""
+        return self.model.get_output_embeddings()
 
     def body(self, input_ids, attention_mask):
         """Last hidden states ``[B, S, H]`` for int64 ``input_ids`` and ``attention_mask`` ``[B, S]``."""
@@ -240,29 +249,31 @@ class LMAdapter:
             )
         return self._body_module(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def head(self, hidden_rows):
-        """Vocabulary logits ``[..., V]`` for hidden states ``[..., H]`` (any leading shape)."""
+    def transform(self, hidden_rows):
+        """The rows the projection multiplies, ``[..., H]``, for hidden states ``[..., H]``."""
         check_tensor("hidden_rows", hidden_rows)
         if hidden_rows.dim() == 0 or hidden_rows.shape[-1] != self.model.config.hidden_size:
             raise ValueError(
                 f"hidden_rows must end in the hidden size {self.model.config.hidden_size}, got shape {tuple(hidden_rows.shape)}"
             )
-        return self._head_fn(hidden_rows)
+        return self._transform_fn(hidden_rows)
+
+    def head(self, hidden_rows):
+        """Vocabulary logits ``[..., V]`` for hidden states ``[..., H]`` (any leading shape)."""
+        return self.projection(self.transform(hidden_rows))
 
 
 def lm_adapter(model):
     """The :class:`LMAdapter` of a ``BertForMaskedLM``, ``RobertaForMaskedLM`` or
     ``DistilBertForMaskedLM``."""
     if isinstance(model, BertForMaskedLM):
-        return LMAdapter(model, model.bert, model.cls)
+        return LMAdapter(model, model.bert, model.cls.predictions.transform)
     if isinstance(model, RobertaForMaskedLM):
-        return LMAdapter(model, model.roberta, model.lm_head)
+        head = model.lm_head
+        return LMAdapter(model, model.roberta, lambda hidden: head.layer_norm(F.gelu(head.dense(hidden))))
     if isinstance(model, DistilBertForMaskedLM):
-
-        def distilbert_head(hidden):
-            return model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(hidden))))
-
-        return LMAdapter(model, model.distilbert, distilbert_head)
+        return LMAdapter(model, model.distilbert,
+                         lambda hidden: model.vocab_layer_norm(model.activation(model.vocab_transform(hidden))))
     raise TypeError(
         "model must be a BertForMaskedLM, RobertaForMaskedLM or DistilBertForMaskedLM, "
         f"got {type(model).__name__}"

@@ -8,7 +8,9 @@ Equivalent of the paper's ``train.py`` + ``Distiller`` (Hugging Face
   (every other teacher layer) unless ``--student`` names a directory;
 - dynamic masking (:class:`distil.masking.MLMMasker`) of length-grouped batches
   (:class:`distil.data.LengthGroupedBatches`);
-- loss :class:`distil.fused_loss.DistillationLoss` on gathered rows only (:class:`distil.step.DistillationStep`);
+- loss :class:`distil.fused_loss.DistillationLoss` on gathered rows only (:class:`distil.step.DistillationStep`),
+  the output projections fused into the KL+CE loss (:func:`distil.fused_loss.linear_kl_ce_loss`: no
+  ``[rows, V]`` logits; ``--no-fused-head`` builds the logits);
 - AdamW (betas 0.9/0.98, eps 1e-6), linear warmup (5%) then linear decay, gradient accumulation,
   clipping at 5.0, bf16/fp16 autocast on GPU;
 - DDP under ``torchrun`` (NCCL on GPU, gloo on CPU).
@@ -211,7 +213,13 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             rows = nn.parallel.DistributedDataParallel(rows, device_ids=ids)
         self.rows = rows
-        self.step_fn = DistillationStep(rows, self.teacher, loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
+        heads = {}
+        if config.fused_head:  # the output projections fused into the KL+CE loss: no [rows, V] logits
+            heads = dict(student_head=self.student.get_output_embeddings(),
+                         teacher_head=self.teacher.get_output_embeddings())
+        train_loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_mlm,
+                                         alpha_cos=config.alpha_cos, temperature=config.temperature, **heads)
+        self.step_fn = DistillationStep(rows, self.teacher, train_loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
                                         autocast_dtype=self.autocast_dtype)
 
         sequences = load_corpus(text_files(config.data), self.tokenizer, max_length=config.max_length)

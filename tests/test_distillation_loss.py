@@ -188,3 +188,33 @@ def test_pre_gathered_hidden_rows_may_differ_from_logit_rows():
     assert relative_error(out.total, 5 * kl + 2 * mlm + cos) <= 1e-6
     with pytest.raises(ValueError, match="student_hidden"):
         DistillationLoss()(s.view(2, 3, 50), t.view(2, 3, 50), labels.view(2, 3), sh, th)
+
+
+@pytest.mark.parametrize("restrict", [False, True])
+@pytest.mark.parametrize("alphas", [(5.0, 2.0, 1.0), (0.0, 2.0, 1.0), (5.0, 0.0, 0.0)])
+@pytest.mark.parametrize("teacher_kind", ["head", "logits"])
+def test_heads_instead_of_logits_equal_the_logits_path(restrict, alphas, teacher_kind):
+    """DistillationLoss(student_head=, teacher_head=) on the head inputs = DistillationLoss on the heads' logits."""
+    _, _, labels, s_hidden, t_hidden, attention_mask = make_batch()
+    student_head, teacher_head = torch.nn.Linear(24, 37), torch.nn.Linear(16, 37).requires_grad_(False)
+    s_rows = s_hidden.clone().requires_grad_()
+    t_rows = torch.randn(*t_hidden.shape[:-1], 16)
+    kwargs = dict(alpha_kl=alphas[0], alpha_mlm=alphas[1], alpha_cos=alphas[2], restrict_kl_to_mask=restrict)
+    plain = DistillationLoss(**kwargs)
+    out = plain(student_head(s_rows), teacher_head(t_rows), labels, s_rows, t_hidden, attention_mask)
+    out.total.backward()
+    expected = [out, s_rows.grad.clone(), student_head.weight.grad.clone(), student_head.bias.grad.clone()]
+    s_rows.grad = None
+    student_head.zero_grad()
+
+    fused = DistillationLoss(**kwargs, student_head=student_head,
+                             teacher_head=teacher_head if teacher_kind == "head" else None, chunk_rows=4)
+    teacher = (dict(teacher_head_input=t_rows) if teacher_kind == "head"
+               else dict(teacher_logits=teacher_head(t_rows)))
+    out = fused(None, labels=labels, student_hidden=s_rows, teacher_hidden=t_hidden, attention_mask=attention_mask,
+                student_head_input=s_rows, **teacher)
+    out.total.backward()
+    for got, want in zip(out, expected[0]):
+        assert relative_error(got, want) < 1e-5
+    for got, want in zip((s_rows.grad, student_head.weight.grad, student_head.bias.grad), expected[1:]):
+        assert relative_error(got, want) < 1e-5

@@ -254,6 +254,41 @@ def test_triton_writes_row_slices_of_caller_buffers(triton_device):
     assert relative_error(grad, ref_grad) <= 1e-5
 
 
+@pytest.mark.parametrize("impl", ["cpu", "triton", "triton_chunked"])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 5, 6, 8, 9], ids=lambda i: SAMPLE_NAMES[i])
+def test_into_writes_the_callers_buffers_and_may_overwrite_the_student(triton_device, impl, index):
+    """kl_ce_rows_into (C++ op on CPU; its CUDA entry is the Triton launcher) equals kl_ce_rows, also with
+    grad = the student itself, as the fused LM-head loss calls it (one [rows, V] buffer per chunk)."""
+    sample = sample_inputs(impl_device(impl, triton_device))[index]
+    coef = torch.tensor([0.7, 1.3], device=sample.s.device)
+    s = sample.s.contiguous()
+    sample = sample._replace(s=s)
+    want = forward(impl, sample, coef)
+    rows = s.shape[:-1]
+    for aliased in (False, True):
+        kl, ce = nan_empty(rows, torch.float32, s.device), nan_empty(rows, torch.float32, s.device)
+        student = s.clone()
+        grad = student if aliased else nan_empty(s.shape, s.dtype, s.device)
+        args = (student, sample.t, _contiguous(sample.labels), _contiguous(sample.kl_mask), coef,
+                sample.temperature, sample.ignore_index, kl, ce, grad)
+        if impl == "cpu":
+            torch.ops.distil.kl_ce_rows_into(*args)
+        else:
+            K.kl_ce_rows(*args, block_v=16 if impl == "triton_chunked" and s.shape[-1] <= 512 else None)
+        for got, ref in zip((kl, ce, grad), want):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_into_opcheck():
+    sample = sample_inputs()[1]
+    s = sample.s.contiguous()
+    rows = s.shape[:-1]
+    args = (s, sample.t, sample.labels, sample.kl_mask, torch.tensor([0.5, 0.5]), sample.temperature,
+            sample.ignore_index, torch.empty(rows), torch.empty(rows))
+    torch.library.opcheck(torch.ops.distil.kl_ce_rows_into.default, (*args, torch.empty_like(s)))
+    torch.library.opcheck(torch.ops.distil.kl_ce_rows_into.default, (*args, None))
+
+
 def test_cpu_forward_many_rows_across_threads():
     # 32K logits per task at V=7: several parallel_for tasks, each with several rows.
     s, t, labels, mask = make_inputs((12000,), 7)

@@ -53,9 +53,10 @@ def state(workdir, out, step):
 
 
 # ------------------------------------------------------------------ the step itself
+@pytest.mark.parametrize("fused_head", [True, False])
 @pytest.mark.parametrize("as_distilbert", [False, True])
 @pytest.mark.parametrize("restrict", [False, True])
-def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert):
+def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert, fused_head):
     tok = bert_tokenizer()
     vocab = len(tok)
     teacher = tiny_bert(vocab, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -70,7 +71,10 @@ def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert):
     ref = distiller_step(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=restrict)
     ref[0].backward()
 
-    loss_fn = DistillationLoss()
+    heads = {}
+    if fused_head:  # the projections fused into the KL+CE loss
+        heads = dict(student_head=student.get_output_embeddings(), teacher_head=teacher.get_output_embeddings())
+    loss_fn = DistillationLoss(**heads)
     out = DistillationStep(StudentRows(student), teacher, loss_fn, restrict_kl_to_mask=restrict)(masked, attn, labels)
     out.total.backward()
     assert ref[1] > 0.1

@@ -72,6 +72,30 @@ def check_row_mask(name, mask, rows_shape, device):
     return mask
 
 
+def check_labels(labels, rows_shape, vocab, device, ignore_index):
+    """int64/int32 ``labels`` over the row dims, each in ``[0, vocab)`` or ``ignore_index``. Returns
+    ``(labels as int64, labelled mask)``. Out-of-range labels raise on CPU; on CUDA (and under
+    torch.compile) a device-side assert, as PyTorch's own cross_entropy, so that no host sync is needed."""
+    check_tensor("labels", labels)
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an integer (int64 or int32) tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(rows_shape):
+        raise ValueError(f"labels must have shape {tuple(rows_shape)} (the row dims), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but the rows are on {device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    labels = labels.long()
+    labelled = labels != ignore_index
+    bad = labelled & ((labels < 0) | (labels >= vocab))
+    if labels.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "labels out of range [0, V) (other than ignore_index)")
+    elif bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
+    return labels, labelled
+
+
 def check_positive_finite(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")

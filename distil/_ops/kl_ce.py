@@ -6,6 +6,7 @@ import torch
 
 from distil._ops.common import (
     announced_coef,
+    check_labels,
     check_non_negative_finite,
     check_op_rows,
     check_pair,
@@ -57,6 +58,21 @@ if _triton_kl_ce is not None:
                                      temperature, ignore_index, kl_rows, ce_rows, grad)
         return kl_rows, ce_rows, student.new_empty(0) if grad is None else grad
 
+    @torch.library.register_kernel("distil::kl_ce_rows_into", "cuda")
+    def _kl_ce_rows_into_cuda(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
+                              grad):
+        _check_op_args(student, teacher, labels, kl_mask, coef)
+        rows = student.shape[:-1]
+        for name, x in (("kl_rows", kl_rows), ("ce_rows", ce_rows)):
+            if x.shape != rows or x.dtype != torch.float32 or not x.is_contiguous():
+                raise ValueError(f"kl_ce_rows_into: {name} must be contiguous float32 of shape {tuple(rows)}")
+        if grad is not None and (grad.shape != student.shape or grad.dtype != student.dtype
+                                 or not grad.is_contiguous()):
+            raise ValueError("kl_ce_rows_into: grad must be contiguous with the student's shape and dtype")
+        with torch.cuda.device(student.device):
+            _triton_kl_ce.kl_ce_rows(student, teacher, _contiguous(labels), _contiguous(kl_mask), coef,
+                                     temperature, ignore_index, kl_rows, ce_rows, grad)
+
     @torch.library.register_kernel("distil::kl_ce_rows_backward", "cuda")
     def _kl_ce_rows_backward_cuda(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
                                   temperature, ignore_index):
@@ -77,6 +93,12 @@ def _kl_ce_rows_fake(student, teacher, labels, kl_mask, coef, temperature, ignor
     ce = student.new_empty(rows, dtype=torch.float32)
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
     return kl, ce, grad
+
+
+@torch.library.register_fake("distil::kl_ce_rows_into")
+def _kl_ce_rows_into_fake(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
+                          grad):
+    return None
 
 
 @torch.library.register_fake("distil::kl_ce_rows_backward")
@@ -119,31 +141,6 @@ def _check_logits(student_logits, teacher_logits):
         # The teacher gets no gradient; a trainer that forgot torch.no_grad() would silently get None.
         teacher_logits = teacher_logits.detach()
     return teacher_logits
-
-
-def _check_labels(labels, student_logits, ignore_index):
-    check_tensor("labels", labels)
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be an integer (int64 or int32) tensor, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
-        raise ValueError(
-            f"labels must have shape {tuple(student_logits.shape[:-1])} (the logits' row dims), got {tuple(labels.shape)}"
-        )
-    if labels.device != student_logits.device:
-        raise ValueError(f"labels is on {labels.device} but student_logits is on {student_logits.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    labels = labels.long()
-    vocab = student_logits.shape[-1]
-    labelled = labels != ignore_index
-    bad = labelled & ((labels < 0) | (labels >= vocab))
-    if labels.is_cuda or torch.compiler.is_compiling():
-        # No host sync: a device-side assert, as PyTorch's own cross_entropy does on CUDA.
-        torch._assert_async(~bad.any(), "labels out of range [0, V) (other than ignore_index)")
-    elif bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
-    return labels, labelled
 
 
 def loss_coef(kl_weight, kl_count, ce_weight, ce_count, device):
@@ -211,7 +208,8 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
     teacher_logits = _check_logits(student_logits, teacher_logits)
     temperature = check_positive_finite("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
-    labels, labelled = _check_labels(labels, student_logits, ignore_index)
+    labels, labelled = check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1],
+                                    student_logits.device, ignore_index)
     kl_weight = check_non_negative_finite("kl_weight", kl_weight)
     ce_weight = check_non_negative_finite("ce_weight", ce_weight)
     kl_count = row_count(kl_mask, student_logits.shape[:-1])
