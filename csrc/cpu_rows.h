@@ -1,15 +1,30 @@
-// Helpers shared by the CPU kernels of the row-wise losses (kl_ce_cpu.cpp, cosine_cpu.cpp):
-// dispatch on the float dtypes we accept, and addressing of row r of an [N, D] or [B, S, D]
-// tensor read in place through its strides.
+// Helpers shared by the CPU kernels of the row-wise losses (kl_ce_cpu.cpp, cosine_cpu.cpp,
+// topk_kl_ce.cpp): dispatch on the float dtypes we accept, addressing of row r of an [N, D] or
+// [B, S, D] tensor read in place through its strides, and the vectorisable fp32 row primitives
+// (exp, max, dtype conversion).
+//
+// The extension is built without -march, so the row kernels are compiled once per x86-64 level
+// with GCC's target_clones (an ifunc picks the clone at load time, as ATen's DispatchStub picks
+// its DEFAULT/AVX2/AVX512 kernels): a kernel marks its row function DISTIL_CLONES and the
+// always-inline primitives below are vectorised inside every clone.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DISTIL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DISTIL_CLONES
+#endif
+#define DISTIL_INLINE inline __attribute__((always_inline))
 
 namespace distil::cpu {
 
@@ -45,6 +60,73 @@ struct RowOffsets {
 
 inline RowOffsets row_offsets(const at::Tensor& x, int64_t row_dims) {
   return {std::max<int64_t>(x.size(row_dims - 1), 1), row_dims == 2 ? x.stride(0) : 0, x.stride(row_dims - 1)};
+}
+
+// One value per row (labels, masks, per-row gradients) read in place.
+template <typename T>
+struct RowValues {
+  const T* data;
+  RowOffsets off;
+  T operator[](int64_t r) const { return data[off(r)]; }
+};
+
+template <typename T>
+RowValues<T> row_values(const at::Tensor& x, int64_t row_dims) {
+  return {x.const_data_ptr<T>(), row_offsets(x, row_dims)};
+}
+
+inline void check_cpu(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", x.device());
+}
+
+// A per-row tensor of `rows`' leading (row) dims with the given dtype.
+inline void check_rows_tensor(const char* op, const char* name, const at::Tensor& x, const at::Tensor& rows,
+                              at::ScalarType dtype) {
+  check_cpu(op, name, x);
+  TORCH_CHECK_TYPE(x.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", x.scalar_type());
+  const auto shape = rows.sizes().slice(0, rows.dim() - 1);
+  TORCH_CHECK_VALUE(x.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", x.sizes());
+}
+
+// e^x for x <= 0 (always a logit minus its row maximum): Cody-Waite reduction
+// x = n ln2 + r, |r| <= ln2/2, a degree-6 Taylor polynomial (error ~1e-7 relative)
+// and 2^n built in the exponent bits.  Results below e^-87 (~1.6e-38, where 2^n
+// would leave the normal range) are flushed to 0, so e^-inf = 0.  Branch-free so
+// that the loops calling it vectorise.
+DISTIL_INLINE float exp_nonpos(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer (no -ffast-math
+  // here, so the compiler keeps both operations).
+  const float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float two_n = c10::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+DISTIL_INLINE float row_max(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+template <typename T>
+DISTIL_INLINE void load_row(float* dst, const T* src, int64_t V) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+template <typename T>
+DISTIL_INLINE void store_row(T* dst, const float* src, int64_t V) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
 }  // namespace distil::cpu
