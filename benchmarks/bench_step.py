@@ -10,7 +10,7 @@ Both variants use the same models, batch and masks:
 - ``eager``: ``Distiller.step`` of the paper's ``distiller.py`` in MLM mode (see :func:`eager_loss`):
   full ``[B, S, V]`` logits for teacher and student, ``masked_select`` with expanded masks,
   ``nn.KLDivLoss`` / ``nn.CrossEntropyLoss`` / ``nn.CosineEmbeddingLoss``;
-- ``ours``: :class:`distil.train.DistillationStep` (what ``distil-train`` runs): bodies on the batch,
+- ``ours``: :class:`distil.step.DistillationStep` (what ``distil-train`` runs): bodies on the batch,
   ``masked_gather`` of the loss rows, both LM heads on those rows only, fused losses.
 
 Modes: ``kl=non-pad`` (the default recipe) and ``kl=masked`` (``--restrict-kl-to-mask``).
@@ -31,7 +31,7 @@ from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker
 from distil.reference import distiller_loss
 from distil.student import build_student
-from distil.train import DistillationStep, StudentRows
+from distil.step import DistillationStep, StudentRows
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -95,7 +95,7 @@ def make_step(variant, inputs):
     device = ids.device.type
     if variant == "ours":
         loss_fn = DistillationLoss(alpha_kl=ALPHA_KL, alpha_mlm=ALPHA_MLM, alpha_cos=ALPHA_COS,
-                                   temperature=T, restrict_kl_to_mask=restrict)
+                                   temperature=T)
         step_fn = DistillationStep(StudentRows(student), teacher, loss_fn, restrict_kl_to_mask=restrict,
                                    autocast_dtype=dtype)
 

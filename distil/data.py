@@ -1,5 +1,6 @@
 """Corpus loading and length-grouped, resumable batching for distillation.
 
+- :func:`text_files`: the text files named by files and folders (what ``distil-train --data`` takes).
 - :func:`load_corpus`: text files -> token-id sequences, as the paper's ``scripts/binarized_data.py``
   plus the cleaning in its ``LmSeqsDataset`` (split over-long sequences, drop short and
   mostly-unknown ones), with the fast tokenizer's batch encoding.
@@ -45,6 +46,21 @@ def _pieces(content, first, last, unk_id, width):
         if unk_id is not None and seq.count(unk_id) >= MAX_UNK_FRACTION * len(seq):
             continue
         yield seq
+
+
+def text_files(paths):
+    """The text files named by ``paths``: files as given, folders expanded to their ``*.txt`` (sorted)."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(p.rglob("*.txt")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"data path {str(p)!r} is neither a file nor a folder")
+    if not files:
+        raise ValueError(f"data: no .txt files under {list(map(str, paths))}")
+    return files
 
 
 def load_corpus(paths, tokenizer, max_length=512):

@@ -1,4 +1,5 @@
-"""The DistilBERT recipe as a thin trainer: ``python -m distil.train`` / ``distil-train``.
+"""The DistilBERT recipe's training loop: :class:`Trainer` (run by ``distil-train``, see :mod:`distil.cli`;
+``python -m distil.train`` runs the same CLI).
 
 Equivalent of the paper's ``train.py`` + ``Distiller`` (Hugging Face
 ``examples/research_projects/distillation``) with the MLM objective, on our fused path:
@@ -22,9 +23,7 @@ it as a whole, cuts it into ``grad_accum * world_size`` near-equal slices and ha
 of rank ``r`` slice ``a * world_size + r``. So K ranks with accumulation A compute exactly what one process with accumulation A·K computes
 (the mean over micro-batches of each micro-batch's mean loss, as ``distiller.py`` does).
 """
-import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -38,12 +37,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from distil import _validate
-from distil.data import LengthGroupedBatches, load_corpus
+from distil.data import LengthGroupedBatches, load_corpus, text_files
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker, token_counts
-from distil.ops import masked_gather
-from distil.student import build_student, lm_adapter, save_student
+from distil.step import DistillationStep, StudentRows
+from distil.student import build_student, save_student
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -51,135 +49,6 @@ METRICS = "metrics.jsonl"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every option of the trainer (the CLI flags are these names with dashes). Defaults are the
-    paper's recipe (REFERENCE.md), except ``batch_size``/``grad_accum`` which are per run."""
-
-    teacher: str
-    data: list
-    output_dir: str
-    student: str | None = None
-    student_layers: int | None = None
-    as_distilbert: bool = False
-    max_length: int = 512
-    batch_size: int = 5
-    grad_accum: int = 50
-    epochs: int = 3
-    max_steps: int | None = None
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup: float = 0.05
-    adam_eps: float = 1e-6
-    max_grad_norm: float = 5.0
-    alpha_kl: float = 5.0
-    alpha_mlm: float = 2.0
-    alpha_cos: float = 1.0
-    temperature: float = 2.0
-    restrict_kl_to_mask: bool = False
-    mask_prop: float = 0.15
-    word_mask: float = 0.8
-    word_keep: float = 0.1
-    word_rand: float = 0.1
-    smoothing: float = 0.7
-    seed: int = 56
-    precision: str = "auto"
-    save_every: int = 500
-    log_every: int = 10
-    resume: bool = False
-    progress: bool = True
-
-    def validate(self):
-        for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every", "max_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be a positive int or None, got {self.max_steps!r}")
-        _validate.check_positive_finite("lr", self.lr)
-        _validate.check_positive_finite("max_grad_norm", self.max_grad_norm)
-        _validate.check_non_negative_finite("weight_decay", self.weight_decay)
-        if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if not Path(self.teacher).is_dir():
-            raise ValueError(f"teacher must be a local model directory, got {self.teacher!r}")
-        if not self.data:
-            raise ValueError("data must name at least one text file or folder")
-
-
-def text_files(paths):
-    """The text files named by ``paths``: files as given, folders expanded to their ``*.txt`` (sorted)."""
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(sorted(p.rglob("*.txt")))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ValueError(f"data path {str(p)!r} is neither a file nor a folder")
-    if not files:
-        raise ValueError(f"data: no .txt files under {list(map(str, paths))}")
-    return files
-
-
-def select_rows(adapter, input_ids, attention_mask, kl_mask, cos_mask):
-    """Body on the whole batch, LM head on the KL rows only. Returns (logits [M, V] of the ``kl_mask``
-    rows, last hidden rows [M', H] of the ``cos_mask`` rows; the KL rows themselves when ``cos_mask``
-    is None). The eager equivalent is ``model(...).logits[kl_mask]`` and ``hidden_states[-1][cos_mask]``."""
-    hidden = adapter.body(input_ids, attention_mask)
-    kl_hidden = masked_gather(hidden, kl_mask)[0]
-    cos_hidden = kl_hidden if cos_mask is None else masked_gather(hidden, cos_mask)[0]
-    return adapter.head(kl_hidden), cos_hidden
-
-
-class StudentRows(nn.Module):
-    """The student's part of a step as one module, so that DDP wrapping it sees a forward call
-    (the adapter calls the model's submodules directly, which would bypass DDP's hooks)."""
-
-    def __init__(self, student):
-        super().__init__()
-        self.student = student
-        self._adapter = lm_adapter(student)
-
-    def forward(self, input_ids, attention_mask, kl_mask, cos_mask):
-        return select_rows(self._adapter, input_ids, attention_mask, kl_mask, cos_mask)
-
-
-class DistillationStep:
-    """Loss of one micro-batch on the fused path (used by the trainer and by benchmarks/bench_step.py).
-
-    ``__call__(input_ids, attention_mask, labels)`` returns the :class:`DistillationLoss` result for
-    masked ``input_ids`` [B, S], ``attention_mask`` [B, S] and ``labels`` [B, S] (-100 where not
-    masked). Equals ``Distiller.step`` of ``distiller.py`` in MLM mode (KL on every non-pad token, or
-    on masked tokens only with ``restrict_kl_to_mask``; CE on masked tokens; cosine on non-pad
-    tokens' last hidden states) without materialising the [B, S, V] logits.
-    ``student_rows`` is a :class:`StudentRows` or the DDP module that wraps one.
-    """
-
-    def __init__(self, student_rows, teacher, loss_fn, *, restrict_kl_to_mask=False, autocast_dtype=None):
-        self.student_rows = student_rows
-        self.teacher_adapter = lm_adapter(teacher)
-        self.loss_fn = loss_fn
-        self.restrict_kl_to_mask = restrict_kl_to_mask
-        self.autocast_dtype = autocast_dtype
-
-    def __call__(self, input_ids, attention_mask, labels):
-        non_pad = attention_mask.bool()
-        # restrict: KL rows = masked rows (MLM rows = KL rows) and the cosine needs its own non-pad gather;
-        # default: KL rows = non-pad rows ⊇ MLM rows, and the cosine reuses them.
-        kl_mask, cos_mask = (labels != -100, non_pad) if self.restrict_kl_to_mask else (non_pad, None)
-        device_type = input_ids.device.type
-        with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            with torch.no_grad():
-                t_logits, t_hidden = select_rows(self.teacher_adapter, input_ids, attention_mask, kl_mask, cos_mask)
-            s_logits, s_hidden = self.student_rows(input_ids, attention_mask, kl_mask, cos_mask)
-        # Pre-gathered rows: with restrict the cosine rows (non-pad) differ from the KL/MLM rows (masked),
-        # which DistillationLoss accepts when no attention mask is passed.
-        return self.loss_fn(s_logits, t_logits, labels[kl_mask], s_hidden, t_hidden, None)
 
 
 def _load_teacher(path, device, dtype):
@@ -209,10 +78,10 @@ def _atomic_save(obj, path):
 
 
 class Trainer:
-    """Builds everything from a :class:`TrainConfig` and runs :meth:`fit`. Under ``torchrun`` (the
+    """Builds everything from a :class:`distil.cli.TrainConfig` and runs :meth:`fit`. Under ``torchrun`` (the
     ``WORLD_SIZE`` environment variable > 1) it joins the process group itself."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config):
         from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
         config.validate()
@@ -251,7 +120,6 @@ class Trainer:
             alpha_mlm=config.alpha_mlm,
             alpha_cos=config.alpha_cos,
             temperature=config.temperature,
-            restrict_kl_to_mask=config.restrict_kl_to_mask,
         )
         self.step_fn = DistillationStep(
             rows, self.teacher, loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
@@ -471,45 +339,7 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
 
 
-def parse_args(argv=None) -> TrainConfig:
-    """CLI flags → :class:`TrainConfig` (one flag per field, dashes for underscores)."""
-    parser = argparse.ArgumentParser(prog="distil-train", description=__doc__.split("\n\n")[0])
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default
-        if field.name == "data":
-            parser.add_argument(flag, nargs="+", required=True, help="text files or folders of *.txt")
-        elif field.name in ("teacher", "output_dir"):
-            parser.add_argument(flag, required=True)
-        elif field.name == "progress":
-            parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true")
-        elif field.name == "precision":
-            parser.add_argument(flag, default=default, choices=["auto", "fp32", "bf16", "fp16"])
-        else:
-            kind = {"student": str, "student_layers": int, "max_steps": int}.get(field.name, type(default))
-            parser.add_argument(flag, type=kind, default=default)
-    return TrainConfig(**vars(parser.parse_args(argv)))
-
-
-def main(argv=None):
-    """Console entry point ``distil-train`` (also ``python -m distil.train``)."""
-    config = parse_args(argv)
-    trainer = None
-    try:
-        trainer = Trainer(config)
-        status = trainer.fit()
-    except NonFiniteLossError as err:
-        print(f"distil-train: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if trainer.rank == 0:
-        print(f"distil-train: {status} at step {trainer.step}; output in {config.output_dir}", file=sys.stderr)
-    return 0
-
-
 if __name__ == "__main__":
+    from distil.cli import main
+
     sys.exit(main())

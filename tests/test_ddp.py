@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distil.train import METRICS, Trainer, TrainConfig
+from distil.cli import TrainConfig
+from distil.train import METRICS, Trainer
 from tiny import bert_tokenizer, tiny_bert, write_corpus
 
 STEPS = 3

@@ -1,6 +1,7 @@
 """distil.train: the fused-path step against distiller.py's eager step (float64), bit-exact resume,
 atomic checkpoints, NaN stop, SIGTERM, the CLI end to end (BERT, RoBERTa, DistilBERT students)."""
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -16,17 +17,9 @@ from transformers import AutoModelForMaskedLM
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker
 from distil.student import build_student
-from distil.train import (
-    CHECKPOINT,
-    METRICS,
-    DistillationStep,
-    NonFiniteLossError,
-    StudentRows,
-    Trainer,
-    TrainConfig,
-    main,
-    parse_args,
-)
+from distil.cli import TrainConfig, main, parse_args
+from distil.step import DistillationStep, StudentRows
+from distil.train import CHECKPOINT, METRICS, NonFiniteLossError, Trainer
 from tiny import bert_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
 
 from conftest import relative_error
@@ -79,7 +72,7 @@ def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert):
     ref = eager_loss(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=restrict)
     ref[0].backward()
 
-    loss_fn = DistillationLoss(restrict_kl_to_mask=restrict)
+    loss_fn = DistillationLoss()
     out = DistillationStep(StudentRows(student), teacher, loss_fn, restrict_kl_to_mask=restrict)(masked, attn, labels)
     out.total.backward()
     assert ref[1] > 0.1
@@ -183,12 +176,47 @@ def test_cli_end_to_end_gives_a_student_that_transformers_loads(workdir, teacher
     assert layers == 2
 
 
+# One non-default value per TrainConfig field: a field without a value here fails the test, so every new
+# flag is covered.
+NON_DEFAULT_FLAGS = {
+    "teacher": "t", "data": ["a.txt", "b"], "output_dir": "o", "student": "s", "student_layers": 3,
+    "as_distilbert": True, "max_length": 128, "batch_size": 7, "grad_accum": 3, "epochs": 2, "max_steps": 9,
+    "lr": 1e-3, "weight_decay": 0.01, "warmup": 0.1, "adam_eps": 1e-8, "max_grad_norm": 1.0, "alpha_kl": 0.5,
+    "alpha_mlm": 0.25, "alpha_cos": 0.0, "temperature": 4.0, "restrict_kl_to_mask": True, "mask_prop": 0.2,
+    "word_mask": 0.7, "word_keep": 0.2, "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "seed": 3, "precision": "fp32",
+    "save_every": 11, "log_every": 5, "resume": True, "progress": False,
+}
+
+
 def test_parse_args_maps_every_flag():
-    cfg = parse_args(["--teacher", "t", "--data", "a.txt", "b", "--output-dir", "o", "--restrict-kl-to-mask",
-                      "--student-layers", "3", "--lr", "1e-3", "--precision", "fp32", "--no-progress"])
-    assert cfg.data == ["a.txt", "b"] and cfg.restrict_kl_to_mask and cfg.student_layers == 3
-    assert cfg.lr == 1e-3 and cfg.precision == "fp32" and cfg.progress is False
-    assert (cfg.alpha_kl, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature, cfg.seed) == (5.0, 2.0, 1.0, 2.0, 56)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(NON_DEFAULT_FLAGS) == set(fields)
+    argv = []
+    for name, value in NON_DEFAULT_FLAGS.items():
+        assert value != fields[name].default, name
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + flag[2:])
+        else:
+            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
+    assert dataclasses.asdict(parse_args(argv)) == NON_DEFAULT_FLAGS
+    defaults = parse_args(["--teacher", "t", "--data", "d", "--output-dir", "o"])
+    assert dataclasses.asdict(defaults) == {**{n: f.default for n, f in fields.items()},
+                                            "teacher": "t", "data": ["d"], "output_dir": "o"}
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(TrainConfig):
+        flag = ("--no-" if field.default is True else "--") + field.name.replace("_", "-")
+        assert flag in text, flag
+        if field.default is not dataclasses.MISSING and not isinstance(field.default, bool):
+            assert f"(default: {field.default})" in text, field.name
 
 
 @pytest.mark.parametrize("field, value, error, match", [
@@ -200,6 +228,8 @@ def test_parse_args_maps_every_flag():
     ("precision", "fp8", ValueError, "precision"),
     ("teacher", "/nonexistent", ValueError, "teacher"),
     ("max_steps", 0, ValueError, "max_steps"),
+    ("temperature", 0.0, ValueError, "temperature"),
+    ("temperature", float("nan"), ValueError, "temperature"),
 ])
 def test_config_validation_names_the_argument(workdir, field, value, error, match):
     with pytest.raises(error, match=match):
