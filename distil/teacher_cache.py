@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distil._ops.common import check_positive_finite
+from distil._validate import check_positive_finite
 from distil.data import load_corpus, text_files
 from distil.masking import MLMMasker, token_counts
 from distil.ops import masked_gather
@@ -105,7 +105,7 @@ def _to_numpy(t, dtype_name):
 
 
 def _from_numpy(a, dtype_name):
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    t = torch.from_numpy(np.array(a))  # a copy: the mapped pages are read-only
     return t.view(torch.bfloat16) if dtype_name == "bfloat16" else t
 
 
