@@ -61,7 +61,7 @@ from distil.kernels.rows import LN2, LOG2E, finite_lse, online_lse_update, row_f
 
 TAIL_FLOOR: tl.constexpr = tl.constexpr(2.0**-16)
 # Teacher entries per block: k up to this is one block, larger k is streamed in blocks of it.
-MAX_BLOCK_K = 256
+MAX_BLOCK_K = 128
 
 
 @triton.jit
