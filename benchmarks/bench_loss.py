@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss
-from distil.reference import distiller_loss
+from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss, topk_kl_ce_loss
+from distil.reference import TAIL_FLOOR, distiller_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -79,6 +79,26 @@ def eager_cos(s, t):
     return nn.CosineEmbeddingLoss(reduction="mean")(s, t, s.new_ones(s.shape[0]))
 
 
+TOPK = 64  # teacher logits per token of a teacher cache (distil-cache-teacher's default)
+
+
+def ours_topk(s, values, index, lse, labels):
+    kl, ce = topk_kl_ce_loss(s, values, index, labels, teacher_lse=lse, temperature=T, kl_weight=KL_WEIGHT,
+                             ce_weight=CE_WEIGHT)
+    return KL_WEIGHT * kl + CE_WEIGHT * ce
+
+
+def eager_topk(s, values, index, lse, labels):
+    """The exact top-k KL (k entries + the tail bucket) and the CE in plain PyTorch."""
+    log_p = F.log_softmax(s.float() / T, -1).gather(-1, index.long())
+    log_q = values.float() / T - lse[:, None]
+    q = log_q.exp()
+    q_tail = (1 - q.sum(-1)).clamp_min(TAIL_FLOOR)
+    p_tail = (1 - log_p.exp().sum(-1)).clamp_min(TAIL_FLOOR)
+    kl = ((q * (log_q - log_p)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())).mean() * T**2
+    return KL_WEIGHT * kl + CE_WEIGHT * F.cross_entropy(s, labels, ignore_index=IGNORE)
+
+
 HIDDEN = 768  # the triple loss's hidden size (BERT-base)
 _TRIPLE = DistillationLoss(alpha_kl=KL_WEIGHT, alpha_mlm=CE_WEIGHT, alpha_cos=1.0, temperature=T)
 
@@ -108,6 +128,16 @@ def make_logits_labels(n, v, dtype, device, *, seed=0):
     return {**inputs, "labels": labels.masked_fill_(unlabelled, IGNORE)}
 
 
+def make_topk(n, v, dtype, device, *, seed=0):
+    """The student logits and labels of kl_ce, and the teacher as a cache holds it: its TOPK largest
+    logits (fp16) with int16 indices (int32 above 32767) and its lse at T."""
+    inputs = make_logits_labels(n, v, dtype, device, seed=seed)
+    t = inputs.pop("t").float()
+    values, index = t.topk(TOPK, -1)
+    index = index.to(torch.int16 if v <= 32767 else torch.int32)
+    return {**inputs, "values": values.half(), "index": index, "lse": torch.logsumexp(t / T, -1)}
+
+
 def make_triple(n, v, dtype, device, *, seed=0):
     """[n, V] logits + [n, HIDDEN] last hidden states, 15% MLM labels, 10% padding rows."""
     inputs = make_logits_labels(n, v, dtype, device, seed=seed)
@@ -121,6 +151,11 @@ def make_triple(n, v, dtype, device, *, seed=0):
 
 def triple_bytes(n, v, dtype):
     return 3 * n * (v + HIDDEN) * dtype.itemsize
+
+
+def topk_bytes(n, v, dtype):
+    """Student read once and its gradient written once, plus the k teacher entries (fp16 + index)."""
+    return n * (2 * v * dtype.itemsize + TOPK * (2 + (2 if v <= 32767 else 4)))
 
 
 def logits_bytes(n, v, dtype):
@@ -142,6 +177,7 @@ OPS = {
     "kl": LossOp(ours_kl, eager_kl, make_logits, logits_bytes, liger=liger_kl),
     "cos": LossOp(ours_cos, eager_cos, make_logits, logits_bytes),  # "V" is the hidden size H here
     "triple": LossOp(ours_triple, eager_triple, make_triple, triple_bytes),
+    "topk_kl_ce": LossOp(ours_topk, eager_topk, make_topk, topk_bytes),  # k = TOPK, exact mode
 }
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -176,6 +212,7 @@ def cpu_plan(quick, ops):
         cells += [("kl_ce", "fp32", n, v, ("fwd+bwd",)) for n, v in ((256, 30522), (512, 50257))]
         cells += [("kl", "fp32", 512, 30522, ("fwd+bwd",))]
         cells += [("cos", "fp32", 16384, 768, MODES), ("triple", "fp32", 512, 30522, ("fwd+bwd",))]
+        cells += [("topk_kl_ce", "fp32", *CPU_MAIN, MODES)]
     return [c for c in cells if c[0] in ops]
 
 
@@ -191,6 +228,9 @@ def cuda_plan(quick, full, ops):
     if "cos" in ops:  # (dtype, N, H)
         hidden = [("bf16", 1024, 768)] if quick else [("bf16", 16384, 768), ("fp32", 16384, 768), ("bf16", 16384, 4096)]
         cells += [("cos", dt, n, h, MODES) for dt, n, h in hidden]
+    if "topk_kl_ce" in ops:  # beside kl_ce at the same shapes
+        cells += [("topk_kl_ce", dt, n, v, MODES) for dt, n, v in
+                  ([("bf16", 1024, 30522)] if quick else [("bf16", 16384, 30522), ("bf16", 8192, 30522)])]
     if "triple" in ops:  # beside kl_ce at the same shape: end to end vs the sum of its parts
         cells += [("triple", "bf16", *((1024, 30522) if quick else (16384, 30522)), MODES)]
     return cells
@@ -344,6 +384,9 @@ def targets(records, device):
             ratio("kl_ce", "fp32", shape, "ours", "eager", key="peak_bytes"), 0.5, False)
         add("CPU cos fp32 16384×768 fwd+bwd: ≥ 2× faster than eager",
             ratio("cos", "fp32", (16384, 768), "ours", "eager"), 2.0, True)
+        dense, topk = _find(records, "kl_ce", "fp32", shape, "ours"), _find(records, "topk_kl_ce", "fp32", shape, "ours")
+        add(f"CPU topk_kl_ce k={TOPK} fp32 2048×30522 fwd+bwd: ≥ 1.3× faster than dense kl_ce_loss",
+            None if dense is None or topk is None else dense["ms"] / topk["ms"], 1.3, True)
     else:
         shape = (8192, 30522)
         ours = _find(records, "kl_ce", "bf16", shape, "ours")
@@ -358,6 +401,9 @@ def targets(records, device):
         add("H100 cos bf16 16384×768 fwd+bwd: ≥ 85% of copy bandwidth",
             None if cos is None else 100 * cos["copy_share"], 85.0, True, unit="%")
         add("H100 cos bf16 16384×768 fwd+bwd: ≥ 4× eager", ratio("cos", "bf16", (16384, 768), "ours", "eager"), 4.0, True)
+        topk = _find(records, "topk_kl_ce", "bf16", (16384, 30522), "ours")
+        add(f"GPU topk_kl_ce k={TOPK} bf16 16384×30522 fwd+bwd: ≥ 85% of copy bandwidth (2·V·e + k·(e+idx) per row)",
+            None if topk is None else 100 * topk["copy_share"], 85.0, True, unit="%")
         triple = _find(records, "triple", "bf16", (16384, 30522), "ours")
         parts = [_find(records, op, dt, shp, "ours") for op, dt, shp in
                  (("kl_ce", "bf16", (16384, 30522)), ("cos", "bf16", (16384, 768)))]
