@@ -2,10 +2,11 @@
 // contract (both teacher modes, their formulas and gradients, the tail floor, the -inf policy) is
 // the docstring of kernels/topk_kl_ce.py, the CUDA twin; this file follows it line by line.
 //
-// One thread handles whole rows (at::parallel_for).  Per row: the maximum and the two exp-sums of
-// the student row (at T and at 1, keeping the exponentials for the gradient), then the k teacher
-// entries with the student's values at their indices, then the gradient: dense over V, plus a
-// correction at the k indices.  Invalid indices (outside [0, V), or repeated within a row) raise;
+// One thread handles whole rows (at::parallel_for).  Per row: one read of the student row for its
+// maximum and two exp-sums (at T and at 1, blockwise online, keeping the exponentials for the
+// gradient, the KL ones in the gradient buffer itself), then the k teacher entries with the
+// student's values at their indices, then the gradient: dense over V from the kept exponentials,
+// plus a correction at the k indices.  Invalid indices (outside [0, V), or repeated within a row) raise;
 // only rows whose KL term is used read their indices.
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -46,6 +47,7 @@ using at::Tensor;
 using distil::cpu::check_cpu;
 using distil::cpu::check_rows_tensor;
 using distil::cpu::dispatch_pair;
+using distil::cpu::empty_for_overwrite;
 using distil::cpu::exp_nonpos;
 using distil::cpu::load_row;
 using distil::cpu::row_max;
@@ -85,38 +87,71 @@ struct TeacherRow {
   float lse;
 };
 
-// Student exp-sums: zs = sum e^{(s-ms)/T}, z1 = sum e^{s-ms}; with STORE the exponentials go to
-// es / e1 for the gradient.
+// The student row is read once: per block of kBlock logits (L1-resident) its maximum, then the
+// exponentials relative to it, folded into running sums; the gradient pass rescales each block by
+// its own factor.  (The separate max pass of kl_ce.cpp would re-read the row.)
+constexpr int64_t kBlock = 2048;
+
+struct StudentStats {
+  float ms = kNegInf;  // row maximum
+  float zs = 0.f;      // sum_i e^{(s_i - ms)/T}
+  float z1 = 0.f;      // sum_i e^{s_i - ms}
+};
+
+// With STORE, es[i] = e^{(s_i - bm)/T} and e1[i] = e^{s_i - bm} (bm: the block's maximum, kept in bmax).
 template <bool KL, bool CE, bool STORE>
-DISTIL_INLINE void student_sums(const float* s, int64_t V, float inv_t, float ms, float* es, float* e1, float& zs_out,
-                                float& z1_out) {
-  float zs = 0.f, z1 = 0.f;
-#pragma omp simd reduction(+ : zs, z1)
-  for (int64_t j = 0; j < V; ++j) {
-    const float x = s[j] - ms;
-    if constexpr (KL) {
-      const float u = exp_nonpos(x * inv_t);
-      zs += u;
-      if constexpr (STORE) es[j] = u;
+DISTIL_INLINE StudentStats student_pass(const float* s, int64_t V, float inv_t, float* es, float* e1, float* bmax) {
+  StudentStats st;
+  for (int64_t b = 0, off = 0; off < V; ++b, off += kBlock) {
+    const int64_t n = std::min(kBlock, V - off);
+    const float* x = s + off;
+    const float bm = row_max(x, n);
+    bmax[b] = bm;
+    float za = 0.f, zc = 0.f;
+    const float m = bm == kNegInf ? 0.f : bm;  // an all -inf block stores zeros
+#pragma omp simd reduction(+ : za, zc)
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = x[j] - m;
+      if constexpr (KL) {
+        const float u = exp_nonpos(d * inv_t);
+        za += u;
+        if constexpr (STORE) es[off + j] = u;
+      }
+      if constexpr (CE) {
+        const float w = exp_nonpos(d);
+        zc += w;
+        if constexpr (STORE) e1[off + j] = w;
+      }
     }
-    if constexpr (CE) {
-      const float w = exp_nonpos(x);
-      z1 += w;
-      if constexpr (STORE) e1[j] = w;
+    if (bm == kNegInf) continue;
+    if (bm > st.ms) {  // rescale the running sums to the new maximum (e^{-inf} = 0 on the first block)
+      st.zs = st.zs * std::exp((st.ms - bm) * inv_t) + za;
+      st.z1 = st.z1 * std::exp(st.ms - bm) + zc;
+      st.ms = bm;
+    } else {
+      st.zs += za * std::exp((bm - st.ms) * inv_t);
+      st.z1 += zc * std::exp(bm - st.ms);
     }
   }
-  zs_out = zs;
-  z1_out = z1;
+  return st;
 }
 
+// g = ca p + c1 P from the stored block exponentials (es may alias g).
 template <bool KL, bool CE>
-DISTIL_INLINE void dense_grad(float* g, const float* es, const float* e1, int64_t V, float ca, float c1) {
+DISTIL_INLINE void dense_grad(float* g, const float* es, const float* e1, const float* bmax, int64_t V, float inv_t,
+                              const StudentStats& st, float ca, float c1) {
+  for (int64_t b = 0, off = 0; off < V; ++b, off += kBlock) {
+    const int64_t n = std::min(kBlock, V - off);
+    const float shift = bmax[b] - st.ms;  // -inf for an all -inf block: its factors are 0
+    const float fa = KL ? ca / st.zs * std::exp(shift * inv_t) : 0.f;
+    const float f1 = CE ? c1 / st.z1 * std::exp(shift) : 0.f;
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) {
-    float x = 0.f;
-    if constexpr (KL) x = ca * es[j];
-    if constexpr (CE) x += c1 * e1[j];
-    g[j] = x;
+    for (int64_t j = 0; j < n; ++j) {
+      float x = 0.f;
+      if constexpr (KL) x = fa * es[off + j];
+      if constexpr (CE) x += f1 * e1[off + j];
+      g[off + j] = x;
+    }
   }
 }
 
@@ -164,47 +199,42 @@ DISTIL_INLINE TopkTerms topk_terms(const float* s, float ms, float log_zs, float
 }
 
 // Losses of one fp32 row and, when g is given, the gradient job.a * dKL + job.b * dCE (zeros where
-// neither applies).  scratch holds 2 V + 2 k floats.
+// neither applies; g doubles as the store of the KL exponentials).  scratch holds V + 2 k + V / kBlock + 1 floats.
 DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow& tr, float T, const RowJob& job,
                                      float* g, float* scratch) {
-  const float ms = row_max(s, V);
-  // A row that is -inf everywhere (student; teacher's k logits or lse) has loss 0 and gradient 0.
-  bool kl = job.kl && ms != kNegInf;
-  if (kl) {
-    kl = tr.exact ? tr.lse != kNegInf : row_max(tr.t, tr.k) != kNegInf;
-  }
-  const bool ce = job.label >= 0 && ms != kNegInf;
-  float* es = scratch;
-  float* e1 = scratch + V;
-  float* qg = scratch + 2 * V;
+  float* e1 = scratch;
+  float* qg = scratch + V;
+  float* bmax = qg + 2 * tr.k;
   const float inv_t = 1.0f / T;
-  float zs = 0.f, z1 = 0.f;
-  if (kl && ce) {
-    g ? student_sums<true, true, true>(s, V, inv_t, ms, es, e1, zs, z1)
-      : student_sums<true, true, false>(s, V, inv_t, ms, es, e1, zs, z1);
-  } else if (kl) {
-    g ? student_sums<true, false, true>(s, V, inv_t, ms, es, e1, zs, z1)
-      : student_sums<true, false, false>(s, V, inv_t, ms, es, e1, zs, z1);
-  } else if (ce) {
-    g ? student_sums<false, true, true>(s, V, inv_t, ms, es, e1, zs, z1)
-      : student_sums<false, true, false>(s, V, inv_t, ms, es, e1, zs, z1);
+  // A row that is -inf everywhere (student; teacher's k logits or lse) has loss 0 and gradient 0.
+  const bool want_kl = job.kl && (tr.exact ? tr.lse != kNegInf : row_max(tr.t, tr.k) != kNegInf);
+  const bool want_ce = job.label >= 0;
+  StudentStats st;
+  if (want_kl && want_ce) {
+    st = g ? student_pass<true, true, true>(s, V, inv_t, g, e1, bmax) : student_pass<true, true, false>(s, V, inv_t, g, e1, bmax);
+  } else if (want_kl) {
+    st = g ? student_pass<true, false, true>(s, V, inv_t, g, e1, bmax) : student_pass<true, false, false>(s, V, inv_t, g, e1, bmax);
+  } else if (want_ce) {
+    st = g ? student_pass<false, true, true>(s, V, inv_t, g, e1, bmax) : student_pass<false, true, false>(s, V, inv_t, g, e1, bmax);
   }
+  const bool kl = want_kl && st.ms != kNegInf;
+  const bool ce = want_ce && st.ms != kNegInf;
   RowLoss out;
   TopkTerms terms{0.f, 0.f};
   if (kl) {
-    terms = topk_terms(s, ms, std::log(zs), T, tr, qg);
+    terms = topk_terms(s, st.ms, std::log(st.zs), T, tr, qg);
     out.kl = terms.kl;
   }
-  if (ce) out.ce = std::log(z1) + ms - s[job.label];
+  if (ce) out.ce = std::log(st.z1) + st.ms - s[job.label];
   if (!g) return out;
   // d kl/ds_i = T (alpha p_i + [i in K] (beta p_i - q_i)); d ce/ds = P - onehot(y).
-  const float ca = job.a * T * terms.alpha / zs, c1 = job.b / z1;
+  const float ca = job.a * T * terms.alpha, c1 = job.b;
   if (kl && ce) {
-    dense_grad<true, true>(g, es, e1, V, ca, c1);
+    dense_grad<true, true>(g, g, e1, bmax, V, inv_t, st, ca, c1);
   } else if (kl) {
-    dense_grad<true, false>(g, es, e1, V, ca, c1);
+    dense_grad<true, false>(g, g, e1, bmax, V, inv_t, st, ca, c1);
   } else if (ce) {
-    dense_grad<false, true>(g, es, e1, V, ca, c1);
+    dense_grad<false, true>(g, g, e1, bmax, V, inv_t, st, ca, c1);
   } else {
     std::fill(g, g + V, 0.f);
   }
@@ -308,14 +338,14 @@ class RowRunner {
       : pb_(pb),
         s_{pb.student.const_data_ptr<S>(), row_offsets(pb.student, pb.student.dim() - 1)},
         t_{pb.values.const_data_ptr<Tt>(), row_offsets(pb.values, pb.values.dim() - 1)},
-        buf_((2 + 2 * !std::is_same_v<S, float>) * pb.V + 3 * pb.k),
+        buf_((1 + 2 * !std::is_same_v<S, float>) * pb.V + 3 * pb.k + pb.V / kBlock + 1),
         idx_(pb.k),
         seen_(pb.V, 0) {}
 
   RowLoss run(int64_t r, const RowJob& job, S* g) {
     const int64_t V = pb_.V, k = pb_.k;
-    float* const scratch = buf_.data();  // 2 V + 2 k, then k teacher values, then the narrow-dtype rows
-    float* const tf = scratch + 2 * V + 2 * k;
+    float* const scratch = buf_.data();  // V + 2 k + blocks, then k teacher values, then the narrow-dtype rows
+    float* const tf = scratch + V + 2 * k + V / kBlock + 1;
     float* extra = tf + k;
     const float* sf;
     float* gf = nullptr;
@@ -391,7 +421,8 @@ std::tuple<Tensor, Tensor, Tensor> topk_kl_ce_rows_cpu(const Tensor& student, co
   const auto row_shape = student.sizes().slice(0, student.dim() - 1);
   Tensor kl_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
   Tensor ce_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
-  Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
+  Tensor grad = compute_grad ? empty_for_overwrite(student.sizes(), student.options())
+                             : at::empty({0}, student.options());
   float* kl = kl_rows.data_ptr<float>();
   float* ce = ce_rows.data_ptr<float>();
   dispatch_pair(student.scalar_type(), values.scalar_type(), [&](auto s_tag, auto t_tag) {
