@@ -12,8 +12,6 @@ from setuptools import setup
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
 
 def _extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -36,7 +34,7 @@ def _extension():
 
 
 setup(
-    packages=["distil", "distil.kernels"],
+    packages=["distil", "distil._ops", "distil.kernels"],
     package_dir={"distil": "distil", "distil.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},

@@ -17,12 +17,10 @@ import argparse
 import os
 import sys
 
+import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
 import torch
 
 from distil.ops import masked_gather
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")

@@ -21,15 +21,12 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from distil import reference
 from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss, topk_kl_ce_loss
-from distil.reference import TAIL_FLOOR, distiller_loss
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
 
 T = 2.0
 KL_WEIGHT, CE_WEIGHT = 5.0, 2.0  # DistilBERT's alpha_ce, alpha_mlm
@@ -45,9 +42,7 @@ def ours_kl_ce(s, t, labels):
 
 def eager_kl_ce(s, t, labels):
     """distiller.py's loss_ce and loss_mlm, weighted as in its README command."""
-    kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2
-    ce = F.cross_entropy(s, labels, ignore_index=IGNORE)
-    return KL_WEIGHT * kl + CE_WEIGHT * ce
+    return KL_WEIGHT * reference.distiller_kl(s, t, T) + CE_WEIGHT * reference.distiller_mlm(s, labels)
 
 
 def ours_kl(s, t):
@@ -55,7 +50,7 @@ def ours_kl(s, t):
 
 
 def eager_kl(s, t):
-    return nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2
+    return reference.distiller_kl(s, t, T)
 
 
 @functools.cache
@@ -75,8 +70,7 @@ def ours_cos(s, t):
 
 
 def eager_cos(s, t):
-    """distiller.py's loss_cos on selected rows: nn.CosineEmbeddingLoss(reduction="mean"), target +1."""
-    return nn.CosineEmbeddingLoss(reduction="mean")(s, t, s.new_ones(s.shape[0]))
+    return reference.distiller_cos(s, t)
 
 
 TOPK = 64  # teacher logits per token of a teacher cache (distil-cache-teacher's default)
@@ -93,8 +87,8 @@ def eager_topk(s, values, index, lse, labels):
     log_p = F.log_softmax(s.float() / T, -1).gather(-1, index.long())
     log_q = values.float() / T - lse[:, None]
     q = log_q.exp()
-    q_tail = (1 - q.sum(-1)).clamp_min(TAIL_FLOOR)
-    p_tail = (1 - log_p.exp().sum(-1)).clamp_min(TAIL_FLOOR)
+    q_tail = (1 - q.sum(-1)).clamp_min(reference.TAIL_FLOOR)
+    p_tail = (1 - log_p.exp().sum(-1)).clamp_min(reference.TAIL_FLOOR)
     kl = ((q * (log_q - log_p)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())).mean() * T**2
     return KL_WEIGHT * kl + CE_WEIGHT * F.cross_entropy(s, labels, ignore_index=IGNORE)
 
@@ -109,7 +103,7 @@ def ours_triple(s, t, labels, sh, th, mask):
 
 def eager_triple(s, t, labels, sh, th, mask):
     """distiller.py's Distiller.step loss: masked_select copies, then the three PyTorch losses."""
-    return distiller_loss(s, t, labels, sh, th, mask, alpha_kl=KL_WEIGHT, alpha_mlm=CE_WEIGHT, alpha_cos=1.0,
+    return reference.distiller_loss(s, t, labels, sh, th, mask, alpha_kl=KL_WEIGHT, alpha_mlm=CE_WEIGHT, alpha_cos=1.0,
                           temperature=T)[0]
 
 

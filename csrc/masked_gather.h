@@ -1,4 +1,4 @@
-// Shared by the CPU (masked_gather_cpu.cpp) and CUDA (cuda/masked_gather.cu)
+// Shared by the CPU (masked_gather.cpp) and CUDA (cuda/masked_gather.cu)
 // implementations of distil::masked_gather and distil::masked_scatter_rows:
 // argument checks and the description of x's row layout.
 #pragma once

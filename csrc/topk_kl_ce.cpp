@@ -12,7 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu_rows.h"
+#include "rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -62,8 +62,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Both tail masses are floored at 2^-16 (kernels/topk_kl_ce.py, TAIL_FLOOR): below it they are
 // rounding noise of fp32 sums of probabilities.
 constexpr float kTailFloor = 1.52587890625e-05f;
-// As kl_ce_rows_backward: a factor within two fp32 ulps of 1 is 1; proportional within 1e-6.
-constexpr double kUnitScaleTolerance = 2.4e-7;
+// As kl_ce_rows_backward: (g_kl, g_ce) proportional to coef within this relative tolerance rescales.
 constexpr double kProportionalTolerance = 1e-6;
 
 struct RowJob {
@@ -484,7 +483,7 @@ void topk_kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, cons
         if (!proportional) {
           if (!runner) runner.emplace(pb);
           runner->run(r, job, row);
-        } else if (std::abs(scale - 1.0) > kUnitScaleTolerance) {
+        } else if (static_cast<float>(scale) != 1.f) {  // exactly coef: the buffer is the gradient
           const float f = static_cast<float>(scale);
 #pragma omp simd
           for (int64_t j = 0; j < pb.V; ++j) row[j] = static_cast<S>(static_cast<float>(row[j]) * f);

@@ -56,7 +56,7 @@ class TrainConfig:
     progress: bool = _option(True, "show a progress bar")
 
     def validate(self):
-        from distil import _validate
+        from distil._ops import common as _validate
 
         for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every", "max_length"):
             value = getattr(self, name)

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distil import fused_loss
-from distil._cosine_op import cosine_loss
-from distil._validate import check_non_negative_finite, check_positive_finite, check_tensor
+from distil._ops.common import check_non_negative_finite, check_positive_finite, check_tensor
+from distil._ops.cosine import cosine_loss
+from distil._ops.kl_ce import kl_ce_loss, kl_div_loss
+from distil._ops.topk_kl_ce import TopKLogits, topk_kl_ce_loss
 
 IGNORE_INDEX = -100  # distiller.py's "not masked" label
 
@@ -61,7 +62,9 @@ class DistillationLoss(nn.Module):
     def forward(self, student_logits, teacher_logits, labels, student_hidden=None, teacher_hidden=None,
                 attention_mask=None):
         """Args:
-            student_logits, teacher_logits: ``[B, S, V]``, or ``[M, V]`` rows already gathered.
+            student_logits, teacher_logits: ``[B, S, V]``, or ``[M, V]`` rows already gathered. The teacher
+                may be a :class:`distil.fused_loss.TopKLogits` (its top-k logits, e.g. from a teacher
+                cache): the KL is then :func:`distil.fused_loss.topk_kl_ce_loss`'s.
             labels: int64/int32 ``[B, S]`` / ``[M]``, the masked-LM targets, -100 where not masked.
             student_hidden, teacher_hidden: last hidden states ``[B, S, H]`` / ``[M, H]`` (equal H). Rows
                 gathered beforehand may be a different set than the logits' rows (``[M', H]``).
@@ -87,7 +90,9 @@ class DistillationLoss(nn.Module):
         # than the logits (e.g. masked-only KL rows, non-pad cosine rows): then only the two hidden
         # tensors must agree, which cosine_loss checks.
         own_hidden_rows = attention_mask is None and student_logits.dim() == 2
-        for name, t in (("teacher_logits", teacher_logits), ("student_hidden", student_hidden),
+        topk = isinstance(teacher_logits, TopKLogits)
+        for name, t in (("teacher_logits", teacher_logits.values if topk else teacher_logits),
+                        ("student_hidden", student_hidden),
                         ("teacher_hidden", teacher_hidden)):
             if t is None or (own_hidden_rows and name != "teacher_logits"):
                 continue
@@ -104,14 +109,22 @@ class DistillationLoss(nn.Module):
                 kl_mask = labels != IGNORE_INDEX
                 if attention_mask is not None:
                     kl_mask = kl_mask & attention_mask
-            if self.alpha_mlm > 0:
-                kl, mlm = fused_loss.kl_ce_loss(
+            if topk:
+                # Without the MLM term no row has a label, so the CE part costs nothing.
+                loss_labels = labels if self.alpha_mlm > 0 else torch.full_like(labels, IGNORE_INDEX)
+                kl, mlm = topk_kl_ce_loss(
+                    student_logits, teacher_logits.values, teacher_logits.index, loss_labels,
+                    teacher_lse=teacher_logits.lse, temperature=self.temperature, kl_mask=kl_mask,
+                    ignore_index=IGNORE_INDEX, kl_weight=self.alpha_kl, ce_weight=self.alpha_mlm,
+                )
+            elif self.alpha_mlm > 0:
+                kl, mlm = kl_ce_loss(
                     student_logits, teacher_logits, labels, temperature=self.temperature, kl_mask=kl_mask,
                     ignore_index=IGNORE_INDEX, kl_weight=self.alpha_kl, ce_weight=self.alpha_mlm,
                 )
             else:
-                kl = fused_loss.kl_div_loss(student_logits, teacher_logits, temperature=self.temperature,
-                                            mask=kl_mask, reduction="batchmean")
+                kl = kl_div_loss(student_logits, teacher_logits, temperature=self.temperature, mask=kl_mask,
+                                 reduction="batchmean")
         elif self.alpha_mlm > 0:
             mlm = _masked_lm_loss(student_logits, labels)
         if self.alpha_cos > 0:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from distil._validate import check_non_negative_finite, check_tensor
+from distil._ops.common import check_non_negative_finite, check_tensor
 
 
 def _check_vocab_size(vocab_size):

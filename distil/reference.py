@@ -1,51 +1,43 @@
-"""The paper's loss, eagerly: a restatement of ``Distiller.step`` (MLM mode) of Hugging Face's
-``examples/research_projects/distillation/distiller.py``, written from its definition
-(shared/REFERENCE.md). It is what the fused losses are tested and benchmarked against; it is not
-fast: it builds full-size expanded masks and ``masked_select`` copies, as distiller.py does.
+"""The eager references of every op, in plain PyTorch: what the tests compare against (in float64)
+and what the benchmarks time as "eager" (in the inputs' dtype). Not fast, by design.
+
+- per-row references of the ops: :func:`kl_ce_rows`, :func:`topk_kl_ce_rows`, :func:`cosine_rows`,
+  :func:`masked_gather`;
+- distiller.py's losses (Hugging Face ``examples/research_projects/distillation/distiller.py``,
+  ``Distiller.step`` in MLM mode, restated from its definition): :func:`distiller_kl`,
+  :func:`distiller_mlm`, :func:`distiller_cos` and the weighted step :func:`distiller_loss`, with its
+  row selection by ``masked_select`` on full-size expanded masks.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # distiller.py's "not masked" label
 
 
-def _select_rows(x, row_mask):
-    """distiller.py's row selection: masked_select on the mask expanded to x's shape (a copy)."""
-    return x.masked_select(row_mask.unsqueeze(-1).expand_as(x)).view(-1, x.shape[-1])
+def kl_ce_rows(s, t, labels, kl_mask, temperature, ignore_index=IGNORE_INDEX):
+    """Per-row ``(T²·KL, CE)`` of ``distil::kl_ce_rows``, differentiable w.r.t. ``s``.
 
-
-def distiller_loss(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, *,
-                   alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, restrict_kl_to_mask=False):
-    """``(total, kl, mlm, cos)`` as ``Distiller.step`` computes them, in the inputs' dtype:
-
-    - ``kl`` (its ``loss_ce``): ``nn.KLDivLoss(reduction="batchmean")(log_softmax(s/T), softmax(t/T)) * T**2``
-      over the non-pad rows (``attention_mask``), or the masked rows (``labels > -1``) with
-      ``restrict_kl_to_mask`` (its ``--restrict_ce_to_mask``);
-    - ``mlm``: ``nn.CrossEntropyLoss(ignore_index=-100)`` over all rows of the full logits;
-    - ``cos``: ``nn.CosineEmbeddingLoss(reduction="mean")`` with target +1 over the non-pad rows of the
-      last hidden states (skipped, 0, when ``alpha_cos == 0``);
-    - ``total = alpha_kl·kl + alpha_mlm·mlm + alpha_cos·cos`` (before distiller's division by the
-      gradient-accumulation steps).
-
-    Logits ``[B, S, V]`` or ``[N, V]``; labels, attention_mask (bool, None = no padding) over the row
-    dims; the hidden states may be None when ``alpha_cos == 0``.
+    ``kl = T² · nn.KLDivLoss(reduction="none")(log_softmax(s/T), softmax(t/T)).sum(-1)`` with terms of
+    q = 0 taken as 0 (xlogy: KLDivLoss gives NaN where the student is -inf there too), 0 where
+    ``kl_mask`` is False; ``ce = F.cross_entropy(s, y, ignore_index, reduction="none")``; zeros without
+    labels. -inf policy: a row -inf everywhere (in s, or in t for the KL) has loss 0 and gradient 0.
     """
-    vocab = student_logits.shape[-1]
-    if attention_mask is None:  # no padding: every row is a real token
-        attention_mask = labels.new_ones(labels.shape, dtype=torch.bool)
-    kl_rows = (labels > -1) if restrict_kl_to_mask else attention_mask
-    s_sel, t_sel = _select_rows(student_logits, kl_rows), _select_rows(teacher_logits, kl_rows)
-    kl = nn.KLDivLoss(reduction="batchmean")(
-        F.log_softmax(s_sel / temperature, dim=-1), F.softmax(t_sel / temperature, dim=-1)
-    ) * temperature**2
-    mlm = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)(student_logits.reshape(-1, vocab), labels.reshape(-1))
-    if alpha_cos == 0:
-        cos = kl.new_zeros(())
-    else:
-        s_h, t_h = _select_rows(student_hidden, attention_mask), _select_rows(teacher_hidden, attention_mask)
-        cos = nn.CosineEmbeddingLoss(reduction="mean")(s_h, t_h, s_h.new_ones(s_h.shape[0]))
-    return alpha_kl * kl + alpha_mlm * mlm + alpha_cos * cos, kl, mlm, cos
+    s_dead, t_dead = s.isneginf().all(-1), t.isneginf().all(-1)
+    # Dead rows become zeros so that autograd through them stays finite; they are zeroed below.
+    s = torch.where(s_dead[..., None], torch.zeros_like(s), s)
+    t = torch.where(t_dead[..., None], torch.zeros_like(t), t).to(s.dtype)
+    log_p, q = F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1)
+    kl = torch.where(q > 0, q * (q.log() - log_p), torch.zeros_like(q)).sum(-1) * temperature**2
+    kl_on = ~s_dead & ~t_dead
+    if kl_mask is not None:
+        kl_on = kl_on & kl_mask
+    kl = torch.where(kl_on, kl, torch.zeros_like(kl))
+    if labels is None:
+        return kl, torch.zeros_like(kl)
+    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                         reduction="none").reshape(kl.shape)
+    return kl, torch.where(s_dead, torch.zeros_like(ce), ce)
 
 
 TAIL_FLOOR = 2.0**-16  # kernels/topk_kl_ce.py: both tail masses are floored here
@@ -85,3 +77,80 @@ def topk_kl_ce_rows(s, values, index, lse, labels, kl_mask, temperature, ignore_
     ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
                          reduction="none").reshape(kl.shape)
     return kl, torch.where(s_dead, torch.zeros_like(ce), ce)
+
+
+def cosine_rows(x, y, mask=None):
+    """Per-row ``1 − cos`` of ``distil::cosine_rows`` with ``nn.CosineEmbeddingLoss``'s (target +1)
+    math, ``cos = Σxy / sqrt((Σx² + 1e-12)(Σy² + 1e-12))``; 0 where ``mask`` is False."""
+    y = y.to(x.dtype)
+    cos = (x * y).sum(-1) / ((x * x).sum(-1).add(1e-12) * (y * y).sum(-1).add(1e-12)).sqrt()
+    loss = 1 - cos
+    return loss if mask is None else torch.where(mask, loss, torch.zeros_like(loss))
+
+
+def masked_gather(x, mask):
+    """``distil::masked_gather`` in exact mode: ``(x[mask], flat indices, count)``."""
+    return x[mask], mask.flatten().nonzero().squeeze(1), mask.sum()
+
+
+def select_rows(x, row_mask):
+    """distiller.py's row selection: masked_select on the mask expanded to x's shape (a copy)."""
+    return x.masked_select(row_mask.unsqueeze(-1).expand_as(x)).view(-1, x.shape[-1])
+
+
+def distiller_kl(s, t, temperature):
+    """distiller.py's ``loss_ce`` on selected rows:
+    ``nn.KLDivLoss(reduction="batchmean")(log_softmax(s/T), softmax(t/T)) * T**2``."""
+    return nn.KLDivLoss(reduction="batchmean")(
+        F.log_softmax(s / temperature, dim=-1), F.softmax(t / temperature, dim=-1)
+    ) * temperature**2
+
+
+def distiller_mlm(s, labels):
+    """distiller.py's ``loss_mlm``: ``nn.CrossEntropyLoss(ignore_index=-100)`` over all rows."""
+    return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)(s.reshape(-1, s.shape[-1]), labels.reshape(-1))
+
+
+def distiller_cos(s, t):
+    """distiller.py's ``loss_cos`` on selected rows: ``nn.CosineEmbeddingLoss(reduction="mean")``, target +1."""
+    return nn.CosineEmbeddingLoss(reduction="mean")(s, t, s.new_ones(s.shape[0]))
+
+
+def distiller_loss(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, *,
+                   alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, restrict_kl_to_mask=False):
+    """``(total, kl, mlm, cos)`` as ``Distiller.step`` computes them, in the inputs' dtype:
+
+    - ``kl`` (its ``loss_ce``, :func:`distiller_kl`) over the non-pad rows (``attention_mask``), or the
+      masked rows (``labels > -1``) with ``restrict_kl_to_mask`` (its ``--restrict_ce_to_mask``);
+    - ``mlm`` (:func:`distiller_mlm`) over all rows of the full logits;
+    - ``cos`` (:func:`distiller_cos`) over the non-pad rows of the last hidden states (skipped, 0,
+      when ``alpha_cos == 0``);
+    - ``total = alpha_kl·kl + alpha_mlm·mlm + alpha_cos·cos`` (before distiller's division by the
+      gradient-accumulation steps). ``alpha_kl`` is distiller.py's ``alpha_ce``.
+
+    Logits ``[B, S, V]`` or ``[N, V]``; labels, attention_mask (bool, None = no padding) over the row
+    dims; the hidden states may be None when ``alpha_cos == 0``.
+    """
+    if attention_mask is None:  # no padding: every row is a real token
+        attention_mask = labels.new_ones(labels.shape, dtype=torch.bool)
+    kl_rows = (labels > -1) if restrict_kl_to_mask else attention_mask
+    kl = distiller_kl(select_rows(student_logits, kl_rows), select_rows(teacher_logits, kl_rows), temperature)
+    mlm = distiller_mlm(student_logits, labels)
+    if alpha_cos == 0:
+        cos = kl.new_zeros(())
+    else:
+        cos = distiller_cos(select_rows(student_hidden, attention_mask), select_rows(teacher_hidden, attention_mask))
+    return alpha_kl * kl + alpha_mlm * mlm + alpha_cos * cos, kl, mlm, cos
+
+
+def distiller_step(student, teacher, input_ids, attention_mask, labels, *, restrict_kl_to_mask, alpha_kl=5.0,
+                   alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0):
+    """``(total, kl, mlm, cos)`` of one ``Distiller.step`` (MLM mode) of Hugging Face masked-LM models: the
+    teacher under no_grad, the student with grad, both with ``output_hidden_states``, then
+    :func:`distiller_loss` on the full logits and the last hidden states."""
+    with torch.no_grad():
+        t_out = teacher(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    s_out = student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return distiller_loss(s_out.logits, t_out.logits, labels, s_out.hidden_states[-1], t_out.hidden_states[-1],
+                          attention_mask.bool(), alpha_kl=alpha_kl, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos,
+                          temperature=temperature, restrict_kl_to_mask=restrict_kl_to_mask)

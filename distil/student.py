@@ -26,7 +26,7 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-from distil._validate import check_tensor
+from distil._ops.common import check_tensor
 
 _TEACHER_CLASSES = (BertForMaskedLM, RobertaForMaskedLM)
 _LAYER_KEY = re.compile(r"^(.*\.encoder\.layer\.)(\d+)(\..*)$")

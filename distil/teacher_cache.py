@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distil._validate import check_positive_finite
+from distil._ops.common import check_positive_finite
 from distil.data import load_corpus, text_files
 from distil.masking import MLMMasker, token_counts
 from distil.ops import masked_gather

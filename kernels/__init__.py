@@ -1,5 +1,6 @@
 """Triton kernels of distil, installed as ``distil.kernels``.
 
-One file per op: the kernel, its launcher and its tuning table.  Autograd, fake
-impls and device dispatch live in :mod:`distil._registry`.
+One file per op (the kernels, a launcher writing into caller-allocated outputs, its TUNING table
+and ``tuning_for``) plus rows.py, the helpers they share. Registration for CUDA tensors, fake
+impls and autograd live in :mod:`distil._ops`.
 """

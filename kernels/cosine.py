@@ -15,12 +15,16 @@ streamed twice (sums, then gradient), the second read mostly from L2.  The backw
 writes nothing for rows whose incoming gradient equals ``coef`` (the usual ``loss.backward()``),
 reads and writes dx once for the other rows, and re-reads x and y only where ``coef`` is 0.
 
-Row r = b·S + s lives at element offset ``b·stride_b + s·stride_s`` (int64), so a ``[B, S, H]``
-view with padding or a transposed batch is read in place, without a gather.
+Rows follow the convention of kernels/rows.py (a ``[B, S, H]`` view with padding or a transposed
+batch is read in place). The backward leaves ``dx`` as it is where the incoming gradient equals
+``coef`` exactly. Launchers write into caller-allocated outputs. The CPU twin is csrc/cosine.cpp;
+the float64 reference distil.reference.cosine_rows.
 """
 import torch
 import triton
 import triton.language as tl
+
+from distil.kernels.rows import row_geometry, row_start
 
 # Tuning table keyed by H: (largest H, ROWS per program, num_warps); BLOCK_H is H rounded up to a
 # power of two.  Small H packs several rows into one [ROWS, BLOCK_H] tile of about 1K elements per
@@ -39,7 +43,7 @@ TUNING = (
 CHUNK_H = 4096  # above the table a row is streamed in chunks of this size (not held in registers)
 
 
-def config_for(h):
+def tuning_for(h):
     """(BLOCK_H, ROWS, num_warps) for hidden size ``h``; ``h > BLOCK_H`` means chunked rows."""
     for max_h, rows, warps in TUNING:
         if h <= max_h:
@@ -47,10 +51,10 @@ def config_for(h):
     return CHUNK_H, 1, 8
 
 
-def bwd_config_for(h):
+def bwd_tuning_for(h):
     """The backward streams rows in chunks anyway, so it caps the chunk at CHUNK_H (the 8192-wide
     single-pass tile would spill there on sm_80)."""
-    block_h, rows, warps = config_for(h)
+    block_h, rows, warps = tuning_for(h)
     return min(block_h, CHUNK_H), rows, min(warps, 8)
 
 
@@ -62,9 +66,7 @@ def _program_rows(pid, n_rows, S, sx_b, sx_s, sy_b, sy_s, mask_ptr, HAS_MASK: tl
     live = in_range
     if HAS_MASK:
         live = live & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
-    b = rows // S
-    s = rows % S
-    return rows, in_range, live, b * sx_b + s * sx_s, b * sy_b + s * sy_s
+    return rows, in_range, live, row_start(rows, S, sx_b, sx_s), row_start(rows, S, sy_b, sy_s)
 
 
 @triton.jit
@@ -168,28 +170,21 @@ def cosine_bwd_kernel(
         tl.store(dx_ptr + dx_row[:, None] + c[None, :], new.to(dx_ptr.dtype.element_ty), mask=ms | mr)
 
 
-def _geometry(t):
-    """(rows, S, stride_b, stride_s) such that row r = b·S + s starts at b·stride_b + s·stride_s."""
-    if t.dim() == 2:
-        return t.shape[0], 1, t.stride(0), 0
-    return t.shape[0] * t.shape[1], t.shape[1], t.stride(0), t.stride(1)
-
-
 def _launch_args(student, teacher, mask):
-    n_rows, S, sx_b, sx_s = _geometry(student)
-    _, _, sy_b, sy_s = _geometry(teacher)
-    mask_arg = student if mask is None else mask.contiguous().view(torch.uint8)
-    return mask_arg, (n_rows, S, student.shape[-1], sx_b, sx_s, sy_b, sy_s)
+    S, sx_b, sx_s = row_geometry(student)
+    _, sy_b, sy_s = row_geometry(teacher)
+    mask_arg = student if mask is None else mask.reshape(-1).view(torch.uint8)
+    return mask_arg, (student.shape[:-1].numel(), S, student.shape[-1], sx_b, sx_s, sy_b, sy_s)
 
 
-def cosine_rows_into(student, teacher, mask, coef, loss_rows, grad):
-    """Launch the forward into preallocated ``loss_rows`` (fp32, row shape) and ``grad``
-    (contiguous, student's shape and dtype; ``None`` for no gradient).  ``student`` and
-    ``teacher`` need last-dim stride 1."""
+def cosine_rows(student, teacher, mask, coef, loss_rows, grad):
+    """Launch :func:`cosine_fwd_kernel` into the caller's ``loss_rows`` (fp32, contiguous, one value
+    per row) and ``grad`` (contiguous, the student's shape and dtype; ``None``: no gradient).
+    ``mask`` is a contiguous bool over the row dims or ``None``; ``coef`` a 1-element fp32 tensor."""
     mask_arg, geo = _launch_args(student, teacher, mask)
     if geo[0] == 0:
         return
-    block_h, rows, warps = config_for(geo[2])
+    block_h, rows, warps = tuning_for(geo[2])
     cosine_fwd_kernel[(triton.cdiv(geo[0], rows),)](
         student, teacher, mask_arg, coef, loss_rows, student if grad is None else grad, *geo,
         HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None, SINGLE=geo[2] <= block_h,
@@ -197,14 +192,14 @@ def cosine_rows_into(student, teacher, mask, coef, loss_rows, grad):
     )
 
 
-def cosine_rows_backward_(grad, grad_rows, student, teacher, mask, coef):
-    """In place: turn ``grad`` (made by the forward for ``coef``) into the gradient for the
-    incoming per-row gradients ``grad_rows``."""
+def cosine_rows_backward(grad, grad_rows, student, teacher, mask, coef):
+    """Launch :func:`cosine_bwd_kernel`: rewrites ``grad`` (made by the forward for ``coef``) in place
+    into the gradient for the incoming per-row gradients ``grad_rows`` (fp32, contiguous)."""
     mask_arg, geo = _launch_args(student, teacher, mask)
     if geo[0] == 0:
         return
-    block_h, rows, warps = bwd_config_for(geo[2])
+    block_h, rows, warps = bwd_tuning_for(geo[2])
     cosine_bwd_kernel[(triton.cdiv(geo[0], rows),)](
-        grad, grad_rows.contiguous(), student, teacher, mask_arg, coef, *geo,
+        grad, grad_rows, student, teacher, mask_arg, coef, *geo,
         HAS_MASK=mask is not None, BLOCK_H=block_h, ROWS=rows, num_warps=warps,
     )

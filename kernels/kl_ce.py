@@ -1,11 +1,12 @@
 """Fused temperature-KL + cross-entropy over the vocabulary, gradient written in the forward.
 
 One program per row r of student logits s and teacher logits t ([N, V] or [B, S, V], last-dim
-stride 1, any other strides). With p = softmax(s/T), q = softmax(t/T), P = softmax(s), in fp32:
+stride 1, any other strides: the row convention of kernels/rows.py). With p = softmax(s/T),
+q = softmax(t/T), P = softmax(s), in fp32, and coef = [kl_coef, ce_coef]:
 
     kl_rows[r] = T^2 * sum_j q_j (log q_j - log p_j)      where kl_mask[r]        (else 0)
     ce_rows[r] = logsumexp(s_r) - s_r[y_r]                  where y_r != ignore    (else 0)
-    grad[r]    = coef[0] * T * (p - q) + coef[1] * (P - onehot(y_r))   (masked terms dropped)
+    grad[r]    = kl_coef * T * (p - q) + ce_coef * (P - onehot(y_r))   (masked terms dropped)
 
 This is ``nn.KLDivLoss(reduction="none")(log_softmax(s/T), softmax(t/T)).sum(-1) * T**2`` and
 ``nn.CrossEntropyLoss(reduction="none", ignore_index=...)``, with d(coef . loss)/ds in the same launch.
@@ -28,15 +29,18 @@ row that is -inf everywhere in s or t has loss 0 and gradient 0, and a -inf stud
 q_j > 0 gives +inf, as PyTorch does.
 
 The backward kernel turns the forward's grad (prepared for coef) into the gradient for the incoming
-per-row gradients (g_kl, g_ce), in place: nothing when g equals coef (the usual ``loss.backward()``),
-a per-row scale when g is proportional to coef, an exact recomputation otherwise.
+per-row gradients (g_kl, g_ce), in place: nothing when g equals coef exactly (the usual
+``loss.backward()``: distil._ops.common.announced_coef forms coef bit-equal to autograd's g), a
+per-row scale when g is proportional to coef (relative tolerance 1e-6), an exact recomputation
+otherwise. The CPU twin is csrc/kl_ce.cpp; the float64 reference distil.reference.kl_ce_rows.
+
+Launchers take caller-allocated outputs, so a caller that produces the logits in row chunks (the
+fused LM-head loss) launches once per chunk into row slices of its preallocated buffers.
 """
-import torch
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+from distil.kernels.rows import LN2, LOG2E, finite_lse, online_lse_update, row_flags, row_geometry, row_start
 
 # (max V, BLOCK_V, num_warps) rows: the first row whose max V covers the vocabulary is used. Up to
 # 1024 the row is one block (its second pass re-reads it from L1); above, it is streamed in chunks
@@ -65,23 +69,6 @@ def tuning_for(vocab):
 
 
 @triton.jit
-def _row_base(r, S, stride_b, stride_s):
-    # Row r of a [B, S, V] (or [N, V] with S = N, stride_b = 0) tensor; int64 so B*S*V > 2**31 works.
-    b = r // S
-    return b * stride_b + (r - b * S) * stride_s
-
-
-@triton.jit
-def _online_update(m, d, x):
-    """Fold a chunk x (log2 domain, -inf for absent entries) into a running (max m, sum d)."""
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp2(x - m_ref)
-    d = d * tl.exp2(m - m_ref) + tl.sum(e, axis=0)
-    return m_new, m_ref, d, e
-
-
-@triton.jit
 def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     """Log2-domain statistics of one row: (lse2 of s/T, lse2 of t/T, lse2 of s, sum q*(b - a) * d_b).
 
@@ -107,20 +94,20 @@ def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, 
             t = tl.where(valid, t, float("-inf"))
             a = s * scale_t
             b = t * scale_t
-            m_a, _ma_ref, d_a, _ea = _online_update(m_a, d_a, a)
+            m_a, _ma_ref, d_a, _ea = online_lse_update(m_a, d_a, a)
             m_b_old = m_b
-            m_b, mb_ref, d_b, eb = _online_update(m_b, d_b, b)
+            m_b, mb_ref, d_b, eb = online_lse_update(m_b, d_b, b)
             # q_j = 0 terms contribute 0 even where b - a is -inf or nan (xlogy).
             w = w * tl.exp2(m_b_old - mb_ref) + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), axis=0)
         if USE_CE:
-            m_c, _mc_ref, d_c, _ec = _online_update(m_c, d_c, s * LOG2E)
+            m_c, _mc_ref, d_c, _ec = online_lse_update(m_c, d_c, s * LOG2E)
     return m_a + tl.log2(d_a), m_b + tl.log2(d_b), m_c + tl.log2(d_c), w / d_b
 
 
 @triton.jit
-def _write_grad_row(s_row, t_row, g_row, V, scale_t, lse_a, lse_b, lse_c, label, c_kl, c_ce,
+def _write_grad_row(s_row, t_row, g_row, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
                     USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    """g = c_kl * (p - q) + c_ce * (P - onehot(label)) over the row, chunk by chunk, last chunk first:
+    """g = kl_coef * (p - q) + ce_coef * (P - onehot(label)) over the row, chunk by chunk, last chunk first:
     the statistics pass read the row front to back, so its end is the likeliest still in L1/L2."""
     offs = tl.arange(0, BLOCK_V)
     for k in range(NUM_CHUNKS):
@@ -132,10 +119,10 @@ def _write_grad_row(s_row, t_row, g_row, V, scale_t, lse_a, lse_b, lse_c, label,
             t = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32)
             p = tl.exp2(s * scale_t - lse_a)
             q = tl.exp2(t * scale_t - lse_b)
-            g += c_kl * (p - q)
+            g += kl_coef * (p - q)
         if USE_CE:
             big_p = tl.exp2(s * LOG2E - lse_c)
-            g += c_ce * (big_p - tl.where(cols == label, 1.0, 0.0))
+            g += ce_coef * (big_p - tl.where(cols == label, 1.0, 0.0))
         tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=valid)
 
 
@@ -148,32 +135,11 @@ def _zero_row(g_row, V, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
 
 
 @triton.jit
-def _row_flags(r, labels_ptr, mask_ptr, ignore_index, V, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr):
-    if HAS_MASK:
-        use_kl = tl.load(mask_ptr + r) != 0
-    else:
-        use_kl = r >= 0
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + r)
-        use_ce = label != ignore_index
-    else:
-        label = r * 0 - 1
-        use_ce = r < 0
-    return use_kl, use_ce, label
-
-
-@triton.jit
-def _guarded_coefs(lse_a, lse_b, lse_c, c_kl, c_ce):
+def _guarded_coefs(lse_a, lse_b, lse_c, kl_coef, ce_coef):
     # Rows that are -inf everywhere get loss 0 and gradient 0 (see the -inf policy).
-    c_kl = tl.where((lse_a == float("-inf")) | (lse_b == float("-inf")), 0.0, c_kl)
-    c_ce = tl.where(lse_c == float("-inf"), 0.0, c_ce)
-    return c_kl, c_ce
-
-
-@triton.jit
-def _finite_lse(lse):
-    # A row that is -inf everywhere has lse = -inf; use 0 so its probabilities come out 0, not nan.
-    return tl.where(lse == float("-inf"), 0.0, lse)
+    kl_coef = tl.where((lse_a == float("-inf")) | (lse_b == float("-inf")), 0.0, kl_coef)
+    ce_coef = tl.where(lse_c == float("-inf"), 0.0, ce_coef)
+    return kl_coef, ce_coef
 
 
 @triton.jit
@@ -185,10 +151,10 @@ def kl_ce_fwd_kernel(
     BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + _row_base(r, S, s_stride_b, s_stride_s)
-    t_row = t_ptr + _row_base(r, S, t_stride_b, t_stride_s)
+    s_row = s_ptr + row_start(r, S, s_stride_b, s_stride_s)
+    t_row = t_ptr + row_start(r, S, t_stride_b, t_stride_s)
     g_row = grad_ptr + r * V
-    use_kl, use_ce, label = _row_flags(r, labels_ptr, mask_ptr, ignore_index, V, HAS_LABELS, HAS_MASK)
+    use_kl, use_ce, label = row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
     kl = 0.0
     ce = 0.0
     if use_kl | use_ce:
@@ -202,9 +168,10 @@ def kl_ce_fwd_kernel(
             s_y = tl.load(s_row + label, mask=in_range, other=0.0).to(tl.float32)
             ce = tl.where(lse_c == float("-inf"), 0.0, lse_c * LN2 - s_y)
         if WRITE_GRAD:
-            c_kl, c_ce = _guarded_coefs(lse_a, lse_b, lse_c, tl.load(coef_ptr) * temperature, tl.load(coef_ptr + 1))
-            _write_grad_row(s_row, t_row, g_row, V, scale_t, _finite_lse(lse_a), _finite_lse(lse_b),
-                            _finite_lse(lse_c), label, c_kl, c_ce, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+            kl_coef, ce_coef = _guarded_coefs(lse_a, lse_b, lse_c, tl.load(coef_ptr) * temperature,
+                                              tl.load(coef_ptr + 1))
+            _write_grad_row(s_row, t_row, g_row, V, scale_t, finite_lse(lse_a), finite_lse(lse_b),
+                            finite_lse(lse_c), label, kl_coef, ce_coef, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
     elif WRITE_GRAD:
         _zero_row(g_row, V, BLOCK_V, NUM_CHUNKS)
     tl.store(kl_ptr + r, kl)
@@ -220,23 +187,23 @@ def kl_ce_bwd_kernel(
     BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
-    use_kl, use_ce, label = _row_flags(r, labels_ptr, mask_ptr, ignore_index, V, HAS_LABELS, HAS_MASK)
+    use_kl, use_ce, label = row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
     if use_kl | use_ce:
-        c_kl = tl.load(coef_ptr)
-        c_ce = tl.load(coef_ptr + 1)
+        kl_coef = tl.load(coef_ptr)
+        ce_coef = tl.load(coef_ptr + 1)
         g_kl = tl.load(gkl_ptr + r)
         g_ce = tl.load(gce_ptr + r)
-        # The row holds c_kl*A + c_ce*B; we need g_kl*A + g_ce*B (terms of unused parts are absent).
-        kl_ok = (use_kl == 0) | (c_kl != 0.0)
-        ce_ok = (use_ce == 0) | (c_ce != 0.0)
-        lhs = g_kl * c_ce
-        rhs = g_ce * c_kl
+        # The row holds kl_coef*A + ce_coef*B; we need g_kl*A + g_ce*B (terms of unused parts are absent).
+        kl_ok = (use_kl == 0) | (kl_coef != 0.0)
+        ce_ok = (use_ce == 0) | (ce_coef != 0.0)
+        lhs = g_kl * ce_coef
+        rhs = g_ce * kl_coef
         prop = ((use_kl & use_ce) == 0) | (tl.abs(lhs - rhs) <= 1e-6 * tl.maximum(tl.abs(lhs), tl.abs(rhs)))
-        factor = tl.where(use_kl, g_kl / tl.where(c_kl == 0.0, 1.0, c_kl), g_ce / tl.where(c_ce == 0.0, 1.0, c_ce))
+        factor = tl.where(use_kl, g_kl / tl.where(kl_coef == 0.0, 1.0, kl_coef),
+                          g_ce / tl.where(ce_coef == 0.0, 1.0, ce_coef))
         g_row = grad_ptr + r * V
         if kl_ok & ce_ok & prop:
-            # Within two fp32 ulps of 1 is 1: the difference is rounding in how the caller formed g.
-            if tl.abs(factor - 1.0) > 2.4e-7:
+            if factor != 1.0:  # exactly coef: the buffer already is the gradient
                 offs = tl.arange(0, BLOCK_V)
                 for i in range(NUM_CHUNKS):
                     cols = i * BLOCK_V + offs
@@ -244,19 +211,12 @@ def kl_ce_bwd_kernel(
                     g = tl.load(g_row + cols, mask=valid, other=0.0).to(tl.float32)
                     tl.store(g_row + cols, (g * factor).to(g_row.dtype.element_ty), mask=valid)
         else:
-            s_row = s_ptr + _row_base(r, S, s_stride_b, s_stride_s)
-            t_row = t_ptr + _row_base(r, S, t_stride_b, t_stride_s)
+            s_row = s_ptr + row_start(r, S, s_stride_b, s_stride_s)
+            t_row = t_ptr + row_start(r, S, t_stride_b, t_stride_s)
             lse_a, lse_b, lse_c, _kl_cross = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
             new_kl, new_ce = _guarded_coefs(lse_a, lse_b, lse_c, g_kl * temperature, g_ce)
-            _write_grad_row(s_row, t_row, g_row, V, scale_t, _finite_lse(lse_a), _finite_lse(lse_b),
-                            _finite_lse(lse_c), label, new_kl, new_ce, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
-
-
-def _row_strides(x):
-    """(S, stride_b, stride_s) addressing row r of a 2-D or 3-D tensor without copying it."""
-    if x.dim() == 2:
-        return x.shape[0], 0, x.stride(0)
-    return x.shape[1], x.stride(0), x.stride(1)
+            _write_grad_row(s_row, t_row, g_row, V, scale_t, finite_lse(lse_a), finite_lse(lse_b),
+                            finite_lse(lse_c), label, new_kl, new_ce, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
 
 
 def _launch_args(student, teacher, labels, kl_mask, temperature, block_v, num_warps):
@@ -264,53 +224,49 @@ def _launch_args(student, teacher, labels, kl_mask, temperature, block_v, num_wa
     block, warps = tuning_for(vocab)
     block = block_v or block
     warps = num_warps or warps
-    num_chunks = triton.cdiv(vocab, block)
-    s_rows, s_sb, s_ss = _row_strides(student)
-    t_rows, t_sb, t_ss = _row_strides(teacher)
-    assert s_rows == t_rows
-    has_labels = labels is not None
-    has_mask = kl_mask is not None
-    labels_arg = labels.reshape(-1).contiguous() if has_labels else student
-    mask_arg = kl_mask.reshape(-1).contiguous() if has_mask else student
-    common = (s_rows, s_sb, s_ss, t_sb, t_ss, vocab, LOG2E.value / temperature, temperature)
-    meta = dict(HAS_LABELS=has_labels, HAS_MASK=has_mask, BLOCK_V=block, NUM_CHUNKS=num_chunks, num_warps=warps)
+    S, s_sb, s_ss = row_geometry(student)
+    _, t_sb, t_ss = row_geometry(teacher)
+    labels_arg = student if labels is None else labels.reshape(-1)
+    mask_arg = student if kl_mask is None else kl_mask.reshape(-1)
+    common = (S, s_sb, s_ss, t_sb, t_ss, vocab, LOG2E.value / temperature, temperature)
+    meta = dict(HAS_LABELS=labels is not None, HAS_MASK=kl_mask is not None, BLOCK_V=block,
+                NUM_CHUNKS=triton.cdiv(vocab, block), num_warps=warps)
     return labels_arg, mask_arg, common, meta
 
 
-def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad, block_v=None,
-               num_warps=None):
-    """Launcher of :func:`kl_ce_fwd_kernel`; see the module docstring. Inputs are validated by
-    ``distil.fused_loss``. ``block_v`` / ``num_warps`` override TUNING (tests force chunking with
-    them; benchmarks/tune_kl_ce.py sweeps them)."""
-    rows_shape = student.shape[:-1]
-    n = rows_shape.numel()
-    kl = torch.empty(rows_shape, dtype=torch.float32, device=student.device)
-    ce = torch.empty(rows_shape, dtype=torch.float32, device=student.device)
-    grad = (torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad
-            else student.new_empty(0))
+def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,
+               block_v=None, num_warps=None):
+    """Launch :func:`kl_ce_fwd_kernel` into the caller's ``kl_rows`` and ``ce_rows`` (fp32, contiguous,
+    one value per row) and ``grad`` (contiguous, the student's shape and dtype; ``None``: no gradient).
+
+    ``labels`` (int64) and ``kl_mask`` (bool) are contiguous over the row dims or ``None``; ``coef``
+    is the fp32 ``[kl_coef, ce_coef]`` device tensor. Inputs are validated once, by the public
+    functions (distil._ops.kl_ce) or the op entry. ``block_v`` / ``num_warps`` override TUNING (tests
+    force chunking with them; benchmarks/tune_kl_ce.py sweeps them)."""
+    n = kl_rows.numel()
+    if student.shape[-1] == 0:
+        kl_rows.zero_()
+        ce_rows.zero_()
     if n == 0 or student.shape[-1] == 0:
-        kl.zero_()
-        ce.zero_()
-        return kl, ce, grad
+        return
     labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v,
                                                       num_warps)
     kl_ce_fwd_kernel[(n,)](
-        student, teacher, labels_arg, mask_arg, coef, kl, ce, grad if compute_grad else kl,
-        *common, ignore_index, WRITE_GRAD=compute_grad, **meta,
+        student, teacher, labels_arg, mask_arg, coef, kl_rows, ce_rows, kl_rows if grad is None else grad,
+        *common, ignore_index, WRITE_GRAD=grad is not None, **meta,
     )
-    return kl, ce, grad
 
 
 def kl_ce_rows_backward(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
                         temperature, ignore_index, block_v=None, num_warps=None):
-    """Launcher of :func:`kl_ce_bwd_kernel`: rewrites ``grad`` in place (see the module docstring)."""
+    """Launch :func:`kl_ce_bwd_kernel`: rewrites ``grad`` in place for the incoming per-row gradients
+    (fp32, contiguous); see the module docstring."""
     n = grad_kl_rows.numel()
     if n == 0 or student.shape[-1] == 0:
         return
     labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v,
                                                       num_warps)
     kl_ce_bwd_kernel[(n,)](
-        student, teacher, labels_arg, mask_arg, coef,
-        grad_kl_rows.reshape(-1).contiguous(), grad_ce_rows.reshape(-1).contiguous(), grad,
+        student, teacher, labels_arg, mask_arg, coef, grad_kl_rows, grad_ce_rows, grad,
         *common, ignore_index, **meta,
     )

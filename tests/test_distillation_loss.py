@@ -2,18 +2,14 @@
 (MLM mode), on random padded batches; pre-gathered rows; zero alphas; degenerate and bad inputs."""
 import pytest
 import torch
-from conftest import GPU_RUN, relative_error
+from helpers import API_DEVICES, TOL, relative_error
 
 from distil.fused_loss import DistillationLoss
 from distil.reference import distiller_loss
 
-DEVICES = ["cpu"] + (["cuda"] if GPU_RUN else [])
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
 def distiller_step_loss(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask, *, alpha_ce, alpha_mlm,
                         alpha_cos, temperature, restrict_ce_to_mask):
-    """Distiller.step's loss (distil.reference, restated from shared/REFERENCE.md) in float64.
+    """Distiller.step's loss (distil.reference) in float64.
     Returns (total, kl, mlm, cos)."""
     s_logits, t_logits, s_hidden, t_hidden = (x.double() for x in (s_logits, t_logits, s_hidden, t_hidden))
     return distiller_loss(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask, alpha_kl=alpha_ce,
@@ -50,7 +46,7 @@ def run_both(module, batch, *, alpha_ce, alpha_mlm, alpha_cos, temperature, rest
     return out, ref, (s_logits.grad, s_hidden.grad), (ref_logits.grad, ref_hidden.grad)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", API_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("restrict", [False, True])
 def test_matches_distiller_step(device, dtype, restrict):
@@ -74,7 +70,7 @@ def test_restrict_kl_to_mask_changes_the_rows():
     assert abs(kl_all.item() - kl_masked.item()) > 1e-3
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", API_DEVICES)
 def test_pre_gathered_rows_equal_the_batch(device):
     batch = make_batch(device=device)
     module = DistillationLoss(alpha_kl=3.0, alpha_mlm=0.5, alpha_cos=2.0, temperature=1.5)
@@ -119,7 +115,7 @@ def test_zero_alphas_skip_their_part(alphas):
         assert relative_error(s_hidden_in.grad, ref_hidden.grad) <= 1e-5
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", API_DEVICES)
 def test_no_selected_rows_gives_exact_zeros(device):
     s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask = make_batch(device=device)
     s_logits.requires_grad_()

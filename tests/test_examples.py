@@ -2,7 +2,6 @@
 a plain PyTorch loop. Each step's loss must equal distiller.py's eager step in float64."""
 import copy
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,14 +9,13 @@ import torch
 
 from distil.data import LengthGroupedBatches
 from distil.masking import MLMMasker
+from distil.reference import distiller_step
 from distil.student import build_student
 from tiny import bert_tokenizer, random_batch, tiny_bert
 
-from conftest import relative_error
+from helpers import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_step import eager_loss  # noqa: E402
 
 
 def _load(name):
@@ -59,7 +57,7 @@ def test_hf_trainer_compute_loss_equals_distiller_step_and_trains(tmp_path):
     batch = collator([{"input_ids": s} for s in _sequences(tok, 8)])
     assert (batch["labels"] != -100).any() and (batch["attention_mask"] == 0).any()
     ours = trainer.compute_loss(student, batch)
-    ref = eager_loss(ref_student, ref_teacher, batch["input_ids"], batch["attention_mask"], batch["labels"],
+    ref = distiller_step(ref_student, ref_teacher, batch["input_ids"], batch["attention_mask"], batch["labels"],
                      restrict_kl_to_mask=False)[0]
     assert relative_error(ours, ref) <= 1e-5
 
@@ -78,7 +76,7 @@ def test_plain_loop_step_equals_distiller_step_and_trains():
     batches = LengthGroupedBatches(_sequences(tok), 8, seed=0, pad_id=tok.pad_token_id)
     first = next(iter(LengthGroupedBatches(_sequences(tok), 8, seed=0, pad_id=tok.pad_token_id)))
     ids, labels = masker(first["input_ids"], first["attention_mask"], torch.Generator().manual_seed(7))
-    ref = eager_loss(ref_student, ref_teacher, ids, first["attention_mask"], labels, restrict_kl_to_mask=False)
+    ref = distiller_step(ref_student, ref_teacher, ids, first["attention_mask"], labels, restrict_kl_to_mask=False)
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
     history = example.distill(student, teacher, batches, masker, optimizer, steps=3, seed=7)

@@ -9,7 +9,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, DistilBertForMaske
 
 from distil.student import build_student, layer_map, lm_adapter, save_student
 import tiny
-from conftest import relative_error
+from helpers import relative_error
 
 V = 120
 

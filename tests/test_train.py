@@ -22,7 +22,7 @@ from distil.step import DistillationStep, StudentRows
 from distil.train import CHECKPOINT, METRICS, NonFiniteLossError, Trainer
 from tiny import bert_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
 
-from conftest import relative_error
+from helpers import relative_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_step import eager_loss  # noqa: E402  (distiller.py's step, shared with the benchmark)

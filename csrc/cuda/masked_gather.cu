@@ -1,5 +1,5 @@
 // CUDA implementation of distil::masked_gather and distil::masked_scatter_rows
-// (contracts in distil/ops.py; the CPU twin in csrc/masked_gather_cpu.cpp).
+// (contracts in distil/_ops/masked_gather.py; schemas and the CPU twin in csrc/masked_gather.cpp).
 //
 // Gather: a CUB inclusive scan of the mask gives every selected row its output
 // slot and the count (O(B*S) int64 temporaries); one kernel writes the index,

@@ -2,6 +2,8 @@
 autograd) and the public :func:`topk_kl_ce_loss` (re-exported by :mod:`distil.fused_loss`). Schema and
 CPU kernel: csrc/topk_kl_ce.cpp; Triton kernel and the contract: kernels/topk_kl_ce.py.
 """
+from typing import NamedTuple, Optional
+
 import torch
 
 from distil._ops.common import (
@@ -26,6 +28,17 @@ except ImportError:  # pragma: no cover
     _triton_topk = None
 
 INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+
+
+class TopKLogits(NamedTuple):
+    """A teacher's logits known by their top k (e.g. from :mod:`distil.teacher_cache`): ``values`` and
+    their vocabulary ``index`` ``[..., k]``, and ``lse`` (the full-vocabulary ``logsumexp(t / T)``) for
+    the exact mode or ``None`` for the renormalised one. :class:`distil.fused_loss.DistillationLoss`
+    takes it in place of the teacher's full logits and then uses :func:`topk_kl_ce_loss`."""
+
+    values: torch.Tensor
+    index: torch.Tensor
+    lse: Optional[torch.Tensor] = None
 
 
 def _check_op_args(student, values, index, lse, labels, kl_mask, coef):

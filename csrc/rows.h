@@ -1,4 +1,4 @@
-// Helpers shared by the CPU kernels of the row-wise losses (kl_ce_cpu.cpp, cosine_cpu.cpp,
+// Helpers shared by the CPU kernels of the row-wise losses (kl_ce.cpp, cosine.cpp,
 // topk_kl_ce.cpp): dispatch on the float dtypes we accept, addressing of row r of an [N, D] or
 // [B, S, D] tensor read in place through its strides, and the vectorisable fp32 row primitives
 // (exp, max, dtype conversion).

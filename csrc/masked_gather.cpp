@@ -1,5 +1,5 @@
-// CPU implementation of distil::masked_gather and distil::masked_scatter_rows
-// (contracts in distil/ops.py).  Rows are copied as raw bytes, so every dtype
+// distil::masked_gather and distil::masked_scatter_rows: schemas and CPU kernels
+// (contracts in distil/_ops/masked_gather.py; CUDA twin in cuda/masked_gather.cu).  Rows are copied as raw bytes, so every dtype
 // is bit-exact and the CUDA implementation must match it bit for bit.
 #include "masked_gather.h"
 
@@ -118,6 +118,11 @@ at::Tensor masked_scatter_rows_cpu(const at::Tensor& rows, const at::Tensor& ind
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(distil, m) {
+  m.def("masked_gather(Tensor x, Tensor mask, SymInt? capacity) -> (Tensor rows, Tensor index, Tensor count)");
+  m.def("masked_scatter_rows(Tensor rows, Tensor index, SymInt[] shape) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(distil, CPU, m) {
   m.impl("masked_gather", &masked_gather_cpu);

@@ -1,5 +1,5 @@
-// CPU implementation of distil::kl_ce_rows and distil::kl_ce_rows_backward (contract:
-// ARCHITECTURE.md, "kl_ce_rows").  Per row this is
+// distil::kl_ce_rows and distil::kl_ce_rows_backward: schemas and CPU kernels (the CUDA twin
+// is kernels/kl_ce.py, whose docstring states the contract).  Per row this is
 //   kl_rows = nn.KLDivLoss(reduction="none")(log_softmax(s/T), softmax(t/T)).sum(-1) * T**2
 //   ce_rows = F.cross_entropy(s, y, ignore_index=ignore_index, reduction="none")
 // (distiller.py's loss_ce and loss_mlm before their batchmean / mean), with the gradient of
@@ -8,14 +8,14 @@
 // a row of V = 30522 logits is 120 KB in fp32, so the three passes below (maxima; the
 // exp-sums, storing the exponentials; the gradient) run out of L2 and DRAM sees each
 // input once and the gradient once.  The row loops are plain loops that vectorise in every
-// target clone (cpu_rows.h).
+// target clone (rows.h).
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "cpu_rows.h"
+#include "rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -40,11 +40,11 @@ using distil::cpu::row_values;
 using distil::cpu::RowOffsets;
 using distil::cpu::RowValues;
 using distil::cpu::store_row;
-// A backward factor within two fp32 ulps of 1 leaves the forward's gradient as it is: the
-// difference is rounding (e.g. in how the caller formed w / n), far below the buffer's own.
-constexpr double kUnitScaleTolerance = 2.4e-7;
 constexpr const char* kOp = "kl_ce_rows";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// (g_kl, g_ce) counts as proportional to (kl_coef, ce_coef) within this relative tolerance (the same
+// rule as kernels/kl_ce.py); the buffer is then rescaled, else the row is recomputed.
+constexpr double kProportionalTolerance = 1e-6;
 
 struct Sums {
   float zs = 0.f;  // sum_j e^{(s_j - ms)/T}
@@ -84,27 +84,27 @@ DISTIL_INLINE Sums row_sums(const float* s, const float* t, int64_t V, float inv
   return {zs, zt, d, z1};
 }
 
-// Pass 3: g_j = cs e^{(s_j-ms)/T} - ct e^{(t_j-mt)/T} + c1 e^{s_j-ms} from the stored exponentials.
+// Pass 3: g_j = ws e^{(s_j-ms)/T} - wt e^{(t_j-mt)/T} + w1 e^{s_j-ms} from the stored exponentials.
 template <bool KL, bool CE>
-DISTIL_INLINE void row_grad(float* g, const float* es, const float* et, const float* e1, int64_t V, float cs,
-                            float ct, float c1) {
+DISTIL_INLINE void row_grad(float* g, const float* es, const float* et, const float* e1, int64_t V, float ws,
+                            float wt, float w1) {
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
     float x = 0.f;
-    if constexpr (KL) x = cs * es[j] - ct * et[j];
-    if constexpr (CE) x += c1 * e1[j];
+    if constexpr (KL) x = ws * es[j] - wt * et[j];
+    if constexpr (CE) x += w1 * e1[j];
     g[j] = x;
   }
 }
 
-// What one row needs: KL on or off, the label (or -1), and the weights of the KL and
+// What one row needs: KL on or off, the label (or -1), and the coefficients of the KL and
 // CE gradients (coef[0], coef[1] in the forward; the incoming row gradients when the
 // backward recomputes).
 struct RowJob {
   bool kl;
   int64_t label;
-  float a;
-  float b;
+  float kl_coef;
+  float ce_coef;
 };
 
 struct RowLoss {
@@ -113,8 +113,9 @@ struct RowLoss {
 };
 
 template <bool KL, bool CE>
-DISTIL_INLINE RowLoss kl_ce_row_impl(const float* s, const float* t, int64_t V, float T, const RowJob& job,
-                                     float ms, float mt, float* g, float* scratch) {
+DISTIL_INLINE RowLoss kl_ce_row_impl(const float* s, const float* t, int64_t V, float temperature,
+                                     const RowJob& job, float ms, float mt, float* g, float* scratch) {
+  const float T = temperature;
   const float inv_t = 1.0f / T;
   float* es = scratch;
   float* et = scratch + V;
@@ -126,24 +127,24 @@ DISTIL_INLINE RowLoss kl_ce_row_impl(const float* s, const float* t, int64_t V, 
   if constexpr (CE) out.ce = std::log(z.z1) + ms - s[job.label];
   if (g) {
     // d kl/ds = T (p - q), d ce/ds = P - onehot(y).
-    row_grad<KL, CE>(g, es, et, e1, V, job.a * T / z.zs, job.a * T / z.zt, job.b / z.z1);
-    if constexpr (CE) g[job.label] -= job.b;
+    row_grad<KL, CE>(g, es, et, e1, V, job.kl_coef * T / z.zs, job.kl_coef * T / z.zt, job.ce_coef / z.z1);
+    if constexpr (CE) g[job.label] -= job.ce_coef;
   }
   return out;
 }
 
-// Losses of one fp32 row and, when g is given, its gradient job.a * dKL + job.b * dCE
+// Losses of one fp32 row and, when g is given, its gradient job.kl_coef * dKL + job.ce_coef * dCE
 // (zeros where neither applies).  scratch holds 3 V floats.
-DISTIL_CLONES RowLoss kl_ce_row(const float* s, const float* t, int64_t V, float T, RowJob job, float* g,
-                                float* scratch) {
+DISTIL_CLONES RowLoss kl_ce_row(const float* s, const float* t, int64_t V, float temperature, RowJob job,
+                                float* g, float* scratch) {
   const float ms = row_max(s, V);
   const float mt = job.kl ? row_max(t, V) : 0.f;
   // A row that is -inf everywhere has no distribution: its loss and gradient are 0.
   const bool kl = job.kl && ms != kNegInf && mt != kNegInf;
   const bool ce = job.label >= 0 && ms != kNegInf;
-  if (kl && ce) return kl_ce_row_impl<true, true>(s, t, V, T, job, ms, mt, g, scratch);
-  if (kl) return kl_ce_row_impl<true, false>(s, t, V, T, job, ms, mt, g, scratch);
-  if (ce) return kl_ce_row_impl<false, true>(s, t, V, T, job, ms, mt, g, scratch);
+  if (kl && ce) return kl_ce_row_impl<true, true>(s, t, V, temperature, job, ms, mt, g, scratch);
+  if (kl) return kl_ce_row_impl<true, false>(s, t, V, temperature, job, ms, mt, g, scratch);
+  if (ce) return kl_ce_row_impl<false, true>(s, t, V, temperature, job, ms, mt, g, scratch);
   if (g) std::fill(g, g + V, 0.f);
   return {};
 }
@@ -154,9 +155,9 @@ struct Problem {
   const Tensor& teacher;
   std::optional<RowValues<int64_t>> labels;
   std::optional<RowValues<bool>> kl_mask;
-  float c0;
-  float c1;
-  float T;
+  float kl_coef;  // coef[0]
+  float ce_coef;  // coef[1]
+  float temperature;
   int64_t ignore_index;
   int64_t N;
   int64_t V;
@@ -189,24 +190,24 @@ struct Problem {
     TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, "kl_ce_rows: coef must be float32, got ", coef.scalar_type());
     TORCH_CHECK_VALUE(coef.numel() == 2, "kl_ce_rows: coef must have 2 elements, got ", coef.numel());
     const Tensor c = coef.contiguous();
-    c0 = c.const_data_ptr<float>()[0];
-    c1 = c.const_data_ptr<float>()[1];
+    kl_coef = c.const_data_ptr<float>()[0];
+    ce_coef = c.const_data_ptr<float>()[1];
     TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
                       "kl_ce_rows: temperature must be finite and > 0, got ", temperature);
-    T = static_cast<float>(temperature);
+    this->temperature = static_cast<float>(temperature);
     N = c10::multiply_integers(student.sizes().slice(0, row_dims));
     V = student.size(-1);
   }
 
-  // Row r's KL flag and label (-1 when ignored), with gradient weights a (KL) and b (CE).
-  RowJob job(int64_t r, float a, float b) const {
+  // Row r's KL flag and label (-1 when ignored), with the gradient coefficients of its two terms.
+  RowJob job(int64_t r, float kl_row_coef, float ce_row_coef) const {
     int64_t y = labels ? (*labels)[r] : ignore_index;
     if (y == ignore_index) {
       y = -1;
     } else {
       TORCH_CHECK_INDEX(y >= 0 && y < V, "kl_ce_rows: label ", y, " of row ", r, " is outside [0, ", V, ")");
     }
-    return {kl_mask ? (*kl_mask)[r] : true, y, a, b};
+    return {kl_mask ? (*kl_mask)[r] : true, y, kl_row_coef, ce_row_coef};
   }
 
   // Rows per at::parallel_for task: about 32K logits, at least one row.
@@ -215,24 +216,24 @@ struct Problem {
 
 // Per-thread row evaluator: gives kl_ce_row fp32 rows, converting bf16/fp16 rows in
 // and the gradient out through its own buffers.
-template <typename S, typename Tt>
+template <typename StudentT, typename TeacherT>
 class RowRunner {
  public:
   explicit RowRunner(const Problem& pb)
       : pb_(pb),
-        s_{pb.student.const_data_ptr<S>(), row_offsets(pb.student, pb.student.dim() - 1)},
-        t_{pb.teacher.const_data_ptr<Tt>(), row_offsets(pb.teacher, pb.teacher.dim() - 1)},
-        buf_((3 + 2 * !std::is_same_v<S, float> + !std::is_same_v<Tt, float>) * pb.V) {}
+        s_{pb.student.const_data_ptr<StudentT>(), row_offsets(pb.student, pb.student.dim() - 1)},
+        t_{pb.teacher.const_data_ptr<TeacherT>(), row_offsets(pb.teacher, pb.teacher.dim() - 1)},
+        buf_((3 + 2 * !std::is_same_v<StudentT, float> + !std::is_same_v<TeacherT, float>) * pb.V) {}
 
   // Losses of row r; writes job's gradient into g (a contiguous student-dtype row) when given.
-  RowLoss run(int64_t r, const RowJob& job, S* g) {
+  RowLoss run(int64_t r, const RowJob& job, StudentT* g) {
     const int64_t V = pb_.V;
     float* const scratch = buf_.data();
     float* extra = scratch + 3 * V;
     const float* sf;
     const float* tf;
     float* gf = nullptr;
-    if constexpr (std::is_same_v<S, float>) {
+    if constexpr (std::is_same_v<StudentT, float>) {
       sf = s_.data + s_.off(r);
       gf = g;
     } else {
@@ -241,14 +242,14 @@ class RowRunner {
       if (g) gf = extra + V;
       extra += 2 * V;
     }
-    if constexpr (std::is_same_v<Tt, float>) {
+    if constexpr (std::is_same_v<TeacherT, float>) {
       tf = t_.data + t_.off(r);
     } else {
       if (job.kl) load_row(extra, t_.data + t_.off(r), V);
       tf = extra;
     }
-    const RowLoss loss = kl_ce_row(sf, tf, V, pb_.T, job, gf, scratch);
-    if constexpr (!std::is_same_v<S, float>) {
+    const RowLoss loss = kl_ce_row(sf, tf, V, pb_.temperature, job, gf, scratch);
+    if constexpr (!std::is_same_v<StudentT, float>) {
       if (g) store_row(g, gf, V);
     }
     return loss;
@@ -256,8 +257,8 @@ class RowRunner {
 
  private:
   const Problem& pb_;
-  RowValues<S> s_;
-  RowValues<Tt> t_;
+  RowValues<StudentT> s_;
+  RowValues<TeacherT> t_;
   std::vector<float> buf_;  // 3 V of scratch, then fp32 copies of narrower rows
 };
 
@@ -278,7 +279,7 @@ std::tuple<Tensor, Tensor, Tensor> kl_ce_rows_cpu(const Tensor& student, const T
     at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
       RowRunner<S, decltype(t_tag)> runner(pb);
       for (int64_t r = begin; r < end; ++r) {
-        const RowLoss loss = runner.run(r, pb.job(r, pb.c0, pb.c1), g ? g + r * pb.V : nullptr);
+        const RowLoss loss = runner.run(r, pb.job(r, pb.kl_coef, pb.ce_coef), g ? g + r * pb.V : nullptr);
         kl[r] = loss.kl;
         ce[r] = loss.ce;
       }
@@ -303,7 +304,7 @@ void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Ten
   const int64_t row_dims = student.dim() - 1;
   const RowValues<float> gkl = row_values<float>(grad_kl_rows, row_dims);
   const RowValues<float> gce = row_values<float>(grad_ce_rows, row_dims);
-  const double c0 = pb.c0, c1 = pb.c1;
+  const double kl_coef = pb.kl_coef, ce_coef = pb.ce_coef;
   dispatch_pair(pb.student.scalar_type(), pb.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     S* const g = grad.data_ptr<S>();
@@ -313,23 +314,25 @@ void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Ten
         const double gk = gkl[r], gc = gce[r];
         const RowJob job = pb.job(r, gk, gc);
         // A part whose coef and incoming gradient are both 0 is 0 in both gradients.
-        const bool kl = job.kl && !(c0 == 0 && gk == 0);
-        const bool ce = job.label >= 0 && !(c1 == 0 && gc == 0);
+        const bool kl = job.kl && !(kl_coef == 0 && gk == 0);
+        const bool ce = job.label >= 0 && !(ce_coef == 0 && gc == 0);
         if (!kl && !ce) continue;
         S* const row = g + r * pb.V;
         double scale;
         bool proportional;
         if (kl && ce) {
-          scale = gk / c0;
-          proportional = c0 != 0 && c1 != 0 && std::abs(gk * c1 - gc * c0) <= 1e-6 * std::max(std::abs(gk * c1), std::abs(gc * c0));
+          scale = gk / kl_coef;
+          proportional = kl_coef != 0 && ce_coef != 0 &&
+                         std::abs(gk * ce_coef - gc * kl_coef) <=
+                             kProportionalTolerance * std::max(std::abs(gk * ce_coef), std::abs(gc * kl_coef));
         } else {
-          scale = kl ? gk / c0 : gc / c1;
-          proportional = (kl ? c0 : c1) != 0;
+          scale = kl ? gk / kl_coef : gc / ce_coef;
+          proportional = (kl ? kl_coef : ce_coef) != 0;
         }
         if (!proportional) {
           if (!runner) runner.emplace(pb);
           runner->run(r, job, row);
-        } else if (std::abs(scale - 1.0) > kUnitScaleTolerance) {
+        } else if (static_cast<float>(scale) != 1.f) {  // exactly coef: the buffer is the gradient
           const float f = static_cast<float>(scale);
 #pragma omp simd
           for (int64_t j = 0; j < pb.V; ++j) row[j] = static_cast<S>(static_cast<float>(row[j]) * f);
@@ -340,6 +343,22 @@ void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Ten
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(distil, m) {
+  // Temperature KL + cross-entropy per row of [N, V] or [B, S, V] logits. Returns (kl_rows, ce_rows,
+  // grad): kl_rows = T^2 * KL(softmax(t/T) || softmax(s/T)) where kl_mask (every row when absent);
+  // ce_rows = cross_entropy(s, label) where label != ignore_index; grad = coef[0] * d kl_rows/ds +
+  // coef[1] * d ce_rows/ds in the student's dtype, written only when compute_grad (else empty).
+  m.def(
+      "kl_ce_rows(Tensor student, Tensor teacher, Tensor? labels, Tensor? kl_mask, Tensor coef, "
+      "float temperature, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  // Turns the forward's grad (made for coef) into the gradient for the incoming per-row
+  // gradients, in place: nothing when they equal coef, a per-row scale when they are
+  // proportional to it, else a recomputation.
+  m.def(
+      "kl_ce_rows_backward(Tensor(a!) grad, Tensor grad_kl_rows, Tensor grad_ce_rows, Tensor student, "
+      "Tensor teacher, Tensor? labels, Tensor? kl_mask, Tensor coef, float temperature, int ignore_index) -> ()");
+}
 
 TORCH_LIBRARY_IMPL(distil, CPU, m) {
   m.impl("kl_ce_rows", &kl_ce_rows_cpu);

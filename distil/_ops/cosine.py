@@ -1,49 +1,59 @@
-"""Registration of ``distil::cosine_rows``: the Triton kernel for CUDA, a fake impl for tracing,
-and autograd (the gradient is written by the forward; see ARCHITECTURE.md), plus the public
-:func:`cosine_loss` (re-exported by :mod:`distil.fused_loss`).
-
-The schema and the CPU kernel are C++ (csrc/ops.cpp, csrc/cosine_cpu.cpp).
+"""``distil::cosine_rows``: its registration (the Triton kernel for CUDA, a fake impl for tracing,
+autograd) and the public :func:`cosine_loss` (re-exported by :mod:`distil.fused_loss`). Schema and
+CPU kernel: csrc/cosine.cpp; Triton kernel: kernels/cosine.py.
 """
 import torch
 
-import distil  # noqa: F401  (loads the schemas)
-from distil._grad_buffer import (
+from distil._ops.common import (
+    FLOAT_DTYPES,
     announced_coef,
+    check_non_negative_finite,
+    check_op_rows,
+    check_pair,
+    check_row_mask,
+    check_tensor,
+    check_unit_last_stride,
     divisor,
     needs_grad,
     row_count,
     save_gradient_buffer,
     take_gradient_buffer,
 )
-from distil._validate import check_non_negative_finite, check_pair, check_row_mask, check_tensor, FLOAT_DTYPES
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
     from distil.kernels import cosine as _triton_cosine
 except ImportError:  # pragma: no cover
     _triton_cosine = None
 
+
+def _check_op_args(student, teacher, mask, coef):
+    check_op_rows("cosine_rows", student, teacher)
+    if mask is not None and (mask.shape != student.shape[:-1] or mask.dtype != torch.bool):
+        raise ValueError(f"cosine_rows: mask must be bool of shape {tuple(student.shape[:-1])}")
+    if coef.numel() != 1 or coef.dtype != torch.float32:
+        raise ValueError("cosine_rows: coef must be one float32 value")
+
+
 if _triton_cosine is not None:
 
     @torch.library.register_kernel("distil::cosine_rows", "cuda")
     def _cosine_rows_cuda(student, teacher, mask, coef, compute_grad):
-        student = _unit_stride_rows(student)
-        teacher = _unit_stride_rows(teacher)
+        _check_op_args(student, teacher, mask, coef)
         loss_rows = student.new_empty(student.shape[:-1], dtype=torch.float32)
-        grad = torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad else None
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
         with torch.cuda.device(student.device):
-            _triton_cosine.cosine_rows_into(student, teacher, mask, coef, loss_rows, grad)
+            _triton_cosine.cosine_rows(student, teacher, None if mask is None else mask.contiguous(), coef,
+                                       loss_rows, grad)
         return loss_rows, student.new_empty(0) if grad is None else grad
 
     @torch.library.register_kernel("distil::cosine_rows_backward", "cuda")
     def _cosine_rows_backward_cuda(grad, grad_rows, student, teacher, mask, coef):
+        _check_op_args(student, teacher, mask, coef)
+        if grad.shape != student.shape or not grad.is_contiguous():
+            raise ValueError("cosine_rows_backward: grad must be contiguous with the student's shape")
         with torch.cuda.device(student.device):
-            _triton_cosine.cosine_rows_backward_(
-                grad, grad_rows.float(), _unit_stride_rows(student), _unit_stride_rows(teacher), mask, coef
-            )
-
-
-def _unit_stride_rows(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
+            _triton_cosine.cosine_rows_backward(grad, grad_rows.float().contiguous(), student, teacher,
+                                                None if mask is None else mask.contiguous(), coef)
 
 
 @torch.library.register_fake("distil::cosine_rows")
@@ -85,7 +95,7 @@ def cosine_loss(student_hidden, teacher_hidden, *, mask=None, weight=1.0):
 
     Args:
         student_hidden, teacher_hidden: ``[N, H]`` or ``[B, S, H]`` float32/bfloat16/float16 (dtypes
-            may differ), same shape.  The teacher gets no gradient.
+            may differ), same shape, contiguous along H.  The teacher gets no gradient.
         mask: optional bool ``[N]`` / ``[B, S]`` (e.g. the attention mask); rows where it is False are
             left out (default: all rows).
         weight: the factor you will multiply this loss by before ``backward()`` (``alpha_cos``).  It
@@ -103,6 +113,8 @@ def cosine_loss(student_hidden, teacher_hidden, *, mask=None, weight=1.0):
             f"first (e.g. an nn.Linear({student_hidden.shape[-1]}, {teacher_hidden.shape[-1]}) on the student)"
         )
     check_pair("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
+    check_unit_last_stride("student_hidden", student_hidden)
+    check_unit_last_stride("teacher_hidden", teacher_hidden)
     mask = check_row_mask("mask", mask, student_hidden.shape[:-1], student_hidden.device)
     weight = check_non_negative_finite("weight", weight)
     if teacher_hidden.requires_grad and torch.is_grad_enabled():

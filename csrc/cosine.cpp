@@ -1,5 +1,5 @@
-// CPU implementation of distil::cosine_rows and distil::cosine_rows_backward (schemas in
-// ops.cpp; math in kernels/cosine.py and ARCHITECTURE.md).  One pass per row over x and y
+// distil::cosine_rows and distil::cosine_rows_backward: schemas and CPU kernels (math in
+// kernels/cosine.py, the CUDA twin).  One pass per row over x and y
 // with fp32 accumulation, rows spread over threads with at::parallel_for; rows of a
 // [B, S, H] input are read in place through its strides.
 #include <ATen/ATen.h>
@@ -8,7 +8,7 @@
 
 #include <cmath>
 
-#include "cpu_rows.h"
+#include "rows.h"
 
 namespace {
 
@@ -30,8 +30,6 @@ Rows rows_of(const at::Tensor& t) {
   return {n, t.size(row_dims), distil::cpu::row_offsets(t, row_dims)};
 }
 
-at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& mask,
                   const at::Tensor& coef) {
   TORCH_CHECK(student.dim() == 2 || student.dim() == 3, "cosine_rows: student must be 2-D or 3-D, got ",
@@ -40,8 +38,11 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const c1
               " differs from student shape ", student.sizes());
   for (const auto& t : {student, teacher}) {
     auto dt = t.scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                "cosine_rows: hidden states must be float32, bfloat16 or float16, got ", dt);
+    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                     "cosine_rows: hidden states must be float32, bfloat16 or float16, got ", dt);
+    TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1,
+                      "cosine_rows: hidden states must have a unit stride in their last dim, got strides ",
+                      t.strides());
   }
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool, "cosine_rows: mask must be bool");
@@ -83,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_rows_cpu(const at::Tensor& student_in,
                                                    const c10::optional<at::Tensor>& mask_in, const at::Tensor& coef,
                                                    bool compute_grad) {
   check_inputs(student_in, teacher_in, mask_in, coef);
-  at::Tensor student = unit_stride_rows(student_in), teacher = unit_stride_rows(teacher_in);
+  const at::Tensor &student = student_in, &teacher = teacher_in;
   at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   Rows rx = rows_of(student), ry = rows_of(teacher);
   at::Tensor loss = at::empty(student.sizes().slice(0, student.dim() - 1), student.options().dtype(at::kFloat));
@@ -123,7 +124,7 @@ void cosine_rows_backward_cpu(at::Tensor& grad, const at::Tensor& grad_rows_in, 
   TORCH_CHECK(grad.sizes() == student_in.sizes() && grad.is_contiguous() &&
                   grad.scalar_type() == student_in.scalar_type(),
               "cosine_rows_backward: grad must be the forward's gradient buffer");
-  at::Tensor student = unit_stride_rows(student_in), teacher = unit_stride_rows(teacher_in);
+  const at::Tensor &student = student_in, &teacher = teacher_in;
   at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   at::Tensor grad_rows = grad_rows_in.to(at::kFloat).contiguous();
   Rows rx = rows_of(student), ry = rows_of(teacher);
@@ -160,6 +161,17 @@ void cosine_rows_backward_cpu(at::Tensor& grad, const at::Tensor& grad_rows_in, 
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(distil, m) {
+  // Cosine alignment per row of [N, H] or [B, S, H] hidden states, with nn.CosineEmbeddingLoss
+  // (target +1) semantics: loss_rows = 1 - cos where mask (every row when absent), 0 elsewhere;
+  // grad = coef[0] * d loss_rows / d student, written only when compute_grad (else empty).
+  m.def("cosine_rows(Tensor student, Tensor teacher, Tensor? mask, Tensor coef, bool compute_grad) -> (Tensor, Tensor)");
+  // Turns the forward's grad (made for coef) into the gradient for grad_rows, in place.
+  m.def(
+      "cosine_rows_backward(Tensor(a!) grad, Tensor grad_rows, Tensor student, Tensor teacher, Tensor? mask, "
+      "Tensor coef) -> ()");
+}
 
 TORCH_LIBRARY_IMPL(distil, CPU, m) {
   m.impl("cosine_rows", &cosine_rows_cpu);

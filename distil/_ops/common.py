@@ -1,0 +1,137 @@
+"""What every op shares: the input checks of the public functions (each raises a clear TypeError or
+ValueError naming the argument), and the "gradient in the forward" plumbing (ARCHITECTURE.md): the
+coefficients the forward prepares its gradient for, and the autograd side, where the forward's
+gradient buffer is saved and the backward rewrites it in place (once) into the gradient."""
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(name, t, *, dtypes=None, ndims=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {t.dtype}")
+    if ndims is not None and t.dim() not in ndims:
+        allowed = " or ".join(f"{n}-D" for n in ndims)
+        raise ValueError(f"{name} must be {allowed}, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_same_device(**tensors):
+    named = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def check_pair(first_name, first, second_name, second, *, dtypes=FLOAT_DTYPES, ndims=(2, 3)):
+    """Two float tensors of the same shape ([N, D] or [B, S, D]) on one device."""
+    check_tensor(first_name, first, dtypes=dtypes, ndims=ndims)
+    check_tensor(second_name, second, dtypes=dtypes, ndims=ndims)
+    check_same_device(**{first_name: first, second_name: second})
+    if first.shape != second.shape:
+        raise ValueError(
+            f"{second_name} has shape {tuple(second.shape)} but {first_name} has shape {tuple(first.shape)}"
+        )
+
+
+def check_unit_last_stride(name, t):
+    """The kernels read rows with a unit stride along the last dim; other dims may have any strides."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension, got strides {t.stride()}; "
+                         "pass .contiguous() (distil never copies it silently)")
+
+
+def check_op_rows(op, student, teacher):
+    """What the Triton kernels assume, checked at the op's CUDA entry (direct torch.ops calls skip the
+    public functions; the CPU kernels check the same in C++)."""
+    if student.shape != teacher.shape or student.dim() not in (2, 3):
+        raise ValueError(f"{op}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
+                         "must be equal [N, D] or [B, S, D] shapes")
+    for name, x in (("student", student), ("teacher", teacher)):
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be contiguous along its last dim, got strides {x.stride()}")
+
+
+def check_row_mask(name, mask, rows_shape, device):
+    """An optional boolean mask over the leading (row) dims of the logits/hidden states."""
+    if mask is None:
+        return None
+    check_tensor(name, mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a torch.bool tensor, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(rows_shape):
+        raise ValueError(f"{name} must have shape {tuple(rows_shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the logits are on {device}")
+    return mask
+
+
+def check_positive_finite(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def check_non_negative_finite(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return float(value)
+
+def needs_grad(student):
+    """Whether the forward should write the student's gradient."""
+    return torch.is_grad_enabled() and student.requires_grad
+
+
+def row_count(mask, rows_shape):
+    """Rows a mean runs over: all of ``rows_shape`` (a Python int) or the mask's count (a device tensor)."""
+    return rows_shape.numel() if mask is None else mask.sum()
+
+
+def divisor(count):
+    """max(count, 1), as the losses divide by it: an fp32 tensor or a Python int (no host sync)."""
+    return count.clamp(min=1).to(torch.float32) if isinstance(count, torch.Tensor) else max(count, 1)
+
+
+def announced_coef(weight, count, device):
+    """``weight / max(count, 1)`` as a 0-d fp32 device tensor, formed exactly as autograd forms the
+    per-row gradient of ``weight * (rows.sum() / divisor(count))`` (an fp32 weight divided by n), so
+    that the backward finds the factor 1 and does nothing."""
+    return torch.full((), weight, dtype=torch.float32, device=device) / divisor(count)
+
+
+def save_gradient_buffer(ctx, buffer, compute_grad, *tensors):
+    """setup_context part: save ``buffer`` (an op output) and ``tensors`` for the backward.
+
+    The buffer is an output but not a differentiable one: marked so, and with grads not materialised,
+    autograd never builds a zero buffer-sized "gradient of the gradient" per backward."""
+    ctx.compute_grad = compute_grad
+    ctx.consumed = False
+    ctx.mark_non_differentiable(buffer)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(buffer, *tensors)
+
+
+def take_gradient_buffer(ctx, op_name):
+    """backward part: the saved (buffer, *tensors), once; a clear error for a missing or reused buffer."""
+    if not ctx.compute_grad:
+        raise RuntimeError(
+            f"distil: {op_name} ran with compute_grad=False, so it has no gradient; "
+            "call the loss with grad enabled and a student that requires grad"
+        )
+    if ctx.consumed:
+        raise RuntimeError(
+            f"distil: {op_name} rewrites its gradient buffer in place during backward, so it can be "
+            "backpropagated once only (retain_graph=True double backward is not supported)"
+        )
+    ctx.consumed = True
+    return ctx.saved_tensors

@@ -1,0 +1,224 @@
+"""``distil::kl_ce_rows``: its registration (the Triton kernel for CUDA, a fake impl for tracing,
+autograd) and the public :func:`kl_div_loss` and :func:`kl_ce_loss` (re-exported by
+:mod:`distil.fused_loss`). Schema and CPU kernel: csrc/kl_ce.cpp; Triton kernel: kernels/kl_ce.py.
+"""
+import torch
+
+from distil._ops.common import (
+    announced_coef,
+    check_non_negative_finite,
+    check_op_rows,
+    check_pair,
+    check_positive_finite,
+    check_row_mask,
+    check_tensor,
+    check_unit_last_stride,
+    divisor,
+    needs_grad,
+    row_count,
+    save_gradient_buffer,
+    take_gradient_buffer,
+)
+
+try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
+    from distil.kernels import kl_ce as _triton_kl_ce
+except ImportError:  # pragma: no cover
+    _triton_kl_ce = None
+
+_KL_REDUCTIONS = ("batchmean", "sum", "none")
+
+
+def _check_op_args(student, teacher, labels, kl_mask, coef):
+    check_op_rows("kl_ce_rows", student, teacher)
+    rows = student.shape[:-1]
+    if labels is not None and (labels.shape != rows or labels.dtype != torch.int64):
+        raise ValueError(f"kl_ce_rows: labels must be int64 of shape {tuple(rows)}")
+    if kl_mask is not None and (kl_mask.shape != rows or kl_mask.dtype != torch.bool):
+        raise ValueError(f"kl_ce_rows: kl_mask must be bool of shape {tuple(rows)}")
+    if coef.shape != (2,) or coef.dtype != torch.float32:
+        raise ValueError("kl_ce_rows: coef must be a float32 tensor of shape [2]")
+
+
+def _contiguous(x):
+    return None if x is None else x.contiguous()
+
+
+if _triton_kl_ce is not None:
+
+    @torch.library.register_kernel("distil::kl_ce_rows", "cuda")
+    def _kl_ce_rows_cuda(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad):
+        _check_op_args(student, teacher, labels, kl_mask, coef)
+        rows = student.shape[:-1]
+        kl_rows = student.new_empty(rows, dtype=torch.float32)
+        ce_rows = student.new_empty(rows, dtype=torch.float32)
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+        with torch.cuda.device(student.device):
+            _triton_kl_ce.kl_ce_rows(student, teacher, _contiguous(labels), _contiguous(kl_mask), coef,
+                                     temperature, ignore_index, kl_rows, ce_rows, grad)
+        return kl_rows, ce_rows, student.new_empty(0) if grad is None else grad
+
+    @torch.library.register_kernel("distil::kl_ce_rows_backward", "cuda")
+    def _kl_ce_rows_backward_cuda(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
+                                  temperature, ignore_index):
+        _check_op_args(student, teacher, labels, kl_mask, coef)
+        if grad.shape != student.shape or not grad.is_contiguous():
+            raise ValueError("kl_ce_rows_backward: grad must be contiguous with the student's shape")
+        with torch.cuda.device(student.device):
+            _triton_kl_ce.kl_ce_rows_backward(
+                grad, grad_kl_rows.float().contiguous(), grad_ce_rows.float().contiguous(), student, teacher,
+                _contiguous(labels), _contiguous(kl_mask), coef, temperature, ignore_index,
+            )
+
+
+@torch.library.register_fake("distil::kl_ce_rows")
+def _kl_ce_rows_fake(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad):
+    rows = student.shape[:-1]
+    kl = student.new_empty(rows, dtype=torch.float32)
+    ce = student.new_empty(rows, dtype=torch.float32)
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
+    return kl, ce, grad
+
+
+@torch.library.register_fake("distil::kl_ce_rows_backward")
+def _kl_ce_rows_backward_fake(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
+                              temperature, ignore_index):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad = inputs
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    save_gradient_buffer(ctx, output[2], compute_grad, student, teacher, labels, kl_mask, coef)
+
+
+def _backward(ctx, grad_kl_rows, grad_ce_rows, _grad_of_grad):
+    grad, student, teacher, labels, kl_mask, coef = take_gradient_buffer(ctx, "kl_ce_rows")
+    if grad_kl_rows is None:
+        grad_kl_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
+    if grad_ce_rows is None:
+        grad_ce_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
+    torch.ops.distil.kl_ce_rows_backward(
+        grad, grad_kl_rows.float(), grad_ce_rows.float(), student, teacher, labels, kl_mask, coef,
+        ctx.temperature, ctx.ignore_index,
+    )
+    return grad, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("distil::kl_ce_rows", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public functions
+# ------------------------------------------------------------------------------------------------
+def _check_logits(student_logits, teacher_logits):
+    check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    check_unit_last_stride("student_logits", student_logits)
+    check_unit_last_stride("teacher_logits", teacher_logits)
+    if teacher_logits.requires_grad and torch.is_grad_enabled():
+        # The teacher gets no gradient; a trainer that forgot torch.no_grad() would silently get None.
+        teacher_logits = teacher_logits.detach()
+    return teacher_logits
+
+
+def _check_labels(labels, student_logits, ignore_index):
+    check_tensor("labels", labels)
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an integer (int64 or int32) tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have shape {tuple(student_logits.shape[:-1])} (the logits' row dims), got {tuple(labels.shape)}"
+        )
+    if labels.device != student_logits.device:
+        raise ValueError(f"labels is on {labels.device} but student_logits is on {student_logits.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    labels = labels.long()
+    vocab = student_logits.shape[-1]
+    labelled = labels != ignore_index
+    bad = labelled & ((labels < 0) | (labels >= vocab))
+    if labels.is_cuda or torch.compiler.is_compiling():
+        # No host sync: a device-side assert, as PyTorch's own cross_entropy does on CUDA.
+        torch._assert_async(~bad.any(), "labels out of range [0, V) (other than ignore_index)")
+    elif bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
+    return labels, labelled
+
+
+def loss_coef(kl_weight, kl_count, ce_weight, ce_count, device):
+    """``coef = [kl_weight / n_kl, ce_weight / n_ce]``, the fp32 device tensor the forward prepares the
+    gradient for (no host sync; bit-equal to autograd's per-row gradients, see announced_coef)."""
+    return torch.stack([announced_coef(kl_weight, kl_count, device), announced_coef(ce_weight, ce_count, device)])
+
+
+def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, reduction="batchmean"):
+    """Temperature-scaled KL divergence of the student from the teacher, times T².
+
+    Exactly ``nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2``
+    on the selected rows, as ``loss_ce`` in distiller.py's ``Distiller.step`` (which selects the rows
+    with ``masked_select``); here the rows are selected without copying.
+
+    Args:
+        student_logits, teacher_logits: ``[N, V]`` or ``[B, S, V]``, float32/bfloat16/float16 (may differ),
+            contiguous along V. The teacher gets no gradient.
+        temperature: T > 0, finite.
+        mask: optional bool ``[N]`` / ``[B, S]``; rows where it is False are left out (default: all rows).
+        reduction: ``"batchmean"`` (sum over selected rows / their count), ``"sum"``, or ``"none"``
+            (per-row T²·KL of shape ``[N]`` / ``[B, S]``, zero at unselected rows: the row sums of
+            PyTorch's element-wise ``"none"`` output, times T²).
+    Returns:
+        fp32 tensor: a scalar, or per-row losses for ``"none"``. No selected rows gives 0.
+    """
+    teacher_logits = _check_logits(student_logits, teacher_logits)
+    temperature = check_positive_finite("temperature", temperature)
+    mask = check_row_mask("mask", mask, student_logits.shape[:-1], student_logits.device)
+    if reduction not in _KL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_KL_REDUCTIONS}, got {reduction!r}")
+    count = row_count(mask, student_logits.shape[:-1]) if reduction == "batchmean" else 1
+    coef = loss_coef(1.0, count, 0.0, 1, student_logits.device)
+    kl_rows, _, _ = torch.ops.distil.kl_ce_rows(
+        student_logits, teacher_logits, None, mask, coef, temperature, -100, needs_grad(student_logits)
+    )
+    if reduction == "none":
+        return kl_rows
+    return kl_rows.sum() / divisor(count)
+
+
+def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_mask=None, ignore_index=-100,
+               kl_weight=1.0, ce_weight=1.0):
+    """The distillation KL and the masked-LM cross-entropy in one kernel launch over the student logits.
+
+    Returns ``(kl, ce)`` with
+    ``kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2``
+    over the ``kl_mask`` rows (all rows by default; distiller.py's ``loss_ce``) and
+    ``ce = nn.CrossEntropyLoss(ignore_index=ignore_index)(s, labels)`` at temperature 1 (its ``loss_mlm``).
+
+    ``kl_weight`` and ``ce_weight`` do not change the values: they name the combination
+    ``kl_weight * kl + ce_weight * ce`` that you will backpropagate, for which the gradient is written
+    during the forward (backward then costs nothing). Any other combination is still exact; its
+    backward scales or recomputes the gradient rows. DistilBERT's recipe is ``kl_weight=5.0, ce_weight=2.0``.
+
+    Args:
+        student_logits, teacher_logits: ``[N, V]`` or ``[B, S, V]`` float32/bfloat16/float16, contiguous along V.
+        labels: int64/int32 ``[N]`` / ``[B, S]``, in ``[0, V)`` or ``ignore_index``.
+        temperature: T > 0 for the KL; the cross-entropy uses T = 1.
+        kl_mask: optional bool ``[N]`` / ``[B, S]`` selecting the KL rows (``--restrict_ce_to_mask``
+            in distiller.py is ``kl_mask = labels != -100``).
+    Returns:
+        ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
+    """
+    teacher_logits = _check_logits(student_logits, teacher_logits)
+    temperature = check_positive_finite("temperature", temperature)
+    kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
+    labels, labelled = _check_labels(labels, student_logits, ignore_index)
+    kl_weight = check_non_negative_finite("kl_weight", kl_weight)
+    ce_weight = check_non_negative_finite("ce_weight", ce_weight)
+    kl_count = row_count(kl_mask, student_logits.shape[:-1])
+    ce_count = labelled.sum()
+    coef = loss_coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)
+    kl_rows, ce_rows, _ = torch.ops.distil.kl_ce_rows(
+        student_logits, teacher_logits, labels, kl_mask, coef, temperature, ignore_index,
+        needs_grad(student_logits),
+    )
+    return kl_rows.sum() / divisor(kl_count), ce_rows.sum() / divisor(ce_count)

@@ -1,0 +1,59 @@
+"""What every test file shares: the device lists, the ONE tolerance table, error measures and
+poisoned outputs. Each tests/test_<op>.py has its own ``sample_inputs()``."""
+import os
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# benchmarks/gpu_suite.sh sets DISTIL_GPU_TESTS=1: Triton kernels then run on CUDA, else through the
+# interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET before triton is imported).
+GPU_RUN = os.environ.get("DISTIL_GPU_TESTS") == "1"
+API_DEVICES = ["cpu"] + (["cuda"] if GPU_RUN else [])
+
+# Relative error allowed against a float64 reference, by the dtype of the values compared.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def relative_error(out, ref):
+    """||out - ref|| / ||ref||; the absolute error where the reference is exactly zero."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    denom = ref.norm().item() or 1.0
+    return (out - ref).norm().item() / denom
+
+
+def nan_empty(shape, dtype, device):
+    """An output buffer full of NaN: a value the kernel fails to write cannot pass as a lucky zero."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def poison_heap(*like):
+    """Allocate and free NaN tensors the size of an op's outputs, so that outputs the op allocates
+    itself (C++ kernels) and fails to write read back as NaN rather than as lucky zeros."""
+    for x in like:
+        torch.full((max(x.numel(), 1),), float("nan"), dtype=x.dtype)
+
+
+def rows_past_int32(cols, dtype, device):
+    """A random [2, cols] tensor whose row 1 starts past element 2**31 of its storage: only the two
+    rows' pages are touched, the rest of the (lazily allocated) storage stays virtual."""
+    stride = 2**31 + 5 * cols
+    storage = torch.empty(stride + cols, dtype=dtype, device=device)
+    x = storage.as_strided((2, cols), (stride, 1))
+    return x.copy_(torch.randn(2, cols, device=device).to(dtype))
+
+
+class RecordOps(TorchDispatchMode):
+    """Records ``(op, args, outputs)`` of every op dispatched inside the ``with`` block (custom ops
+    included), e.g. to assert what a public function asked its op for."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func, args, out))
+        return out
+
+    def of(self, op):
+        return [(args, out) for func, args, out in self.calls if func is op]
