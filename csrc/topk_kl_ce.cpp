@@ -382,24 +382,18 @@ class RowRunner {
       default:
         std::copy_n(pb_.index.const_data_ptr<int64_t>() + off, pb_.k, idx_.begin());
     }
-    int64_t bad = -1;
-    bool repeated = false;
-    for (int64_t j = 0; j < pb_.k && bad < 0; ++j) {
-      const int64_t i = idx_[j];
-      if (i < 0 || i >= pb_.V) {
-        bad = i;
-      } else if (seen_[i]) {
-        bad = i;
-        repeated = true;
-      } else {
-        seen_[i] = 1;
-      }
+    int64_t bad = 0;
+    bool outside = false, repeated = false;
+    for (int64_t j = 0; j < pb_.k && !outside && !repeated; ++j) {
+      bad = idx_[j];
+      outside = bad < 0 || bad >= pb_.V;
+      repeated = !outside && seen_[bad];
+      if (!outside) seen_[bad] = 1;
     }
     for (int64_t j = 0; j < pb_.k; ++j) {
       if (idx_[j] >= 0 && idx_[j] < pb_.V) seen_[idx_[j]] = 0;
     }
-    TORCH_CHECK_INDEX(bad < 0 || repeated, kOp, ": teacher_index ", bad, " of row ", r, " is outside [0, ", pb_.V,
-                      ")");
+    TORCH_CHECK_INDEX(!outside, kOp, ": teacher_index ", bad, " of row ", r, " is outside [0, ", pb_.V, ")");
     TORCH_CHECK_INDEX(!repeated, kOp, ": teacher_index ", bad, " appears twice in row ", r);
   }
 
