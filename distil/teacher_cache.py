@@ -71,6 +71,20 @@ def _int_dtype(size):
     return "int16" if size <= INT16_MAX + 1 else "int32"
 
 
+def field_dtypes(tokenizer_size, vocab_size, logits_dtype="float16", hidden=False):
+    """{field: stored dtype name} of a cache (see the module docstring)."""
+    return {"input_ids": _int_dtype(tokenizer_size), "labels": _int_dtype(tokenizer_size),
+            "topk_logits": logits_dtype, "topk_index": _int_dtype(vocab_size), "lse": "float32",
+            **({"hidden": "float16"} if hidden else {})}
+
+
+def bytes_per_token(top_k, tokenizer_size, vocab_size, logits_dtype="float16", hidden_size=None):
+    """Cache bytes per token and pass (the .npy headers aside): 264 at k = 64, float16, V <= 32767."""
+    dtypes = field_dtypes(tokenizer_size, vocab_size, logits_dtype, hidden_size is not None)
+    width = {"topk_logits": top_k, "topk_index": top_k, "hidden": hidden_size or 0}
+    return sum(width.get(name, 1) * getattr(torch, dtype).itemsize for name, dtype in dtypes.items())
+
+
 def _sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -169,9 +183,7 @@ class CacheBuilder:
             "top_k": top_k,
             "temperature": self.temperature,
             "passes": passes,
-            "dtypes": {"input_ids": _int_dtype(vocab), "labels": _int_dtype(vocab), "topk_logits": dtype,
-                       "topk_index": _int_dtype(vocab_out), "lse": "float32",
-                       **({"hidden": "float16"} if hidden else {})},
+            "dtypes": field_dtypes(vocab, vocab_out, dtype, hidden),
             "masking": {"seed": seed, "mask_prop": self.masker.mask_prop,
                         "outcome_probs": self.masker.outcome_probs.tolist(), "smoothing": 0.7},
             "max_length": max_length,

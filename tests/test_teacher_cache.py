@@ -73,7 +73,8 @@ def test_bytes_per_token(setup):
         array = np.load(f, mmap_mode="r")
         data_bytes += array.nbytes
     tokens = cache.index["num_tokens"] * cache.passes
-    assert data_bytes == tokens * (2 + 2 + 8 * (2 + 2) + 4)
+    assert data_bytes == tokens * (2 + 2 + 8 * (2 + 2) + 4) == tokens * TC.bytes_per_token(8, 200, 200)
+    assert TC.bytes_per_token(64, 30522, 30522) == 264 and TC.bytes_per_token(64, 50265, 50265) == 4 + 4 + 64 * 6 + 4
 
 
 def test_interrupted_build_resumes_byte_identical(setup, monkeypatch):
