@@ -34,6 +34,7 @@ using distil::cpu::check_rows_tensor;
 using distil::cpu::dispatch_pair;
 using distil::cpu::exp_nonpos;
 using distil::cpu::load_row;
+using distil::cpu::rescale_or_recompute_rows;
 using distil::cpu::row_max;
 using distil::cpu::row_offsets;
 using distil::cpu::row_values;
@@ -42,9 +43,6 @@ using distil::cpu::RowValues;
 using distil::cpu::store_row;
 constexpr const char* kOp = "kl_ce_rows";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// (g_kl, g_ce) counts as proportional to (kl_coef, ce_coef) within this relative tolerance (the same
-// rule as kernels/kl_ce.py); the buffer is then rescaled, else the row is recomputed.
-constexpr double kProportionalTolerance = 1e-6;
 
 struct Sums {
   float zs = 0.f;  // sum_j e^{(s_j - ms)/T}
@@ -301,44 +299,10 @@ void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Ten
                     grad.sizes(), " with strides ", grad.strides());
   check_rows_tensor(kOp, "grad_kl_rows", grad_kl_rows, student, at::kFloat);
   check_rows_tensor(kOp, "grad_ce_rows", grad_ce_rows, student, at::kFloat);
-  const int64_t row_dims = student.dim() - 1;
-  const RowValues<float> gkl = row_values<float>(grad_kl_rows, row_dims);
-  const RowValues<float> gce = row_values<float>(grad_ce_rows, row_dims);
-  const double kl_coef = pb.kl_coef, ce_coef = pb.ce_coef;
   dispatch_pair(pb.student.scalar_type(), pb.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
-    S* const g = grad.data_ptr<S>();
-    at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
-      std::optional<RowRunner<S, decltype(t_tag)>> runner;  // only rows that need recomputing read the logits
-      for (int64_t r = begin; r < end; ++r) {
-        const double gk = gkl[r], gc = gce[r];
-        const RowJob job = pb.job(r, gk, gc);
-        // A part whose coef and incoming gradient are both 0 is 0 in both gradients.
-        const bool kl = job.kl && !(kl_coef == 0 && gk == 0);
-        const bool ce = job.label >= 0 && !(ce_coef == 0 && gc == 0);
-        if (!kl && !ce) continue;
-        S* const row = g + r * pb.V;
-        double scale;
-        bool proportional;
-        if (kl && ce) {
-          scale = gk / kl_coef;
-          proportional = kl_coef != 0 && ce_coef != 0 &&
-                         std::abs(gk * ce_coef - gc * kl_coef) <=
-                             kProportionalTolerance * std::max(std::abs(gk * ce_coef), std::abs(gc * kl_coef));
-        } else {
-          scale = kl ? gk / kl_coef : gc / ce_coef;
-          proportional = (kl ? kl_coef : ce_coef) != 0;
-        }
-        if (!proportional) {
-          if (!runner) runner.emplace(pb);
-          runner->run(r, job, row);
-        } else if (static_cast<float>(scale) != 1.f) {  // exactly coef: the buffer is the gradient
-          const float f = static_cast<float>(scale);
-#pragma omp simd
-          for (int64_t j = 0; j < pb.V; ++j) row[j] = static_cast<S>(static_cast<float>(row[j]) * f);
-        }
-      }
-    });
+    rescale_or_recompute_rows<RowRunner<S, decltype(t_tag)>>(grad.data_ptr<S>(), pb, grad_kl_rows, grad_ce_rows,
+                                                              pb.kl_coef, pb.ce_coef);
   });
 }
 

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <ATen/Functions.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -17,8 +18,10 @@
 #include <c10/util/bit_cast.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -148,6 +151,53 @@ template <typename T>
 DISTIL_INLINE void store_row(T* dst, const float* src, int64_t V) {
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+// The backward of the two-term (KL, CE) row ops: the forward wrote, per row, the gradient of
+// kl_coef * kl_row + ce_coef * ce_row.  For the incoming per-row gradients (grad_kl_rows, grad_ce_rows)
+// a row is rescaled in place when they are proportional to (kl_coef, ce_coef) within 1e-6 relative
+// (left as it is when the factor is exactly 1: the usual loss.backward()), and recomputed otherwise by
+// a Runner(pb) (built on the first such row of each task: other rows never read the inputs).
+// Problem: N, V, grain(), job(r, a, b) -> {kl, label} with the gradient weights a, b;
+// Runner: run(r, job, row) writes the row's gradient.  A part whose coef and incoming gradient are
+// both 0 is 0 in both gradients, so it does not break proportionality.
+template <typename Runner, typename S, typename Problem>
+void rescale_or_recompute_rows(S* g, const Problem& pb, const at::Tensor& grad_kl_rows,
+                               const at::Tensor& grad_ce_rows, double kl_coef, double ce_coef) {
+  constexpr double kProportionalTolerance = 1e-6;
+  const int64_t row_dims = grad_kl_rows.dim();
+  const RowValues<float> gkl = row_values<float>(grad_kl_rows, row_dims);
+  const RowValues<float> gce = row_values<float>(grad_ce_rows, row_dims);
+  at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
+    std::optional<Runner> runner;
+    for (int64_t r = begin; r < end; ++r) {
+      const double gk = gkl[r], gc = gce[r];
+      const auto job = pb.job(r, gk, gc);
+      const bool kl = job.kl && !(kl_coef == 0 && gk == 0);
+      const bool ce = job.label >= 0 && !(ce_coef == 0 && gc == 0);
+      if (!kl && !ce) continue;
+      S* const row = g + r * pb.V;
+      double scale;
+      bool proportional;
+      if (kl && ce) {
+        scale = gk / kl_coef;
+        proportional = kl_coef != 0 && ce_coef != 0 &&
+                       std::abs(gk * ce_coef - gc * kl_coef) <=
+                           kProportionalTolerance * std::max(std::abs(gk * ce_coef), std::abs(gc * kl_coef));
+      } else {
+        scale = kl ? gk / kl_coef : gc / ce_coef;
+        proportional = (kl ? kl_coef : ce_coef) != 0;
+      }
+      if (!proportional) {
+        if (!runner) runner.emplace(pb);
+        runner->run(r, job, row);
+      } else if (static_cast<float>(scale) != 1.f) {  // exactly coef: the buffer is the gradient
+        const float f = static_cast<float>(scale);
+#pragma omp simd
+        for (int64_t j = 0; j < pb.V; ++j) row[j] = static_cast<S>(static_cast<float>(row[j]) * f);
+      }
+    }
+  });
 }
 
 }  // namespace distil::cpu

@@ -50,6 +50,7 @@ using distil::cpu::dispatch_pair;
 using distil::cpu::empty_for_overwrite;
 using distil::cpu::exp_nonpos;
 using distil::cpu::load_row;
+using distil::cpu::rescale_or_recompute_rows;
 using distil::cpu::row_max;
 using distil::cpu::row_offsets;
 using distil::cpu::row_values;
@@ -62,8 +63,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Both tail masses are floored at 2^-16 (kernels/topk_kl_ce.py, TAIL_FLOOR): below it they are
 // rounding noise of fp32 sums of probabilities.
 constexpr float kTailFloor = 1.52587890625e-05f;
-// As kl_ce_rows_backward: (g_kl, g_ce) proportional to coef within this relative tolerance rescales.
-constexpr double kProportionalTolerance = 1e-6;
 
 struct RowJob {
   bool kl;
@@ -135,15 +134,15 @@ DISTIL_INLINE StudentStats student_pass(const float* s, int64_t V, float inv_t, 
   return st;
 }
 
-// g = ca p + c1 P from the stored block exponentials (es may alias g).
+// g = ca p + ce_coef P from the stored block exponentials (es may alias g).
 template <bool KL, bool CE>
 DISTIL_INLINE void dense_grad(float* g, const float* es, const float* e1, const float* bmax, int64_t V, float inv_t,
-                              const StudentStats& st, float ca, float c1) {
+                              const StudentStats& st, float ca, float ce_coef) {
   for (int64_t b = 0, off = 0; off < V; ++b, off += kBlock) {
     const int64_t n = std::min(kBlock, V - off);
     const float shift = bmax[b] - st.ms;  // -inf for an all -inf block: its factors are 0
     const float fa = KL ? ca / st.zs * std::exp(shift * inv_t) : 0.f;
-    const float f1 = CE ? c1 / st.z1 * std::exp(shift) : 0.f;
+    const float f1 = CE ? ce_coef / st.z1 * std::exp(shift) : 0.f;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       float x = 0.f;
@@ -227,13 +226,13 @@ DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow
   if (ce) out.ce = std::log(st.z1) + st.ms - s[job.label];
   if (!g) return out;
   // d kl/ds_i = T (alpha p_i + [i in K] (beta p_i - q_i)); d ce/ds = P - onehot(y).
-  const float ca = job.a * T * terms.alpha, c1 = job.b;
+  const float ca = job.a * T * terms.alpha, ce_coef = job.b;
   if (kl && ce) {
-    dense_grad<true, true>(g, g, e1, bmax, V, inv_t, st, ca, c1);
+    dense_grad<true, true>(g, g, e1, bmax, V, inv_t, st, ca, ce_coef);
   } else if (kl) {
-    dense_grad<true, false>(g, g, e1, bmax, V, inv_t, st, ca, c1);
+    dense_grad<true, false>(g, g, e1, bmax, V, inv_t, st, ca, ce_coef);
   } else if (ce) {
-    dense_grad<false, true>(g, g, e1, bmax, V, inv_t, st, ca, c1);
+    dense_grad<false, true>(g, g, e1, bmax, V, inv_t, st, ca, ce_coef);
   } else {
     std::fill(g, g + V, 0.f);
   }
@@ -262,8 +261,8 @@ struct Problem {
   std::optional<RowValues<int64_t>> labels;
   std::optional<RowValues<bool>> kl_mask;
   RowOffsets index_off;
-  float c0;
-  float c1;
+  float kl_coef;
+  float ce_coef;
   float T;
   int64_t ignore_index;
   int64_t N;
@@ -305,8 +304,8 @@ struct Problem {
     TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, kOp, ": coef must be float32, got ", coef.scalar_type());
     TORCH_CHECK_VALUE(coef.numel() == 2, kOp, ": coef must have 2 elements, got ", coef.numel());
     const Tensor c = coef.contiguous();
-    c0 = c.const_data_ptr<float>()[0];
-    c1 = c.const_data_ptr<float>()[1];
+    kl_coef = c.const_data_ptr<float>()[0];
+    ce_coef = c.const_data_ptr<float>()[1];
     TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, kOp,
                       ": temperature must be finite and > 0, got ", temperature);
     T = static_cast<float>(temperature);
@@ -424,7 +423,7 @@ std::tuple<Tensor, Tensor, Tensor> topk_kl_ce_rows_cpu(const Tensor& student, co
     at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
       RowRunner<S, decltype(t_tag)> runner(pb);
       for (int64_t r = begin; r < end; ++r) {
-        const RowLoss loss = runner.run(r, pb.job(r, pb.c0, pb.c1), g ? g + r * pb.V : nullptr);
+        const RowLoss loss = runner.run(r, pb.job(r, pb.kl_coef, pb.ce_coef), g ? g + r * pb.V : nullptr);
         kl[r] = loss.kl;
         ce[r] = loss.ce;
       }
@@ -447,43 +446,10 @@ void topk_kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, cons
                     grad.sizes(), " with strides ", grad.strides());
   check_rows_tensor(kOp, "grad_kl_rows", grad_kl_rows, student, at::kFloat);
   check_rows_tensor(kOp, "grad_ce_rows", grad_ce_rows, student, at::kFloat);
-  const int64_t row_dims = student.dim() - 1;
-  const RowValues<float> gkl = row_values<float>(grad_kl_rows, row_dims);
-  const RowValues<float> gce = row_values<float>(grad_ce_rows, row_dims);
-  const double c0 = pb.c0, c1 = pb.c1;
   dispatch_pair(student.scalar_type(), values.scalar_type(), [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
-    S* const g = grad.data_ptr<S>();
-    at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
-      std::optional<RowRunner<S, decltype(t_tag)>> runner;  // only rows that need recomputing read the inputs
-      for (int64_t r = begin; r < end; ++r) {
-        const double gk = gkl[r], gc = gce[r];
-        const RowJob job = pb.job(r, gk, gc);
-        // A part whose coef and incoming gradient are both 0 is 0 in both gradients.
-        const bool kl = job.kl && !(c0 == 0 && gk == 0);
-        const bool ce = job.label >= 0 && !(c1 == 0 && gc == 0);
-        if (!kl && !ce) continue;
-        S* const row = g + r * pb.V;
-        double scale;
-        bool proportional;
-        if (kl && ce) {
-          scale = gk / c0;
-          proportional = c0 != 0 && c1 != 0 &&
-                         std::abs(gk * c1 - gc * c0) <= kProportionalTolerance * std::max(std::abs(gk * c1), std::abs(gc * c0));
-        } else {
-          scale = kl ? gk / c0 : gc / c1;
-          proportional = (kl ? c0 : c1) != 0;
-        }
-        if (!proportional) {
-          if (!runner) runner.emplace(pb);
-          runner->run(r, job, row);
-        } else if (static_cast<float>(scale) != 1.f) {  // exactly coef: the buffer is the gradient
-          const float f = static_cast<float>(scale);
-#pragma omp simd
-          for (int64_t j = 0; j < pb.V; ++j) row[j] = static_cast<S>(static_cast<float>(row[j]) * f);
-        }
-      }
-    });
+    rescale_or_recompute_rows<RowRunner<S, decltype(t_tag)>>(grad.data_ptr<S>(), pb, grad_kl_rows, grad_ce_rows,
+                                                              pb.kl_coef, pb.ce_coef);
   });
 }
 

@@ -2,6 +2,7 @@
 the atomic shards and a resumed build that ends byte-identical to an uninterrupted one, the reader,
 and the distil-cache-teacher CLI."""
 import filecmp
+import itertools
 import json
 
 import numpy as np
@@ -127,3 +128,37 @@ def test_cli(setup, capsys):
     assert batch["topk_logits"].dtype == torch.bfloat16 and batch["topk_logits"].shape[-1] == 4
     assert TC.main(argv + ["--top-k", "5"]) == 2
     assert "different cache" in capsys.readouterr().err
+
+
+def test_training_from_a_full_cache_reproduces_the_live_teacher(setup):
+    """k = V, float32 logits: the exact top-k KL is the dense KL, so optimizer steps from the cache
+    give the live teacher's per-step losses (same batches, masks, dropout) to 1e-5."""
+    from distil.data import LengthGroupedBatches
+    from distil.fused_loss import DistillationLoss
+    from distil.step import DistillationStep, StudentRows
+    from distil.student import build_student
+
+    root, teacher, tok = setup
+    vocab = teacher.config.vocab_size
+    cache = TC.TeacherCache(TC.build_cache(root / "teacher", [root / "data"], root / "full",
+                                           **dict(OPTIONS, top_k=vocab, passes=2, dtype="float32")))
+    loss_fn = DistillationLoss(alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=0.0, temperature=2.0)
+    runs = {}
+    for name in ("live", "cached"):
+        torch.manual_seed(0)
+        student = build_student(teacher).train()
+        step = DistillationStep(StudentRows(student), teacher if name == "live" else None, loss_fn)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        reader = LengthGroupedBatches(cache.sequences(), 8, seed=3, pad_id=tok.pad_token_id)
+        losses = []
+        for i, batch in zip(range(6), itertools.chain(reader, reader)):  # into epoch 1: pass 1
+            cached = cache.batch(batch["epoch"], batch["sequence_index"], batch["input_ids"].shape[1],
+                                 tok.pad_token_id)
+            torch.manual_seed(100 + i)  # the same dropout in both runs
+            out = step(cached["input_ids"], cached["attention_mask"], cached["labels"], cached)
+            out.total.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(torch.stack([out.total, out.kl, out.mlm]).detach())
+        runs[name] = torch.stack(losses)
+    assert torch.allclose(runs["cached"], runs["live"], rtol=1e-5, atol=0)
