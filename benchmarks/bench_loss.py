@@ -9,8 +9,9 @@ function under ``torch.compile``, and (CUDA, when ``liger_kernel`` imports) Lige
 Every op is one entry of ``OPS``: ``LossOp(ours, eager, make_inputs, bytes_moved, liger, dense)``, where each
 loss function takes the dict from ``make_inputs`` as keyword arguments and returns the scalar that a
 trainer backpropagates (``dense``: the dense loss an approximate op replaces, timed in the same
-cell); the ``compile`` variant is ``torch.compile(eager)``.  Modes: ``fwd`` is the forward with ``student.requires_grad=True`` (a training forward: ours writes the gradient there),
-``fwd+bwd`` adds ``.backward()``.  Prints a Markdown table and the targets, writes
+cell); the ``compile`` variant is ``torch.compile(eager)``.  Modes: ``fwd`` is the forward with
+``student.requires_grad=True`` (a training forward: ours writes the gradient there), ``fwd+bwd`` adds
+``.backward()``.  Prints a Markdown table and the targets, writes
 ``benchmarks/results/loss_<cpu|cuda>_<machine>.json`` and a PNG plot beside it.
 """
 import argparse
