@@ -267,6 +267,26 @@ def markdown_table(records):
     return "\n".join(lines)
 
 
+def add_output_args(parser):
+    """``--save``: where a benchmark's result files go (see :func:`result_stem`)."""
+    parser.add_argument("--save", action="store_true",
+                        help="update the committed reference results in benchmarks/results/ (default: write "
+                             "<name>_local.json/.png there, which git ignores; --quick writes <name>_quick.*)")
+
+
+def result_stem(stem, args):
+    """The file stem a run writes: ``stem`` itself (the committed reference) only with ``--save``, so
+    that trying a benchmark never dirties the working tree; ``_quick`` for smoke runs, else ``_local``."""
+    if args.quick:
+        return stem + "_quick"
+    return stem if args.save else stem + "_local"
+
+
+def format_seconds(seconds):
+    """``75.3`` -> ``"1m15s"``; under a minute ``"42.0s"``."""
+    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
 def write_json(stem, machine, records, **extra):
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{stem}.json"

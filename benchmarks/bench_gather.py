@@ -152,6 +152,7 @@ def parse_args(argv):
     p.add_argument("--rows", type=int, default=16384, help="B·S (default 16384)")
     p.add_argument("--quick", action="store_true", help="tiny shapes; results get a _quick suffix")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    C.add_output_args(p)
     p.add_argument("--rss-child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.device = C.resolve_device(p, args.device)
@@ -191,7 +192,7 @@ def main(argv=None):
     print(f"\nTiming: {timing}. Baseline of the ratios ('eager'): distiller.py's masked_select idiom. "
           f"GB/s = bytes a gather must move (fwd: 2·M·H; fwd+bwd adds (N+M)·H) / time, "
           f"% of a {copy_gbs:.0f} GB/s copy measured in this run. {method}.")
-    stem = f"gather_{device}" + ("_quick" if args.quick else "")
+    stem = C.result_stem(f"gather_{device}", args)
     path = C.write_json(stem, machine, records, copy_gbs=copy_gbs, timing=timing, memory_method=method,
                         targets=[dict(target=a, measured=b, met=c) for a, b, c in goal_rows])
     print(f"\nwrote {path}")

@@ -9,16 +9,19 @@ function under ``torch.compile``, and (CUDA, when ``liger_kernel`` imports) Lige
 Every op is one entry of ``OPS``: ``LossOp(ours, eager, make_inputs, bytes_moved, liger, dense)``, where each
 loss function takes the dict from ``make_inputs`` as keyword arguments and returns the scalar that a
 trainer backpropagates (``dense``: the dense loss an approximate op replaces, timed in the same
-cell); the ``compile`` variant is ``torch.compile(eager)``.  Modes: ``fwd`` is the forward with
-``student.requires_grad=True`` (a training forward: ours writes the gradient there), ``fwd+bwd`` adds
-``.backward()``.  Prints a Markdown table and the targets, writes
-``benchmarks/results/loss_<cpu|cuda>_<machine>.json`` and a PNG plot beside it.
+cell); the ``compile`` variant is ``torch.compile(eager)``.  Modes: ``fwd`` is the
+forward with ``student.requires_grad=True`` (a training forward: ours writes the gradient there),
+``fwd+bwd`` adds ``.backward()``.  Prints one line per cell (its time, the elapsed time and an ETA),
+then a Markdown table and the targets, and writes ``benchmarks/results/loss_<cpu|cuda>_<machine>_local.json``
+and a PNG plot beside it (git ignores them); ``--save`` writes the committed reference
+``loss_<cpu|cuda>_<machine>.json`` / ``.png`` instead.
 """
 import argparse
 import functools
 import itertools
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -427,6 +430,7 @@ def parse_args(argv):
     p.add_argument("--full", action="store_true", help="CUDA: N in {2048,8192,16384} x V in {30522,50257,128256} x {fp32,bf16}")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--variants", default="ours,eager,compile,liger,dense", help="comma-separated subset")
+    C.add_output_args(p)
     p.add_argument("--rss-child", nargs=6, metavar=("OP", "VARIANT", "DTYPE", "N", "V", "MODE"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -453,9 +457,17 @@ def main(argv=None):
           f"triton {machine['triton']}; copy bandwidth {copy_gbs:.0f} GB/s (read+write); {len(plan)} cells",
           flush=True)
     records = []
-    for op, dtype, n, v, modes in plan:
-        print(f"  {op} {dtype} {n}×{v} ...", flush=True)
+    # The ETA assumes a cell's time grows with its N·V·modes (true within an op to a few tens of %).
+    work = [n * v * len(modes) for _, _, n, v, modes in plan]
+    start = time.perf_counter()
+    for i, (op, dtype, n, v, modes) in enumerate(plan):
+        print(f"  [{i + 1}/{len(plan)}] {op} {dtype} {n}×{v} ...", end="", flush=True)
+        cell_start = time.perf_counter()
         records += run_cell(op, dtype, n, v, modes, device, args.variants, copy_gbs)
+        now = time.perf_counter()
+        eta = (now - start) / sum(work[: i + 1]) * sum(work[i + 1 :])
+        print(f" {C.format_seconds(now - cell_start)} (elapsed {C.format_seconds(now - start)}, "
+              f"ETA {C.format_seconds(eta)})", flush=True)
     C.add_ratios(records)
     method = C.CUDA_MEMORY_METHOD if device == "cuda" else C.CPU_MEMORY_METHOD
     timing = ("triton.testing.do_bench median (L2 flushed between runs)" if device == "cuda" else
@@ -470,7 +482,7 @@ def main(argv=None):
           f"once), fwd+bwd rows only; % of a {copy_gbs:.0f} GB/s copy measured in this run. {method}. "
           f"fwd = forward with student.requires_grad=True. Loss values checked against eager: "
           f"max rel. err {max((r.get('loss_rel_err', 0) for r in records), default=0):.1e}.")
-    stem = f"loss_{device}_{C.machine_tag(device)}" + ("_quick" if args.quick else "")
+    stem = C.result_stem(f"loss_{device}_{C.machine_tag(device)}", args)
     path = C.write_json(stem, machine, records, copy_gbs=copy_gbs, timing=timing, memory_method=method,
                         targets=[dict(target=a, measured=b, met=c) for a, b, c in goal_rows])
     png = C.plot_records(stem, records, f"distil loss, {machine.get('gpu', machine['cpu'])}")

@@ -180,6 +180,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke run); results get a _quick suffix")
+    C.add_output_args(p)
     p.add_argument("--rss-child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rss_child:
@@ -205,7 +206,7 @@ def main(argv=None):
             base = next(b for b in records if b["variant"] == "eager" and b["mode"] == r["mode"] and b["shape"] == r["shape"])
             print(f"| {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['tokens_per_s']:.0f} | "
                   f"{base['tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['mem_ratio']:.2f} |")
-    stem = f"step_{device}" + ("_quick" if args.quick else "")
+    stem = C.result_stem(f"step_{device}", args)
     method = C.CUDA_MEMORY_METHOD if device == "cuda" else C.CPU_MEMORY_METHOD
     path = C.write_json(stem, C.machine_info(device), records, memory_method=method,
                         shapes=SHAPES[shape_key], targets="CPU: >=1.3x, <=0.6x memory; H100 (S=512): >=1.5x tokens/s, <=0.6x memory")

@@ -72,9 +72,9 @@ if [ "$BUILD_RC" = 0 ]; then
     # One process per file: a crash in one (a kernel's segfault, say) loses that file, not the suite.
     step "$(basename "$test_file" .py)" 240 env DISTIL_GPU_TESTS=1 "$PY" -m pytest "$test_file" -q -p no:cacheprovider
   done
-  step bench_loss 480 "$PY" benchmarks/bench_loss.py --device cuda $FULL
+  step bench_loss 480 "$PY" benchmarks/bench_loss.py --device cuda --save $FULL
   for bench in benchmarks/bench_gather.py benchmarks/bench_step.py; do
-    [ -f "$bench" ] && step "$(basename "$bench" .py)" 300 "$PY" "$bench"
+    [ -f "$bench" ] && step "$(basename "$bench" .py)" 300 "$PY" "$bench" --save
   done
   TAG=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import _common; print(_common.machine_tag("cuda"))')
   step test_bench 300 "$PY" -m pytest benchmarks/test_bench.py -q -p no:cacheprovider \

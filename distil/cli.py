@@ -3,6 +3,9 @@
 :class:`TrainConfig` holds every option; :func:`parse_args` derives one flag per field (dashes for
 underscores) from the field's type, default and ``help`` metadata; :func:`main` runs
 :class:`distil.train.Trainer`. Also ``python -m distil.train`` and ``python -m distil.cli``.
+Nothing heavy is imported before the flags are parsed, so ``--help`` and flag errors are immediate.
+
+The output layout and the exit codes are in :data:`EPILOG` (the end of ``--help``).
 """
 import argparse
 import dataclasses
@@ -10,7 +13,25 @@ import sys
 import typing
 from pathlib import Path
 
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_DIVERGED, EXIT_ABORTED = 0, 1, 2, 3, 4, 130
+EPILOG = """output directory:
+  checkpoint-<step>/   a student model directory (from_pretrained loads it) + training_state.pt
+  metrics.jsonl        one JSON object per line: training metrics averaged over --log-every steps,
+                       validation metrics (eval_*); non-finite values are null, listed in non_finite
+  student/             the final student (from_pretrained loads it)
+  runs/                TensorBoard events (--report-to tensorboard)
+
+exit codes:
+  0    finished
+  1    error: a bad value, a missing or unreadable file (one line on stderr)
+  2    bad command line
+  3    interrupted by SIGINT (Ctrl-C) or SIGTERM: the current step finished and a checkpoint was
+       written; continue with --resume
+  4    diverged: a loss, the gradient norm or a parameter became NaN/inf; nothing non-finite was saved
+  130  stopped by a second Ctrl-C before the checkpoint was written
+"""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REPORT_TO = ("none", "tensorboard")
 
 
 def _option(default=dataclasses.MISSING, help="", **extra):
@@ -24,15 +45,19 @@ class TrainConfig:
 
     teacher: str = _option(help="local Hugging Face masked-LM model directory (safetensors + tokenizer)")
     data: list[str] = _option(help="text files, or folders of *.txt, one document per line")
-    output_dir: str = _option(help="where checkpoints, metrics.jsonl and the student go")
-    student: str | None = _option(None, "start from this student model directory instead of building one")
+    output_dir: str = _option(help="where checkpoint-<step>/, metrics.jsonl and student/ go; must be empty "
+                                   "unless --resume or --overwrite-output-dir")
+    overwrite_output_dir: bool = _option(False, "remove the previous run's checkpoints, metrics and student "
+                                                "from --output-dir and start afresh")
+    student: str | None = _option(None, "start from this student model directory (default: build one from the teacher)")
     student_layers: int | None = _option(None, "student depth (default: half the teacher's layers)")
     as_distilbert: bool = _option(False, "build a DistilBertForMaskedLM student (BERT teachers only)")
     max_length: int = _option(512, "longest sequence in tokens; longer lines are split")
     batch_size: int = _option(5, "sequences per micro-batch and process")
     grad_accum: int = _option(50, "micro-batches accumulated per optimizer step")
     epochs: int = _option(3, "passes over the data (unless --max-steps)")
-    max_steps: int | None = _option(None, "optimizer steps in total (overrides --epochs)")
+    max_steps: int | None = _option(None, "optimizer steps in total; 0 saves the initial student "
+                                          "(default: --epochs passes over the data)")
     lr: float = _option(5e-4, "peak learning rate of AdamW")
     weight_decay: float = _option(0.0, "AdamW weight decay")
     warmup: float = _option(0.05, "fraction of the steps with a linear learning-rate warm-up")
@@ -50,32 +75,48 @@ class TrainConfig:
     smoothing: float = _option(0.7, "masking probability proportional to count^-smoothing")
     seed: int = _option(56, "random seed (data order, masking, dropout)")
     precision: str = _option("auto", "autocast on GPU (auto = bf16); CPU runs fp32", choices=PRECISIONS)
-    save_every: int = _option(500, "write a checkpoint every this many steps")
-    log_every: int = _option(10, "write metrics every this many steps")
-    resume: bool = _option(False, "continue from the checkpoint in --output-dir")
-    progress: bool = _option(True, "show a progress bar")
+    save_every: int = _option(500, "write a checkpoint-<step>/ folder every this many steps")
+    save_total_limit: int | None = _option(None, "keep only the newest this many checkpoints (default: keep all)")
+    resume: bool = _option(False, "continue from the newest readable checkpoint in --output-dir (same flags)")
+    log_every: int = _option(10, "log training metrics averaged over this many steps")
+    report_to: str = _option("none", "also log to TensorBoard (output-dir/runs; needs tensorboard)",
+                             choices=REPORT_TO)
+    eval_fraction: float = _option(0.01, "fraction of the sequences held out for validation (0: none)")
+    eval_max_sequences: int = _option(1000, "at most this many held-out sequences")
+    eval_every: int = _option(500, "validate every this many steps (and at the end)")
+    progress: bool = _option(True, "no progress bar: metrics are printed as lines instead")
 
     def validate(self):
-        from distil._ops import common as _validate
+        """Every value checked before anything heavy loads; raises ValueError/TypeError naming the flag."""
+        from distil._ops.common import check_non_negative_finite, check_positive_finite
 
-        for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every", "max_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be a positive int or None, got {self.max_steps!r}")
-        _validate.check_positive_finite("lr", self.lr)
-        _validate.check_positive_finite("max_grad_norm", self.max_grad_norm)
-        _validate.check_positive_finite("temperature", self.temperature)
-        _validate.check_non_negative_finite("weight_decay", self.weight_decay)
-        if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every", "max_length", "eval_every",
+                     "eval_max_sequences", "max_steps", "save_total_limit"):
+            value, low = getattr(self, name), 0 if name == "max_steps" else 1
+            if name in ("max_steps", "save_total_limit") and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        for name in ("lr", "max_grad_norm", "temperature", "adam_eps"):
+            check_positive_finite(name, getattr(self, name))
+        for name in ("weight_decay", "alpha_kl", "alpha_mlm", "alpha_cos"):
+            check_non_negative_finite(name, getattr(self, name))
+        if self.alpha_kl == self.alpha_mlm == self.alpha_cos == 0:
+            raise ValueError("alpha_kl, alpha_mlm and alpha_cos are all 0: nothing to train")
+        for name in ("warmup", "eval_fraction"):
+            if check_non_negative_finite(name, getattr(self, name)) >= 1:
+                raise ValueError(f"{name} must be a fraction in [0, 1), got {getattr(self, name)}")
+        for name, choices in (("precision", PRECISIONS), ("report_to", REPORT_TO)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if not Path(self.teacher).is_dir():
             raise ValueError(f"teacher must be a local model directory, got {self.teacher!r}")
+        if self.student is not None and not Path(self.student).is_dir():
+            raise ValueError(f"student must be a local model directory, got {self.student!r}")
         if not self.data:
             raise ValueError("data must name at least one text file or folder")
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("resume and overwrite_output_dir exclude each other: continue the run or replace it")
 
 
 def _add_flag(parser, field):
@@ -86,7 +127,7 @@ def _add_flag(parser, field):
     required = field.default is dataclasses.MISSING
     if field.type is bool:
         if field.default:  # on by default: the flag turns it off
-            parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_false", help=help_text + " (on by default)")
+            parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_false", help=help_text)
         else:
             parser.add_argument(flag, action="store_true", help=help_text)
         return
@@ -97,13 +138,15 @@ def _add_flag(parser, field):
         kwargs["nargs"] = "+"
     if args:
         kind = args[0]
-    suffix = " (required)" if required else " (default: %(default)s)"
+    # A None default means "derived": its help text says from what.
+    suffix = " (required)" if required else "" if field.default is None else " (default: %(default)s)"
     parser.add_argument(flag, type=kind, required=required, help=help_text + suffix,
                         **({} if required else {"default": field.default}), **kwargs, **meta)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="distil-train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="distil-train", description=__doc__.split("\n\n")[0],
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(TrainConfig):
         _add_flag(parser, field)
     return parser
@@ -114,26 +157,45 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(build_parser().parse_args(argv)))
 
 
+def _error(message, code=EXIT_ERROR):
+    print(f"distil-train: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv=None):
-    """Console entry point ``distil-train`` (also ``python -m distil.train``)."""
-    import torch.distributed as dist
-
-    from distil.train import NonFiniteLossError, Trainer
-
+    """Console entry point ``distil-train`` (also ``python -m distil.train``); returns the exit code."""
     config = parse_args(argv)
-    trainer = None
     try:
-        trainer = Trainer(config)
-        status = trainer.fit()
-    except NonFiniteLossError as err:
-        print(f"distil-train: {err}", file=sys.stderr)
-        return 1
+        config.validate()
+    except (ValueError, TypeError) as err:
+        return _error(err)
+    import torch.distributed as dist
+    from transformers.utils import logging as hf_logging
+
+    from distil.train import NonFiniteError, Trainer
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars would break ours and the log lines
+
+    try:
+        try:
+            trainer = Trainer(config)
+        except (ValueError, TypeError, OSError) as err:
+            return _error(err)
+        try:
+            status = trainer.fit()
+        except NonFiniteError as err:
+            return _error(err, EXIT_DIVERGED)
+        except KeyboardInterrupt:
+            return _error(f"stopped by a second Ctrl-C; the newest checkpoint in {config.output_dir} is the "
+                          "one to --resume from", EXIT_ABORTED)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if trainer.rank == 0:
-        print(f"distil-train: {status} at step {trainer.step}; output in {config.output_dir}", file=sys.stderr)
-    return 0
+        where = (f"student in {trainer.output_dir / 'student'}" if status == "done"
+                 else f"checkpoint in {trainer.output_dir}; continue with --resume")
+        print(f"distil-train: {status} at step {trainer.step}; {where}", file=sys.stderr)
+    return EXIT_OK if status == "done" else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

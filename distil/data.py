@@ -91,8 +91,12 @@ def load_corpus(paths, tokenizer, max_length=512):
 
     sequences = []
     for p in paths:
-        with open(p, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
+        try:
+            with open(p, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"data file {str(p)!r} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                             "convert it (e.g. iconv -t UTF-8) or leave it out") from None
         lines = [line for line in lines if line]
         for start in range(0, len(lines), _ENCODE_CHUNK):
             encoded = tokenizer(

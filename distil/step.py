@@ -1,8 +1,10 @@
-"""The model side of one distillation step: bodies on the whole batch, both LM heads on the loss rows only.
+"""The model side of one distillation step: bodies on the whole batch, LM heads on the loss rows only.
 
 :class:`DistillationStep` is what ``distil-train`` runs per micro-batch and what
 ``benchmarks/bench_step.py`` measures against ``distiller.py``'s eager step.
 """
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -10,14 +12,21 @@ from distil.ops import masked_gather
 from distil.student import lm_adapter
 
 
-def select_rows(adapter, input_ids, attention_mask, kl_mask, cos_mask):
-    """Body on the whole batch, LM head on the KL rows only. Returns (logits [M, V] of the ``kl_mask``
-    rows, last hidden rows [M', H] of the ``cos_mask`` rows; the KL rows themselves when ``cos_mask``
-    is None). The eager equivalent is ``model(...).logits[kl_mask]`` and ``hidden_states[-1][cos_mask]``."""
+def select_rows(adapter, input_ids, attention_mask, logit_mask, hidden_mask):
+    """Body on the whole batch, LM head on the ``logit_mask`` rows only. Returns (logits [M, V] of the
+    ``logit_mask`` rows, last hidden rows [M', H] of the ``hidden_mask`` rows); either mask may be None
+    (that output is None, and no head runs without ``logit_mask``), and ``hidden_mask is logit_mask``
+    reuses one gather. The eager equivalent is ``model(...).logits[logit_mask]`` and
+    ``hidden_states[-1][hidden_mask]``."""
     hidden = adapter.body(input_ids, attention_mask)
-    kl_hidden = masked_gather(hidden, kl_mask)[0]
-    cos_hidden = kl_hidden if cos_mask is None else masked_gather(hidden, cos_mask)[0]
-    return adapter.head(kl_hidden), cos_hidden
+    logit_rows = None if logit_mask is None else masked_gather(hidden, logit_mask)[0]
+    if hidden_mask is None:
+        hidden_rows = None
+    elif hidden_mask is logit_mask:
+        hidden_rows = logit_rows
+    else:
+        hidden_rows = masked_gather(hidden, hidden_mask)[0]
+    return (None if logit_rows is None else adapter.head(logit_rows)), hidden_rows
 
 
 class StudentRows(nn.Module):
@@ -29,8 +38,19 @@ class StudentRows(nn.Module):
         self.student = student
         self._adapter = lm_adapter(student)
 
-    def forward(self, input_ids, attention_mask, kl_mask, cos_mask):
-        return select_rows(self._adapter, input_ids, attention_mask, kl_mask, cos_mask)
+    def forward(self, input_ids, attention_mask, logit_mask, hidden_mask):
+        return select_rows(self._adapter, input_ids, attention_mask, logit_mask, hidden_mask)
+
+
+class StepRows(NamedTuple):
+    """The rows one step's loss reads: ``labels`` belong to the logit rows; a ``None`` is a part that
+    the loss weights switch off (teacher logits without KL, hidden rows without cosine)."""
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor | None
+    labels: torch.Tensor
+    student_hidden: torch.Tensor | None
+    teacher_hidden: torch.Tensor | None
 
 
 class DistillationStep:
@@ -43,6 +63,8 @@ class DistillationStep:
     tokens' last hidden states) without materialising the [B, S, V] logits.
     ``student_rows`` is a :class:`StudentRows` or the DDP module that wraps one. The step picks the KL
     rows itself, so ``loss_fn`` sees only those rows and must not restrict them a second time.
+    Parts weighted 0 are not computed: without KL the logits are the masked rows only and the teacher's
+    LM head does not run; without KL and cosine the teacher does not run at all.
     """
 
     def __init__(self, student_rows, teacher, loss_fn, *, restrict_kl_to_mask=False, autocast_dtype=None):
@@ -57,16 +79,25 @@ class DistillationStep:
         self.restrict_kl_to_mask = restrict_kl_to_mask
         self.autocast_dtype = autocast_dtype
 
-    def __call__(self, input_ids, attention_mask, labels):
+    def rows(self, input_ids, attention_mask, labels):
+        """The :class:`StepRows` of one micro-batch (what :meth:`__call__` hands to the loss)."""
+        with_kl, with_cos = self.loss_fn.alpha_kl > 0, self.loss_fn.alpha_cos > 0
         non_pad = attention_mask.bool()
-        # restrict: KL rows = masked rows (MLM rows = KL rows) and the cosine needs its own non-pad gather;
-        # default: KL rows = non-pad rows ⊇ MLM rows, and the cosine reuses them.
-        kl_mask, cos_mask = (labels != -100, non_pad) if self.restrict_kl_to_mask else (non_pad, None)
+        # KL rows: non-pad (default) or masked; without KL only the MLM rows (masked) need logits.
+        # The cosine reads the non-pad rows: the KL rows' own gather when those are the non-pad rows.
+        logit_mask = non_pad if with_kl and not self.restrict_kl_to_mask else labels != -100
+        hidden_mask = (logit_mask if logit_mask is non_pad else non_pad) if with_cos else None
         device_type = input_ids.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            with torch.no_grad():
-                t_logits, t_hidden = select_rows(self.teacher_adapter, input_ids, attention_mask, kl_mask, cos_mask)
-            s_logits, s_hidden = self.student_rows(input_ids, attention_mask, kl_mask, cos_mask)
-        # Pre-gathered rows: with restrict the cosine rows (non-pad) differ from the KL/MLM rows (masked),
-        # which DistillationLoss accepts when no attention mask is passed.
-        return self.loss_fn(s_logits, t_logits, labels[kl_mask], s_hidden, t_hidden, None)
+            t_logits = t_hidden = None
+            if with_kl or with_cos:
+                with torch.no_grad():
+                    t_logits, t_hidden = select_rows(self.teacher_adapter, input_ids, attention_mask,
+                                                     logit_mask if with_kl else None, hidden_mask)
+            s_logits, s_hidden = self.student_rows(input_ids, attention_mask, logit_mask, hidden_mask)
+        return StepRows(s_logits, t_logits, labels[logit_mask], s_hidden, t_hidden)
+
+    def __call__(self, input_ids, attention_mask, labels):
+        # Pre-gathered rows: the cosine rows (non-pad) may differ from the logit rows, which
+        # DistillationLoss accepts when no attention mask is passed.
+        return self.loss_fn(*self.rows(input_ids, attention_mask, labels), None)

@@ -208,6 +208,13 @@ def save_student(student, path, tokenizer=None):
     student.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    # safetensors writes its file owner-only (0600); a model directory is meant to be shared like the
+    # tokenizer and config files next to it, so give every file the umask's usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in path.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
     return path
 
 

@@ -8,25 +8,33 @@ Equivalent of the paper's ``train.py`` + ``Distiller`` (Hugging Face
   (every other teacher layer) unless ``--student`` names a directory;
 - dynamic masking (:class:`distil.masking.MLMMasker`) of length-grouped batches
   (:class:`distil.data.LengthGroupedBatches`);
-- loss :class:`distil.fused_loss.DistillationLoss` on gathered rows only: the bodies run on the whole
-  batch, :func:`distil.ops.masked_gather` selects the KL rows (non-pad, or masked only with
-  ``--restrict-kl-to-mask``), and both LM heads run on those rows alone; the cosine uses the non-pad
-  rows' last hidden states;
+- loss :class:`distil.fused_loss.DistillationLoss` on gathered rows only (:class:`distil.step.DistillationStep`);
 - AdamW (betas 0.9/0.98, eps 1e-6), linear warmup (5%) then linear decay, gradient accumulation,
   clipping at 5.0, bf16/fp16 autocast on GPU;
-- DDP under ``torchrun`` (NCCL on GPU, gloo on CPU); checkpoints (atomic) with model, optimizer,
-  scheduler, RNG states and reader position; ``--resume`` continues bit-exactly; SIGTERM saves a
-  checkpoint and exits cleanly; a non-finite loss stops the run and keeps the last good checkpoint.
+- DDP under ``torchrun`` (NCCL on GPU, gloo on CPU).
+
+Around it, what a run needs: ``checkpoint-<step>/`` folders (a student model directory plus
+``training_state.pt``: optimizer, scheduler, RNG states, reader position, the flags), written atomically;
+``--resume`` continues bit-exactly from the newest readable one; SIGINT/SIGTERM finish the current step,
+write a checkpoint and stop; a non-finite loss, gradient norm or parameter stops the run before it
+writes anything non-finite; ``metrics.jsonl`` holds the training metrics averaged over ``--log-every``
+steps and the validation metrics (strict JSON); a held-out split is evaluated with uniform 15% masking
+(fixed seed) every ``--eval-every`` steps and at the end.
 
 One optimizer step reads one *global* batch of ``batch_size * grad_accum * world_size`` sequences, masks
 it as a whole, cuts it into ``grad_accum * world_size`` near-equal slices and hands micro-batch ``a``
-of rank ``r`` slice ``a * world_size + r``. So K ranks with accumulation A compute exactly what one process with accumulation A·K computes
-(the mean over micro-batches of each micro-batch's mean loss, as ``distiller.py`` does).
+of rank ``r`` slice ``a * world_size + r``. So K ranks with accumulation A compute exactly what one process
+with accumulation A·K computes (the mean over micro-batches of each micro-batch's mean loss, as
+``distiller.py`` does).
 """
 import contextlib
+import dataclasses
+import importlib.util
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -34,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -43,21 +52,59 @@ from distil.masking import MLMMasker, token_counts
 from distil.step import DistillationStep, StudentRows
 from distil.student import build_student, save_student
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_STATE = "training_state.pt"
 METRICS = "metrics.jsonl"
+STUDENT = "student"
+TENSORBOARD = "runs"
+RUN_FILES = (METRICS, STUDENT, TENSORBOARD)  # with the checkpoint folders: what --overwrite-output-dir removes
+# Flags that may differ on --resume: they change how a run is watched and saved, not what it computes.
+RESUMABLE_CHANGES = ("output_dir", "resume", "overwrite_output_dir", "progress", "save_every", "save_total_limit",
+                     "log_every", "eval_every", "report_to")
+EVAL_SEED = 0  # the held-out split and its masking: the same for every run on the same data
+EVAL_MASK_PROP = 0.15
+_TRAIN_PARTS = ("loss", "kl", "mlm", "cos")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+class NonFiniteError(RuntimeError):
+    """The loss, the gradient norm or the parameters became NaN or infinite; nothing non-finite was
+    written, and the checkpoints on disk are untouched."""
 
 
 def _load_teacher(path, device, dtype):
     from transformers import AutoModelForMaskedLM
 
     # safetensors only, and never remote code: a teacher directory is data, not a program.
-    teacher = AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    teacher, info = AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False,
+                                                        output_loading_info=True)
+    missing = info["missing_keys"]
+    if missing:
+        shown = ", ".join(sorted(missing)[:4]) + (", ..." if len(missing) > 4 else "")
+        raise ValueError(
+            f"teacher: {Path(path) / 'model.safetensors'} lacks {len(missing)} weights of "
+            f"{type(teacher).__name__} ({shown}); a teacher needs its masked-LM head (save the "
+            "...ForMaskedLM model, not the bare encoder)")
     teacher.requires_grad_(False).eval()
     return teacher.to(device=device, dtype=dtype)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_model_dir(name, path):
+    """A local model directory distil can load: ``config.json``, safetensors weights and tokenizer
+    files (the tokenizer only for the teacher); raises ValueError naming the missing file."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{name}: {path / 'config.json'} not found; {name} must be a Hugging Face model directory")
+    if not any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        other = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (path / f).is_file()]
+        hint = (f" (it has {other[0]}: distil loads safetensors only; convert with "
+                "AutoModelForMaskedLM.from_pretrained(dir).save_pretrained(dir))") if other else ""
+        raise ValueError(f"{name}: {path / 'model.safetensors'} not found{hint}")
+    if name == "teacher" and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(f"teacher: no tokenizer files in {path} (looked for {', '.join(_TOKENIZER_FILES)}); "
+                         "save the teacher's tokenizer there (tokenizer.save_pretrained)")
 
 
 def _autocast_dtype(precision, device):
@@ -68,18 +115,50 @@ def _autocast_dtype(precision, device):
     return {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def _atomic_save(obj, path):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+def _save_durably(obj, path):
+    with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def json_record(record):
+    """A metrics row as strict JSON: non-finite numbers become null and are listed under ``non_finite``."""
+    bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+    clean = {k: (None if k in bad else v) for k, v in record.items()}
+    if bad:
+        clean["non_finite"] = bad
+    return json.dumps(clean, allow_nan=False)
+
+
+def _run_flags(config):
+    """The flags a checkpoint records, with paths made absolute so that a resume from another folder matches."""
+    flags = dataclasses.asdict(config)
+    flags["teacher"] = str(Path(config.teacher).resolve())
+    flags["data"] = [str(Path(p).resolve()) for p in config.data]
+    if config.student is not None:
+        flags["student"] = str(Path(config.student).resolve())
+    return flags
+
+
+def checkpoints(output_dir):
+    """The ``checkpoint-<step>`` folders of ``output_dir``, newest first, as (step, path)."""
+    found = []
+    for path in Path(output_dir).glob(CHECKPOINT_PREFIX + "*"):
+        match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def _console(message):
+    tqdm.write(message, file=sys.stderr)
 
 
 class Trainer:
-    """Builds everything from a :class:`distil.cli.TrainConfig` and runs :meth:`fit`. Under ``torchrun`` (the
-    ``WORLD_SIZE`` environment variable > 1) it joins the process group itself."""
+    """Builds everything from a :class:`distil.cli.TrainConfig` and runs :meth:`fit`. Under ``torchrun``
+    (the ``WORLD_SIZE`` environment variable > 1) it joins the process group itself. With
+    ``config.resume`` it continues from the newest readable checkpoint of ``output_dir``."""
 
     def __init__(self, config):
         from transformers import AutoTokenizer, get_linear_schedule_with_warmup
@@ -97,12 +176,23 @@ class Trainer:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.autocast_dtype = _autocast_dtype(config.precision, self.device)
         self.output_dir = Path(config.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_output_dir()
+        if config.report_to == "tensorboard":
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ValueError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)")
         torch.manual_seed(config.seed + self.rank)  # dropout differs per rank, as in distiller.py
 
+        check_model_dir("teacher", config.teacher)
+        if config.student is not None:
+            check_model_dir("student", config.student)
         self.tokenizer = AutoTokenizer.from_pretrained(config.teacher, trust_remote_code=False)
+        if self.tokenizer.mask_token_id is None:
+            raise ValueError(f"teacher: the tokenizer in {config.teacher} has no mask token; a masked-LM teacher needs one")
         teacher_dtype = None if self.device.type == "cpu" else (self.autocast_dtype or torch.float16)
         self.teacher = _load_teacher(config.teacher, self.device, teacher_dtype)
+        if len(self.tokenizer) > self.teacher.config.vocab_size:
+            raise ValueError(f"teacher: the tokenizer in {config.teacher} has {len(self.tokenizer)} tokens but the "
+                             f"model's vocab_size is {self.teacher.config.vocab_size}")
         if config.student is not None:
             from transformers import AutoModelForMaskedLM
 
@@ -111,42 +201,42 @@ class Trainer:
             student = build_student(self.teacher, num_layers=config.student_layers, as_distilbert=config.as_distilbert)
         self.student = student.to(device=self.device, dtype=torch.float32).train()
         rows = StudentRows(self.student)
+        loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_mlm, alpha_cos=config.alpha_cos,
+                                   temperature=config.temperature)
+        # Validation runs on rank 0 alone, outside DDP (whose forward would wait for the other ranks).
+        self.eval_step = DistillationStep(rows, self.teacher, loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
+                                          autocast_dtype=self.autocast_dtype)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             rows = nn.parallel.DistributedDataParallel(rows, device_ids=ids)
         self.rows = rows
-        loss_fn = DistillationLoss(
-            alpha_kl=config.alpha_kl,
-            alpha_mlm=config.alpha_mlm,
-            alpha_cos=config.alpha_cos,
-            temperature=config.temperature,
-        )
-        self.step_fn = DistillationStep(
-            rows, self.teacher, loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
-            autocast_dtype=self.autocast_dtype,
-        )
+        self.step_fn = DistillationStep(rows, self.teacher, loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
+                                        autocast_dtype=self.autocast_dtype)
 
         sequences = load_corpus(text_files(config.data), self.tokenizer, max_length=config.max_length)
         if not sequences:
-            raise ValueError("data: no sequence survived tokenisation and filtering")
+            raise ValueError("data: no sequence survived tokenisation and filtering (lines of at least 12 tokens "
+                             "with under 50% unknown tokens are kept)")
+        train_sequences, eval_sequences = self._split(sequences)
         vocab = len(self.tokenizer)
         self.masker = MLMMasker(
             vocab,
             special_ids=self.tokenizer.all_special_ids,
             mask_id=self.tokenizer.mask_token_id,
-            counts=token_counts(sequences, vocab),
+            counts=token_counts(train_sequences, vocab),
             mask_prop=config.mask_prop,
             word_mask=config.word_mask,
             word_keep=config.word_keep,
             word_rand=config.word_rand,
             smoothing=config.smoothing,
         )
+        self.eval_batches = self._eval_batches(eval_sequences)
         self.mask_generator = torch.Generator().manual_seed(config.seed)
         self.micro_batches = config.grad_accum * self.world_size
         self.batches = LengthGroupedBatches(
-            sequences, config.batch_size * self.micro_batches, config.seed, self.tokenizer.pad_token_id
+            train_sequences, config.batch_size * self.micro_batches, config.seed, self.tokenizer.pad_token_id
         )
-        self.total_steps = config.max_steps or config.epochs * len(self.batches)
+        self.total_steps = config.max_steps if config.max_steps is not None else config.epochs * len(self.batches)
 
         self.optimizer = torch.optim.AdamW(
             self.student.parameters(), lr=config.lr, betas=(0.9, 0.98), eps=config.adam_eps,
@@ -159,8 +249,61 @@ class Trainer:
         self.step = 0
         self._batch_iter = None
         self._stop_requested = False
+        self.resumed_from = self.load_checkpoint() if config.resume else None
 
-    # -- data ---------------------------------------------------------------------------------
+    # -- output directory and data -----------------------------------------------------------------
+    def _prepare_output_dir(self):
+        """Refuse to mix two runs in one folder: a non-empty ``output_dir`` needs ``--resume`` (continue
+        it) or ``--overwrite-output-dir`` (remove the previous run's checkpoints, metrics and student)."""
+        cfg = self.config
+        existing = sorted(p.name for p in self.output_dir.iterdir()) if self.output_dir.is_dir() else []
+        if existing and not cfg.resume and not cfg.overwrite_output_dir:
+            shown = ", ".join(existing[:5]) + (", ..." if len(existing) > 5 else "")
+            raise ValueError(f"output_dir {str(self.output_dir)!r} is not empty ({shown}); pass --resume to continue "
+                             "that run or --overwrite-output-dir to replace it")
+        if self.world_size > 1:
+            dist.barrier()  # every rank has looked before rank 0 removes anything
+        if self.rank == 0:
+            if existing and cfg.overwrite_output_dir and not cfg.resume:
+                for _, path in checkpoints(self.output_dir):
+                    shutil.rmtree(path)
+                for name in RUN_FILES:
+                    path = self.output_dir / name
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    elif path.exists():
+                        path.unlink()
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _split(self, sequences):
+        """(training, held-out) sequences: ``eval_fraction`` of them (at most ``eval_max_sequences``, at
+        least 1 when the fraction is > 0), drawn with a fixed seed so every run on this data holds out
+        the same ones."""
+        cfg = self.config
+        n_eval = min(cfg.eval_max_sequences, math.ceil(cfg.eval_fraction * len(sequences)))
+        if n_eval and n_eval >= len(sequences):
+            raise ValueError(f"eval_fraction: {len(sequences)} sequences leave none for training after holding out "
+                             f"{n_eval}; lower --eval-fraction or add data")
+        held_out = set(torch.randperm(len(sequences), generator=torch.Generator().manual_seed(EVAL_SEED))[:n_eval].tolist())
+        train = [s for i, s in enumerate(sequences) if i not in held_out]
+        return train, [sequences[i] for i in sorted(held_out)]
+
+    def _eval_batches(self, sequences):
+        """The held-out sequences as masked batches, masked once: uniform 15% of the tokens, 80/10/10, a
+        fixed seed (BERT's standard masked-LM evaluation, comparable across runs and with the teacher)."""
+        if not sequences:
+            return []
+        masker = MLMMasker(len(self.tokenizer), special_ids=self.tokenizer.all_special_ids,
+                           mask_id=self.tokenizer.mask_token_id, mask_prop=EVAL_MASK_PROP, smoothing=0.0)
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        batches = []
+        for batch in LengthGroupedBatches(sequences, self.config.batch_size, EVAL_SEED, self.tokenizer.pad_token_id):
+            ids, labels = masker(batch["input_ids"], batch["attention_mask"], generator)
+            batches.append((ids, batch["attention_mask"], labels))
+        return batches
+
     def _next_global_batch(self):
         for _ in range(2):
             if self._batch_iter is None:
@@ -190,8 +333,19 @@ class Trainer:
             yield (*(t[sl, :width].to(self.device, non_blocking=True) for t in (masked, attn, labels)), weight)
 
     # -- one optimizer step ---------------------------------------------------------------------
+    def _diverged(self, what, values):
+        """A :class:`NonFiniteError` that names what became non-finite and the checkpoint to go back to."""
+        self.optimizer.zero_grad(set_to_none=True)
+        found = checkpoints(self.output_dir)
+        where = (f"The last good checkpoint is {found[0][1]} (continue with --resume, e.g. with a lower --lr)."
+                 if found else "No checkpoint was written yet.")
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+        return NonFiniteError(f"{what} at step {self.step + 1} ({shown}); stopped. {where}")
+
     def train_step(self):
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics (a dict)."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics (a dict). Raises
+        :class:`NonFiniteError` (with the step's metrics as ``.metrics``) before the optimizer moves when
+        a loss part or the gradient norm is not finite, and after it when a parameter is not."""
         cfg = self.config
         parts = torch.zeros(4, device=self.device)  # total, kl, mlm, cos: summed over micro-batches
         tokens = torch.zeros((), dtype=torch.long, device=self.device)
@@ -209,30 +363,68 @@ class Trainer:
             dist.all_reduce(parts)
             dist.all_reduce(tokens)
             parts /= self.world_size
-        values = parts.tolist()
-        if not all(math.isfinite(v) for v in values):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"loss is not finite at step {self.step + 1} (total, kl, mlm, cos = {values}); stopping. "
-                f"The last good checkpoint is {self.output_dir / CHECKPOINT} (resume with --resume)."
-            )
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+        values = torch.cat([parts, grad_norm.reshape(1).float()]).tolist()  # one host sync per step
+        metrics = dict(zip(_TRAIN_PARTS + ("grad_norm",), values), tokens=int(tokens))
+        # fp16: an overflowing gradient is the GradScaler's business (it skips the step and lowers the scale).
+        checked = _TRAIN_PARTS if self.scaler.is_enabled() else _TRAIN_PARTS + ("grad_norm",)
+        bad = {k: metrics[k] for k in checked if not math.isfinite(metrics[k])}
+        if bad:
+            err = self._diverged("not finite: " + ", ".join(bad), bad)
+            err.metrics = {"step": self.step + 1, **metrics}
+            raise err
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        param_norm = float(torch.nn.utils.get_total_norm(self.student.parameters()))
+        if not math.isfinite(param_norm):
+            err = self._diverged("the norm of the parameters is not finite after the optimizer step", {"param_norm": param_norm})
+            err.metrics = {"step": self.step + 1, **metrics, "param_norm": param_norm}
+            raise err
         self.step += 1
-        return {
-            "step": self.step,
-            "loss": values[0],
-            "kl": values[1],
-            "mlm": values[2],
-            "cos": values[3],
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
-            "tokens": int(tokens),
-        }
+        return {"step": self.step, **metrics, "lr": self.scheduler.get_last_lr()[0]}
+
+    # -- validation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self):
+        """Metrics of the held-out split (rank 0; None without one), dropout off: the distillation losses
+        and the student's masked-LM loss and accuracy (with the teacher's for comparison when the KL
+        is on), each averaged over its own rows: logit rows for the KL, masked tokens for the masked-LM
+        loss and accuracy, non-pad tokens for the cosine."""
+        if not self.eval_batches:
+            return None
+        self.student.eval()
+        sums = dict.fromkeys(("kl", "cos", "mlm", "mlm_accuracy", "teacher_mlm", "teacher_mlm_accuracy"), 0.0)
+        counts = dict.fromkeys(("kl", "cos", "mlm"), 0)
+        loss_fn = self.eval_step.loss_fn
+        for ids, attn, labels in self.eval_batches:
+            rows = self.eval_step.rows(*(t.to(self.device) for t in (ids, attn, labels)))
+            out = loss_fn(*rows, None)
+            target = rows.labels != -100
+            n_masked = int(target.sum())
+            sums["kl"] += float(out.kl) * rows.student_logits.shape[0]
+            counts["kl"] += rows.student_logits.shape[0]
+            if rows.student_hidden is not None:
+                sums["cos"] += float(out.cos) * rows.student_hidden.shape[0]
+                counts["cos"] += rows.student_hidden.shape[0]
+            counts["mlm"] += n_masked
+            for name, logits in (("mlm", rows.student_logits), ("teacher_mlm", rows.teacher_logits)):
+                if logits is not None and n_masked:
+                    masked_logits = logits[target].float()
+                    sums[name] += float(F.cross_entropy(masked_logits, rows.labels[target], reduction="sum"))
+                    sums[name + "_accuracy"] += float((masked_logits.argmax(-1) == rows.labels[target]).sum())
+        self.student.train()
+        result = {"step": self.step}
+        for name, total in sums.items():
+            count = counts[name.removeprefix("teacher_").removesuffix("_accuracy")]
+            if name.startswith("teacher") and self.eval_step.loss_fn.alpha_kl == 0:
+                continue  # the teacher's logits were not computed
+            result["eval_" + name] = total / max(count, 1)
+        result["eval_loss"] = (loss_fn.alpha_kl * result["eval_kl"] + loss_fn.alpha_mlm * result["eval_mlm"]
+                               + loss_fn.alpha_cos * result["eval_cos"])
+        return result
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _rng_state(self):
@@ -246,13 +438,21 @@ class Trainer:
         return gathered
 
     def save_checkpoint(self):
-        """Write ``checkpoint.pt`` atomically (rank 0): a temporary file, then a rename."""
+        """Write ``checkpoint-<step>/`` (rank 0): the student as a model directory that
+        ``from_pretrained`` loads, plus ``training_state.pt``; built under a temporary name, then renamed.
+        Then removes the oldest checkpoints beyond ``save_total_limit``."""
         rng = self._rng_state()  # collective: every rank takes part
         if self.rank == 0:
-            _atomic_save(
+            final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+            tmp = self.output_dir / f".{final.name}.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            save_student(self.student, tmp, self.tokenizer)
+            _save_durably(
                 {
                     "step": self.step,
-                    "model": self.student.state_dict(),
+                    "total_steps": self.total_steps,
+                    "flags": _run_flags(self.config),
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(),
@@ -261,37 +461,93 @@ class Trainer:
                     "data": self.batches.state_dict(),
                     "world_size": self.world_size,
                 },
-                self.output_dir / CHECKPOINT,
+                tmp / TRAINING_STATE,
             )
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            limit = self.config.save_total_limit
+            if limit is not None:
+                for _, old in checkpoints(self.output_dir)[limit:]:
+                    shutil.rmtree(old)
         if self.world_size > 1:
             dist.barrier()
 
-    def load_checkpoint(self):
-        path = self.output_dir / CHECKPOINT
-        if not path.is_file():
-            raise ValueError(f"resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt["world_size"] != self.world_size:
+    def _check_flags(self, path, state):
+        saved, now = state["flags"], _run_flags(self.config)
+        for name, value in now.items():
+            if name not in RESUMABLE_CHANGES and saved.get(name) != value:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(
+                    f"resume: {flag} is {value!r} but {path} was written with {saved.get(name)!r}; resume with the "
+                    f"same value, or start a new run in another --output-dir")
+        if state["world_size"] != self.world_size:
             raise ValueError(
-                f"resume: the checkpoint was written by {ckpt['world_size']} processes, this run has "
-                f"{self.world_size}; a bit-exact resume needs the same world size"
-            )
-        self.student.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt["rng"][self.rank]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.mask_generator.set_state(ckpt["mask_generator"])
-        self.batches.load_state_dict(ckpt["data"])
-        self._batch_iter = None
-        self.step = ckpt["step"]
+                f"resume: {path} was written by {state['world_size']} processes, this run has "
+                f"{self.world_size}; a bit-exact resume needs the same world size")
+
+    def load_checkpoint(self):
+        """Continue from the newest checkpoint that reads back (a damaged one is skipped with a warning);
+        metrics logged after it are dropped. Returns its path."""
+        from transformers import AutoModelForMaskedLM
+
+        found = checkpoints(self.output_dir)
+        if not found:
+            raise ValueError(f"resume: no checkpoint in {self.output_dir} (no {CHECKPOINT_PREFIX}<step> folder); "
+                             "drop --resume to start a new run")
+        for step, path in found:
+            try:
+                state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+                saved = AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+            except Exception as err:  # any damage: a truncated file, a missing one, a bad header
+                if self.rank == 0:
+                    _console(f"distil-train: warning: skipping unreadable checkpoint {path}: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                continue
+            self._check_flags(path, state)
+            self.student.load_state_dict(saved.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            rng = state["rng"][self.rank]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            self.mask_generator.set_state(state["mask_generator"])
+            self.batches.load_state_dict(state["data"])
+            self._batch_iter = None
+            self.step = step
+            if self.rank == 0:
+                self._truncate_metrics()
+            return path
+        raise ValueError(f"resume: none of the {len(found)} checkpoints in {self.output_dir} could be read")
+
+    def _truncate_metrics(self):
+        """Drop the metrics rows after the resumed step (and a torn last line), so a resumed run's
+        ``metrics.jsonl`` has every step once."""
+        path = self.output_dir / METRICS
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", math.inf) <= self.step:
+                kept.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
     # -- the run --------------------------------------------------------------------------------
-    def _on_sigterm(self, signum, frame):
+    def _on_signal(self, signum, frame):
+        if self._stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last checkpoint on disk stays valid)
         self._stop_requested = True
+        if self.rank == 0:
+            _console(f"distil-train: {signal.Signals(signum).name} received: finishing step {self.step + 1}, "
+                     "then writing a checkpoint (Ctrl-C again to stop at once)")
 
     def _should_stop(self):
         flag = torch.tensor([float(self._stop_requested)], device=self.device)
@@ -299,44 +555,87 @@ class Trainer:
             dist.all_reduce(flag)  # every rank stops at the same step, or the next collective hangs
         return bool(flag.item())
 
+    def _log(self, record, bar, writer, metrics_file):
+        """One metrics row: ``metrics.jsonl``, TensorBoard, and the console (the bar's postfix, or a line)."""
+        if metrics_file:
+            metrics_file.write(json_record(record) + "\n")
+            metrics_file.flush()
+        if writer:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    group, name = ("eval", key[5:]) if key.startswith("eval_") else ("train", key)
+                    writer.add_scalar(f"{group}/{name}", value, record["step"])
+        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in record.items() if k not in ("step", "steps", "tokens"))
+        if bar.disable or "eval_loss" in record:
+            _console(f"distil-train: step {record['step']}/{self.total_steps} | {shown}")
+        else:
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in (*_TRAIN_PARTS, "tokens_per_s")}, refresh=False)
+
     def fit(self, max_steps=None):
-        """Train until ``max_steps`` (default: the configured total) or SIGTERM. Returns
-        ``"done"`` or ``"interrupted"``; the final student is saved under ``output_dir/student``
-        when done. Raises :class:`NonFiniteLossError` on a NaN/inf loss."""
+        """Train until ``max_steps`` (default: the configured total) or SIGINT/SIGTERM. Returns ``"done"``
+        (the student is saved under ``output_dir/student``) or ``"interrupted"`` (a checkpoint of the
+        last finished step was written). Raises :class:`NonFiniteError` when training diverges."""
         cfg = self.config
-        if cfg.resume and self.step == 0:
-            self.load_checkpoint()
-        end = min(max_steps or self.total_steps, self.total_steps)
+        end = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
         main_rank = self.rank == 0
-        bar = tqdm(total=end, initial=self.step, disable=not (cfg.progress and main_rank), desc="distil")
+        bar = tqdm(total=end, initial=self.step, disable=not (cfg.progress and main_rank), desc="distil",
+                   file=sys.stderr)
         metrics_file = open(self.output_dir / METRICS, "a") if main_rank else None
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        writer = None
+        if main_rank and cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(self.output_dir / TENSORBOARD, purge_step=self.step + 1 if self.step else None)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        window, window_start = [], time.perf_counter()
+        evaluated_at = None
         try:
-            t0 = time.perf_counter()
             while self.step < end:
-                m = self.train_step()
-                now = time.perf_counter()
-                m["tokens_per_s"] = m["tokens"] / max(now - t0, 1e-9)
-                t0 = now
+                try:
+                    window.append(self.train_step())
+                except NonFiniteError as err:
+                    if metrics_file:
+                        self._log(err.metrics, bar, writer, metrics_file)
+                    raise
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", kl=f"{m['kl']:.4f}", mlm=f"{m['mlm']:.4f}",
-                                cos=f"{m['cos']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-                if metrics_file and (self.step % cfg.log_every == 0 or self.step == end):
-                    metrics_file.write(json.dumps(m) + "\n")
-                    metrics_file.flush()
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    now = time.perf_counter()
+                    record = {"step": self.step, "steps": len(window)}
+                    for key in (*_TRAIN_PARTS, "grad_norm"):
+                        record[key] = sum(m[key] for m in window) / len(window)
+                    record["lr"] = window[-1]["lr"]
+                    record["tokens"] = sum(m["tokens"] for m in window)
+                    record["tokens_per_s"] = record["tokens"] / max(now - window_start, 1e-9)
+                    if main_rank:
+                        self._log(record, bar, writer, metrics_file)
+                    window, window_start = [], now
                 stop = self._should_stop()
                 if stop or self.step % cfg.save_every == 0 or self.step == end:
                     self.save_checkpoint()
                 if stop:
                     return "interrupted"
+                if main_rank and (self.step % cfg.eval_every == 0 or self.step == end):
+                    self._log_eval(bar, writer, metrics_file)
+                    evaluated_at = self.step
             if main_rank:
-                save_student(self.student, self.output_dir / "student", self.tokenizer)
+                if evaluated_at != self.step:  # no step ran (--max-steps 0, or a finished run resumed)
+                    self._log_eval(bar, writer, metrics_file)
+                save_student(self.student, self.output_dir / STUDENT, self.tokenizer)
             return "done"
         finally:
             bar.close()
             if metrics_file:
                 metrics_file.close()
-            signal.signal(signal.SIGTERM, previous)
+            if writer:
+                writer.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _log_eval(self, bar, writer, metrics_file):
+        record = self.evaluate()
+        if record is not None:
+            self._log(record, bar, writer, metrics_file)
 
 
 if __name__ == "__main__":

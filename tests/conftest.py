@@ -10,7 +10,8 @@ if not GPU_RUN:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import distil  # noqa: E402,F401
+import distil.fused_loss  # noqa: E402,F401  (registers every op: schemas, CUDA kernels, fake impls, autograd)
+import distil.ops  # noqa: E402,F401
 
 
 @pytest.fixture

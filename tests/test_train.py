@@ -1,33 +1,25 @@
-"""distil.train: the fused-path step against distiller.py's eager step (float64), bit-exact resume,
-atomic checkpoints, NaN stop, SIGTERM, the CLI end to end (BERT, RoBERTa, DistilBERT students)."""
+"""distil.step and distil.train: the fused-path step against distiller.py's eager step (float64), the
+step's skipped work for zero weights, bit-exact resume, checkpoints, the non-finite stops, validation.
+The command line (distil.cli) is tested in test_cli.py."""
 import copy
-import dataclasses
+import importlib.util
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
+import math
 
 import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
+from distil.cli import TrainConfig
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker
-from distil.student import build_student
-from distil.cli import TrainConfig, main, parse_args
+from distil.reference import distiller_step
 from distil.step import DistillationStep, StudentRows
-from distil.train import CHECKPOINT, METRICS, NonFiniteLossError, Trainer
+from distil.student import build_student
+from distil.train import METRICS, STUDENT, TRAINING_STATE, NonFiniteError, Trainer, checkpoints, json_record
 from tiny import bert_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
 
 from helpers import relative_error
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_step import eager_loss  # noqa: E402  (distiller.py's step, shared with the benchmark)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +42,14 @@ def config(workdir, out, teacher="bert", **kw):
     return TrainConfig(**base)
 
 
-def metrics(workdir, out):
-    return [json.loads(line) for line in (workdir / out / METRICS).read_text().splitlines()]
+def metrics(workdir, out, kind="loss"):
+    """The rows of a run's metrics.jsonl that hold ``kind`` (training rows: "loss"; validation: "eval_loss")."""
+    rows = [json.loads(line) for line in (workdir / out / METRICS).read_text().splitlines()]
+    return [r for r in rows if kind in r]
+
+
+def state(workdir, out, step):
+    return torch.load(workdir / out / f"checkpoint-{step}" / TRAINING_STATE, weights_only=True)
 
 
 # ------------------------------------------------------------------ the step itself
@@ -69,7 +67,7 @@ def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert):
     masked, labels = MLMMasker(vocab, special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn, torch.Generator().manual_seed(3))
     assert (labels != -100).sum() > 0 and (attn == 0).sum() > 0  # both row kinds are exercised
 
-    ref = eager_loss(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=restrict)
+    ref = distiller_step(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=restrict)
     ref[0].backward()
 
     loss_fn = DistillationLoss()
@@ -88,7 +86,43 @@ def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert):
             assert relative_error(g, r) <= 1e-4, name
 
 
-# ------------------------------------------------------------------ resume, checkpoints, NaN
+@pytest.mark.parametrize("alphas", [(0.0, 2.0, 0.0), (0.0, 2.0, 1.0), (5.0, 0.0, 1.0)])
+def test_step_skips_the_teacher_work_that_zero_weights_switch_off(alphas):
+    alpha_kl, alpha_mlm, alpha_cos = alphas
+    tok = bert_tokenizer()
+    teacher = tiny_bert(len(tok), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    student = build_student(teacher).train()
+    ref_student = copy.deepcopy(student).double()
+    with torch.no_grad():  # a peaked teacher: the KL is O(1), not a rounding residue
+        teacher.cls.predictions.bias.copy_(3.0 * torch.randn(len(tok)))
+    ids, attn = random_batch(len(tok), 6, 24, cls_id=2, sep_id=3, pad_id=0, seed=1)
+    masked, labels = MLMMasker(len(tok), special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn, torch.Generator().manual_seed(3))
+    ref = distiller_step(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=False,
+                     alpha_kl=alpha_kl, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos)
+
+    calls = {"body": 0, "head": 0}
+    for part, module in (("body", teacher.bert), ("head", teacher.cls)):
+        module.register_forward_hook(lambda *_, part=part: calls.__setitem__(part, calls[part] + 1))
+    loss_fn = DistillationLoss(alpha_kl=alpha_kl, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos)
+    step = DistillationStep(StudentRows(student), teacher, loss_fn)
+    rows = step.rows(masked, attn, labels)
+    out = step(masked, attn, labels)
+    for got, want, alpha in zip((out.total, out.kl, out.mlm, out.cos), ref, (1.0, *alphas)):
+        if alpha > 0:  # the reference reports switched-off parts too; ours are not computed (0)
+            assert relative_error(got, want) <= 1e-5
+    assert calls == {"body": 2 * (alpha_kl > 0 or alpha_cos > 0), "head": 2 * (alpha_kl > 0)}
+    if alpha_kl == 0:  # the student's head runs on the masked rows only
+        assert rows.student_logits.shape[0] == int((labels != -100).sum()) and (rows.labels != -100).all()
+
+
+def test_step_refuses_a_loss_that_restricts_the_rows_again():
+    tok = bert_tokenizer()
+    teacher = tiny_bert(len(tok))
+    with pytest.raises(ValueError, match="restrict_kl_to_mask"):
+        DistillationStep(StudentRows(build_student(teacher)), teacher, DistillationLoss(restrict_kl_to_mask=True))
+
+
+# ------------------------------------------------------------------ resume, checkpoints, non-finite stops
 def test_resume_is_bit_exact_across_an_epoch_boundary(workdir):
     # Dropout is on (tiny teachers keep BERT's 0.1), so this also checks that RNG states travel.
     straight = Trainer(config(workdir, "straight"))
@@ -98,10 +132,10 @@ def test_resume_is_bit_exact_across_an_epoch_boundary(workdir):
 
     first = Trainer(config(workdir, "split"))
     assert first.fit(max_steps=2) == "done"
-    ckpt = torch.load(workdir / "split" / CHECKPOINT, weights_only=True)
-    assert ckpt["step"] == 2
-    assert not list((workdir / "split").glob("*.tmp"))
+    assert state(workdir, "split", 2)["step"] == 2
+    assert not list((workdir / "split").glob(".*tmp"))
     resumed = Trainer(config(workdir, "split", resume=True))
+    assert resumed.resumed_from == workdir / "split" / "checkpoint-2"
     resumed.fit()
     assert resumed.step == 4
 
@@ -109,131 +143,134 @@ def test_resume_is_bit_exact_across_an_epoch_boundary(workdir):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], before[k]) for k in a)  # it trained
     assert [m["loss"] for m in metrics(workdir, "straight")] == [m["loss"] for m in metrics(workdir, "split")]
-    # the finished run wrote a student that transformers loads, with the trained weights
-    loaded = AutoModelForMaskedLM.from_pretrained(workdir / "split" / "student")
-    assert all(torch.equal(v, b[k]) for k, v in loaded.state_dict().items())
+    # the finished run's student and every checkpoint are model directories that transformers loads
+    for directory in ("student", "checkpoint-4"):
+        loaded = AutoModelForMaskedLM.from_pretrained(workdir / "split" / directory)
+        assert all(torch.equal(v, b[k]) for k, v in loaded.state_dict().items())
+        assert (workdir / "split" / directory / "model.safetensors").stat().st_mode & 0o044 == 0o044  # world-readable
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir):
-    trainer = Trainer(config(workdir, "nan", save_every=1))
-    trainer.fit(max_steps=1)
-    good = (workdir / "nan" / CHECKPOINT).read_bytes()
-    with torch.no_grad():
-        next(trainer.student.parameters()).fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="not finite at step 2"):
-        trainer.fit(max_steps=3)
-    assert (workdir / "nan" / CHECKPOINT).read_bytes() == good
-    ckpt = torch.load(workdir / "nan" / CHECKPOINT, weights_only=True)
-    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+def test_resume_falls_back_from_a_damaged_checkpoint_and_truncates_the_metrics(workdir, capsys):
+    Trainer(config(workdir, "damaged", save_every=2)).fit()
+    reference = Trainer(config(workdir, "damaged_ref", save_every=2))
+    reference.fit()
+    assert [s for s, _ in checkpoints(workdir / "damaged")] == [4, 2]
+    newest = workdir / "damaged" / "checkpoint-4" / TRAINING_STATE
+    newest.write_bytes(newest.read_bytes()[:100])  # a write cut short
+    with (workdir / "damaged" / METRICS).open("a") as f:
+        f.write('{"step": 5, "loss": 1.0')  # and a torn metrics line
+
+    resumed = Trainer(config(workdir, "damaged", save_every=2, resume=True))
+    assert "skipping unreadable checkpoint" in capsys.readouterr().err
+    assert resumed.resumed_from.name == "checkpoint-2" and resumed.step == 2
+    assert [m["step"] for m in metrics(workdir, "damaged")] == [1, 2]  # rows after step 2 are gone
+    resumed.fit()
+    assert [m["step"] for m in metrics(workdir, "damaged")] == [1, 2, 3, 4]
+    ref = reference.student.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in resumed.student.state_dict().items())
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints_and_tensorboard_gets_events(workdir):
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    Trainer(config(workdir, "limit", save_every=1, save_total_limit=2,
+                   report_to="tensorboard" if tensorboard else "none")).fit()
+    assert [s for s, _ in checkpoints(workdir / "limit")] == [4, 3]
+    if tensorboard:
+        assert list((workdir / "limit" / "runs").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("flag, value", [("batch_size", 16), ("max_steps", 8)])
+def test_resume_names_a_changed_flag(workdir, flag, value):
+    Trainer(config(workdir, f"changed_{flag}")).fit(max_steps=1)
+    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} is {value!r} but .*checkpoint-1"):
+        Trainer(config(workdir, f"changed_{flag}", resume=True, **{flag: value}))
+    # flags that only change how the run is watched and saved may change
+    Trainer(config(workdir, f"changed_{flag}", resume=True, log_every=3, save_every=7, progress=True))
 
 
 def test_resume_refuses_a_missing_checkpoint(workdir):
     with pytest.raises(ValueError, match="no checkpoint"):
-        Trainer(config(workdir, "empty", resume=True)).fit()
+        Trainer(config(workdir, "empty", resume=True))
 
 
-# ------------------------------------------------------------------ CLI
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(workdir):
-    out = workdir / "sigterm"
-    cmd = [sys.executable, "-m", "distil.train", "--teacher", str(workdir / "bert"), "--data", str(workdir / "corpus"),
-           "--output-dir", str(out), "--batch-size", "4", "--grad-accum", "1", "--max-length", "64",
-           "--max-steps", "100000", "--save-every", "100000", "--log-every", "1", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 90
-        while not (out / METRICS).is_file() or not (out / METRICS).read_text():
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            assert time.time() < deadline, "no training step within 90 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-2000:]
-    assert "interrupted" in err
-    ckpt = torch.load(out / CHECKPOINT, weights_only=True)
-    assert ckpt["step"] == metrics(workdir, "sigterm")[-1]["step"] >= 1
-    assert not (out / "student").exists()  # interrupted, not finished
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(workdir):
+    trainer = Trainer(config(workdir, "nan", save_every=1, alpha_cos=0.0))
+    trainer.fit(max_steps=1)
+    good = (workdir / "nan" / "checkpoint-1" / TRAINING_STATE).read_bytes()
+    with torch.no_grad():
+        next(trainer.student.parameters()).fill_(float("nan"))
+    # Whichever is caught first (the loss parts, or the gradient norm when a loss op hides the NaN),
+    # the run stops before the optimizer moves and names the checkpoint that exists.
+    with pytest.raises(NonFiniteError, match=r"not finite: .* at step 2 .*checkpoint-1 "):
+        trainer.fit(max_steps=3)
+    assert [s for s, _ in checkpoints(workdir / "nan")] == [1]
+    assert (workdir / "nan" / "checkpoint-1" / TRAINING_STATE).read_bytes() == good
+    last = metrics(workdir, "nan")[-1]  # the diverged step is logged, its non-finite values as null
+    assert last["step"] == 2 and last["non_finite"] and all(last[k] is None for k in last["non_finite"])
+    assert last["cos"] == 0.0  # switched off, not NaN
 
 
-@pytest.mark.parametrize("teacher, flags", [("bert", ["--restrict-kl-to-mask", "--as-distilbert"]), ("roberta", [])])
-def test_cli_end_to_end_gives_a_student_that_transformers_loads(workdir, teacher, flags):
-    out = workdir / f"cli_{teacher}"
-    argv = ["--teacher", str(workdir / teacher), "--data", str(workdir / "corpus"), "--output-dir", str(out),
-            "--batch-size", "16", "--grad-accum", "1", "--max-length", "64", "--max-steps", "2", "--log-every", "1", "--no-progress", *flags]
-    assert main(argv) == 0
-    rows = metrics(workdir, f"cli_{teacher}")
-    assert [r["step"] for r in rows] == [1, 2]
-    for r in rows:
-        assert set(r) >= {"loss", "kl", "mlm", "cos", "lr", "grad_norm", "tokens", "tokens_per_s"}
-        assert all(map(torch.isfinite, torch.tensor([r["loss"], r["kl"], r["mlm"], r["cos"]])))
-        assert r["loss"] == pytest.approx(5.0 * r["kl"] + 2.0 * r["mlm"] + 1.0 * r["cos"], rel=1e-5)
-    student = AutoModelForMaskedLM.from_pretrained(out / "student")
-    expected = "DistilBertForMaskedLM" if "--as-distilbert" in flags else "RobertaForMaskedLM"
-    assert type(student).__name__ == expected
-    layers = student.config.n_layers if expected.startswith("DistilBert") else student.config.num_hidden_layers
-    assert layers == 2
+def test_non_finite_gradient_stops_before_the_optimizer_moves(workdir):
+    trainer = Trainer(config(workdir, "nan_grad"))
+    param = next(trainer.student.parameters())
+    before = param.detach().clone()
+    param.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(NonFiniteError, match="not finite: grad_norm at step 1 .*No checkpoint was written yet"):
+        trainer.fit()
+    assert torch.equal(param.detach(), before) and not checkpoints(workdir / "nan_grad")
 
 
-# One non-default value per TrainConfig field: a field without a value here fails the test, so every new
-# flag is covered.
-NON_DEFAULT_FLAGS = {
-    "teacher": "t", "data": ["a.txt", "b"], "output_dir": "o", "student": "s", "student_layers": 3,
-    "as_distilbert": True, "max_length": 128, "batch_size": 7, "grad_accum": 3, "epochs": 2, "max_steps": 9,
-    "lr": 1e-3, "weight_decay": 0.01, "warmup": 0.1, "adam_eps": 1e-8, "max_grad_norm": 1.0, "alpha_kl": 0.5,
-    "alpha_mlm": 0.25, "alpha_cos": 0.0, "temperature": 4.0, "restrict_kl_to_mask": True, "mask_prop": 0.2,
-    "word_mask": 0.7, "word_keep": 0.2, "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "seed": 3, "precision": "fp32",
-    "save_every": 11, "log_every": 5, "resume": True, "progress": False,
-}
+def test_non_finite_parameters_stop_the_run(workdir):
+    trainer = Trainer(config(workdir, "nan_param"))
+    param = next(trainer.student.parameters())
+    trainer.optimizer.register_step_post_hook(lambda *_: param.data.fill_(float("inf")))
+    with pytest.raises(NonFiniteError, match="norm of the parameters is not finite after the optimizer step at step 1"):
+        trainer.fit()
+    assert not checkpoints(workdir / "nan_param") and not (workdir / "nan_param" / STUDENT).exists()
 
 
-def test_parse_args_maps_every_flag():
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    assert set(NON_DEFAULT_FLAGS) == set(fields)
-    argv = []
-    for name, value in NON_DEFAULT_FLAGS.items():
-        assert value != fields[name].default, name
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is False:
-            argv.append("--no-" + flag[2:])
-        else:
-            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
-    assert dataclasses.asdict(parse_args(argv)) == NON_DEFAULT_FLAGS
-    defaults = parse_args(["--teacher", "t", "--data", "d", "--output-dir", "o"])
-    assert dataclasses.asdict(defaults) == {**{n: f.default for n, f in fields.items()},
-                                            "teacher": "t", "data": ["d"], "output_dir": "o"}
+def test_json_record_is_strict_json():
+    line = json_record({"step": 3, "loss": float("nan"), "kl": float("inf"), "cos": 0.5, "tokens": 7})
+    assert json.loads(line) == {"step": 3, "loss": None, "kl": None, "cos": 0.5, "tokens": 7, "non_finite": ["kl", "loss"]}
+    assert "NaN" not in line and "Infinity" not in line
 
 
-def test_help_documents_every_flag_with_its_default(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--help"])
-    assert exit_info.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    for field in dataclasses.fields(TrainConfig):
-        flag = ("--no-" if field.default is True else "--") + field.name.replace("_", "-")
-        assert flag in text, flag
-        if field.default is not dataclasses.MISSING and not isinstance(field.default, bool):
-            assert f"(default: {field.default})" in text, field.name
+# ------------------------------------------------------------------ metrics and validation
+def test_metrics_are_averaged_over_log_every_and_validation_runs_on_a_fixed_held_out_split(workdir):
+    every = Trainer(config(workdir, "avg1", log_every=1, eval_every=2))
+    every.fit()
+    train = metrics(workdir, "avg1")
+    averaged = Trainer(config(workdir, "avg2", log_every=2, eval_every=100))
+    averaged.fit()
+    rows = metrics(workdir, "avg2")
+    assert [r["step"] for r in rows] == [2, 4] and [r["steps"] for r in rows] == [2, 2]
+    for row, pair in zip(rows, (train[:2], train[2:])):
+        for key in ("loss", "kl", "mlm", "cos", "grad_norm"):
+            assert row[key] == pytest.approx(sum(p[key] for p in pair) / 2, rel=1e-12)
+        assert row["tokens"] == sum(p["tokens"] for p in pair)
+
+    evals = metrics(workdir, "avg1", "eval_loss")
+    assert [r["step"] for r in evals] == [2, 4]  # every --eval-every steps, and the end is step 4
+    assert [r["step"] for r in metrics(workdir, "avg2", "eval_loss")] == [4]  # only at the end
+    for r in evals:
+        assert set(r) >= {"eval_loss", "eval_kl", "eval_mlm", "eval_mlm_accuracy", "eval_cos",
+                          "eval_teacher_mlm", "eval_teacher_mlm_accuracy"}
+        assert 0 <= r["eval_mlm_accuracy"] <= 1 and r["eval_mlm"] > 0
+    # The split and its masking do not depend on the run's seed: the teacher's figures are equal.
+    other_seed = Trainer(config(workdir, "seed7", seed=7, max_steps=0))
+    assert other_seed.fit() == "done"
+    (teacher_only,) = metrics(workdir, "seed7", "eval_loss")
+    assert teacher_only["eval_teacher_mlm"] == evals[0]["eval_teacher_mlm"]
+    n_eval = sum(len(ids) for ids, _, _ in every.eval_batches)
+    assert n_eval == math.ceil(0.01 * (n_eval + len(every.batches.sequences)))  # the default --eval-fraction
 
 
-@pytest.mark.parametrize("field, value, error, match", [
-    ("batch_size", 0, ValueError, "batch_size"),
-    ("grad_accum", 1.5, ValueError, "grad_accum"),
-    ("lr", -1.0, ValueError, "lr"),
-    ("lr", "big", TypeError, "lr"),
-    ("warmup", 1.0, ValueError, "warmup"),
-    ("precision", "fp8", ValueError, "precision"),
-    ("teacher", "/nonexistent", ValueError, "teacher"),
-    ("max_steps", 0, ValueError, "max_steps"),
-    ("temperature", 0.0, ValueError, "temperature"),
-    ("temperature", float("nan"), ValueError, "temperature"),
-])
-def test_config_validation_names_the_argument(workdir, field, value, error, match):
-    with pytest.raises(error, match=match):
-        config(workdir, "bad", **{field: value}).validate()
+def test_max_steps_0_saves_the_initial_student(workdir):
+    trainer = Trainer(config(workdir, "zero", max_steps=0))
+    initial = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    assert trainer.fit() == "done" and trainer.step == 0
+    loaded = AutoModelForMaskedLM.from_pretrained(workdir / "zero" / STUDENT)
+    assert all(torch.equal(v, initial[k]) for k, v in loaded.state_dict().items())
 
 
 def test_half_precision_needs_cuda(workdir):
