@@ -315,6 +315,18 @@ class TeacherCache:
     def __len__(self):
         return len(self.lengths)
 
+    def check_corpus(self, files, tokenizer_size):
+        """Raise ValueError unless ``files`` are the corpus the cache was built from (paths and sizes;
+        the sha256 in the index is for a full audit) and the tokenizer has the cache's size."""
+        mine = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size} for f in files]
+        theirs = [{"path": f["path"], "bytes": f["bytes"]} for f in self.index["corpus"]]
+        if mine != theirs:
+            raise ValueError(f"data: the files {[m['path'] for m in mine]} are not the corpus the teacher cache "
+                             f"{str(self.path)!r} was built from ({[t['path'] for t in theirs]}, sizes included)")
+        if tokenizer_size != self.index["tokenizer"]["size"]:
+            raise ValueError(f"teacher: the tokenizer has {tokenizer_size} tokens but the teacher cache was built "
+                             f"with {self.index['tokenizer']['size']}")
+
     def _arrays(self, pass_index, shard):
         key = (pass_index, shard)
         if key not in self._shards:

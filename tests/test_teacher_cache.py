@@ -162,3 +162,32 @@ def test_training_from_a_full_cache_reproduces_the_live_teacher(setup):
             losses.append(torch.stack([out.total, out.kl, out.mlm]).detach())
         runs[name] = torch.stack(losses)
     assert torch.allclose(runs["cached"], runs["live"], rtol=1e-5, atol=0)
+
+
+def test_distil_train_from_a_cache_runs_without_the_teacher_and_resumes_bit_exactly(setup):
+    from distil.cli import TrainConfig
+    from distil.train import Trainer
+
+    root, _, _ = setup
+    path = TC.build_cache(root / "teacher", [root / "data"], root / "train_cache", **dict(OPTIONS, top_k=16))
+
+    def config(out, **kw):
+        return TrainConfig(**dict(teacher=str(root / "teacher"), data=[str(root / "data")], output_dir=str(root / out),
+                                  teacher_cache=str(path), alpha_cos=0.0, batch_size=16, grad_accum=2, max_steps=4,
+                                  save_every=100, log_every=1, progress=False, **kw))
+
+    straight = Trainer(config("straight"))
+    assert straight.teacher is None and straight.masker is None
+    assert len(straight.batches) < 4  # 4 steps cross an epoch boundary: pass 1 of the cache
+    assert straight.fit() == "done"
+    first = Trainer(config("split"))
+    assert first.fit(max_steps=2) == "done"
+    resumed = Trainer(config("split", resume=True))
+    resumed.fit()
+    a, b = straight.student.state_dict(), resumed.student.state_dict()
+    assert resumed.step == 4 and all(torch.equal(a[k], b[k]) for k in a)
+
+    with pytest.raises(ValueError, match="--alpha-cos 0.*--hidden"):
+        TrainConfig(**{**vars(config("bad")), "alpha_cos": 1.0}).validate()
+    with pytest.raises(ValueError, match="--temperature 2.0"):
+        TrainConfig(**{**vars(config("bad")), "temperature": 3.0}).validate()
