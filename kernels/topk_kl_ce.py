@@ -181,7 +181,7 @@ def _topk_row(s_row, t_row, i_row, lse_ptr, g_row, r, K, V, scale_t, temperature
     ce = 0.0
     alpha = 0.0
     beta = 0.0
-    lse_q = lse_a * 0.0
+    lse_q = tl.full((), 0.0, tl.float32)
     # Rows that are -inf everywhere (student, or teacher) have KL 0 and no KL gradient.
     kl_on = use_kl & (lse_a != float("-inf"))
     if kl_on:
