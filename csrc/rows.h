@@ -23,9 +23,6 @@
 #include <limits>
 #include <optional>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DISTIL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -94,22 +91,6 @@ inline void check_rows_tensor(const char* op, const char* name, const at::Tensor
   TORCH_CHECK_TYPE(x.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", x.scalar_type());
   const auto shape = rows.sizes().slice(0, rows.dim() - 1);
   TORCH_CHECK_VALUE(x.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", x.sizes());
-}
-
-// An uninitialised tensor that the kernel overwrites in full (a gradient buffer), with transparent
-// huge pages requested for it on Linux: a [2048, 30522] fp32 gradient takes 61K first-touch page
-// faults with 4 KB pages and about 120 with 2 MB ones, which on a small VM costs more than the
-// kernel itself.  madvise is a hint: where THP is off it changes nothing.
-inline at::Tensor empty_for_overwrite(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (start + t.nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-  return t;
 }
 
 // e^x for x <= 0 (always a logit minus its row maximum): Cody-Waite reduction

@@ -47,7 +47,6 @@ using at::Tensor;
 using distil::cpu::check_cpu;
 using distil::cpu::check_rows_tensor;
 using distil::cpu::dispatch_pair;
-using distil::cpu::empty_for_overwrite;
 using distil::cpu::exp_nonpos;
 using distil::cpu::load_row;
 using distil::cpu::rescale_or_recompute_rows;
@@ -413,8 +412,7 @@ std::tuple<Tensor, Tensor, Tensor> topk_kl_ce_rows_cpu(const Tensor& student, co
   const auto row_shape = student.sizes().slice(0, student.dim() - 1);
   Tensor kl_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
   Tensor ce_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
-  Tensor grad = compute_grad ? empty_for_overwrite(student.sizes(), student.options())
-                             : at::empty({0}, student.options());
+  Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
   float* kl = kl_rows.data_ptr<float>();
   float* ce = ce_rows.data_ptr<float>();
   dispatch_pair(student.scalar_type(), values.scalar_type(), [&](auto s_tag, auto t_tag) {
