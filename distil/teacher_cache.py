@@ -64,6 +64,8 @@ INDEX = "index.json"
 LENGTHS = "lengths.npy"
 LOGIT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INT16_MAX = 32767
+# The trainer's (and the paper's) masking: 15% of the tokens, 80/10/10, count^-0.7 smoothing.
+MASKING = {"mask_prop": 0.15, "word_mask": 0.8, "word_keep": 0.1, "word_rand": 0.1, "smoothing": 0.7}
 
 
 def _int_dtype(size):
@@ -169,7 +171,8 @@ class CacheBuilder:
             raise ValueError("data: no sequence survived tokenisation and filtering")
         vocab = len(self.tokenizer)
         self.masker = MLMMasker(vocab, special_ids=self.tokenizer.all_special_ids,
-                                mask_id=self.tokenizer.mask_token_id, counts=token_counts(self.sequences, vocab))
+                                mask_id=self.tokenizer.mask_token_id, counts=token_counts(self.sequences, vocab),
+                                **MASKING)
         self.lengths = np.array([len(s) for s in self.sequences], dtype=np.int32)
         num_shards = -(-len(self.sequences) // shard_sequences)
         self.index = {
@@ -184,8 +187,7 @@ class CacheBuilder:
             "temperature": self.temperature,
             "passes": passes,
             "dtypes": field_dtypes(vocab, vocab_out, dtype, hidden),
-            "masking": {"seed": seed, "mask_prop": self.masker.mask_prop,
-                        "outcome_probs": self.masker.outcome_probs.tolist(), "smoothing": 0.7},
+            "masking": {"seed": seed, **MASKING},
             "max_length": max_length,
             "corpus": [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size, "sha256": _sha256(f)}
                        for f in files],
