@@ -56,8 +56,9 @@ def test_cache_holds_the_teachers_outputs_on_its_masked_input(setup):
         with torch.no_grad():
             out = teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
         logits = out.logits[real]
-        values, top = logits.topk(8, -1)
-        assert torch.equal(batch["topk_index"][real].long(), top)
+        values = logits.topk(8, -1).values
+        # The cached indices pick the k largest logits (near-ties may come in another order).
+        assert torch.allclose(logits.gather(-1, batch["topk_index"][real].long()), values, atol=1e-5)
         assert torch.allclose(batch["topk_logits"][real].float(), values, atol=1e-2, rtol=1e-3)
         assert torch.allclose(batch["lse"][real], torch.logsumexp(logits / 2.0, -1), atol=1e-5)
         assert torch.allclose(batch["hidden"][real].float(), out.hidden_states[-1][real], atol=1e-2)
