@@ -6,9 +6,10 @@ function under ``torch.compile``, and (CUDA, when ``liger_kernel`` imports) Lige
     python benchmarks/bench_loss.py --quick         # tiny shapes: a CI smoke run
     python benchmarks/bench_loss.py --full          # CUDA: the whole N x V x dtype grid (long)
 
-Every op is one entry of ``OPS``: ``LossOp(ours, eager, make_inputs, bytes_moved, liger)``, where each
+Every op is one entry of ``OPS``: ``LossOp(ours, eager, make_inputs, bytes_moved, liger, dense)``, where each
 loss function takes the dict from ``make_inputs`` as keyword arguments and returns the scalar that a
-trainer backpropagates; the ``compile`` variant is ``torch.compile(eager)``.  Modes: ``fwd`` is the
+trainer backpropagates (``dense``: the dense loss an approximate op replaces, timed in the same
+cell); the ``compile`` variant is ``torch.compile(eager)``.  Modes: ``fwd`` is the
 forward with ``student.requires_grad=True`` (a training forward: ours writes the gradient there),
 ``fwd+bwd`` adds ``.backward()``.  Prints one line per cell (its time, the elapsed time and an ETA),
 then a Markdown table and the targets, and writes ``benchmarks/results/loss_<cpu|cuda>_<machine>_local.json``
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from distil import reference
 from distil._ops.linear_kl_ce import auto_chunk_rows
-from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss, linear_kl_ce_loss
+from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss, linear_kl_ce_loss, topk_kl_ce_loss
 
 T = 2.0
 KL_WEIGHT, CE_WEIGHT = 5.0, 2.0  # DistilBERT's alpha_ce, alpha_mlm
@@ -75,6 +76,31 @@ def ours_cos(s, t):
 
 def eager_cos(s, t):
     return reference.distiller_cos(s, t)
+
+
+TOPK = 64  # teacher logits per token of a teacher cache (distil-cache-teacher's default)
+
+
+def ours_topk(s, t, values, index, lse, labels):
+    kl, ce = topk_kl_ce_loss(s, values, index, labels, teacher_lse=lse, temperature=T, kl_weight=KL_WEIGHT,
+                             ce_weight=CE_WEIGHT)
+    return KL_WEIGHT * kl + CE_WEIGHT * ce
+
+
+def eager_topk(s, t, values, index, lse, labels):
+    """The exact top-k KL (k entries + the tail bucket) and the CE in plain PyTorch."""
+    log_p = F.log_softmax(s.float() / T, -1).gather(-1, index.long())
+    log_q = values.float() / T - lse[:, None]
+    q = log_q.exp()
+    q_tail = (1 - q.sum(-1)).clamp_min(reference.TAIL_FLOOR)
+    p_tail = (1 - log_p.exp().sum(-1)).clamp_min(reference.TAIL_FLOOR)
+    kl = ((q * (log_q - log_p)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())).mean() * T**2
+    return KL_WEIGHT * kl + CE_WEIGHT * F.cross_entropy(s, labels, ignore_index=IGNORE)
+
+
+def dense_topk(s, t, values, index, lse, labels):
+    """The dense kl_ce_loss on the full teacher logits the top-k came from (timed in the same cell)."""
+    return ours_kl_ce(s, t, labels)
 
 
 HIDDEN = 768  # the triple loss's hidden size (BERT-base)
@@ -161,6 +187,15 @@ def make_logits_labels(n, v, dtype, device, *, seed=0):
     return {**inputs, "labels": labels.masked_fill_(unlabelled, IGNORE)}
 
 
+def make_topk(n, v, dtype, device, *, seed=0):
+    """The inputs of kl_ce, and its teacher as a cache holds it: the TOPK largest logits (fp16) with
+    int16 indices (int32 above 32767) and the lse at T (the full ``t`` stays for the dense variant)."""
+    inputs = make_logits_labels(n, v, dtype, device, seed=seed)
+    values, index = inputs["t"].float().topk(TOPK, -1)
+    index = index.to(torch.int16 if v <= 32767 else torch.int32)
+    return {**inputs, "values": values.half(), "index": index, "lse": torch.logsumexp(inputs["t"].float() / T, -1)}
+
+
 def make_triple(n, v, dtype, device, *, seed=0):
     """[n, V] logits + [n, HIDDEN] last hidden states, 15% MLM labels, 10% padding rows."""
     inputs = make_logits_labels(n, v, dtype, device, seed=seed)
@@ -174,6 +209,11 @@ def make_triple(n, v, dtype, device, *, seed=0):
 
 def triple_bytes(n, v, dtype):
     return 3 * n * (v + HIDDEN) * dtype.itemsize
+
+
+def topk_bytes(n, v, dtype):
+    """Student read once and its gradient written once, plus the k teacher entries (fp16 + index)."""
+    return n * (2 * v * dtype.itemsize + TOPK * (2 + (2 if v <= 32767 else 4)))
 
 
 def logits_bytes(n, v, dtype):
@@ -191,6 +231,7 @@ class LossOp:
     unfused: Optional[Callable] = None  # ours without the op's fusion (linear_kl_ce: logits + kl_ce_loss)
     gemms: Optional[Callable] = None  # CUDA: the op's GEMMs alone (linear_kl_ce)
     excluded_bytes: Callable = lambda n, v, dtype: 0  # noqa: E731  (memory left out of the peak)
+    dense: Optional[Callable] = None  # the dense loss the op replaces, timed beside it
 
 
 OPS = {
@@ -202,6 +243,7 @@ OPS = {
     # Liger variant here.
     "linear_kl_ce": LossOp(ours_linear, eager_linear, make_linear, logits_bytes, unfused=unfused_linear,
                            gemms=gemms_linear, excluded_bytes=linear_param_grad_bytes),
+    "topk_kl_ce": LossOp(ours_topk, eager_topk, make_topk, topk_bytes, dense=dense_topk),  # k = TOPK, exact mode
 }
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -216,6 +258,8 @@ def variants(op, names, device):
         out["gemms"] = op.gemms
     if op.liger is not None and device == "cuda" and liger_available():
         out["liger"] = op.liger
+    if op.dense is not None:
+        out["dense"] = op.dense
     return {k: f for k, f in out.items() if k in names}
 
 
@@ -242,6 +286,7 @@ def cpu_plan(quick, ops):
         cells += [("cos", "fp32", 16384, 768, MODES), ("triple", "fp32", 512, 30522, ("fwd+bwd",))]
         cells += [("linear_kl_ce", "fp32", n, 30522, ("fwd+bwd",)) for n in (1024, 4096)]
         cells += [("linear_kl_ce", "fp32", 128, 128256, ("fwd+bwd",))]
+        cells += [("topk_kl_ce", "fp32", *CPU_MAIN, MODES)]
     return [c for c in cells if c[0] in ops]
 
 
@@ -261,6 +306,9 @@ def cuda_plan(quick, full, ops):
     if "cos" in ops:  # (dtype, N, H)
         hidden = [("bf16", 1024, 768)] if quick else [("bf16", 16384, 768), ("fp32", 16384, 768), ("bf16", 16384, 4096)]
         cells += [("cos", dt, n, h, MODES) for dt, n, h in hidden]
+    if "topk_kl_ce" in ops:  # beside kl_ce at the same shapes
+        cells += [("topk_kl_ce", dt, n, v, MODES) for dt, n, v in
+                  ([("bf16", 1024, 30522)] if quick else [("bf16", 16384, 30522), ("bf16", 8192, 30522)])]
     if "triple" in ops:  # beside kl_ce at the same shape: end to end vs the sum of its parts
         cells += [("triple", "bf16", *((1024, 30522) if quick else (16384, 30522)), MODES)]
     return cells
@@ -301,7 +349,7 @@ def run_cell(op_name, dtype_name, n, v, modes, device, names, copy_gbs):
         status = "oom" if C.is_oom(exc) else f"error: {type(exc).__name__}"
         C.free_memory(device)
         return [dict(base, mode=m, variant=k, ms=None, peak_bytes=None, status=status) for m in modes for k in fns]
-    errs = loss_rel_err(fns, sets[0])
+    errs = loss_rel_err({k: f for k, f in fns.items() if k != "dense"}, sets[0])  # dense: another loss
     C.free_memory(device)
     for mode in modes:
         backward = mode == "fwd+bwd"
@@ -487,6 +535,8 @@ def targets(records, device):
             ratio("linear_kl_ce", "fp32", linear, "ours", "eager", key="peak_bytes"), 0.1, False)
         add("CPU linear_kl_ce fp32 N=4096 H=768 V=30522 fwd+bwd: time ≤ 1.0× ours-unfused",
             _inverse(ratio("linear_kl_ce", "fp32", linear, "ours", "unfused")), 1.0, False)
+        add(f"CPU topk_kl_ce k={TOPK} fp32 2048×30522 fwd+bwd: ≥ 1.3× faster than dense kl_ce_loss",
+            ratio("topk_kl_ce", "fp32", shape, "ours", "dense"), 1.3, True)
     else:
         shape = (8192, 30522)
         ours = _find(records, "kl_ce", "bf16", shape, "ours")
@@ -501,6 +551,9 @@ def targets(records, device):
         add("H100 cos bf16 16384×768 fwd+bwd: ≥ 85% of copy bandwidth",
             None if cos is None else 100 * cos["copy_share"], 85.0, True, unit="%")
         add("H100 cos bf16 16384×768 fwd+bwd: ≥ 4× eager", ratio("cos", "bf16", (16384, 768), "ours", "eager"), 4.0, True)
+        topk = _find(records, "topk_kl_ce", "bf16", (16384, 30522), "ours")
+        add(f"GPU topk_kl_ce k={TOPK} bf16 16384×30522 fwd+bwd: ≥ 85% of copy bandwidth (2·V·e + k·(e+idx) per row)",
+            None if topk is None else 100 * topk["copy_share"], 85.0, True, unit="%")
         triple = _find(records, "triple", "bf16", (16384, 30522), "ours")
         parts = [_find(records, op, dt, shp, "ours") for op, dt, shp in
                  (("kl_ce", "bf16", (16384, 30522)), ("cos", "bf16", (16384, 768)))]
@@ -532,7 +585,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke run); results get a _quick suffix")
     p.add_argument("--full", action="store_true", help="CUDA: N in {2048,8192,16384} x V in {30522,50257,128256} x {fp32,bf16}")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    p.add_argument("--variants", default="ours,unfused,gemms,eager,compile,liger", help="comma-separated subset")
+    p.add_argument("--variants", default="ours,unfused,gemms,eager,compile,liger,dense", help="comma-separated subset")
     C.add_output_args(p)
     p.add_argument("--rss-child", nargs=6, metavar=("OP", "VARIANT", "DTYPE", "N", "V", "MODE"),
                    help=argparse.SUPPRESS)

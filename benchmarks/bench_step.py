@@ -14,6 +14,10 @@ Every variant uses the same models, batch and masks:
   the batch, ``masked_gather`` of the loss rows, both LM heads on those rows only, fused losses;
 - ``fused-head``: the same with the heads' output projections fused into the KL+CE loss
   (``linear_kl_ce_loss``, what ``distil-train`` runs by default): no ``[rows, V]`` logits at all.
+- ``cached``: the same step with the teacher read from a teacher cache (``distil-train
+  --teacher-cache``): no teacher in memory, its top-64 logits (fp16, int16 indices), lse and last
+  hidden states (fp16) given as :meth:`distil.teacher_cache.TeacherCache.batch` returns them, the KL
+  by :func:`distil.fused_loss.topk_kl_ce_loss` in exact mode.
 
 Modes: ``kl=non-pad`` (the default recipe) and ``kl=masked`` (``--restrict-kl-to-mask``).
 Shapes: CPU, a small BERT (teacher 4 layers, H=256, V=30522; student 2 layers) at B=16, S=128;
@@ -23,6 +27,7 @@ process per variant (``_common.CPU_MEMORY_METHOD``). Sequence lengths are unifor
 longest is S), as length-grouped batches are. Writes ``benchmarks/results/step_<device>.json``.
 """
 import argparse
+import gc
 import os
 import sys
 
@@ -33,12 +38,13 @@ from transformers import BertConfig, BertForMaskedLM
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker
 from distil.reference import distiller_step
-from distil.student import build_student
 from distil.step import DistillationStep, StudentRows
+from distil.student import build_student, lm_adapter
+from distil.teacher_cache import bytes_per_token
 
 ALPHA_KL, ALPHA_MLM, ALPHA_COS, T = 5.0, 2.0, 1.0, 2.0
 MODES = {"kl=non-pad": False, "kl=masked": True}
-VARIANTS = ("eager", "ours", "fused-head")
+VARIANTS = ("eager", "ours", "fused-head", "cached")
 # (teacher layers, hidden, heads, ffn, student layers, vocab, [(B, S)])
 SHAPES = {
     "cpu": (4, 256, 4, 1024, 2, 30522, [(16, 128)]),
@@ -47,8 +53,24 @@ SHAPES = {
 }
 
 
-def make_inputs(device, shape_key, batch, seq, restrict):
-    """Models, optimizer and one masked batch (seeded); the teacher in bf16 on CUDA."""
+TOPK = 64
+
+
+def cache_teacher(teacher, ids, attn):
+    """The teacher as a cache holds it for this batch, in TeacherCache.batch's [B, S, ...] layout."""
+    adapter = lm_adapter(teacher)
+    with torch.no_grad():
+        hidden = adapter.body(ids, attn)
+        logits = adapter.head(hidden).float()
+    values, index = logits.topk(TOPK, -1)
+    small = logits.shape[-1] <= 32767
+    return {"topk_logits": values.half(), "topk_index": index.to(torch.int16 if small else torch.int32),
+            "lse": torch.logsumexp(logits / T, -1), "hidden": hidden.half()}
+
+
+def make_inputs(device, shape_key, batch, seq, restrict, cached_only=False):
+    """Models, optimizer and one masked batch (seeded); the teacher in bf16 on CUDA. With
+    ``cached_only`` the teacher is run once for the cache tensors and then dropped."""
     t_layers, hidden, heads, ffn, s_layers, vocab, _ = SHAPES[shape_key]
     torch.manual_seed(0)
     config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=t_layers,
@@ -70,8 +92,13 @@ def make_inputs(device, shape_key, batch, seq, restrict):
     masker = MLMMasker(vocab, special_ids=[0, 1, 2, 3, 4], mask_id=4)
     masked, labels = masker(ids, attention_mask, g)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+    batch = tuple(t.to(device) for t in (masked, attention_mask, labels))
+    cached = cache_teacher(teacher, *batch[:2])
+    if cached_only:
+        teacher = None
+        gc.collect()
     return dict(teacher=teacher, student=student, optimizer=optimizer, restrict=restrict, dtype=dtype,
-                batch=tuple(t.to(device) for t in (masked, attention_mask, labels)))
+                batch=batch, cached=cached)
 
 
 def make_step(variant, inputs):
@@ -86,11 +113,12 @@ def make_step(variant, inputs):
             heads = dict(student_head=student.get_output_embeddings(), teacher_head=teacher.get_output_embeddings())
         loss_fn = DistillationLoss(alpha_kl=ALPHA_KL, alpha_mlm=ALPHA_MLM, alpha_cos=ALPHA_COS, temperature=T,
                                    **heads)
-        step_fn = DistillationStep(StudentRows(student), teacher, loss_fn, restrict_kl_to_mask=restrict,
-                                   autocast_dtype=dtype)
+        step_fn = DistillationStep(StudentRows(student), None if variant == "cached" else teacher, loss_fn,
+                                   restrict_kl_to_mask=restrict, autocast_dtype=dtype)
+        cached = inputs["cached"] if variant == "cached" else None
 
         def loss():
-            return step_fn(ids, attn, labels).total
+            return step_fn(ids, attn, labels, cached).total
     else:
 
         def loss():
@@ -109,7 +137,7 @@ def make_step(variant, inputs):
 def _rss_child(argv):
     variant, shape_key, batch, seq, mode = argv
     C.rss_child_report(
-        lambda: make_inputs("cpu", shape_key, int(batch), int(seq), MODES[mode]),
+        lambda: make_inputs("cpu", shape_key, int(batch), int(seq), MODES[mode], cached_only=variant == "cached"),
         lambda inputs: make_step(variant, inputs)(),
     )
 
@@ -151,6 +179,17 @@ def main(argv=None):
     shape_key = "quick" if args.quick else device
     records = run(device, shape_key)
     print(C.markdown_table(records))
+    print("\n| mode | shape | cached tokens/s | live (ours) tokens/s | speed-up | peak mem cached/live |\n|---|---|---|---|---|---|")
+    for r in records:
+        if r["variant"] == "cached":
+            live = next(b for b in records if b["variant"] == "ours" and b["mode"] == r["mode"] and b["shape"] == r["shape"])
+            print(f"| {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['tokens_per_s']:.0f} | {live['tokens_per_s']:.0f} | "
+                  f"{r['tokens_per_s'] / live['tokens_per_s']:.2f}x | {r['peak_bytes'] / live['peak_bytes']:.2f} |")
+    vocab = SHAPES[shape_key][5]
+    print(f"\nTarget (CPU): the step from a k={TOPK} cache >= 1.8x the live-teacher step's tokens/s at <= 0.7x its "
+          f"peak memory. Cache bytes per token and pass at k={TOPK}, V={vocab}: {bytes_per_token(TOPK, vocab, vocab)} "
+          f"without hidden states (target <= 400), {bytes_per_token(TOPK, vocab, vocab, hidden_size=SHAPES[shape_key][1])} "
+          f"with (H={SHAPES[shape_key][1]}).")
     print("\n| mode | shape | variant | tokens/s | vs eager: speed-up | peak mem | vs ours (logits): speed-up | "
           "peak mem |\n|---|---|---|---|---|---|---|---|")
     for r in records:

@@ -7,12 +7,8 @@
 // One thread handles whole rows (at::parallel_for);
 // a row of V = 30522 logits is 120 KB in fp32, so the three passes below (maxima; the
 // exp-sums, storing the exponentials; the gradient) run out of L2 and DRAM sees each
-// input once and the gradient once.
-//
-// The extension is built without -march, so the row kernels are compiled once per
-// x86-64 level with GCC's target_clones (an ifunc picks the clone at load time, as
-// ATen's DispatchStub picks its DEFAULT/AVX2/AVX512 kernels) and written as plain
-// loops with an exp of our own that the compiler vectorises in every clone.
+// input once and the gradient once.  The row loops are plain loops that vectorise in every
+// target clone (rows.h).
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -22,7 +18,6 @@
 #include "rows.h"
 
 #include <algorithm>
-#include <c10/util/bit_cast.h>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -31,52 +26,23 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DISTIL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DISTIL_CLONES
-#endif
-#define DISTIL_INLINE inline __attribute__((always_inline))
-
 namespace {
 
 using at::Tensor;
+using distil::cpu::check_cpu;
+using distil::cpu::check_rows_tensor;
 using distil::cpu::dispatch_pair;
+using distil::cpu::exp_nonpos;
+using distil::cpu::load_row;
+using distil::cpu::rescale_or_recompute_rows;
+using distil::cpu::row_max;
 using distil::cpu::row_offsets;
+using distil::cpu::row_values;
 using distil::cpu::RowOffsets;
+using distil::cpu::RowValues;
+using distil::cpu::store_row;
+constexpr const char* kOp = "kl_ce_rows";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// (g_kl, g_ce) counts as proportional to (kl_coef, ce_coef) within this relative tolerance (the same
-// rule as kernels/kl_ce.py); the buffer is then rescaled, else the row is recomputed.
-constexpr double kProportionalTolerance = 1e-6;
-
-// e^x for x <= 0 (always a logit minus its row maximum): Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2/2, a degree-6 Taylor polynomial (error ~1e-7 relative)
-// and 2^n built in the exponent bits.  Results below e^-87 (~1.6e-38, where 2^n
-// would leave the normal range) are flushed to 0, so e^-inf = 0.  Branch-free so
-// that the loops calling it vectorise.
-DISTIL_INLINE float exp_nonpos(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer (no -ffast-math
-  // here, so the compiler keeps both operations).
-  const float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;
-  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float two_n = c10::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : p * two_n;
-}
-
-DISTIL_INLINE float row_max(const float* x, int64_t n) {
-  float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
-}
 
 struct Sums {
   float zs = 0.f;  // sum_j e^{(s_j - ms)/T}
@@ -181,42 +147,6 @@ DISTIL_CLONES RowLoss kl_ce_row(const float* s, const float* t, int64_t V, float
   return {};
 }
 
-template <typename Scalar>
-DISTIL_INLINE void load_row(float* dst, const Scalar* src, int64_t V) {
-#pragma omp simd
-  for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-template <typename Scalar>
-DISTIL_INLINE void store_row(Scalar* dst, const float* src, int64_t V) {
-#pragma omp simd
-  for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<Scalar>(src[j]);
-}
-
-template <typename Scalar>
-struct RowValues {
-  const Scalar* data;
-  RowOffsets off;
-  Scalar operator[](int64_t r) const { return data[off(r)]; }
-};
-
-template <typename Scalar>
-RowValues<Scalar> row_values(const Tensor& x, int64_t row_dims) {
-  return {x.const_data_ptr<Scalar>(), row_offsets(x, row_dims)};
-}
-
-void check_cpu(const char* name, const Tensor& x) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "kl_ce_rows: ", name, " must be a CPU tensor, got ", x.device());
-}
-
-void check_rows_tensor(const char* name, const Tensor& x, const Tensor& student, at::ScalarType dtype) {
-  check_cpu(name, x);
-  TORCH_CHECK_TYPE(x.scalar_type() == dtype, "kl_ce_rows: ", name, " must have dtype ", dtype, ", got ",
-                   x.scalar_type());
-  const auto rows = student.sizes().slice(0, student.dim() - 1);
-  TORCH_CHECK_VALUE(x.sizes() == rows, "kl_ce_rows: ", name, " must have shape ", rows, ", got ", x.sizes());
-}
-
 // The arguments both ops share, checked, with the per-row label / mask lookup.
 struct Problem {
   const Tensor& student;
@@ -234,7 +164,7 @@ struct Problem {
           const std::optional<Tensor>& kl_mask_, const Tensor& coef, double temperature, int64_t ignore_index_)
       : student(student_), teacher(teacher_), ignore_index(ignore_index_) {
     for (const auto& [name, x] : {std::pair<const char*, const Tensor&>{"student", student}, {"teacher", teacher}}) {
-      check_cpu(name, x);
+      check_cpu(kOp, name, x);
       TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
                            x.scalar_type() == at::kHalf,
                        "kl_ce_rows: ", name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
@@ -247,14 +177,14 @@ struct Problem {
                       " but student has shape ", student.sizes());
     const int64_t row_dims = student.dim() - 1;
     if (labels_) {
-      check_rows_tensor("labels", *labels_, student, at::kLong);
+      check_rows_tensor(kOp, "labels", *labels_, student, at::kLong);
       labels = row_values<int64_t>(*labels_, row_dims);
     }
     if (kl_mask_) {
-      check_rows_tensor("kl_mask", *kl_mask_, student, at::kBool);
+      check_rows_tensor(kOp, "kl_mask", *kl_mask_, student, at::kBool);
       kl_mask = row_values<bool>(*kl_mask_, row_dims);
     }
-    check_cpu("coef", coef);
+    check_cpu(kOp, "coef", coef);
     TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, "kl_ce_rows: coef must be float32, got ", coef.scalar_type());
     TORCH_CHECK_VALUE(coef.numel() == 2, "kl_ce_rows: coef must have 2 elements, got ", coef.numel());
     const Tensor c = coef.contiguous();
@@ -368,11 +298,11 @@ void kl_ce_rows_into_cpu(const Tensor& student, const Tensor& teacher, const std
                          int64_t ignore_index, Tensor& kl_rows, Tensor& ce_rows, const std::optional<Tensor>& grad) {
   const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index);
   for (const auto& [name, x] : {std::pair<const char*, const Tensor&>{"kl_rows", kl_rows}, {"ce_rows", ce_rows}}) {
-    check_rows_tensor(name, x, student, at::kFloat);
+    check_rows_tensor("kl_ce_rows_into", name, x, student, at::kFloat);
     TORCH_CHECK_VALUE(x.is_contiguous(), "kl_ce_rows_into: ", name, " must be contiguous");
   }
   if (grad) {
-    check_cpu("grad", *grad);
+    check_cpu("kl_ce_rows_into", "grad", *grad);
     TORCH_CHECK_TYPE(grad->scalar_type() == student.scalar_type(), "kl_ce_rows_into: grad must have dtype ",
                      student.scalar_type(), ", got ", grad->scalar_type());
     TORCH_CHECK_VALUE(grad->sizes() == student.sizes() && grad->is_contiguous(),
@@ -388,52 +318,18 @@ void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Ten
                              const std::optional<Tensor>& kl_mask, const Tensor& coef, double temperature,
                              int64_t ignore_index) {
   const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index);
-  check_cpu("grad", grad);
+  check_cpu(kOp, "grad", grad);
   TORCH_CHECK_TYPE(grad.scalar_type() == student.scalar_type(), "kl_ce_rows_backward: grad must have dtype ",
                    student.scalar_type(), ", got ", grad.scalar_type());
   TORCH_CHECK_VALUE(grad.sizes() == student.sizes() && grad.is_contiguous(),
                     "kl_ce_rows_backward: grad must be contiguous with shape ", student.sizes(), ", got ",
                     grad.sizes(), " with strides ", grad.strides());
-  check_rows_tensor("grad_kl_rows", grad_kl_rows, student, at::kFloat);
-  check_rows_tensor("grad_ce_rows", grad_ce_rows, student, at::kFloat);
-  const int64_t row_dims = student.dim() - 1;
-  const RowValues<float> gkl = row_values<float>(grad_kl_rows, row_dims);
-  const RowValues<float> gce = row_values<float>(grad_ce_rows, row_dims);
-  const double kl_coef = pb.kl_coef, ce_coef = pb.ce_coef;
+  check_rows_tensor(kOp, "grad_kl_rows", grad_kl_rows, student, at::kFloat);
+  check_rows_tensor(kOp, "grad_ce_rows", grad_ce_rows, student, at::kFloat);
   dispatch_pair(pb.student.scalar_type(), pb.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
-    S* const g = grad.data_ptr<S>();
-    at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
-      std::optional<RowRunner<S, decltype(t_tag)>> runner;  // only rows that need recomputing read the logits
-      for (int64_t r = begin; r < end; ++r) {
-        const double gk = gkl[r], gc = gce[r];
-        const RowJob job = pb.job(r, gk, gc);
-        // A part whose coef and incoming gradient are both 0 is 0 in both gradients.
-        const bool kl = job.kl && !(kl_coef == 0 && gk == 0);
-        const bool ce = job.label >= 0 && !(ce_coef == 0 && gc == 0);
-        if (!kl && !ce) continue;
-        S* const row = g + r * pb.V;
-        double scale;
-        bool proportional;
-        if (kl && ce) {
-          scale = gk / kl_coef;
-          proportional = kl_coef != 0 && ce_coef != 0 &&
-                         std::abs(gk * ce_coef - gc * kl_coef) <=
-                             kProportionalTolerance * std::max(std::abs(gk * ce_coef), std::abs(gc * kl_coef));
-        } else {
-          scale = kl ? gk / kl_coef : gc / ce_coef;
-          proportional = (kl ? kl_coef : ce_coef) != 0;
-        }
-        if (!proportional) {
-          if (!runner) runner.emplace(pb);
-          runner->run(r, job, row);
-        } else if (static_cast<float>(scale) != 1.f) {  // exactly coef: the buffer is the gradient
-          const float f = static_cast<float>(scale);
-#pragma omp simd
-          for (int64_t j = 0; j < pb.V; ++j) row[j] = static_cast<S>(static_cast<float>(row[j]) * f);
-        }
-      }
-    });
+    rescale_or_recompute_rows<RowRunner<S, decltype(t_tag)>>(grad.data_ptr<S>(), pb, grad_kl_rows, grad_ce_rows,
+                                                              pb.kl_coef, pb.ce_coef);
   });
 }
 

@@ -1,21 +1,41 @@
-// Helpers shared by the CPU kernels of the row-wise losses (kl_ce.cpp, cosine.cpp):
-// dispatch on the float dtypes we accept, addressing of row r of an [N, D] or [B, S, D]
-// tensor read in place through its strides, and the allocation of the gradient buffers.
+// Helpers shared by the CPU kernels of the row-wise losses (kl_ce.cpp, cosine.cpp,
+// topk_kl_ce.cpp): dispatch on the float dtypes we accept, addressing of row r of an [N, D] or
+// [B, S, D] tensor read in place through its strides, the allocation of the gradient buffers, and
+// the vectorisable fp32 row primitives (exp, max, dtype conversion).
+//
+// The extension is built without -march, so the row kernels are compiled once per x86-64 level
+// with GCC's target_clones (an ifunc picks the clone at load time, as ATen's DispatchStub picks
+// its DEFAULT/AVX2/AVX512 kernels): a kernel marks its row function DISTIL_CLONES and the
+// always-inline primitives below are vectorised inside every clone.
 #pragma once
 
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#include <limits>
+#include <optional>
+
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DISTIL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DISTIL_CLONES
+#endif
+#define DISTIL_INLINE inline __attribute__((always_inline))
 
 namespace distil::cpu {
 
@@ -72,6 +92,120 @@ inline at::Tensor empty_written_once(at::IntArrayRef sizes, const at::TensorOpti
   }
 #endif
   return at::empty(sizes, options);
+}
+
+// One value per row (labels, masks, per-row gradients) read in place.
+template <typename T>
+struct RowValues {
+  const T* data;
+  RowOffsets off;
+  T operator[](int64_t r) const { return data[off(r)]; }
+};
+
+template <typename T>
+RowValues<T> row_values(const at::Tensor& x, int64_t row_dims) {
+  return {x.const_data_ptr<T>(), row_offsets(x, row_dims)};
+}
+
+inline void check_cpu(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", x.device());
+}
+
+// A per-row tensor of `rows`' leading (row) dims with the given dtype.
+inline void check_rows_tensor(const char* op, const char* name, const at::Tensor& x, const at::Tensor& rows,
+                              at::ScalarType dtype) {
+  check_cpu(op, name, x);
+  TORCH_CHECK_TYPE(x.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", x.scalar_type());
+  const auto shape = rows.sizes().slice(0, rows.dim() - 1);
+  TORCH_CHECK_VALUE(x.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", x.sizes());
+}
+
+// e^x for x <= 0 (always a logit minus its row maximum): Cody-Waite reduction
+// x = n ln2 + r, |r| <= ln2/2, a degree-6 Taylor polynomial (error ~1e-7 relative)
+// and 2^n built in the exponent bits.  Results below e^-87 (~1.6e-38, where 2^n
+// would leave the normal range) are flushed to 0, so e^-inf = 0.  Branch-free so
+// that the loops calling it vectorise.
+DISTIL_INLINE float exp_nonpos(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer (no -ffast-math
+  // here, so the compiler keeps both operations).
+  const float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float two_n = c10::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+DISTIL_INLINE float row_max(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+template <typename T>
+DISTIL_INLINE void load_row(float* dst, const T* src, int64_t V) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+template <typename T>
+DISTIL_INLINE void store_row(T* dst, const float* src, int64_t V) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+// The backward of the two-term (KL, CE) row ops: the forward wrote, per row, the gradient of
+// kl_coef * kl_row + ce_coef * ce_row.  For the incoming per-row gradients (grad_kl_rows, grad_ce_rows)
+// a row is rescaled in place when they are proportional to (kl_coef, ce_coef) within 1e-6 relative
+// (left as it is when the factor is exactly 1: the usual loss.backward()), and recomputed otherwise by
+// a Runner(pb) (built on the first such row of each task: other rows never read the inputs).
+// Problem: N, V, grain(), job(r, a, b) -> {kl, label} with the gradient weights a, b;
+// Runner: run(r, job, row) writes the row's gradient.  A part whose coef and incoming gradient are
+// both 0 is 0 in both gradients, so it does not break proportionality.
+template <typename Runner, typename S, typename Problem>
+void rescale_or_recompute_rows(S* g, const Problem& pb, const at::Tensor& grad_kl_rows,
+                               const at::Tensor& grad_ce_rows, double kl_coef, double ce_coef) {
+  constexpr double kProportionalTolerance = 1e-6;
+  const int64_t row_dims = grad_kl_rows.dim();
+  const RowValues<float> gkl = row_values<float>(grad_kl_rows, row_dims);
+  const RowValues<float> gce = row_values<float>(grad_ce_rows, row_dims);
+  at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
+    std::optional<Runner> runner;
+    for (int64_t r = begin; r < end; ++r) {
+      const double gk = gkl[r], gc = gce[r];
+      const auto job = pb.job(r, gk, gc);
+      const bool kl = job.kl && !(kl_coef == 0 && gk == 0);
+      const bool ce = job.label >= 0 && !(ce_coef == 0 && gc == 0);
+      if (!kl && !ce) continue;
+      S* const row = g + r * pb.V;
+      double scale;
+      bool proportional;
+      if (kl && ce) {
+        scale = gk / kl_coef;
+        proportional = kl_coef != 0 && ce_coef != 0 &&
+                       std::abs(gk * ce_coef - gc * kl_coef) <=
+                           kProportionalTolerance * std::max(std::abs(gk * ce_coef), std::abs(gc * kl_coef));
+      } else {
+        scale = kl ? gk / kl_coef : gc / ce_coef;
+        proportional = (kl ? kl_coef : ce_coef) != 0;
+      }
+      if (!proportional) {
+        if (!runner) runner.emplace(pb);
+        runner->run(r, job, row);
+      } else if (static_cast<float>(scale) != 1.f) {  // exactly coef: the buffer is the gradient
+        const float f = static_cast<float>(scale);
+#pragma omp simd
+        for (int64_t j = 0; j < pb.V; ++j) row[j] = static_cast<S>(static_cast<float>(row[j]) * f);
+      }
+    }
+  });
 }
 
 }  // namespace distil::cpu

@@ -50,6 +50,12 @@ class TrainConfig:
     overwrite_output_dir: bool = _option(False, "remove the previous run's checkpoints, metrics and student "
                                                 "from --output-dir and start afresh")
     student: str | None = _option(None, "start from this student model directory (default: build one from the teacher)")
+    teacher_cache: str | None = _option(None, "train from this teacher cache (distil-cache-teacher) instead of running "
+                                              "the teacher: its masked passes replace --mask-* / --word-* / "
+                                              "--smoothing, --teacher only gives the tokenizer and (without "
+                                              "--student) the student's first weights, --temperature must be the "
+                                              "cache's, --alpha-cos must be 0 unless the cache was built with "
+                                              "--hidden, and there is no validation split")
     student_layers: int | None = _option(None, "student depth (default: half the teacher's layers)")
     as_distilbert: bool = _option(False, "build a DistilBertForMaskedLM student (BERT teachers only)")
     max_length: int = _option(512, "longest sequence in tokens; longer lines are split")
@@ -117,9 +123,26 @@ class TrainConfig:
             raise ValueError(f"student must be a local model directory, got {self.student!r}")
         if not self.data:
             raise ValueError("data must name at least one text file or folder")
+        if self.teacher_cache is not None:
+            self._validate_cache()
         if self.resume and self.overwrite_output_dir:
             raise ValueError("resume and overwrite_output_dir exclude each other: continue the run or replace it")
 
+
+    def _validate_cache(self):
+        """What training from ``teacher_cache`` needs, from its index alone (see distil.teacher_cache)."""
+        import json
+
+        index_path = Path(self.teacher_cache) / "index.json"
+        if not index_path.is_file():
+            raise ValueError(f"teacher_cache: no index.json in {self.teacher_cache!r} (build it with distil-cache-teacher)")
+        index = json.loads(index_path.read_text())
+        if index.get("temperature") != self.temperature:
+            raise ValueError(f"temperature is {self.temperature} but the teacher cache stores the teacher's logsumexp "
+                             f"at T = {index.get('temperature')}: pass --temperature {index.get('temperature')}")
+        if self.alpha_cos > 0 and "hidden" not in index.get("dtypes", {}):
+            raise ValueError(f"alpha_cos is {self.alpha_cos} but the teacher cache has no hidden states: pass "
+                             "--alpha-cos 0, or rebuild the cache with distil-cache-teacher --hidden")
 
 def _add_flag(parser, field):
     """One flag for one field, from its type, default and metadata alone."""

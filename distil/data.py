@@ -120,9 +120,10 @@ class LengthGroupedBatches:
     Every sequence appears exactly once per epoch; one batch (the tail of the last chunk) may
     be smaller.
 
-    Iterating yields ``dict(input_ids=int64 [b, L], attention_mask=int64 [b, L])`` (right padding
-    with ``pad_id``, ``L`` the longest in the batch) from the current position to the end of the
-    current epoch, then moves to the next epoch.  ``state_dict()`` after consuming a batch names
+    Iterating yields ``dict(input_ids=int64 [b, L], attention_mask=int64 [b, L], sequence_index=int64 [b],
+    epoch=int)`` (right padding with ``pad_id``, ``L`` the longest in the batch; the indices of the
+    batch's sequences and the epoch, which a teacher cache looks up) from the current position to the
+    end of the current epoch, then moves to the next epoch.  ``state_dict()`` after consuming a batch names
     the next one; ``load_state_dict`` on a reader built from the same sequences, batch size and
     seed continues exactly there.  Equivalent of the paper's ``group_by_size`` batching
     (``GroupedBatchSampler``) in a ``DataLoader``, plus a resumable position.
@@ -165,7 +166,8 @@ class LengthGroupedBatches:
         for row, s in enumerate(seqs):
             input_ids[row, : len(s)] = s
             attention_mask[row, : len(s)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "sequence_index": indices,
+                "epoch": self.epoch}
 
     def __iter__(self):
         batches = self._epoch_batches(self.epoch)

@@ -9,6 +9,7 @@ from distil._ops.common import check_non_negative_finite, check_positive_finite,
 from distil._ops.cosine import cosine_loss
 from distil._ops.kl_ce import kl_ce_loss, kl_div_loss
 from distil._ops.linear_kl_ce import LinearKLCELoss
+from distil._ops.topk_kl_ce import TopKLogits, topk_kl_ce_loss
 
 IGNORE_INDEX = -100  # distiller.py's "not masked" label
 
@@ -78,6 +79,8 @@ class DistillationLoss(nn.Module):
         """Args:
             student_logits, teacher_logits: ``[B, S, V]``, or ``[M, V]`` rows already gathered. With heads,
                 ``student_logits`` is None and ``teacher_logits`` optional (instead of ``teacher_head_input``).
+                The teacher may be a :class:`distil.fused_loss.TopKLogits` (its top-k logits, e.g. from a
+                teacher cache; without heads): the KL is then :func:`distil.fused_loss.topk_kl_ce_loss`'s.
             labels: int64/int32 ``[B, S]`` / ``[M]``, the masked-LM targets, -100 where not masked.
             student_hidden, teacher_hidden: last hidden states ``[B, S, H]`` / ``[M, H]`` (equal H). Rows
                 gathered beforehand may be a different set than the logits' rows (``[M', H]``).
@@ -116,7 +119,11 @@ class DistillationLoss(nn.Module):
         # than the logits (e.g. masked-only KL rows, non-pad cosine rows): then only the two hidden
         # tensors must agree, which cosine_loss checks.
         own_hidden_rows = attention_mask is None and lead.dim() == 2
-        for name, t in (("teacher_logits", teacher_logits), ("teacher_head_input", teacher_head_input),
+        topk = isinstance(teacher_logits, TopKLogits)
+        if topk and self.head_loss is not None:
+            raise ValueError("teacher_logits as TopKLogits needs a DistillationLoss without heads (logits)")
+        for name, t in (("teacher_logits", teacher_logits.values if topk else teacher_logits),
+                        ("teacher_head_input", teacher_head_input),
                         ("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
             if t is None or (own_hidden_rows and name in ("student_hidden", "teacher_hidden")):
                 continue
@@ -140,7 +147,15 @@ class DistillationLoss(nn.Module):
         elif self.alpha_kl > 0:
             if teacher_logits is None:
                 raise ValueError("teacher_logits is required when alpha_kl > 0")
-            if self.alpha_mlm > 0:
+            if topk:
+                # Without the MLM term no row has a label, so the CE part costs nothing.
+                loss_labels = labels if self.alpha_mlm > 0 else torch.full_like(labels, IGNORE_INDEX)
+                kl, mlm = topk_kl_ce_loss(
+                    student_logits, teacher_logits.values, teacher_logits.index, loss_labels,
+                    teacher_lse=teacher_logits.lse, temperature=self.temperature, kl_mask=kl_mask,
+                    ignore_index=IGNORE_INDEX, kl_weight=self.alpha_kl, ce_weight=self.alpha_mlm,
+                )
+            elif self.alpha_mlm > 0:
                 kl, mlm = kl_ce_loss(
                     student_logits, teacher_logits, labels, temperature=self.temperature, kl_mask=kl_mask,
                     ignore_index=IGNORE_INDEX, kl_weight=self.alpha_kl, ce_weight=self.alpha_mlm,

@@ -16,7 +16,9 @@ This module only re-exports: each op lives in its own module under :mod:`distil.
 from distil._ops.cosine import cosine_loss
 from distil._ops.kl_ce import kl_ce_loss, kl_div_loss
 from distil._ops.linear_kl_ce import LinearKLCELoss, linear_kl_ce_loss
+from distil._ops.topk_kl_ce import TopKLogits, topk_kl_ce_loss
 from distil.distillation_loss import DistillationLoss, DistillationLossOutput
 
-__all__ = ["kl_div_loss", "kl_ce_loss", "cosine_loss", "linear_kl_ce_loss", "LinearKLCELoss", "DistillationLoss",
+__all__ = ["kl_div_loss", "kl_ce_loss", "cosine_loss", "linear_kl_ce_loss", "LinearKLCELoss", "topk_kl_ce_loss",
+           "TopKLogits", "DistillationLoss",
            "DistillationLossOutput"]

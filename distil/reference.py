@@ -1,7 +1,8 @@
 """The eager references of every op, in plain PyTorch: what the tests compare against (in float64)
 and what the benchmarks time as "eager" (in the inputs' dtype). Not fast, by design.
 
-- per-row references of the ops: :func:`kl_ce_rows`, :func:`cosine_rows`, :func:`masked_gather`;
+- per-row references of the ops: :func:`kl_ce_rows`, :func:`topk_kl_ce_rows`, :func:`cosine_rows`,
+  :func:`masked_gather`;
 - distiller.py's losses (Hugging Face ``examples/research_projects/distillation/distiller.py``,
   ``Distiller.step`` in MLM mode, restated from its definition): :func:`distiller_kl`,
   :func:`distiller_mlm`, :func:`distiller_cos` and the weighted step :func:`distiller_loss`, with its
@@ -29,6 +30,45 @@ def kl_ce_rows(s, t, labels, kl_mask, temperature, ignore_index=IGNORE_INDEX):
     t = torch.where(t_dead[..., None], torch.zeros_like(t), t).to(s.dtype)
     log_p, q = F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1)
     kl = torch.where(q > 0, q * (q.log() - log_p), torch.zeros_like(q)).sum(-1) * temperature**2
+    kl_on = ~s_dead & ~t_dead
+    if kl_mask is not None:
+        kl_on = kl_on & kl_mask
+    kl = torch.where(kl_on, kl, torch.zeros_like(kl))
+    if labels is None:
+        return kl, torch.zeros_like(kl)
+    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                         reduction="none").reshape(kl.shape)
+    return kl, torch.where(s_dead, torch.zeros_like(ce), ce)
+
+
+TAIL_FLOOR = 2.0**-16  # kernels/topk_kl_ce.py: both tail masses are floored here
+
+
+def topk_kl_ce_rows(s, values, index, lse, labels, kl_mask, temperature, ignore_index=IGNORE_INDEX):
+    """Per-row ``(T²·KL, CE)`` of ``distil::topk_kl_ce_rows``, differentiable w.r.t. ``s``.
+
+    With ``log p = log_softmax(s/T)`` over the vocabulary taken at ``index``: without ``lse``,
+    ``q = softmax(values/T)`` over the k entries and ``kl = T² Σ_k q (log q − log p)``; with ``lse``,
+    ``q = exp(values/T − lse)`` and the tail bucket ``q_t log(q_t / p_t)`` is added, with
+    ``q_t = max(1 − Σq, F)``, ``p_t = max(1 − Σp, F)``, F = ``TAIL_FLOOR``. Terms with q = 0 are 0;
+    rows -inf everywhere (s; the k values, or lse) have loss 0 and gradient 0, as in :func:`kl_ce_rows`.
+    """
+    s_dead = s.isneginf().all(-1)
+    t_dead = lse.isneginf() if lse is not None else values.isneginf().all(-1)
+    s = torch.where(s_dead[..., None], torch.zeros_like(s), s)
+    t = torch.where(t_dead[..., None], torch.zeros_like(values), values).to(s.dtype)
+    log_p = F.log_softmax(s / temperature, -1).gather(-1, index.long())
+    if lse is None:
+        log_q = F.log_softmax(t / temperature, -1)
+    else:
+        log_q = t / temperature - torch.where(t_dead, torch.zeros_like(lse), lse).to(s.dtype)[..., None]
+    q = log_q.exp()
+    kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)
+    if lse is not None:
+        q_tail = (1 - q.sum(-1)).clamp(min=TAIL_FLOOR)
+        p_tail = (1 - log_p.exp().sum(-1)).clamp(min=TAIL_FLOOR)
+        kl = kl + q_tail * (q_tail.log() - p_tail.log())
+    kl = kl * temperature**2
     kl_on = ~s_dead & ~t_dead
     if kl_mask is not None:
         kl_on = kl_on & kl_mask

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from distil._ops.topk_kl_ce import TopKLogits
 from distil.ops import masked_gather
 from distil.student import lm_adapter
 
@@ -71,6 +72,8 @@ class DistillationStep:
     LM head does not run; without KL and cosine the teacher does not run at all.
     A ``loss_fn`` built with the models' heads (``DistillationLoss(student_head=..., teacher_head=...)``)
     gets the heads' transformed rows instead of logits: the fused head, no ``[M, V]`` logits at all.
+    With ``teacher=None`` the teacher comes from a teacher cache instead (``__call__(..., cached)``, see
+    :meth:`rows`); a cached teacher has no head to fuse, so its loss takes logits.
     """
 
     def __init__(self, student_rows, teacher, loss_fn, *, restrict_kl_to_mask=False, autocast_dtype=None):
@@ -80,13 +83,16 @@ class DistillationStep:
             raise ValueError("loss_fn.restrict_kl_to_mask must be False: DistillationStep selects the KL rows "
                              "(pass restrict_kl_to_mask=True to the step instead)")
         self.student_rows = student_rows
-        self.teacher_adapter = lm_adapter(teacher)
+        self.teacher_adapter = None if teacher is None else lm_adapter(teacher)
         self.loss_fn = loss_fn
         self.restrict_kl_to_mask = restrict_kl_to_mask
         self.autocast_dtype = autocast_dtype
 
-    def rows(self, input_ids, attention_mask, labels):
-        """The :class:`StepRows` of one micro-batch (what :meth:`__call__` hands to the loss)."""
+    def rows(self, input_ids, attention_mask, labels, cached=None):
+        """The :class:`StepRows` of one micro-batch (what :meth:`__call__` hands to the loss). A step
+        built with ``teacher=None`` reads the teacher from ``cached``, the ``[B, S, ...]`` tensors of
+        :meth:`distil.teacher_cache.TeacherCache.batch` (top-k logits, their indices, lse, and the hidden
+        states when the cosine is on), at the rows the live teacher would compute."""
         with_kl, with_cos = self.loss_fn.alpha_kl > 0, self.loss_fn.alpha_cos > 0
         non_pad = attention_mask.bool()
         # KL rows: non-pad (default) or masked; without KL only the MLM rows (masked) need logits.
@@ -97,17 +103,23 @@ class DistillationStep:
         project = self.loss_fn.head_loss is None  # with heads in the loss: the rows each projection multiplies
         with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             t_logits = t_hidden = None
-            if with_kl or with_cos:
+            if self.teacher_adapter is None:
+                if with_kl:
+                    t_logits = TopKLogits(cached["topk_logits"][logit_mask], cached["topk_index"][logit_mask],
+                                          cached["lse"][logit_mask])
+                if with_cos:
+                    t_hidden = cached["hidden"][hidden_mask]
+            elif with_kl or with_cos:
                 with torch.no_grad():
                     t_logits, t_hidden = select_rows(self.teacher_adapter, input_ids, attention_mask,
                                                      logit_mask if with_kl else None, hidden_mask, project)
             s_logits, s_hidden = self.student_rows(input_ids, attention_mask, logit_mask, hidden_mask, project)
         return StepRows(s_logits, t_logits, labels[logit_mask], s_hidden, t_hidden)
 
-    def __call__(self, input_ids, attention_mask, labels):
+    def __call__(self, input_ids, attention_mask, labels, cached=None):
         # Pre-gathered rows: the cosine rows (non-pad) may differ from the logit rows, which
         # DistillationLoss accepts when no attention mask is passed.
-        rows = self.rows(input_ids, attention_mask, labels)
+        rows = self.rows(input_ids, attention_mask, labels, cached)
         if self.loss_fn.head_loss is None:
             return self.loss_fn(*rows, None)
         return self.loss_fn(None, None, rows.labels, rows.student_hidden, rows.teacher_hidden, None,

@@ -54,6 +54,7 @@ from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker, token_counts
 from distil.step import DistillationStep, StudentRows
 from distil.student import build_student, save_student
+from distil.teacher_cache import TeacherCache
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE = "training_state.pt"
@@ -191,17 +192,21 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(config.teacher, trust_remote_code=False)
         if self.tokenizer.mask_token_id is None:
             raise ValueError(f"teacher: the tokenizer in {config.teacher} has no mask token; a masked-LM teacher needs one")
-        teacher_dtype = None if self.device.type == "cpu" else (self.autocast_dtype or torch.float16)
-        self.teacher = _load_teacher(config.teacher, self.device, teacher_dtype)
-        if len(self.tokenizer) > self.teacher.config.vocab_size:
-            raise ValueError(f"teacher: the tokenizer in {config.teacher} has {len(self.tokenizer)} tokens but the "
-                             f"model's vocab_size is {self.teacher.config.vocab_size}")
+        # With a teacher cache the teacher never runs: it is read (on the CPU) only to build the student.
+        self.cache = None if config.teacher_cache is None else TeacherCache(config.teacher_cache)
+        if self.cache is None or config.student is None:
+            teacher_dtype = None if self.device.type == "cpu" or self.cache else (self.autocast_dtype or torch.float16)
+            teacher = _load_teacher(config.teacher, "cpu" if self.cache else self.device, teacher_dtype)
+            if len(self.tokenizer) > teacher.config.vocab_size:
+                raise ValueError(f"teacher: the tokenizer in {config.teacher} has {len(self.tokenizer)} tokens but the "
+                                 f"model's vocab_size is {teacher.config.vocab_size}")
         if config.student is not None:
             from transformers import AutoModelForMaskedLM
 
             student = AutoModelForMaskedLM.from_pretrained(config.student, use_safetensors=True, trust_remote_code=False)
         else:
-            student = build_student(self.teacher, num_layers=config.student_layers, as_distilbert=config.as_distilbert)
+            student = build_student(teacher, num_layers=config.student_layers, as_distilbert=config.as_distilbert)
+        self.teacher = None if self.cache else teacher
         self.student = student.to(device=self.device, dtype=torch.float32).train()
         rows = StudentRows(self.student)
         loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_mlm, alpha_cos=config.alpha_cos,
@@ -214,7 +219,9 @@ class Trainer:
             rows = nn.parallel.DistributedDataParallel(rows, device_ids=ids)
         self.rows = rows
         heads = {}
-        if config.fused_head:  # the output projections fused into the KL+CE loss: no [rows, V] logits
+        # The output projections fused into the KL+CE loss: no [rows, V] logits. A cached teacher has
+        # no head to fuse, so the student's logits are built for its top-k loss.
+        if config.fused_head and self.teacher is not None:
             heads = dict(student_head=self.student.get_output_embeddings(),
                          teacher_head=self.teacher.get_output_embeddings())
         train_loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_mlm,
@@ -222,13 +229,17 @@ class Trainer:
         self.step_fn = DistillationStep(rows, self.teacher, train_loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
                                         autocast_dtype=self.autocast_dtype)
 
-        sequences = load_corpus(text_files(config.data), self.tokenizer, max_length=config.max_length)
+        if self.cache is not None:
+            self.cache.check_corpus(text_files(config.data), len(self.tokenizer))
+        sequences = (self.cache.sequences() if self.cache is not None
+                     else load_corpus(text_files(config.data), self.tokenizer, max_length=config.max_length))
         if not sequences:
             raise ValueError("data: no sequence survived tokenisation and filtering (lines of at least 12 tokens "
                              "with under 50% unknown tokens are kept)")
-        train_sequences, eval_sequences = self._split(sequences)
+        # The cache's masked passes cover every sequence: no held-out split (the reader's indices are the cache's).
+        train_sequences, eval_sequences = (sequences, []) if self.cache is not None else self._split(sequences)
         vocab = len(self.tokenizer)
-        self.masker = MLMMasker(
+        self.masker = None if self.cache is not None else MLMMasker(
             vocab,
             special_ids=self.tokenizer.all_special_ids,
             mask_id=self.tokenizer.mask_token_id,
@@ -325,13 +336,20 @@ class Trainer:
 
     def _micro_batches(self):
         """This rank's ``grad_accum`` micro-batches of the next global batch, as (ids, attn, labels,
-        weight): the batch is cut into ``grad_accum * world_size`` near-equal slices (sizes as
-        ``torch.tensor_split``) and micro-batch ``a`` of rank ``r`` is slice ``a * world_size + r``.
+        cached teacher tensors or None, weight): the batch is cut into ``grad_accum * world_size``
+        near-equal slices (sizes as ``torch.tensor_split``) and micro-batch ``a`` of rank ``r`` is slice
+        ``a * world_size + r``.
         A slice left empty by a short last batch reuses slice 0 with weight 0, so that every rank
         still runs the same forward/backward collectives."""
         batch = self._next_global_batch()
         ids, attn = batch["input_ids"], batch["attention_mask"]
-        masked, labels = self.masker(ids, attn, self.mask_generator)
+        cached = {}
+        if self.cache is None:
+            masked, labels = self.masker(ids, attn, self.mask_generator)
+        else:  # epoch e replays the cache's pass e mod passes: its masks and the teacher on them
+            cached = self.cache.batch(batch["epoch"], batch["sequence_index"], ids.shape[1], self.tokenizer.pad_token_id)
+            masked, labels = cached.pop("input_ids"), cached.pop("labels")
+            del cached["attention_mask"]
         n, k = ids.shape[0], self.micro_batches
         starts = [i * (n // k) + min(i, n % k) for i in range(k + 1)]
         for a in range(self.config.grad_accum):
@@ -339,7 +357,8 @@ class Trainer:
             weight = 1.0 if starts[c + 1] > starts[c] else 0.0
             sl = slice(starts[c], starts[c + 1]) if weight else slice(0, starts[1])
             width = int(attn[sl].sum(1).max())  # trim the global batch's padding to this slice's longest
-            yield (*(t[sl, :width].to(self.device, non_blocking=True) for t in (masked, attn, labels)), weight)
+            yield (*(t[sl, :width].to(self.device, non_blocking=True) for t in (masked, attn, labels)),
+                   {k: t[sl, :width].to(self.device, non_blocking=True) for k, t in cached.items()} or None, weight)
 
     # -- one optimizer step ---------------------------------------------------------------------
     def _diverged(self, what, values):
@@ -359,11 +378,11 @@ class Trainer:
         parts = torch.zeros(4, device=self.device)  # total, kl, mlm, cos: summed over micro-batches
         tokens = torch.zeros((), dtype=torch.long, device=self.device)
         micro = list(self._micro_batches())
-        for i, (ids, attn, labels, weight) in enumerate(micro):
+        for i, (ids, attn, labels, cached, weight) in enumerate(micro):
             last = i == len(micro) - 1
             sync = self.rows.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
             with sync:
-                out = self.step_fn(ids, attn, labels)
+                out = self.step_fn(ids, attn, labels, cached)
                 self.scaler.scale(out.total * (weight / cfg.grad_accum)).backward()
             parts += weight * torch.stack([out.total, out.kl, out.mlm, out.cos]).detach().float()
             tokens += int(weight) * attn.sum()

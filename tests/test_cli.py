@@ -55,6 +55,7 @@ def one_error_line(capsys, *words):
 # flag is covered.
 NON_DEFAULT_FLAGS = {
     "teacher": "t", "data": ["a.txt", "b"], "output_dir": "o", "overwrite_output_dir": True, "student": "s",
+    "teacher_cache": "c",
     "student_layers": 3, "as_distilbert": True, "max_length": 128, "batch_size": 7, "grad_accum": 3, "epochs": 2,
     "max_steps": 9, "lr": 1e-3, "weight_decay": 0.01, "warmup": 0.1, "adam_eps": 1e-8, "max_grad_norm": 1.0,
     "alpha_kl": 0.5, "alpha_mlm": 0.25, "alpha_cos": 0.0, "temperature": 4.0, "restrict_kl_to_mask": True,

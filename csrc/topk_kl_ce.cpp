@@ -1,0 +1,460 @@
+// distil::topk_kl_ce_rows and distil::topk_kl_ce_rows_backward: schemas and CPU kernels.  The
+// contract (both teacher modes, their formulas and gradients, the tail floor, the -inf policy) is
+// the docstring of kernels/topk_kl_ce.py, the CUDA twin; this file follows it line by line.
+//
+// One thread handles whole rows (at::parallel_for).  Per row: one read of the student row for its
+// maximum and two exp-sums (at T and at 1, blockwise online, keeping the exponentials for the
+// gradient, the KL ones in the gradient buffer itself), then the k teacher entries with the
+// student's values at their indices, then the gradient: dense over V from the kept exponentials,
+// plus a correction at the k indices.  Invalid indices (outside [0, V), or repeated within a row) raise;
+// only rows whose KL term is used read their indices.
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "rows.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+TORCH_LIBRARY_FRAGMENT(distil, m) {
+  // KL against a teacher known by its top-k logits (teacher_values, at teacher_index) + CE, per row
+  // of [N, V] / [B, S, V] student logits; teacher_values / teacher_index are [N, k] / [B, S, k].
+  // Without teacher_lse the teacher is the softmax of its k logits at T; with it (the teacher's
+  // full-vocabulary logsumexp of t/T, fp32 over the row dims) the teacher is exp(t/T - lse) on the
+  // k entries plus one tail bucket.  Outputs as kl_ce_rows.
+  m.def(
+      "topk_kl_ce_rows(Tensor student, Tensor teacher_values, Tensor teacher_index, Tensor? teacher_lse, "
+      "Tensor? labels, Tensor? kl_mask, Tensor coef, float temperature, int ignore_index, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Rewrites the forward's grad (made for coef) in place into the gradient for the incoming per-row
+  // gradients, as kl_ce_rows_backward.
+  m.def(
+      "topk_kl_ce_rows_backward(Tensor(a!) grad, Tensor grad_kl_rows, Tensor grad_ce_rows, Tensor student, "
+      "Tensor teacher_values, Tensor teacher_index, Tensor? teacher_lse, Tensor? labels, Tensor? kl_mask, "
+      "Tensor coef, float temperature, int ignore_index) -> ()");
+}
+
+namespace {
+
+using at::Tensor;
+using distil::cpu::check_cpu;
+using distil::cpu::check_rows_tensor;
+using distil::cpu::dispatch_pair;
+using distil::cpu::exp_nonpos;
+using distil::cpu::load_row;
+using distil::cpu::rescale_or_recompute_rows;
+using distil::cpu::row_max;
+using distil::cpu::row_offsets;
+using distil::cpu::row_values;
+using distil::cpu::RowOffsets;
+using distil::cpu::RowValues;
+using distil::cpu::store_row;
+
+constexpr const char* kOp = "topk_kl_ce_rows";
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Both tail masses are floored at 2^-16 (kernels/topk_kl_ce.py, TAIL_FLOOR): below it they are
+// rounding noise of fp32 sums of probabilities.
+constexpr float kTailFloor = 1.52587890625e-05f;
+
+struct RowJob {
+  bool kl;
+  int64_t label;  // -1 when the row has no CE term
+  float a;        // weight of the KL gradient
+  float b;        // weight of the CE gradient
+};
+
+struct RowLoss {
+  float kl = 0.f;
+  float ce = 0.f;
+};
+
+// One row's teacher: k fp32 logits and their (validated) indices; lse is NaN-free only in exact mode.
+struct TeacherRow {
+  const float* t;
+  const int64_t* idx;
+  int64_t k;
+  bool exact;
+  float lse;
+};
+
+// The student row is read once: per block of kBlock logits (L1-resident) its maximum, then the
+// exponentials relative to it, folded into running sums; the gradient pass rescales each block by
+// its own factor.  (The separate max pass of kl_ce.cpp would re-read the row.)
+constexpr int64_t kBlock = 2048;
+
+struct StudentStats {
+  float ms = kNegInf;  // row maximum
+  float zs = 0.f;      // sum_i e^{(s_i - ms)/T}
+  float z1 = 0.f;      // sum_i e^{s_i - ms}
+};
+
+// With STORE, es[i] = e^{(s_i - bm)/T} and e1[i] = e^{s_i - bm} (bm: the block's maximum, kept in bmax).
+template <bool KL, bool CE, bool STORE>
+DISTIL_INLINE StudentStats student_pass(const float* s, int64_t V, float inv_t, float* es, float* e1, float* bmax) {
+  StudentStats st;
+  for (int64_t b = 0, off = 0; off < V; ++b, off += kBlock) {
+    const int64_t n = std::min(kBlock, V - off);
+    const float* x = s + off;
+    const float bm = row_max(x, n);
+    bmax[b] = bm;
+    float za = 0.f, zc = 0.f;
+    const float m = bm == kNegInf ? 0.f : bm;  // an all -inf block stores zeros
+#pragma omp simd reduction(+ : za, zc)
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = x[j] - m;
+      if constexpr (KL) {
+        const float u = exp_nonpos(d * inv_t);
+        za += u;
+        if constexpr (STORE) es[off + j] = u;
+      }
+      if constexpr (CE) {
+        const float w = exp_nonpos(d);
+        zc += w;
+        if constexpr (STORE) e1[off + j] = w;
+      }
+    }
+    if (bm == kNegInf) continue;
+    if (bm > st.ms) {  // rescale the running sums to the new maximum (e^{-inf} = 0 on the first block)
+      st.zs = st.zs * std::exp((st.ms - bm) * inv_t) + za;
+      st.z1 = st.z1 * std::exp(st.ms - bm) + zc;
+      st.ms = bm;
+    } else {
+      st.zs += za * std::exp((bm - st.ms) * inv_t);
+      st.z1 += zc * std::exp(bm - st.ms);
+    }
+  }
+  return st;
+}
+
+// g = ca p + ce_coef P from the stored block exponentials (es may alias g).
+template <bool KL, bool CE>
+DISTIL_INLINE void dense_grad(float* g, const float* es, const float* e1, const float* bmax, int64_t V, float inv_t,
+                              const StudentStats& st, float ca, float ce_coef) {
+  for (int64_t b = 0, off = 0; off < V; ++b, off += kBlock) {
+    const int64_t n = std::min(kBlock, V - off);
+    const float shift = bmax[b] - st.ms;  // -inf for an all -inf block: its factors are 0
+    const float fa = KL ? ca / st.zs * std::exp(shift * inv_t) : 0.f;
+    const float f1 = CE ? ce_coef / st.z1 * std::exp(shift) : 0.f;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      float x = 0.f;
+      if constexpr (KL) x = fa * es[off + j];
+      if constexpr (CE) x += f1 * e1[off + j];
+      g[off + j] = x;
+    }
+  }
+}
+
+// The KL part of a row from the student's (ms, log zs): its loss, the coefficient alpha of the dense
+// gradient term, and per entry (q_j, T (beta p_j - q_j)) in qg for the corrections at the indices.
+struct TopkTerms {
+  float kl;
+  float alpha;
+};
+
+DISTIL_INLINE TopkTerms topk_terms(const float* s, float ms, float log_zs, float T, const TeacherRow& tr, float* qg) {
+  const float inv_t = 1.0f / T;
+  // log q_j = t_j / T - lse_q: lse_q is the given lse (exact mode) or the lse of the k logits.
+  float lse_q = tr.lse;
+  if (!tr.exact) {
+    float mt = kNegInf;
+    for (int64_t j = 0; j < tr.k; ++j) mt = std::max(mt, tr.t[j]);
+    float zt = 0.f;
+    for (int64_t j = 0; j < tr.k; ++j) zt += std::exp((tr.t[j] - mt) * inv_t);
+    lse_q = mt * inv_t + std::log(zt);
+  }
+  float x = 0.f, big_q = 0.f, big_p = 0.f;
+  float* p = qg + tr.k;
+  for (int64_t j = 0; j < tr.k; ++j) {
+    const float log_p = (s[tr.idx[j]] - ms) * inv_t - log_zs;
+    const float log_q = tr.t[j] * inv_t - lse_q;
+    const float q = std::exp(log_q);
+    p[j] = std::exp(log_p);
+    qg[j] = q;
+    x += q > 0.f ? q * (log_q - log_p) : 0.f;  // xlogy: q_j = 0 contributes 0
+    big_q += q;
+    big_p += p[j];
+  }
+  float alpha = big_q, beta = 0.f;
+  if (tr.exact) {
+    const float q_tail = std::max(1.0f - big_q, kTailFloor);
+    const float p_raw = 1.0f - big_p;
+    const float p_tail = std::max(p_raw, kTailFloor);
+    x += q_tail * (std::log(q_tail) - std::log(p_tail));
+    beta = p_raw > kTailFloor ? q_tail / p_tail : 0.f;  // a floored tail has no gradient
+    alpha = big_q - beta * big_p;
+  }
+  for (int64_t j = 0; j < tr.k; ++j) qg[j] = T * (beta * p[j] - qg[j]);
+  return {T * T * x, alpha};
+}
+
+// Losses of one fp32 row and, when g is given, the gradient job.a * dKL + job.b * dCE (zeros where
+// neither applies; g doubles as the store of the KL exponentials).  scratch holds V + 2 k + V / kBlock + 1 floats.
+DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow& tr, float T, const RowJob& job,
+                                     float* g, float* scratch) {
+  float* e1 = scratch;
+  float* qg = scratch + V;
+  float* bmax = qg + 2 * tr.k;
+  const float inv_t = 1.0f / T;
+  // A row that is -inf everywhere (student; teacher's k logits or lse) has loss 0 and gradient 0.
+  const bool want_kl = job.kl && (tr.exact ? tr.lse != kNegInf : row_max(tr.t, tr.k) != kNegInf);
+  const bool want_ce = job.label >= 0;
+  StudentStats st;
+  if (want_kl && want_ce) {
+    st = g ? student_pass<true, true, true>(s, V, inv_t, g, e1, bmax) : student_pass<true, true, false>(s, V, inv_t, g, e1, bmax);
+  } else if (want_kl) {
+    st = g ? student_pass<true, false, true>(s, V, inv_t, g, e1, bmax) : student_pass<true, false, false>(s, V, inv_t, g, e1, bmax);
+  } else if (want_ce) {
+    st = g ? student_pass<false, true, true>(s, V, inv_t, g, e1, bmax) : student_pass<false, true, false>(s, V, inv_t, g, e1, bmax);
+  }
+  const bool kl = want_kl && st.ms != kNegInf;
+  const bool ce = want_ce && st.ms != kNegInf;
+  RowLoss out;
+  TopkTerms terms{0.f, 0.f};
+  if (kl) {
+    terms = topk_terms(s, st.ms, std::log(st.zs), T, tr, qg);
+    out.kl = terms.kl;
+  }
+  if (ce) out.ce = std::log(st.z1) + st.ms - s[job.label];
+  if (!g) return out;
+  // d kl/ds_i = T (alpha p_i + [i in K] (beta p_i - q_i)); d ce/ds = P - onehot(y).
+  const float ca = job.a * T * terms.alpha, ce_coef = job.b;
+  if (kl && ce) {
+    dense_grad<true, true>(g, g, e1, bmax, V, inv_t, st, ca, ce_coef);
+  } else if (kl) {
+    dense_grad<true, false>(g, g, e1, bmax, V, inv_t, st, ca, ce_coef);
+  } else if (ce) {
+    dense_grad<false, true>(g, g, e1, bmax, V, inv_t, st, ca, ce_coef);
+  } else {
+    std::fill(g, g + V, 0.f);
+  }
+  if (ce) g[job.label] -= job.b;
+  if (kl) {
+    for (int64_t j = 0; j < tr.k; ++j) g[tr.idx[j]] += job.a * qg[j];
+  }
+  return out;
+}
+
+void check_float(const char* name, const Tensor& x) {
+  check_cpu(kOp, name, x);
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                   kOp, ": ", name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, kOp, ": ", name, " must be 2-D or 3-D, got ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(-1) <= 1 || x.stride(-1) == 1, kOp, ": ", name,
+                    " must have a unit stride in its last dim, got strides ", x.strides());
+}
+
+// The arguments both ops share, checked, with the per-row lookups.
+struct Problem {
+  const Tensor& student;
+  const Tensor& values;
+  const Tensor& index;
+  std::optional<RowValues<float>> lse;
+  std::optional<RowValues<int64_t>> labels;
+  std::optional<RowValues<bool>> kl_mask;
+  RowOffsets index_off;
+  float kl_coef;
+  float ce_coef;
+  float T;
+  int64_t ignore_index;
+  int64_t N;
+  int64_t V;
+  int64_t k;
+
+  Problem(const Tensor& student_, const Tensor& values_, const Tensor& index_, const std::optional<Tensor>& lse_,
+          const std::optional<Tensor>& labels_, const std::optional<Tensor>& kl_mask_, const Tensor& coef,
+          double temperature, int64_t ignore_index_)
+      : student(student_), values(values_), index(index_), ignore_index(ignore_index_) {
+    check_float("student", student);
+    check_float("teacher_values", values);
+    const int64_t row_dims = student.dim() - 1;
+    const auto rows = student.sizes().slice(0, row_dims);
+    TORCH_CHECK_VALUE(values.dim() == student.dim() && values.sizes().slice(0, row_dims) == rows, kOp,
+                      ": teacher_values has shape ", values.sizes(), " but the student's rows are ", rows);
+    check_cpu(kOp, "teacher_index", index);
+    TORCH_CHECK_TYPE(index.scalar_type() == at::kShort || index.scalar_type() == at::kInt ||
+                         index.scalar_type() == at::kLong,
+                     kOp, ": teacher_index must be int16, int32 or int64, got ", index.scalar_type());
+    TORCH_CHECK_VALUE(index.sizes() == values.sizes(), kOp, ": teacher_index has shape ", index.sizes(),
+                      " but teacher_values has shape ", values.sizes());
+    TORCH_CHECK_VALUE(index.size(-1) <= 1 || index.stride(-1) == 1, kOp,
+                      ": teacher_index must have a unit stride in its last dim, got strides ", index.strides());
+    index_off = row_offsets(index, row_dims);
+    if (lse_) {
+      check_rows_tensor(kOp, "teacher_lse", *lse_, student, at::kFloat);
+      lse = row_values<float>(*lse_, row_dims);
+    }
+    if (labels_) {
+      check_rows_tensor(kOp, "labels", *labels_, student, at::kLong);
+      labels = row_values<int64_t>(*labels_, row_dims);
+    }
+    if (kl_mask_) {
+      check_rows_tensor(kOp, "kl_mask", *kl_mask_, student, at::kBool);
+      kl_mask = row_values<bool>(*kl_mask_, row_dims);
+    }
+    check_cpu(kOp, "coef", coef);
+    TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, kOp, ": coef must be float32, got ", coef.scalar_type());
+    TORCH_CHECK_VALUE(coef.numel() == 2, kOp, ": coef must have 2 elements, got ", coef.numel());
+    const Tensor c = coef.contiguous();
+    kl_coef = c.const_data_ptr<float>()[0];
+    ce_coef = c.const_data_ptr<float>()[1];
+    TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, kOp,
+                      ": temperature must be finite and > 0, got ", temperature);
+    T = static_cast<float>(temperature);
+    N = c10::multiply_integers(rows);
+    V = student.size(-1);
+    k = values.size(-1);
+  }
+
+  RowJob job(int64_t r, float a, float b) const {
+    int64_t y = labels ? (*labels)[r] : ignore_index;
+    if (y == ignore_index) {
+      y = -1;
+    } else {
+      TORCH_CHECK_INDEX(y >= 0 && y < V, kOp, ": label ", y, " of row ", r, " is outside [0, ", V, ")");
+    }
+    return {kl_mask ? (*kl_mask)[r] : true, y, a, b};
+  }
+
+  // Rows per at::parallel_for task: about 32K logits, at least one row.
+  int64_t grain() const { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+};
+
+// Per-thread row evaluator: fp32 copies of narrower rows, the row's validated indices, scratch.
+template <typename S, typename Tt>
+class RowRunner {
+ public:
+  explicit RowRunner(const Problem& pb)
+      : pb_(pb),
+        s_{pb.student.const_data_ptr<S>(), row_offsets(pb.student, pb.student.dim() - 1)},
+        t_{pb.values.const_data_ptr<Tt>(), row_offsets(pb.values, pb.values.dim() - 1)},
+        buf_((1 + 2 * !std::is_same_v<S, float>) * pb.V + 3 * pb.k + pb.V / kBlock + 1),
+        idx_(pb.k),
+        seen_(pb.V, 0) {}
+
+  RowLoss run(int64_t r, const RowJob& job, S* g) {
+    const int64_t V = pb_.V, k = pb_.k;
+    float* const scratch = buf_.data();  // V + 2 k + blocks, then k teacher values, then the narrow-dtype rows
+    float* const tf = scratch + V + 2 * k + V / kBlock + 1;
+    float* extra = tf + k;
+    const float* sf;
+    float* gf = nullptr;
+    if constexpr (std::is_same_v<S, float>) {
+      sf = s_.data + s_.off(r);
+      gf = g;
+    } else {
+      load_row(extra, s_.data + s_.off(r), V);
+      sf = extra;
+      if (g) gf = extra + V;
+    }
+    TeacherRow tr{tf, idx_.data(), k, pb_.lse.has_value(), pb_.lse ? (*pb_.lse)[r] : 0.f};
+    if (job.kl) {
+      load_row(tf, t_.data + t_.off(r), k);
+      read_indices(r);
+    }
+    const RowLoss loss = topk_kl_ce_row(sf, V, tr, pb_.T, job, gf, scratch);
+    if constexpr (!std::is_same_v<S, float>) {
+      if (g) store_row(g, gf, V);
+    }
+    return loss;
+  }
+
+ private:
+  // Row r's indices as int64, each checked in [0, V) and unique within the row.
+  void read_indices(int64_t r) {
+    const int64_t off = pb_.index_off(r);
+    switch (pb_.index.scalar_type()) {
+      case at::kShort:
+        std::copy_n(pb_.index.const_data_ptr<int16_t>() + off, pb_.k, idx_.begin());
+        break;
+      case at::kInt:
+        std::copy_n(pb_.index.const_data_ptr<int32_t>() + off, pb_.k, idx_.begin());
+        break;
+      default:
+        std::copy_n(pb_.index.const_data_ptr<int64_t>() + off, pb_.k, idx_.begin());
+    }
+    int64_t bad = 0;
+    bool outside = false, repeated = false;
+    for (int64_t j = 0; j < pb_.k && !outside && !repeated; ++j) {
+      bad = idx_[j];
+      outside = bad < 0 || bad >= pb_.V;
+      repeated = !outside && seen_[bad];
+      if (!outside) seen_[bad] = 1;
+    }
+    for (int64_t j = 0; j < pb_.k; ++j) {
+      if (idx_[j] >= 0 && idx_[j] < pb_.V) seen_[idx_[j]] = 0;
+    }
+    TORCH_CHECK_INDEX(!outside, kOp, ": teacher_index ", bad, " of row ", r, " is outside [0, ", pb_.V, ")");
+    TORCH_CHECK_INDEX(!repeated, kOp, ": teacher_index ", bad, " appears twice in row ", r);
+  }
+
+  const Problem& pb_;
+  RowValues<S> s_;
+  RowValues<Tt> t_;
+  std::vector<float> buf_;
+  std::vector<int64_t> idx_;
+  std::vector<uint8_t> seen_;  // membership of the current row's indices, cleared after each row
+};
+
+std::tuple<Tensor, Tensor, Tensor> topk_kl_ce_rows_cpu(const Tensor& student, const Tensor& values,
+                                                       const Tensor& index, const std::optional<Tensor>& lse,
+                                                       const std::optional<Tensor>& labels,
+                                                       const std::optional<Tensor>& kl_mask, const Tensor& coef,
+                                                       double temperature, int64_t ignore_index, bool compute_grad) {
+  const Problem pb(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index);
+  const auto row_shape = student.sizes().slice(0, student.dim() - 1);
+  Tensor kl_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
+  Tensor ce_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
+  Tensor grad = compute_grad ? distil::cpu::empty_written_once(student.sizes(), student.options())
+                              : at::empty({0}, student.options());
+  float* kl = kl_rows.data_ptr<float>();
+  float* ce = ce_rows.data_ptr<float>();
+  dispatch_pair(student.scalar_type(), values.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
+    at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
+      RowRunner<S, decltype(t_tag)> runner(pb);
+      for (int64_t r = begin; r < end; ++r) {
+        const RowLoss loss = runner.run(r, pb.job(r, pb.kl_coef, pb.ce_coef), g ? g + r * pb.V : nullptr);
+        kl[r] = loss.kl;
+        ce[r] = loss.ce;
+      }
+    });
+  });
+  return {kl_rows, ce_rows, grad};
+}
+
+void topk_kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Tensor& grad_ce_rows,
+                                  const Tensor& student, const Tensor& values, const Tensor& index,
+                                  const std::optional<Tensor>& lse, const std::optional<Tensor>& labels,
+                                  const std::optional<Tensor>& kl_mask, const Tensor& coef, double temperature,
+                                  int64_t ignore_index) {
+  const Problem pb(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index);
+  check_cpu(kOp, "grad", grad);
+  TORCH_CHECK_TYPE(grad.scalar_type() == student.scalar_type(), "topk_kl_ce_rows_backward: grad must have dtype ",
+                   student.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.sizes() == student.sizes() && grad.is_contiguous(),
+                    "topk_kl_ce_rows_backward: grad must be contiguous with shape ", student.sizes(), ", got ",
+                    grad.sizes(), " with strides ", grad.strides());
+  check_rows_tensor(kOp, "grad_kl_rows", grad_kl_rows, student, at::kFloat);
+  check_rows_tensor(kOp, "grad_ce_rows", grad_ce_rows, student, at::kFloat);
+  dispatch_pair(student.scalar_type(), values.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    rescale_or_recompute_rows<RowRunner<S, decltype(t_tag)>>(grad.data_ptr<S>(), pb, grad_kl_rows, grad_ce_rows,
+                                                              pb.kl_coef, pb.ce_coef);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distil, CPU, m) {
+  m.impl("topk_kl_ce_rows", &topk_kl_ce_rows_cpu);
+  m.impl("topk_kl_ce_rows_backward", &topk_kl_ce_rows_backward_cpu);
+}

@@ -1,0 +1,205 @@
+"""``distil::topk_kl_ce_rows``: its registration (the Triton kernel for CUDA, a fake impl for tracing,
+autograd) and the public :func:`topk_kl_ce_loss` (re-exported by :mod:`distil.fused_loss`). Schema and
+CPU kernel: csrc/topk_kl_ce.cpp; Triton kernel and the contract: kernels/topk_kl_ce.py.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+
+from distil._ops.common import (
+    FLOAT_DTYPES,
+    check_non_negative_finite,
+    check_positive_finite,
+    check_row_mask,
+    check_same_device,
+    check_tensor,
+    check_unit_last_stride,
+    divisor,
+    needs_grad,
+    row_count,
+    save_gradient_buffer,
+    take_gradient_buffer,
+)
+from distil._ops.kl_ce import _check_labels, _contiguous, loss_coef
+
+try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
+    from distil.kernels import topk_kl_ce as _triton_topk
+except ImportError:  # pragma: no cover
+    _triton_topk = None
+
+INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+
+
+class TopKLogits(NamedTuple):
+    """A teacher's logits known by their top k (e.g. from :mod:`distil.teacher_cache`): ``values`` and
+    their vocabulary ``index`` ``[..., k]``, and ``lse`` (the full-vocabulary ``logsumexp(t / T)``) for
+    the exact mode or ``None`` for the renormalised one. :class:`distil.fused_loss.DistillationLoss`
+    takes it in place of the teacher's full logits and then uses :func:`topk_kl_ce_loss`."""
+
+    values: torch.Tensor
+    index: torch.Tensor
+    lse: Optional[torch.Tensor] = None
+
+
+def _check_op_args(student, values, index, lse, labels, kl_mask, coef):
+    """What the Triton kernel assumes, for direct calls of the op (the public function validates more)."""
+    op = "topk_kl_ce_rows"
+    if student.dim() not in (2, 3) or values.dim() != student.dim() or values.shape[:-1] != student.shape[:-1]:
+        raise ValueError(f"{op}: student {tuple(student.shape)} and teacher_values {tuple(values.shape)} must be "
+                         "[N, V] / [N, k] or [B, S, V] / [B, S, k]")
+    if index.shape != values.shape or index.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{op}: teacher_index must be int16/int32/int64 of shape {tuple(values.shape)}")
+    for name, x in (("student", student), ("teacher_values", values), ("teacher_index", index)):
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be contiguous along its last dim, got strides {x.stride()}")
+    rows = student.shape[:-1]
+    for name, x, dtype in (("teacher_lse", lse, torch.float32), ("labels", labels, torch.int64),
+                           ("kl_mask", kl_mask, torch.bool)):
+        if x is not None and (x.shape != rows or x.dtype != dtype):
+            raise ValueError(f"{op}: {name} must be {dtype} of shape {tuple(rows)}")
+    if coef.shape != (2,) or coef.dtype != torch.float32:
+        raise ValueError(f"{op}: coef must be a float32 tensor of shape [2]")
+
+
+if _triton_topk is not None:
+
+    @torch.library.register_kernel("distil::topk_kl_ce_rows", "cuda")
+    def _topk_kl_ce_rows_cuda(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
+                              compute_grad):
+        _check_op_args(student, values, index, lse, labels, kl_mask, coef)
+        rows = student.shape[:-1]
+        kl_rows = student.new_empty(rows, dtype=torch.float32)
+        ce_rows = student.new_empty(rows, dtype=torch.float32)
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+        with torch.cuda.device(student.device):
+            _triton_topk.topk_kl_ce_rows(student, values, index, _contiguous(lse), _contiguous(labels),
+                                         _contiguous(kl_mask), coef, temperature, ignore_index, kl_rows, ce_rows,
+                                         grad)
+        return kl_rows, ce_rows, student.new_empty(0) if grad is None else grad
+
+    @torch.library.register_kernel("distil::topk_kl_ce_rows_backward", "cuda")
+    def _topk_kl_ce_rows_backward_cuda(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels,
+                                       kl_mask, coef, temperature, ignore_index):
+        _check_op_args(student, values, index, lse, labels, kl_mask, coef)
+        if grad.shape != student.shape or not grad.is_contiguous():
+            raise ValueError("topk_kl_ce_rows_backward: grad must be contiguous with the student's shape")
+        with torch.cuda.device(student.device):
+            _triton_topk.topk_kl_ce_rows_backward(
+                grad, grad_kl_rows.float().contiguous(), grad_ce_rows.float().contiguous(), student, values, index,
+                _contiguous(lse), _contiguous(labels), _contiguous(kl_mask), coef, temperature, ignore_index,
+            )
+
+
+@torch.library.register_fake("distil::topk_kl_ce_rows")
+def _topk_kl_ce_rows_fake(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
+                          compute_grad):
+    rows = student.shape[:-1]
+    kl = student.new_empty(rows, dtype=torch.float32)
+    ce = student.new_empty(rows, dtype=torch.float32)
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
+    return kl, ce, grad
+
+
+@torch.library.register_fake("distil::topk_kl_ce_rows_backward")
+def _topk_kl_ce_rows_backward_fake(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels, kl_mask,
+                                   coef, temperature, ignore_index):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, compute_grad = inputs
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    save_gradient_buffer(ctx, output[2], compute_grad, student, values, index, lse, labels, kl_mask, coef)
+
+
+def _backward(ctx, grad_kl_rows, grad_ce_rows, _grad_of_grad):
+    grad, student, values, index, lse, labels, kl_mask, coef = take_gradient_buffer(ctx, "topk_kl_ce_rows")
+    zeros = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
+    torch.ops.distil.topk_kl_ce_rows_backward(
+        grad, zeros if grad_kl_rows is None else grad_kl_rows.float(),
+        zeros if grad_ce_rows is None else grad_ce_rows.float(), student, values, index, lse, labels, kl_mask,
+        coef, ctx.temperature, ctx.ignore_index,
+    )
+    return (grad,) + (None,) * 9
+
+
+torch.library.register_autograd("distil::topk_kl_ce_rows", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public function
+# ------------------------------------------------------------------------------------------------
+def _check_teacher(student_logits, values, index, lse):
+    check_tensor("student_logits", student_logits, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    check_unit_last_stride("student_logits", student_logits)
+    rows = tuple(student_logits.shape[:-1])
+    check_tensor("teacher_topk_logits", values, dtypes=FLOAT_DTYPES, ndims=(student_logits.dim(),))
+    if tuple(values.shape[:-1]) != rows or values.shape[-1] < 1:
+        raise ValueError(f"teacher_topk_logits must have shape {rows + ('k',)} with k >= 1 (the student's rows), "
+                         f"got {tuple(values.shape)}")
+    check_tensor("teacher_topk_index", index, dtypes=INDEX_DTYPES)
+    if index.shape != values.shape:
+        raise ValueError(f"teacher_topk_index has shape {tuple(index.shape)} but teacher_topk_logits has "
+                         f"shape {tuple(values.shape)}")
+    check_unit_last_stride("teacher_topk_logits", values)
+    check_unit_last_stride("teacher_topk_index", index)
+    if lse is not None:
+        check_tensor("teacher_lse", lse, dtypes=FLOAT_DTYPES)
+        if tuple(lse.shape) != rows:
+            raise ValueError(f"teacher_lse must have shape {rows} (the student's rows), got {tuple(lse.shape)}")
+        lse = lse.detach().float()
+    check_same_device(student_logits=student_logits, teacher_topk_logits=values, teacher_topk_index=index,
+                      teacher_lse=lse)
+    return values.detach(), index, lse
+
+
+def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, labels, *, teacher_lse=None,
+                    temperature=2.0, kl_mask=None, ignore_index=-100, kl_weight=1.0, ce_weight=1.0):
+    """:func:`kl_ce_loss` against a teacher known by its top-k logits (e.g. from an offline cache,
+    :mod:`distil.teacher_cache`), in one kernel launch over the student logits.
+
+    Returns ``(kl, ce)``: ``kl`` is ``T² · KL`` averaged over the ``kl_mask`` rows (batchmean) and
+    ``ce = nn.CrossEntropyLoss(ignore_index=ignore_index)(s, labels)``, as :func:`kl_ce_loss`. The
+    teacher distribution (formulas and gradients: kernels/topk_kl_ce.py):
+
+    - ``teacher_lse=None`` (renormalised, the TRL / DistillKit convention): ``q = softmax(t_k / T)`` over
+      the k entries, against the student's full-vocabulary ``log_softmax(s / T)`` at those indices:
+      ``Σ_k q (log q − log p)``;
+    - ``teacher_lse`` given (exact): the teacher's own top-k probabilities ``exp(t_k / T − lse)`` plus
+      one tail bucket with the rest of its mass ``1 − Σ_k q``, against the student's ``1 − Σ_k p``: the
+      KL over the k tokens and the tail, which equals the dense ``kl_ce_loss`` KL when k = V. Tail
+      masses below 2^-16 are rounding noise and are floored there.
+
+    The gradient is written during the forward for ``kl_weight * kl + ce_weight * ce`` (see
+    :func:`kl_ce_loss`); the teacher gets no gradient.
+
+    Args:
+        student_logits: ``[N, V]`` or ``[B, S, V]`` float32/bfloat16/float16, contiguous along V.
+        teacher_topk_logits: ``[N, k]`` / ``[B, S, k]`` raw teacher logits (not divided by T), any float dtype.
+        teacher_topk_index: their vocabulary indices, int16/int32/int64, same shape. Each must be in
+            ``[0, V)`` and appear once per row: the CPU kernel raises otherwise; the CUDA kernel does
+            not check (an out-of-range index is skipped, a repeated one gives an undefined gradient at
+            that token). Rows outside ``kl_mask`` never read theirs.
+        labels: int64/int32 ``[N]`` / ``[B, S]``, in ``[0, V)`` or ``ignore_index``.
+        teacher_lse: optional ``[N]`` / ``[B, S]`` ``logsumexp(t / T)`` of the teacher's full vocabulary
+            at this ``temperature`` (natural log; used in fp32).
+        temperature: T > 0 for the KL; the cross-entropy uses T = 1.
+        kl_mask: optional bool ``[N]`` / ``[B, S]`` selecting the KL rows (default: all rows).
+    Returns:
+        ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
+    """
+    values, index, lse = _check_teacher(student_logits, teacher_topk_logits, teacher_topk_index, teacher_lse)
+    temperature = check_positive_finite("temperature", temperature)
+    kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
+    labels, labelled = _check_labels(labels, student_logits, ignore_index)
+    kl_weight = check_non_negative_finite("kl_weight", kl_weight)
+    ce_weight = check_non_negative_finite("ce_weight", ce_weight)
+    kl_count = row_count(kl_mask, student_logits.shape[:-1])
+    ce_count = labelled.sum()
+    coef = loss_coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)
+    kl_rows, ce_rows, _ = torch.ops.distil.topk_kl_ce_rows(
+        student_logits, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
+        needs_grad(student_logits),
+    )
+    return kl_rows.sum() / divisor(kl_count), ce_rows.sum() / divisor(ce_count)
