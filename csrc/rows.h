@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace distil::cpu {
@@ -45,6 +46,16 @@ struct RowOffsets {
 
 inline RowOffsets row_offsets(const at::Tensor& x, int64_t row_dims) {
   return {std::max<int64_t>(x.size(row_dims - 1), 1), row_dims == 2 ? x.stride(0) : 0, x.stride(row_dims - 1)};
+}
+
+// Whether the backward may rescale a gradient row the forward wrote by `factor` (the incoming
+// gradient over the announced coefficient) instead of recomputing it. An fp32 row always: one more
+// rounding. A 16-bit row only by a factor in [1/2, 2]: a farther one (a loss scale, 1/grad_accum)
+// would carry the forward's rounding into the gradient, fp16's underflow of small entries included
+// (zeros multiplied by 65536 stay zeros). kernels/ use the same rule.
+inline bool rescale_keeps_precision(double factor, bool narrow) {
+  const double f = std::abs(factor);
+  return !narrow || (f >= 0.5 && f <= 2.0);
 }
 
 }  // namespace distil::cpu

@@ -76,7 +76,7 @@ def check_row_mask(name, mask, rows_shape, device):
     if tuple(mask.shape) != tuple(rows_shape):
         raise ValueError(f"{name} must have shape {tuple(rows_shape)}, got {tuple(mask.shape)}")
     if mask.device != device:
-        raise ValueError(f"{name} is on {mask.device} but the logits are on {device}")
+        raise ValueError(f"{name} is on {mask.device} but the rows it selects are on {device}")
     return mask if mask.dtype == torch.bool else mask != 0
 
 
@@ -129,7 +129,7 @@ def check_weight(name, value, device):
         raise TypeError(f"{name} must be a number or a one-element float tensor, got {value.dtype} "
                         f"of shape {tuple(value.shape)}")
     if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
+        raise ValueError(f"{name} is on {value.device} but the loss is computed on {device}")
     return value.detach().reshape(())
 
 
