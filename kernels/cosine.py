@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distil.kernels.rows import row_geometry, row_start
+from distil.kernels.rows import rescale_keeps_precision, row_geometry, row_start
 
 # Tuning table keyed by H: (largest H, ROWS per program, num_warps); BLOCK_H is H rounded up to a
 # power of two.  Small H packs several rows into one [ROWS, BLOCK_H] tile of about 1K elements per
@@ -146,11 +146,13 @@ def cosine_bwd_kernel(
     )
     coef = tl.zeros([ROWS], tl.float32) + tl.load(coef_ptr)  # per row, so masks combine elementwise
     g = tl.load(g_ptr + rows, mask=live, other=0.0).to(tl.float32)
-    # dx holds coef·d(1 − cos)/dx: rescale it by g/coef (skip rows where that is exactly 1);
-    # a zero coef left nothing to rescale, so those rows are recomputed from x and y.
+    # dx holds coef·d(1 − cos)/dx: rescale it by g/coef (skip rows where that is exactly 1) where that
+    # keeps the dtype's precision; a zero coef left nothing to rescale: those rows, and rows whose
+    # factor is too far from 1 for a 16-bit dx, are recomputed from x and y.
     ratio = g / tl.where(coef != 0.0, coef, 1.0)
-    rescale = live & (coef != 0.0) & (ratio != 1.0)
-    recompute = live & (coef == 0.0)
+    rescalable = (coef != 0.0) & rescale_keeps_precision(ratio, dx_ptr.dtype.element_ty != tl.float32)
+    rescale = live & rescalable & (ratio != 1.0)
+    recompute = live & ~rescalable
     # Fully masked loads when no row recomputes: no memory traffic.
     sxy, sxx, syy = _row_sums(x_ptr, y_ptr, x_off, y_off, recompute, H, BLOCK_H, ROWS)
     _, kx, ky = _cosine_terms(sxy, sxx, syy)

@@ -40,7 +40,15 @@ fused LM-head loss) launches once per chunk into row slices of its preallocated 
 import triton
 import triton.language as tl
 
-from distil.kernels.rows import LN2, LOG2E, finite_lse, online_lse_update, row_geometry, row_start
+from distil.kernels.rows import (
+    LN2,
+    LOG2E,
+    finite_lse,
+    online_scaled_lse_update,
+    rescale_keeps_precision,
+    row_geometry,
+    row_start,
+)
 
 # (max V, BLOCK_V, num_warps) rows: the first row whose max V covers the vocabulary is used. Up to
 # 1024 the row is one block (its second pass re-reads it from L1); above, it is streamed in chunks
@@ -69,45 +77,77 @@ def tuning_for(vocab):
 
 
 @triton.jit
-def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    """Log2-domain statistics of one row: (lse2 of s/T, lse2 of t/T, lse2 of s, sum q*(b - a) * d_b).
+def _exp2_difference(p, q, z):
+    """p - q for p = q * 2**z, without the cancellation of p - q near z = 0 (e^y - 1, y = z ln 2, as its
+    Taylor series to y^6 for |z| <= 1/4: < 5e-8 relative); -inf/nan z take p - q."""
+    y = z * LN2
+    em1 = y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))))
+    return tl.where(tl.abs(z) <= 0.25, q * em1, p - q)
 
-    a = s*log2e/T, b = t*log2e/T, c = s*log2e; returns (m_a + log2 d_a, m_b + log2 d_b, m_c + log2 d_c,
-    w / d_b) where w / d_b = sum_j q_j (b_j - a_j).
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) accurate near 0: log(u) * x / (u - 1) for the rounded u = 1 + x (Goldberg).
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """Statistics of one row: (ms, mt, log2 d_a, log2 d_b, log2 d_c, KL in nats).
+
+    ms, mt are the row maxima of s and t (in logit units: differences s - ms are taken before any
+    scaling, so large logits keep their precision); d_a = sum 2^((s - ms) * scale_t),
+    d_b = sum 2^((t - mt) * scale_t), d_c = sum 2^((s - ms) * log2e). With q = softmax(t/T) and
+    delta_j = ((t_j - mt) - (s_j - ms)) * scale_t, KL = ln2 * sum_j q_j delta_j + log(d_a / d_b), the last
+    term as log1p(e / d_b) with e = d_a - d_b summed without cancellation: at large T both terms are
+    O(1/T) and cancel to O(1/T^2), which log2 d_a - log2 d_b (each ~log2 V) would bury in rounding.
     """
     offs = tl.arange(0, BLOCK_V)
     zero = tl.full((), 0.0, tl.float32)
-    m_a = zero + float("-inf")
-    m_b = zero + float("-inf")
-    m_c = zero + float("-inf")
+    m_s = zero + float("-inf")
+    m_t = zero + float("-inf")
     d_a = zero
     d_b = zero
     d_c = zero
-    w = zero
+    w = zero  # sum_j 2^((t_j - mt) * scale_t) * delta_j, 0 where q_j = 0 (xlogy)
+    e = zero  # d_a - d_b
     for i in range(NUM_CHUNKS):
         cols = i * BLOCK_V + offs
         valid = cols < V
         s = tl.load(s_row + cols, mask=valid, other=0.0).to(tl.float32)
         s = tl.where(valid, s, float("-inf"))
+        next_m_s = tl.maximum(m_s, tl.max(s, axis=0))
         if USE_KL:
             t = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32)
             t = tl.where(valid, t, float("-inf"))
-            a = s * scale_t
-            b = t * scale_t
-            m_a, _ma_ref, d_a, _ea = online_lse_update(m_a, d_a, a)
-            m_b_old = m_b
-            m_b, mb_ref, d_b, eb = online_lse_update(m_b, d_b, b)
-            # q_j = 0 terms contribute 0 even where b - a is -inf or nan (xlogy).
-            w = w * tl.exp2(m_b_old - mb_ref) + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), axis=0)
+            _, ms_ref, next_d_a, ea = online_scaled_lse_update(m_s, d_a, s, scale_t)
+            next_m_t, mt_ref, next_d_b, eb = online_scaled_lse_update(m_t, d_b, t, scale_t)
+            # Carry w and e over to the new maxima: the teacher's terms scale by alpha_b and delta
+            # shifts by `shift`; d_a scales by alpha_a = alpha_b * 2**z.
+            alpha_a = tl.exp2((m_s - ms_ref) * scale_t)
+            alpha_b = tl.exp2((m_t - mt_ref) * scale_t)
+            shift = ((ms_ref - finite_lse(m_s)) - (mt_ref - finite_lse(m_t))) * scale_t
+            z = ((m_s - ms_ref) - (m_t - mt_ref)) * scale_t
+            delta = ((t - mt_ref) - (s - ms_ref)) * scale_t
+            w = alpha_b * (w + shift * d_b) + tl.sum(tl.where(eb > 0, eb * delta, 0.0), axis=0)
+            e = (alpha_a * e + _exp2_difference(alpha_a, alpha_b, z) * d_b
+                 + tl.sum(_exp2_difference(ea, eb, -delta), axis=0))
+            d_a = next_d_a
+            d_b = next_d_b
+            m_t = next_m_t
         if USE_CE:
-            m_c, _mc_ref, d_c, _ec = online_lse_update(m_c, d_c, s * LOG2E)
-    return m_a + tl.log2(d_a), m_b + tl.log2(d_b), m_c + tl.log2(d_c), w / d_b
+            _, _, d_c, _ = online_scaled_lse_update(m_s, d_c, s, LOG2E)
+        m_s = next_m_s
+    kl = LN2 * (w / d_b) + _log1p(e / d_b)
+    return m_s, m_t, tl.log2(d_a), tl.log2(d_b), tl.log2(d_c), kl
 
 
 @triton.jit
-def _write_grad_row(s_row, t_row, g_row, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
+def _write_grad_row(s_row, t_row, g_row, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
                     USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    """g = kl_coef * (p - q) + ce_coef * (P - onehot(label)) over the row, chunk by chunk, last chunk first:
+    """g = kl_coef * (p - q) + ce_coef * (P - onehot(label)) over the row from the statistics of
+    :func:`_row_stats` (made finite for rows that are -inf everywhere), chunk by chunk, last chunk first:
     the statistics pass read the row front to back, so its end is the likeliest still in L1/L2."""
     offs = tl.arange(0, BLOCK_V)
     for k in range(NUM_CHUNKS):
@@ -117,11 +157,11 @@ def _write_grad_row(s_row, t_row, g_row, V, scale_t, lse_a, lse_b, lse_c, label,
         g = tl.zeros([BLOCK_V], tl.float32)
         if USE_KL:
             t = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32)
-            p = tl.exp2(s * scale_t - lse_a)
-            q = tl.exp2(t * scale_t - lse_b)
+            p = tl.exp2((s - ms) * scale_t - la)
+            q = tl.exp2((t - mt) * scale_t - lb)
             g += kl_coef * (p - q)
         if USE_CE:
-            big_p = tl.exp2(s * LOG2E - lse_c)
+            big_p = tl.exp2((s - ms) * LOG2E - lc)
             g += ce_coef * (big_p - tl.where(cols == label, 1.0, 0.0))
         tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=valid)
 
@@ -150,11 +190,21 @@ def _row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS: tl.constexpr, 
 
 
 @triton.jit
-def _guarded_coefs(lse_a, lse_b, lse_c, kl_coef, ce_coef):
-    # Rows that are -inf everywhere get loss 0 and gradient 0 (see the -inf policy).
-    kl_coef = tl.where((lse_a == float("-inf")) | (lse_b == float("-inf")), 0.0, kl_coef)
-    ce_coef = tl.where(lse_c == float("-inf"), 0.0, ce_coef)
+def _guarded_coefs(la, lb, lc, kl_coef, ce_coef):
+    # Rows that are -inf everywhere (log2 of a zero sum; a NaN row's is NaN) get loss 0 and gradient 0
+    # (see the -inf policy).
+    kl_coef = tl.where((la == float("-inf")) | (lb == float("-inf")), 0.0, kl_coef)
+    ce_coef = tl.where(lc == float("-inf"), 0.0, ce_coef)
     return kl_coef, ce_coef
+
+
+@triton.jit
+def _write_grad(s_row, t_row, g_row, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef, use_kl, use_ce,
+                BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """:func:`_write_grad_row` for the coefficients, zeroed for rows that are -inf everywhere."""
+    kl_coef, ce_coef = _guarded_coefs(la, lb, lc, kl_coef, ce_coef)
+    _write_grad_row(s_row, t_row, g_row, V, scale_t, finite_lse(ms), finite_lse(mt), finite_lse(la),
+                    finite_lse(lb), finite_lse(lc), label, kl_coef, ce_coef, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
 
 
 @triton.jit
@@ -173,20 +223,19 @@ def kl_ce_fwd_kernel(
     kl = 0.0
     ce = 0.0
     if use_kl | use_ce:
-        lse_a, lse_b, lse_c, kl_cross = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+        ms, mt, la, lb, lc, kl_nats = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
         if use_kl:
-            # T^2 * KL = T^2 * ln2 * (sum q (b - a) - lse_b + lse_a); 0 if either row is all -inf.
-            kl = tl.where((lse_a == float("-inf")) | (lse_b == float("-inf")), 0.0,
-                          temperature * temperature * LN2 * (kl_cross - lse_b + lse_a))
+            # 0 if either row is all -inf; never below 0 (a KL is not; nan stays nan).
+            kl = tl.where((la == float("-inf")) | (lb == float("-inf")), 0.0, temperature * temperature * kl_nats)
+            kl = tl.where(kl < 0.0, 0.0, kl)
         if use_ce:
             in_range = (label >= 0) & (label < V)
             s_y = tl.load(s_row + label, mask=in_range, other=0.0).to(tl.float32)
-            ce = tl.where(lse_c == float("-inf"), 0.0, lse_c * LN2 - s_y)
+            # log z + (max - s_y): the difference first, exact at large logits.
+            ce = tl.where(lc == float("-inf"), 0.0, lc * LN2 + (ms - s_y))
         if WRITE_GRAD:
-            kl_coef, ce_coef = _guarded_coefs(lse_a, lse_b, lse_c, tl.load(coef_ptr) * temperature,
-                                              tl.load(coef_ptr + 1))
-            _write_grad_row(s_row, t_row, g_row, V, scale_t, finite_lse(lse_a), finite_lse(lse_b),
-                            finite_lse(lse_c), label, kl_coef, ce_coef, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+            _write_grad(s_row, t_row, g_row, V, scale_t, ms, mt, la, lb, lc, label, tl.load(coef_ptr) * temperature,
+                        tl.load(coef_ptr + 1), use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
     elif WRITE_GRAD:
         _zero_row(g_row, V, BLOCK_V, NUM_CHUNKS)
     tl.store(kl_ptr + r, kl)
@@ -217,7 +266,7 @@ def kl_ce_bwd_kernel(
         factor = tl.where(use_kl, g_kl / tl.where(kl_coef == 0.0, 1.0, kl_coef),
                           g_ce / tl.where(ce_coef == 0.0, 1.0, ce_coef))
         g_row = grad_ptr + r * V
-        if kl_ok & ce_ok & prop:
+        if kl_ok & ce_ok & prop & rescale_keeps_precision(factor, grad_ptr.dtype.element_ty != tl.float32):
             if factor != 1.0:  # exactly coef: the buffer already is the gradient
                 offs = tl.arange(0, BLOCK_V)
                 for i in range(NUM_CHUNKS):
@@ -228,10 +277,9 @@ def kl_ce_bwd_kernel(
         else:
             s_row = s_ptr + row_start(r, S, s_stride_b, s_stride_s)
             t_row = t_ptr + row_start(r, S, t_stride_b, t_stride_s)
-            lse_a, lse_b, lse_c, _kl_cross = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
-            new_kl, new_ce = _guarded_coefs(lse_a, lse_b, lse_c, g_kl * temperature, g_ce)
-            _write_grad_row(s_row, t_row, g_row, V, scale_t, finite_lse(lse_a), finite_lse(lse_b),
-                            finite_lse(lse_c), label, new_kl, new_ce, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+            ms, mt, la, lb, lc, _kl = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+            _write_grad(s_row, t_row, g_row, V, scale_t, ms, mt, la, lb, lc, label, g_kl * temperature, g_ce,
+                        use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
 
 
 def _launch_args(student, teacher, labels, kl_mask, temperature, block_v, num_warps):
