@@ -60,6 +60,12 @@ from distil.kernels.rows import (
 # rows per SM keep loads in flight while others reduce. It awaits a GPU re-measurement
 # (benchmarks/tune_kl_ce.py sweeps the alternatives). tests/test_kl_ce.py compiles every entry and
 # specialisation for sm_80 and sm_90 and asserts 0 spills.
+# Above this temperature the KL is formed without the cancellation of two ~log V terms (see _row_stats);
+# at or below it that cancellation costs less than eager fp32's own rounding, and 15 registers less.
+PRECISE_KL_ABOVE = 4.0
+# Its extra sums need registers: chunks of 1024 (4 elements per thread at 8 warps) keep it spill-free.
+PRECISE_KL_BLOCK_V = 1024
+
 TUNING = (
     (1024, None, 4),
     (None, 2048, 8),
@@ -93,15 +99,17 @@ def _log1p(x):
 
 
 @triton.jit
-def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, PRECISE_KL: tl.constexpr, BLOCK_V: tl.constexpr,
+               NUM_CHUNKS: tl.constexpr):
     """Statistics of one row: (ms, mt, log2 d_a, log2 d_b, log2 d_c, KL in nats).
 
     ms, mt are the row maxima of s and t (in logit units: differences s - ms are taken before any
     scaling, so large logits keep their precision); d_a = sum 2^((s - ms) * scale_t),
     d_b = sum 2^((t - mt) * scale_t), d_c = sum 2^((s - ms) * log2e). With q = softmax(t/T) and
     delta_j = ((t_j - mt) - (s_j - ms)) * scale_t, KL = ln2 * sum_j q_j delta_j + log(d_a / d_b), the last
-    term as log1p(e / d_b) with e = d_a - d_b summed without cancellation: at large T both terms are
-    O(1/T) and cancel to O(1/T^2), which log2 d_a - log2 d_b (each ~log2 V) would bury in rounding.
+    term as log1p(e / d_b) with e = d_a - d_b summed without cancellation when PRECISE_KL (large T):
+    there both terms are O(1/T) and cancel to O(1/T^2), which log2 d_a - log2 d_b (each ~log2 V)
+    would bury in rounding. Small T takes the difference of logs (e costs ~15 registers).
     """
     offs = tl.arange(0, BLOCK_V)
     zero = tl.full((), 0.0, tl.float32)
@@ -128,19 +136,25 @@ def _row_stats(s_row, t_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, 
             alpha_a = tl.exp2((m_s - ms_ref) * scale_t)
             alpha_b = tl.exp2((m_t - mt_ref) * scale_t)
             shift = ((ms_ref - finite_lse(m_s)) - (mt_ref - finite_lse(m_t))) * scale_t
-            z = ((m_s - ms_ref) - (m_t - mt_ref)) * scale_t
             delta = ((t - mt_ref) - (s - ms_ref)) * scale_t
             w = alpha_b * (w + shift * d_b) + tl.sum(tl.where(eb > 0, eb * delta, 0.0), axis=0)
-            e = (alpha_a * e + _exp2_difference(alpha_a, alpha_b, z) * d_b
-                 + tl.sum(_exp2_difference(ea, eb, -delta), axis=0))
+            if PRECISE_KL:
+                z = ((m_s - ms_ref) - (m_t - mt_ref)) * scale_t
+                e = (alpha_a * e + _exp2_difference(alpha_a, alpha_b, z) * d_b
+                     + tl.sum(_exp2_difference(ea, eb, -delta), axis=0))
             d_a = next_d_a
             d_b = next_d_b
             m_t = next_m_t
         if USE_CE:
             _, _, d_c, _ = online_scaled_lse_update(m_s, d_c, s, LOG2E)
         m_s = next_m_s
-    kl = LN2 * (w / d_b) + _log1p(e / d_b)
-    return m_s, m_t, tl.log2(d_a), tl.log2(d_b), tl.log2(d_c), kl
+    la = tl.log2(d_a)
+    lb = tl.log2(d_b)
+    if PRECISE_KL:
+        kl = LN2 * (w / d_b) + _log1p(e / d_b)
+    else:
+        kl = LN2 * (w / d_b + la - lb)
+    return m_s, m_t, la, lb, tl.log2(d_c), kl
 
 
 @triton.jit
@@ -212,7 +226,7 @@ def kl_ce_fwd_kernel(
     s_ptr, t_ptr, labels_ptr, mask_ptr, coef_ptr, kl_ptr, ce_ptr, grad_ptr,
     S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, V,
     scale_t, temperature, ignore_index,
-    HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr, PRECISE_KL: tl.constexpr,
     BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -223,7 +237,8 @@ def kl_ce_fwd_kernel(
     kl = 0.0
     ce = 0.0
     if use_kl | use_ce:
-        ms, mt, la, lb, lc, kl_nats = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+        ms, mt, la, lb, lc, kl_nats = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, PRECISE_KL, BLOCK_V,
+                                                 NUM_CHUNKS)
         if use_kl:
             # 0 if either row is all -inf; never below 0 (a KL is not; nan stays nan).
             kl = tl.where((la == float("-inf")) | (lb == float("-inf")), 0.0, temperature * temperature * kl_nats)
@@ -277,7 +292,7 @@ def kl_ce_bwd_kernel(
         else:
             s_row = s_ptr + row_start(r, S, s_stride_b, s_stride_s)
             t_row = t_ptr + row_start(r, S, t_stride_b, t_stride_s)
-            ms, mt, la, lb, lc, _kl = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+            ms, mt, la, lb, lc, _kl = _row_stats(s_row, t_row, V, scale_t, use_kl, use_ce, False, BLOCK_V, NUM_CHUNKS)
             _write_grad(s_row, t_row, g_row, V, scale_t, ms, mt, la, lb, lc, label, g_kl * temperature, g_ce,
                         use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
 
@@ -312,11 +327,14 @@ def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_inde
         ce_rows.zero_()
     if n == 0 or student.shape[-1] == 0:
         return
+    precise_kl = temperature > PRECISE_KL_ABOVE
+    if precise_kl and block_v is None and student.shape[-1] > PRECISE_KL_BLOCK_V:
+        block_v = PRECISE_KL_BLOCK_V
     labels_arg, mask_arg, common, meta = _launch_args(student, teacher, labels, kl_mask, temperature, block_v,
                                                       num_warps)
     kl_ce_fwd_kernel[(n,)](
         student, teacher, labels_arg, mask_arg, coef, kl_rows, ce_rows, kl_rows if grad is None else grad,
-        *common, ignore_index, WRITE_GRAD=grad is not None, **meta,
+        *common, ignore_index, WRITE_GRAD=grad is not None, PRECISE_KL=precise_kl, **meta,
     )
 
 

@@ -319,8 +319,9 @@ def test_cpu_backward_single_term_rows_scale_by_their_own_ratio():
 @pytest.mark.parametrize("s_dtype", [torch.float32, torch.bfloat16])
 def test_cpu_backward_recomputes_other_rows(s_dtype):
     s, s_new, t, labels, mask, grad = backward_case(s_dtype, shape=(2, 5))
-    g_kl, g_ce = torch.rand(2, 5) + 0.1, torch.rand(2, 5) + 0.1
-    g_kl[0, 0], g_ce[0, 0] = 0.25 * 3, 4.0 * 3  # one proportional row stays a scale of the old gradient
+    # Factors within [1/2, 2] of coef, which a 16-bit buffer may be rescaled by (farther: recomputed).
+    g_kl, g_ce = 0.25 * (torch.rand(2, 5) + 0.6), 4.0 * (torch.rand(2, 5) + 0.6)
+    g_kl[0, 0], g_ce[0, 0] = 0.25 * 1.5, 4.0 * 1.5  # one proportional row stays a scale of the old gradient
     kl_ce_rows_backward(grad, g_kl, g_ce, s_new, t, labels, mask, torch.tensor([0.25, 4.0]), 2.0, -100)
     both = mask & (labels != -100)
     assert both.sum() >= 2
@@ -537,7 +538,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="temperature"):
         fused_loss.kl_div_loss(s, t, temperature=float("nan"))
     with pytest.raises(TypeError, match="mask"):
-        fused_loss.kl_div_loss(s, t, mask=mask.int())
+        fused_loss.kl_div_loss(s, t, mask=mask.float())  # integer masks are accepted, float ones not
     with pytest.raises(ValueError, match="mask"):
         fused_loss.kl_div_loss(s, t, mask=mask[:3])
     with pytest.raises(ValueError, match="labels"):
@@ -592,9 +593,10 @@ def _signature(kernel, s_dtype, t_dtype):
     return sig
 
 
-def _spec(kernel, s_dt, t_dt, block, warps, chunks, cc, has_labels=True, has_mask=True, write_grad=True):
+def _spec(kernel, s_dt, t_dt, block, warps, chunks, cc, has_labels=True, has_mask=True, write_grad=True,
+          precise_kl=False):
     consts = {"HAS_LABELS": has_labels, "HAS_MASK": has_mask, "WRITE_GRAD": write_grad,
-              "BLOCK_V": block, "NUM_CHUNKS": chunks}
+              "PRECISE_KL": precise_kl, "BLOCK_V": block, "NUM_CHUNKS": chunks}
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     return dict(module="distil.kernels.kl_ce", kernel=kernel.__name__, signature=_signature(kernel, s_dt, t_dt),
                 constexprs=consts, cc=cc, num_warps=warps)
@@ -610,6 +612,10 @@ def test_every_specialisation_compiles_for_sm80_sm90_without_spills():
                 block, warps = K.tuning_for(max_v or 30522)
                 for cc in (80, 90):
                     specs.append(_spec(kernel, s_dt, t_dt, block, warps, 1 if max_v else 8, cc))
+                    if kernel is K.kl_ce_fwd_kernel:  # the large-temperature KL, in its own chunks
+                        precise_block = min(block, K.PRECISE_KL_BLOCK_V)
+                        specs.append(_spec(kernel, s_dt, t_dt, precise_block, warps, 1 if max_v else 30, cc,
+                                           precise_kl=True))
         # The optional-input and no-gradient specialisations, on the chunked rows.
         for s_dt in ("fp32", "bf16"):
             block, warps = K.tuning_for(30522)
@@ -617,6 +623,9 @@ def test_every_specialisation_compiles_for_sm80_sm90_without_spills():
                 if (has_labels, has_mask, write_grad) != (True, True, True) and (
                         write_grad or kernel is K.kl_ce_fwd_kernel):
                     specs.append(_spec(kernel, s_dt, s_dt, block, warps, 8, 90, has_labels, has_mask, write_grad))
+                    if kernel is K.kl_ce_fwd_kernel:
+                        specs.append(_spec(kernel, s_dt, s_dt, K.PRECISE_KL_BLOCK_V, warps, 30, 90, has_labels,
+                                           has_mask, write_grad, precise_kl=True))
     reports = compile_reports(specs)
     spilled = [(s["kernel"], s["constexprs"], s["signature"]["s_ptr"], s["cc"], r)
                for s, r in zip(specs, reports) if r["spill_stores"] or r["spill_loads"]]
