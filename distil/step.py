@@ -41,7 +41,8 @@ class DistillationStep:
     masked). Equals ``Distiller.step`` of ``distiller.py`` in MLM mode (KL on every non-pad token, or
     on masked tokens only with ``restrict_kl_to_mask``; CE on masked tokens; cosine on non-pad
     tokens' last hidden states) without materialising the [B, S, V] logits.
-    ``student_rows`` is a :class:`StudentRows` or the DDP module that wraps one. The step picks the KL
+    ``grad_scale``: the factor the caller multiplies ``total`` by before ``backward()`` (see
+    :class:`DistillationLoss`). ``student_rows`` is a :class:`StudentRows` or the DDP module that wraps one. The step picks the KL
     rows itself, so ``loss_fn`` sees only those rows and must not restrict them a second time.
     """
 
@@ -57,7 +58,7 @@ class DistillationStep:
         self.restrict_kl_to_mask = restrict_kl_to_mask
         self.autocast_dtype = autocast_dtype
 
-    def __call__(self, input_ids, attention_mask, labels):
+    def __call__(self, input_ids, attention_mask, labels, *, grad_scale=None):
         non_pad = attention_mask.bool()
         # restrict: KL rows = masked rows (MLM rows = KL rows) and the cosine needs its own non-pad gather;
         # default: KL rows = non-pad rows ⊇ MLM rows, and the cosine reuses them.
@@ -69,4 +70,4 @@ class DistillationStep:
             s_logits, s_hidden = self.student_rows(input_ids, attention_mask, kl_mask, cos_mask)
         # Pre-gathered rows: with restrict the cosine rows (non-pad) differ from the KL/MLM rows (masked),
         # which DistillationLoss accepts when no attention mask is passed.
-        return self.loss_fn(s_logits, t_logits, labels[kl_mask], s_hidden, t_hidden, None)
+        return self.loss_fn(s_logits, t_logits, labels[kl_mask], s_hidden, t_hidden, None, grad_scale=grad_scale)
