@@ -13,7 +13,8 @@ x and y once and writes dx once: (2·itemsize_in + itemsize_x)·N·H bytes; mask
 neither read nor written beyond their zero gradient.  Above it (H > 8192) a row is
 streamed twice (sums, then gradient), the second read mostly from L2.  The backward reads and
 writes nothing for rows whose incoming gradient equals ``coef`` (the usual ``loss.backward()``),
-reads and writes dx once for the other rows, and re-reads x and y only where ``coef`` is 0.
+reads and writes dx once for the other rows, and re-reads x and y (recomputes) only where ``coef`` is 0
+or a 16-bit dx would lose precision to the rescale (factor outside [1/2, 2]: rows.rescale_keeps_precision).
 
 Rows follow the convention of kernels/rows.py (a ``[B, S, H]`` view with padding or a transposed
 batch is read in place). The backward leaves ``dx`` as it is where the incoming gradient equals

@@ -10,8 +10,10 @@ q = softmax(t/T), P = softmax(s), in fp32, and coef = [kl_coef, ce_coef]:
 
 This is ``nn.KLDivLoss(reduction="none")(log_softmax(s/T), softmax(t/T)).sum(-1) * T**2`` and
 ``nn.CrossEntropyLoss(reduction="none", ignore_index=...)``, with d(coef . loss)/ds in the same launch.
-All exponentials are exp2 of log2e-scaled logits; every statistic is an online (running max, running
-sum) log-sum-exp accumulated in fp32.
+All exponentials are exp2 of log2e-scaled differences from the row maxima (taken before the scaling,
+so large logits keep their precision); every statistic is an online (running max, running sum)
+log-sum-exp accumulated in fp32. CE = log z + (max - s_y); above T = 4 the KL is formed without the
+cancellation of two ~log V terms (see _row_stats) and it is never negative. NaN in a row read gives NaN.
 
 Traffic model (bytes through DRAM per row, e = element size):
 - single-block path (V <= 1024): read s and t once from DRAM (the gradient pass re-reads them from
@@ -31,7 +33,8 @@ q_j > 0 gives +inf, as PyTorch does.
 The backward kernel turns the forward's grad (prepared for coef) into the gradient for the incoming
 per-row gradients (g_kl, g_ce), in place: nothing when g equals coef exactly (the usual
 ``loss.backward()``: distil._ops.common.announced_coef forms coef bit-equal to autograd's g), a
-per-row scale when g is proportional to coef (relative tolerance 1e-6), an exact recomputation
+per-row scale when g is proportional to coef (relative tolerance 1e-6) and the factor keeps the
+dtype's precision (rows.rescale_keeps_precision: 16-bit rows within [1/2, 2]), an exact recomputation
 otherwise. The CPU twin is csrc/kl_ce.cpp; the float64 reference distil.reference.kl_ce_rows.
 
 Launchers take caller-allocated outputs, so a caller that produces the logits in row chunks (the

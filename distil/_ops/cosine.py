@@ -101,11 +101,13 @@ def cosine_loss(student_hidden, teacher_hidden, *, mask=None, weight=1.0):
     Args:
         student_hidden, teacher_hidden: ``[N, H]`` or ``[B, S, H]`` float32/bfloat16/float16 (dtypes
             may differ), same shape, contiguous along H.  The teacher gets no gradient.
-        mask: optional bool ``[N]`` / ``[B, S]`` (e.g. the attention mask); rows where it is False are
-            left out (default: all rows).
-        weight: the factor you will multiply this loss by before ``backward()`` (``alpha_cos``).  It
-            does not change the value; the gradient for exactly that weight is prepared in the forward,
-            so the backward costs nothing.  Any other upstream gradient is still exact (one scaling pass).
+        mask: optional bool or integer ``[N]`` / ``[B, S]`` (e.g. Hugging Face's int64 0/1 attention
+            mask); rows where it is False / 0 are left out (default: all rows). Float masks are rejected.
+        weight: the factor you will multiply this loss by before ``backward()`` (``alpha_cos``, times a
+            loss scale if any): a number, or a one-element float tensor on the hidden states' device (no
+            host sync).  It does not change the value; the gradient for exactly that weight is prepared
+            in the forward, so the backward costs nothing.  Any other upstream gradient is still exact (a
+            scaling pass, or a recomputation where a 16-bit gradient would lose precision).
     Returns:
         fp32 scalar; exactly 0 (with a zero gradient) when no row is selected.
     """

@@ -168,8 +168,10 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
     Args:
         student_logits, teacher_logits: ``[N, V]`` or ``[B, S, V]``, float32/bfloat16/float16 (may differ),
             contiguous along V. The teacher gets no gradient.
-        temperature: T > 0, finite.
-        mask: optional bool ``[N]`` / ``[B, S]``; rows where it is False are left out (default: all rows).
+        temperature: T in [2**-126, 2**64) (1/T and T² finite in float32); accurate as eager fp32 or
+            better up to T = 1000, never negative beyond.
+        mask: optional bool or integer (nonzero = selected) ``[N]`` / ``[B, S]``; rows where it is False / 0
+            are left out (default: all rows).
         reduction: ``"batchmean"`` (sum over selected rows / their count), ``"sum"``, or ``"none"``
             (per-row T²·KL of shape ``[N]`` / ``[B, S]``, zero at unselected rows: the row sums of
             PyTorch's element-wise ``"none"`` output, times T²).
@@ -207,14 +209,19 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
     ``kl_weight`` and ``ce_weight`` do not change the values: they name the combination
     ``kl_weight * kl + ce_weight * ce`` that you will backpropagate, for which the gradient is written
     during the forward (backward then costs nothing). Any other combination is still exact; its
-    backward scales or recomputes the gradient rows. DistilBERT's recipe is ``kl_weight=5.0, ce_weight=2.0``.
+    backward scales or recomputes the gradient rows. DistilBERT's recipe is ``kl_weight=5.0, ce_weight=2.0``;
+    with a loss scale (GradScaler) or 1/grad_accum, announce the product, e.g.
+    ``kl_weight=scale * 5.0`` for ``(scale * (5.0 * kl + 2.0 * ce)).backward()``: a 0-d float tensor on the
+    logits' device is accepted (no host sync).
 
     Args:
         student_logits, teacher_logits: ``[N, V]`` or ``[B, S, V]`` float32/bfloat16/float16, contiguous along V.
         labels: int64/int32 ``[N]`` / ``[B, S]``, in ``[0, V)`` or ``ignore_index``.
-        temperature: T > 0 for the KL; the cross-entropy uses T = 1.
-        kl_mask: optional bool ``[N]`` / ``[B, S]`` selecting the KL rows (``--restrict_ce_to_mask``
-            in distiller.py is ``kl_mask = labels != -100``).
+        temperature: T for the KL, as in :func:`kl_div_loss`; the cross-entropy uses T = 1.
+        kl_mask: optional bool or integer (nonzero = selected) ``[N]`` / ``[B, S]`` selecting the KL rows
+            (``--restrict_ce_to_mask`` in distiller.py is ``kl_mask = labels != -100``).
+        ignore_index: an int (Python or NumPy).
+        kl_weight, ce_weight: numbers >= 0 or one-element float tensors on the logits' device.
     Returns:
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
