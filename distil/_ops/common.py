@@ -81,16 +81,16 @@ def check_row_mask(name, mask, rows_shape, device):
 
 
 # The kernels compute in float32: a temperature T must have a normal float32 1/T and a finite T².
-TEMPERATURE_RANGE = (2.0**-126, 2.0**64)
+TEMPERATURE_RANGE = (2.0**-126, 2.0**63)
 FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _check_real(name, value):
-    """A real number: Python or NumPy int/float (not bool). Only comparisons and float() follow, so a
-    value torch.compile traces symbolically passes through (math.isfinite would break the graph)."""
+    """A real number (Python or NumPy int/float, not bool) as a float. Only comparisons follow, so a value
+    torch.compile traces symbolically passes through (math.isfinite would break the graph)."""
     if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return value
+    return float(value)
 
 
 def check_int(name, value):
@@ -101,22 +101,25 @@ def check_int(name, value):
 
 def check_temperature(name, value):
     lo, hi = TEMPERATURE_RANGE
-    if not lo <= _check_real(name, value) < hi:  # also rejects NaN
-        raise ValueError(f"{name} must be in [2**-126, 2**64) (1/T and T² finite in float32, the kernels' "
+    number = _check_real(name, value)
+    if not lo <= number < hi:  # also rejects NaN
+        raise ValueError(f"{name} must be in [2**-126, 2**63) (1/T and T² finite in float32, the kernels' "
                          f"precision), got {value}")
-    return float(value)
+    return number
 
 
 def check_positive_finite(name, value):
-    if not 0 < _check_real(name, value) <= FLOAT32_MAX:  # also rejects NaN
+    number = _check_real(name, value)
+    if not 0 < number <= FLOAT32_MAX:  # also rejects NaN
         raise ValueError(f"{name} must be finite in float32 and > 0, got {value}")
-    return float(value)
+    return number
 
 
 def check_non_negative_finite(name, value):
-    if not 0 <= _check_real(name, value) <= FLOAT32_MAX:  # also rejects NaN
+    number = _check_real(name, value)
+    if not 0 <= number <= FLOAT32_MAX:  # also rejects NaN
         raise ValueError(f"{name} must be finite in float32 and >= 0, got {value}")
-    return float(value)
+    return number
 
 
 def check_weight(name, value, device):

@@ -168,7 +168,7 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
     Args:
         student_logits, teacher_logits: ``[N, V]`` or ``[B, S, V]``, float32/bfloat16/float16 (may differ),
             contiguous along V. The teacher gets no gradient.
-        temperature: T in [2**-126, 2**64) (1/T and T² finite in float32); accurate as eager fp32 or
+        temperature: T in [2**-126, 2**63) (1/T and T² finite in float32); accurate as eager fp32 or
             better up to T = 1000, never negative beyond.
         mask: optional bool or integer (nonzero = selected) ``[N]`` / ``[B, S]``; rows where it is False / 0
             are left out (default: all rows).
