@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "rows.h"
 
@@ -155,10 +156,11 @@ void cosine_rows_backward_cpu(at::Tensor& grad, const at::Tensor& grad_rows_in, 
       for (int64_t r = lo; r < hi; ++r) {
         if (m != nullptr && !m[r]) continue;  // the forward wrote zeros
         TX* d = dx + r * H;
-        if (c != 0.f) {
-          // dx holds c * d(1 - cos)/dx: rescale, or leave it when g is exactly c.
-          const float ratio = g[r] / c;
-          if (ratio == 1.f) continue;
+        // dx holds c * d(1 - cos)/dx: leave it when g is exactly c, else rescale it where that keeps
+        // the dtype's precision, else recompute it (also where c is 0: nothing to rescale).
+        const float ratio = c != 0.f ? g[r] / c : 0.f;
+        if (ratio == 1.f) continue;
+        if (c != 0.f && distil::cpu::rescale_keeps_precision(ratio, !std::is_same_v<TX, float>)) {
 #pragma omp simd
           for (int64_t j = 0; j < H; ++j) d[j] = static_cast<TX>(static_cast<float>(d[j]) * ratio);
         } else {

@@ -43,11 +43,20 @@ using distil::cpu::RowValues;
 using distil::cpu::store_row;
 constexpr const char* kOp = "kl_ce_rows";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// e^y - 1 for |y| <= 1/4: Taylor to y^6 (truncation < 5e-8 relative), where e^y - 1 from exp_nonpos
+// would cancel.
+DISTIL_INLINE float expm1_small(float y) {
+  return y * (1.0f + y * (0.5f + y * (1.0f / 6.0f + y * (1.0f / 24.0f + y * (1.0f / 120.0f + y * (1.0f / 720.0f))))));
+}
+
 
 struct Sums {
   float zs = 0.f;  // sum_j e^{(s_j - ms)/T}
   float zt = 0.f;  // sum_j e^{(t_j - mt)/T}
   float d = 0.f;   // sum_j e^{(t_j - mt)/T} * ((t_j - mt) - (s_j - ms)), 0 where q_j = 0
+  float e = 0.f;   // sum_j e^{(s_j - ms)/T} - e^{(t_j - mt)/T}, without cancellation (= zs - zt)
   float z1 = 0.f;  // sum_j e^{s_j - ms}
 };
 
@@ -56,8 +65,8 @@ struct Sums {
 template <bool KL, bool CE, bool STORE>
 DISTIL_INLINE Sums row_sums(const float* s, const float* t, int64_t V, float inv_t, float ms, float mt,
                             float* es, float* et, float* e1) {
-  float zs = 0.f, zt = 0.f, d = 0.f, z1 = 0.f;
-#pragma omp simd reduction(+ : zs, zt, d, z1)
+  float zs = 0.f, zt = 0.f, d = 0.f, e = 0.f, z1 = 0.f;
+#pragma omp simd reduction(+ : zs, zt, d, e, z1)
   for (int64_t j = 0; j < V; ++j) {
     const float xs = s[j] - ms;
     if constexpr (KL) {
@@ -68,6 +77,9 @@ DISTIL_INLINE Sums row_sums(const float* s, const float* t, int64_t V, float inv
       zt += v;
       // xlogy semantics: a token with q_j = 0 contributes 0 even where s_j = -inf.
       d += v > 0.f ? v * (xt - xs) : 0.f;
+      // u - v = v (e^y - 1), y = (xs - xt)/T: from expm1 where u and v are close (large T).
+      const float y = (xs - xt) * inv_t;
+      e += std::abs(y) <= 0.25f ? v * expm1_small(y) : u - v;
       if constexpr (STORE) {
         es[j] = u;
         et[j] = v;
@@ -79,7 +91,7 @@ DISTIL_INLINE Sums row_sums(const float* s, const float* t, int64_t V, float inv
       if constexpr (STORE) e1[j] = w;
     }
   }
-  return {zs, zt, d, z1};
+  return {zs, zt, d, e, z1};
 }
 
 // Pass 3: g_j = ws e^{(s_j-ms)/T} - wt e^{(t_j-mt)/T} + w1 e^{s_j-ms} from the stored exponentials.
@@ -121,8 +133,12 @@ DISTIL_INLINE RowLoss kl_ce_row_impl(const float* s, const float* t, int64_t V, 
   const Sums z = g ? row_sums<KL, CE, true>(s, t, V, inv_t, ms, mt, es, et, e1)
                    : row_sums<KL, CE, false>(s, t, V, inv_t, ms, mt, es, et, e1);
   RowLoss out;
-  if constexpr (KL) out.kl = T * z.d / z.zt + T * T * (std::log(z.zs) - std::log(z.zt));
-  if constexpr (CE) out.ce = std::log(z.z1) + ms - s[job.label];
+  // T² KL = T² (sum_j q_j δ_j + log(zs / zt)), δ_j = ((t_j - mt) - (s_j - ms)) / T, with
+  // log(zs / zt) = log1p(e / zt): at large T both terms are O(1/T) and cancel to O(1/T²), which
+  // log(zs) - log(zt) (each ~log V) would bury in rounding. Never below 0 (a KL is not; NaN stays).
+  if constexpr (KL) out.kl = std::max(T * z.d / z.zt + T * T * std::log1p(z.e / z.zt), 0.f);
+  // log z + (max - s_y): the difference first, exact at large logits (+1e6), as log_softmax.
+  if constexpr (CE) out.ce = std::log(z.z1) + (ms - s[job.label]);
   if (g) {
     // d kl/ds = T (p - q), d ce/ds = P - onehot(y).
     row_grad<KL, CE>(g, es, et, e1, V, job.kl_coef * T / z.zs, job.kl_coef * T / z.zt, job.ce_coef / z.z1);
@@ -137,6 +153,19 @@ DISTIL_CLONES RowLoss kl_ce_row(const float* s, const float* t, int64_t V, float
                                 float* g, float* scratch) {
   const float ms = row_max(s, V);
   const float mt = job.kl ? row_max(t, V) : 0.f;
+  // A NaN in a row a part reads makes that part NaN, and the row's gradient, as in PyTorch.
+  const bool kl_nan = job.kl && (std::isnan(ms) || std::isnan(mt));
+  const bool ce_nan = job.label >= 0 && std::isnan(ms);
+  if (kl_nan || ce_nan) {
+    RowLoss out;
+    if (!ce_nan && job.label >= 0 && ms != kNegInf) {
+      out = kl_ce_row_impl<false, true>(s, t, V, temperature, job, ms, mt, nullptr, scratch);
+    }
+    if (kl_nan) out.kl = kNaN;
+    if (ce_nan) out.ce = kNaN;
+    if (g) std::fill(g, g + V, kNaN);
+    return out;
+  }
   // A row that is -inf everywhere has no distribution: its loss and gradient are 0.
   const bool kl = job.kl && ms != kNegInf && mt != kNegInf;
   const bool ce = job.label >= 0 && ms != kNegInf;

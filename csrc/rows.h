@@ -28,6 +28,7 @@
 #endif
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -142,11 +143,17 @@ DISTIL_INLINE float exp_nonpos(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
+// The row maximum, NaN when the row holds a NaN (a max alone skips NaN, so an all-NaN row would pass
+// for a row that is -inf everywhere, with loss 0).
 DISTIL_INLINE float row_max(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) {
+    m = x[j] > m ? x[j] : m;
+    nan |= x[j] != x[j];
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 template <typename T>
@@ -161,10 +168,21 @@ DISTIL_INLINE void store_row(T* dst, const float* src, int64_t V) {
   for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
+// Whether the backward may rescale a gradient row the forward wrote by `factor` (the incoming
+// gradient over the announced coefficient) instead of recomputing it. An fp32 row always: one more
+// rounding. A 16-bit row only by a factor in [1/2, 2]: a farther one (a loss scale, 1/grad_accum)
+// would carry the forward's rounding into the gradient, fp16's underflow of small entries included
+// (zeros multiplied by 65536 stay zeros). kernels/ use the same rule.
+inline bool rescale_keeps_precision(double factor, bool narrow) {
+  const double f = std::abs(factor);
+  return !narrow || (f >= 0.5 && f <= 2.0);
+}
+
 // The backward of the two-term (KL, CE) row ops: the forward wrote, per row, the gradient of
 // kl_coef * kl_row + ce_coef * ce_row.  For the incoming per-row gradients (grad_kl_rows, grad_ce_rows)
 // a row is rescaled in place when they are proportional to (kl_coef, ce_coef) within 1e-6 relative
-// (left as it is when the factor is exactly 1: the usual loss.backward()), and recomputed otherwise by
+// (left as it is when the factor is exactly 1: the usual loss.backward()) if rescale_keeps_precision,
+// and recomputed otherwise by
 // a Runner(pb) (built on the first such row of each task: other rows never read the inputs).
 // Problem: N, V, grain(), job(r, a, b) -> {kl, label} with the gradient weights a, b;
 // Runner: run(r, job, row) writes the row's gradient.  A part whose coef and incoming gradient are
@@ -196,7 +214,7 @@ void rescale_or_recompute_rows(S* g, const Problem& pb, const at::Tensor& grad_k
         scale = kl ? gk / kl_coef : gc / ce_coef;
         proportional = (kl ? kl_coef : ce_coef) != 0;
       }
-      if (!proportional) {
+      if (!proportional || !rescale_keeps_precision(scale, !std::is_same_v<S, float>)) {
         if (!runner) runner.emplace(pb);
         runner->run(r, job, row);
       } else if (static_cast<float>(scale) != 1.f) {  // exactly coef: the buffer is the gradient

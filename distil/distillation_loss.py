@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distil._ops.common import check_non_negative_finite, check_positive_finite, check_tensor
+from distil._ops.common import (check_labels, check_non_negative_finite, check_row_mask, check_temperature, check_tensor,
+                               check_weight)
 from distil._ops.cosine import cosine_loss
 from distil._ops.kl_ce import kl_ce_loss, kl_div_loss
 from distil._ops.linear_kl_ce import LinearKLCELoss
@@ -31,8 +32,8 @@ class DistillationLoss(nn.Module):
     the gradient-accumulation steps), with
 
     - ``kl`` (its ``loss_ce``): ``nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s/T), F.softmax(t/T)) * T**2``
-      over every non-pad token, or only the masked ones (``labels != -100``) with
-      ``restrict_kl_to_mask=True`` (its ``--restrict_ce_to_mask``);
+      over every non-pad token, or only the masked ones (``labels != -100``, its ``labels > -1``, with or
+      without the attention mask, as there) with ``restrict_kl_to_mask=True`` (its ``--restrict_ce_to_mask``);
     - ``mlm``: ``nn.CrossEntropyLoss(ignore_index=-100)(s.view(-1, V), labels.view(-1))``;
     - ``cos``: ``nn.CosineEmbeddingLoss(reduction="mean")`` with target +1 between the student's and
       the teacher's last hidden states over the non-pad tokens.
@@ -45,7 +46,9 @@ class DistillationLoss(nn.Module):
     never exist. The teacher may instead give ``teacher_logits`` (e.g. cached).
 
     The rows are selected in the kernels (no ``masked_select`` copies), and each part's gradient is
-    prepared in the forward for exactly ``total.backward()``.  A zero alpha skips its part entirely:
+    prepared in the forward for exactly ``total.backward()``, or for ``(total * grad_scale).backward()``
+    when ``forward`` is given ``grad_scale`` (a loss scale and/or 1/grad_accum, as a number or a 0-d device
+    tensor such as ``scaler.scale(torch.ones((), device=...))``: no host sync).  A zero alpha skips its part entirely:
     ``alpha_kl=0`` never reads the teacher's logits (pass ``None``), ``alpha_cos=0`` never reads the
     hidden states.  Unlike PyTorch, a part with no rows is 0 (not NaN).  The defaults are the
     DistilBERT README recipe (``--alpha_ce 5.0 --alpha_mlm 2.0 --alpha_cos 1.0``, temperature 2).
@@ -59,7 +62,7 @@ class DistillationLoss(nn.Module):
         self.alpha_cos = check_non_negative_finite("alpha_cos", alpha_cos)
         if self.alpha_kl == self.alpha_mlm == self.alpha_cos == 0.0:
             raise ValueError("at least one of alpha_kl, alpha_mlm, alpha_cos must be > 0")
-        self.temperature = check_positive_finite("temperature", temperature)
+        self.temperature = check_temperature("temperature", temperature)
         if not isinstance(restrict_kl_to_mask, bool):
             raise TypeError(f"restrict_kl_to_mask must be a bool, got {type(restrict_kl_to_mask).__name__}")
         self.restrict_kl_to_mask = restrict_kl_to_mask
@@ -75,7 +78,8 @@ class DistillationLoss(nn.Module):
                 f"temperature={self.temperature}, restrict_kl_to_mask={self.restrict_kl_to_mask}")
 
     def forward(self, student_logits=None, teacher_logits=None, labels=None, student_hidden=None,
-                teacher_hidden=None, attention_mask=None, *, student_head_input=None, teacher_head_input=None):
+                teacher_hidden=None, attention_mask=None, *, student_head_input=None, teacher_head_input=None,
+                grad_scale=None):
         """Args:
             student_logits, teacher_logits: ``[B, S, V]``, or ``[M, V]`` rows already gathered. With heads,
                 ``student_logits`` is None and ``teacher_logits`` optional (instead of ``teacher_head_input``).
@@ -84,8 +88,11 @@ class DistillationLoss(nn.Module):
             labels: int64/int32 ``[B, S]`` / ``[M]``, the masked-LM targets, -100 where not masked.
             student_hidden, teacher_hidden: last hidden states ``[B, S, H]`` / ``[M, H]`` (equal H). Rows
                 gathered beforehand may be a different set than the logits' rows (``[M', H]``).
-            attention_mask: bool ``[B, S]`` / ``[M]``, True at real (non-pad) tokens; ``None`` means
-                every row is a real token (the usual case for pre-gathered rows).
+            attention_mask: bool or integer ``[B, S]`` / ``[M]``, nonzero at real (non-pad) tokens (Hugging
+                Face's int64 0/1 mask as it is); ``None`` means every row is a real token (the usual case
+                for pre-gathered rows).
+            grad_scale: the factor ``total`` will be multiplied by before ``backward()`` (``None``: 1), a
+                number or a 0-d float tensor on the logits' device; it does not change the values.
             student_head_input, teacher_head_input: with heads, the rows each projection multiplies
                 (``[B, S, Hs]`` / ``[M, Hs]`` and ``[.., Ht]``; Hs and Ht may differ).
         Returns:
@@ -108,13 +115,16 @@ class DistillationLoss(nn.Module):
         check_tensor("labels", labels)
         if tuple(labels.shape) != rows:
             raise ValueError(f"labels must have shape {rows} (the {lead_name} row dims), got {tuple(labels.shape)}")
-        if attention_mask is not None:
-            check_tensor("attention_mask", attention_mask)
-            if attention_mask.dtype != torch.bool:
-                raise TypeError(f"attention_mask must be a torch.bool tensor (use .bool()), got {attention_mask.dtype}")
-            if tuple(attention_mask.shape) != rows:
-                raise ValueError(f"attention_mask must have shape {rows} (the {lead_name} row dims), "
-                                 f"got {tuple(attention_mask.shape)}")
+        attention_mask = check_row_mask("attention_mask", attention_mask, rows, device)
+        if grad_scale is None:
+            kl_weight, mlm_weight, cos_weight = self.alpha_kl, self.alpha_mlm, self.alpha_cos
+        else:
+            # Formed as autograd forms each part's upstream gradient of total * grad_scale (fp32).
+            grad_scale = check_weight("grad_scale", grad_scale, device)
+            if not isinstance(grad_scale, torch.Tensor):
+                grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=device)
+            kl_weight, mlm_weight, cos_weight = (grad_scale * a for a in (self.alpha_kl, self.alpha_mlm,
+                                                                          self.alpha_cos))
         # Pre-gathered rows ([M, .], no attention_mask) may gather the hidden states with another mask
         # than the logits (e.g. masked-only KL rows, non-pad cosine rows): then only the two hidden
         # tensors must agree, which cosine_loss checks.
@@ -132,11 +142,8 @@ class DistillationLoss(nn.Module):
 
         zero = torch.zeros((), dtype=torch.float32, device=device)
         kl = mlm = cos = zero
-        kl_mask = attention_mask
-        if self.restrict_kl_to_mask:
-            kl_mask = labels != IGNORE_INDEX
-            if attention_mask is not None:
-                kl_mask = kl_mask & attention_mask
+        # distiller.py's restricted rows are labels > -1 alone (= labels != -100 once labels are valid).
+        kl_mask = labels != IGNORE_INDEX if self.restrict_kl_to_mask else attention_mask
         if self.head_loss is not None and (self.alpha_kl > 0 or self.alpha_mlm > 0):
             if self.alpha_kl > 0 and teacher_logits is None and teacher_head_input is None:
                 raise ValueError("teacher_head_input (or teacher_logits) is required when alpha_kl > 0")
@@ -158,26 +165,26 @@ class DistillationLoss(nn.Module):
             elif self.alpha_mlm > 0:
                 kl, mlm = kl_ce_loss(
                     student_logits, teacher_logits, labels, temperature=self.temperature, kl_mask=kl_mask,
-                    ignore_index=IGNORE_INDEX, kl_weight=self.alpha_kl, ce_weight=self.alpha_mlm,
+                    ignore_index=IGNORE_INDEX, kl_weight=kl_weight, ce_weight=mlm_weight,
                 )
             else:
                 kl = kl_div_loss(student_logits, teacher_logits, temperature=self.temperature, mask=kl_mask,
-                                 reduction="batchmean")
+                                 reduction="batchmean", weight=kl_weight)
         elif self.alpha_mlm > 0:
             mlm = _masked_lm_loss(student_logits, labels)
         if self.alpha_cos > 0:
             if student_hidden is None or teacher_hidden is None:
                 raise ValueError("student_hidden and teacher_hidden are required when alpha_cos > 0")
-            cos = cosine_loss(student_hidden, teacher_hidden, mask=attention_mask, weight=self.alpha_cos)
+            cos = cosine_loss(student_hidden, teacher_hidden, mask=attention_mask, weight=cos_weight)
         total = self.alpha_kl * kl + self.alpha_mlm * mlm + self.alpha_cos * cos
         return DistillationLossOutput(total, kl, mlm, cos)
 
 
 def _masked_lm_loss(student_logits, labels):
-    """``F.cross_entropy(ignore_index=-100)`` in fp32, 0 (not NaN) when no token is masked."""
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be an integer (int64 or int32) tensor, got {labels.dtype}")
-    flat_labels = labels.reshape(-1).long()
+    """``F.cross_entropy(ignore_index=-100)`` in fp32, 0 (not NaN) when no token is masked; labels are
+    checked as on the fused path (out of range: the same ValueError)."""
+    flat_labels = check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1], student_logits.device,
+                               IGNORE_INDEX)[0].reshape(-1)
     total = F.cross_entropy(student_logits.reshape(-1, student_logits.shape[-1]).float(), flat_labels,
                             ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)

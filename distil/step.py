@@ -66,7 +66,8 @@ class DistillationStep:
     masked). Equals ``Distiller.step`` of ``distiller.py`` in MLM mode (KL on every non-pad token, or
     on masked tokens only with ``restrict_kl_to_mask``; CE on masked tokens; cosine on non-pad
     tokens' last hidden states) without materialising the [B, S, V] logits.
-    ``student_rows`` is a :class:`StudentRows` or the DDP module that wraps one. The step picks the KL
+    ``grad_scale``: the factor the caller multiplies ``total`` by before ``backward()`` (see
+    :class:`DistillationLoss`). ``student_rows`` is a :class:`StudentRows` or the DDP module that wraps one. The step picks the KL
     rows itself, so ``loss_fn`` sees only those rows and must not restrict them a second time.
     Parts weighted 0 are not computed: without KL the logits are the masked rows only and the teacher's
     LM head does not run; without KL and cosine the teacher does not run at all.
@@ -116,11 +117,11 @@ class DistillationStep:
             s_logits, s_hidden = self.student_rows(input_ids, attention_mask, logit_mask, hidden_mask, project)
         return StepRows(s_logits, t_logits, labels[logit_mask], s_hidden, t_hidden)
 
-    def __call__(self, input_ids, attention_mask, labels, cached=None):
+    def __call__(self, input_ids, attention_mask, labels, cached=None, *, grad_scale=None):
         # Pre-gathered rows: the cosine rows (non-pad) may differ from the logit rows, which
         # DistillationLoss accepts when no attention mask is passed.
         rows = self.rows(input_ids, attention_mask, labels, cached)
         if self.loss_fn.head_loss is None:
-            return self.loss_fn(*rows, None)
+            return self.loss_fn(*rows, None, grad_scale=grad_scale)
         return self.loss_fn(None, None, rows.labels, rows.student_hidden, rows.teacher_hidden, None,
-                            student_head_input=rows.student_logits, teacher_head_input=rows.teacher_logits)
+                            student_head_input=rows.student_logits, teacher_head_input=rows.teacher_logits, grad_scale=grad_scale)

@@ -382,8 +382,12 @@ class Trainer:
             last = i == len(micro) - 1
             sync = self.rows.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
             with sync:
-                out = self.step_fn(ids, attn, labels, cached)
-                self.scaler.scale(out.total * (weight / cfg.grad_accum)).backward()
+                # The exact factor of the backward (GradScaler's scale / grad_accum, a device tensor: no
+                # sync), announced to the loss so that its gradient is written for it: a free backward,
+                # and fp16 gradient rows written at their final scale, not rescaled from tiny values.
+                loss_scale = self.scaler.scale(torch.full((), weight / cfg.grad_accum, device=self.device))
+                out = self.step_fn(ids, attn, labels, cached, grad_scale=loss_scale)
+                (out.total * loss_scale).backward()
             parts += weight * torch.stack([out.total, out.kl, out.mlm, out.cos]).detach().float()
             tokens += int(weight) * attn.sum()
         parts /= cfg.grad_accum

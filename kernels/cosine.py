@@ -13,7 +13,8 @@ x and y once and writes dx once: (2·itemsize_in + itemsize_x)·N·H bytes; mask
 neither read nor written beyond their zero gradient.  Above it (H > 8192) a row is
 streamed twice (sums, then gradient), the second read mostly from L2.  The backward reads and
 writes nothing for rows whose incoming gradient equals ``coef`` (the usual ``loss.backward()``),
-reads and writes dx once for the other rows, and re-reads x and y only where ``coef`` is 0.
+reads and writes dx once for the other rows, and re-reads x and y (recomputes) only where ``coef`` is 0
+or a 16-bit dx would lose precision to the rescale (factor outside [1/2, 2]: rows.rescale_keeps_precision).
 
 Instruction model (memory instructions per thread, per row and tensor): the whole-row tile (H up to
 8192 in the forward) is one masked access per element group; it is 128-bit exactly when H and the
@@ -33,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distil.kernels.rows import row_geometry, row_start, vector_width
+from distil.kernels.rows import rescale_keeps_precision, row_geometry, row_start, vector_width
 
 # Tuning table keyed by H: (largest H, ROWS per program, num_warps); BLOCK_H is H rounded up to a
 # power of two.  Small H packs several rows into one [ROWS, BLOCK_H] tile of about 1K elements per
@@ -236,11 +237,13 @@ def cosine_bwd_kernel(
     )
     coef = tl.zeros([ROWS], tl.float32) + tl.load(coef_ptr)  # per row, so masks combine elementwise
     g = tl.load(g_ptr + rows, mask=live, other=0.0).to(tl.float32)
-    # dx holds coef·d(1 − cos)/dx: rescale it by g/coef (skip rows where that is exactly 1);
-    # a zero coef left nothing to rescale, so those rows are recomputed from x and y.
+    # dx holds coef·d(1 − cos)/dx: rescale it by g/coef (skip rows where that is exactly 1) where that
+    # keeps the dtype's precision; a zero coef left nothing to rescale: those rows, and rows whose
+    # factor is too far from 1 for a 16-bit dx, are recomputed from x and y.
     ratio = g / tl.where(coef != 0.0, coef, 1.0)
-    rescale = live & (coef != 0.0) & (ratio != 1.0)
-    recompute = live & (coef == 0.0)
+    rescalable = (coef != 0.0) & rescale_keeps_precision(ratio, dx_ptr.dtype.element_ty != tl.float32)
+    rescale = live & rescalable & (ratio != 1.0)
+    recompute = live & ~rescalable
     # Fully masked loads when no row recomputes: no memory traffic.
     sxy, sxx, syy = _row_sums(x_ptr, y_ptr, x_base, y_base, h, recompute, H, BLOCK_H, ROWS, ALIGN)
     _, kx, ky = _cosine_terms(sxy, sxx, syy)

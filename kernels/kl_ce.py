@@ -10,8 +10,10 @@ q = softmax(t/T), P = softmax(s), in fp32, and coef = [kl_coef, ce_coef]:
 
 This is ``nn.KLDivLoss(reduction="none")(log_softmax(s/T), softmax(t/T)).sum(-1) * T**2`` and
 ``nn.CrossEntropyLoss(reduction="none", ignore_index=...)``, with d(coef . loss)/ds in the same launch.
-All exponentials are exp2 of log2e-scaled logits; every statistic is an online (running max, running
-sum) log-sum-exp accumulated in fp32.
+All exponentials are exp2 of log2e-scaled differences from the row maxima (taken before the scaling,
+so large logits keep their precision); every statistic is an online (running max, running sum)
+log-sum-exp accumulated in fp32. CE = log z + (max - s_y); above T = 4 the KL is formed without the
+cancellation of two ~log V terms (see _row_stats) and it is never negative. NaN in a row read gives NaN.
 
 Traffic model (bytes through DRAM per row, e = element size):
 - single-block path (V <= 1024): read s and t once from DRAM (the gradient pass re-reads them from
@@ -42,7 +44,8 @@ q_j > 0 gives +inf, as PyTorch does.
 The backward kernel turns the forward's grad (prepared for coef) into the gradient for the incoming
 per-row gradients (g_kl, g_ce), in place: nothing when g equals coef exactly (the usual
 ``loss.backward()``: distil._ops.common.announced_coef forms coef bit-equal to autograd's g), a
-per-row scale when g is proportional to coef (relative tolerance 1e-6), an exact recomputation
+per-row scale when g is proportional to coef (relative tolerance 1e-6) and the factor keeps the
+dtype's precision (rows.rescale_keeps_precision: 16-bit rows within [1/2, 2]), an exact recomputation
 otherwise. The CPU twin is csrc/kl_ce.cpp; the float64 reference distil.reference.kl_ce_rows.
 
 Launchers take caller-allocated outputs, so a caller that produces the logits in row chunks (the
@@ -131,9 +134,8 @@ def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.const
     w / d_b) where w / d_b = sum_j q_j (b_j - a_j). Masked head, unmasked interior, masked tail.
     """
     zero = tl.full((), 0.0, tl.float32)
-    m_a = zero + float("-inf")
-    m_b = zero + float("-inf")
-    m_c = zero + float("-inf")
+    m_s = zero + float("-inf")
+    m_t = zero + float("-inf")
     d_a = zero
     d_b = zero
     d_c = zero
@@ -202,10 +204,11 @@ def _fill_row(g_row, h, n, V, factor, SCALE: tl.constexpr, BLOCK_V: tl.constexpr
 
 
 @triton.jit
-def _guarded_coefs(lse_a, lse_b, lse_c, kl_coef, ce_coef):
-    # Rows that are -inf everywhere get loss 0 and gradient 0 (see the -inf policy).
-    kl_coef = tl.where((lse_a == float("-inf")) | (lse_b == float("-inf")), 0.0, kl_coef)
-    ce_coef = tl.where(lse_c == float("-inf"), 0.0, ce_coef)
+def _guarded_coefs(la, lb, lc, kl_coef, ce_coef):
+    # Rows that are -inf everywhere (log2 of a zero sum; a NaN row's is NaN) get loss 0 and gradient 0
+    # (see the -inf policy).
+    kl_coef = tl.where((la == float("-inf")) | (lb == float("-inf")), 0.0, kl_coef)
+    ce_coef = tl.where(lc == float("-inf"), 0.0, ce_coef)
     return kl_coef, ce_coef
 
 
@@ -239,9 +242,9 @@ def kl_ce_fwd_kernel(
     if use_kl | use_ce:
         lse_a, lse_b, lse_c, kl_cross = _row_stats(s_row, t_row, h, n, V, scale_t, use_kl, use_ce, BLOCK_V)
         if use_kl:
-            # T^2 * KL = T^2 * ln2 * (sum q (b - a) - lse_b + lse_a); 0 if either row is all -inf.
-            kl = tl.where((lse_a == float("-inf")) | (lse_b == float("-inf")), 0.0,
-                          temperature * temperature * LN2 * (kl_cross - lse_b + lse_a))
+            # 0 if either row is all -inf; never below 0 (a KL is not; nan stays nan).
+            kl = tl.where((la == float("-inf")) | (lb == float("-inf")), 0.0, temperature * temperature * kl_nats)
+            kl = tl.where(kl < 0.0, 0.0, kl)
         if use_ce:
             in_range = (label >= 0) & (label < V)
             s_y = tl.load(s_start + label, mask=in_range, other=0.0).to(tl.float32)

@@ -36,10 +36,18 @@ def row_start(r, S, stride_b, stride_s):
 def online_lse_update(m, d, x):
     """Fold a chunk ``x`` (log2 domain, -inf for absent entries) into a running (max m, sum d) of
     exp2(x - m). Returns (new max, the finite reference it used, new sum, exp2(x - reference))."""
+    return online_scaled_lse_update(m, d, x, 1.0)
+
+
+@triton.jit
+def online_scaled_lse_update(m, d, x, scale):
+    """:func:`online_lse_update` of ``x * scale`` with the max kept in x's own units: the exponents are
+    ``(x - max) * scale``, the difference taken first, so large logits (1e4, 1e6) lose nothing to the
+    rounding of ``x * scale``. Returns (new max of x, its finite reference, new sum, exp2((x - ref) * scale))."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp2(x - m_ref)
-    d = d * tl.exp2(m - m_ref) + tl.sum(e, axis=0)
+    e = tl.exp2((x - m_ref) * scale)
+    d = d * tl.exp2((m - m_ref) * scale) + tl.sum(e, axis=0)
     return m_new, m_ref, d, e
 
 
@@ -135,3 +143,15 @@ def store_chunk(row, k, h, V, x, MASKED: tl.constexpr, BLOCK: tl.constexpr):
         tl.store(row + offs, x.to(row.dtype.element_ty), mask=(cols >= 0) & (cols < V))
     else:
         tl.store(row + offs, x.to(row.dtype.element_ty))
+
+
+@triton.jit
+def rescale_keeps_precision(factor, NARROW: tl.constexpr):
+    """Whether a backward may rescale a gradient row the forward wrote by ``factor`` instead of
+    recomputing it: always in fp32 (one more rounding); in a 16-bit row only by a factor in [1/2, 2],
+    as a farther one (a loss scale, 1/grad_accum) would carry the forward's rounding, fp16's underflow
+    of small entries included, into the gradient. The CPU kernels use the same rule (csrc/rows.h)."""
+    if NARROW:
+        return (tl.abs(factor) >= 0.5) & (tl.abs(factor) <= 2.0)
+    else:
+        return factor == factor  # true (false for a NaN factor, which a recomputation makes NaN too)

@@ -148,7 +148,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="teacher_logits"):
         module(s_logits, t_logits[:2], labels, s_hidden, t_hidden, attention_mask)
     with pytest.raises(TypeError, match="attention_mask"):
-        module(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask.long())
+        module(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask.float())  # integer masks are accepted
     with pytest.raises(ValueError, match="attention_mask"):
         module(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask[:, :3])
     with pytest.raises(ValueError, match="labels"):

@@ -237,15 +237,13 @@ def test_bad_inputs():
         masked_gather(x.to(torch.complex64), mask)
     with pytest.raises(ValueError, match="at least 2 dims"):
         masked_gather(torch.randn(5), torch.ones((), dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"mask must have x's leading shape \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 5\)"):
         masked_gather(x, _mask((2, 4)))
-    with pytest.raises(ValueError, match="mask must have x's leading shape"):
+    with pytest.raises(ValueError, match="mask must have shape"):
         masked_gather(x, _mask((2, 5, 3)))
-    with pytest.raises(TypeError, match="uint8 masks are not accepted"):
-        masked_gather(x, mask.to(torch.uint8))
-    with pytest.raises(TypeError, match="mask must be a torch.bool"):
+    with pytest.raises(TypeError, match="mask must be a bool or integer"):
         masked_gather(x, mask.float())
-    with pytest.raises(ValueError, match="mask is on meta but x is on cpu"):
+    with pytest.raises(ValueError, match="mask is on meta but the rows it selects are on cpu"):
         masked_gather(x, mask.to("meta"))
     with pytest.raises(ValueError, match="capacity must be >= 0, got -1"):
         masked_gather(x, mask, capacity=-1)

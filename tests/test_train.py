@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForMaskedLM
 
 from distil.cli import TrainConfig
@@ -190,6 +191,33 @@ def test_resume_names_a_changed_flag(workdir, flag, value):
         Trainer(config(workdir, f"changed_{flag}", resume=True, **{flag: value}))
     # flags that only change how the run is watched and saved may change
     Trainer(config(workdir, f"changed_{flag}", resume=True, log_every=3, save_every=7, progress=True))
+
+
+class _BackwardRewrites(TorchDispatchMode):
+    """Counts the loss ops' backward calls and those that changed the gradient buffer the forward wrote."""
+
+    OPS = (torch.ops.distil.kl_ce_rows_backward.default, torch.ops.distil.cosine_rows_backward.default)
+
+    def __init__(self):
+        super().__init__()
+        self.calls = self.changed = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = args[0].clone() if func in self.OPS else None
+        out = func(*args, **(kwargs or {}))
+        if before is not None:
+            self.calls += 1
+            self.changed += not torch.equal(before, args[0])
+        return out
+
+
+def test_train_step_announces_its_backward_factor(workdir):
+    """The trainer announces grad_accum's 1/3 (and GradScaler's scale on fp16 runs) to the loss: the
+    gradient is written for exactly that factor, so the backward rewrites no gradient row."""
+    trainer = Trainer(config(workdir, "announce", grad_accum=3))
+    with _BackwardRewrites() as mode:
+        trainer.train_step()
+    assert mode.calls > 0 and mode.changed == 0
 
 
 def test_resume_refuses_a_missing_checkpoint(workdir):

@@ -2,7 +2,8 @@
 ValueError naming the argument), and the "gradient in the forward" plumbing (ARCHITECTURE.md): the
 coefficients the forward prepares its gradient for, and the autograd side, where the forward's
 gradient buffer is saved and the backward rewrites it in place (once) into the gradient."""
-import math
+import contextlib
+import numbers
 
 import torch
 
@@ -58,18 +59,53 @@ def check_op_rows(op, student, teacher):
             raise ValueError(f"{op}: {name} must be contiguous along its last dim, got strides {x.stride()}")
 
 
+def device_guard(t):
+    """Makes t's CUDA device current while a Triton kernel launches; nothing for CPU tensors (the tests
+    run the Triton kernels on them through the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def check_row_mask(name, mask, rows_shape, device):
-    """An optional boolean mask over the leading (row) dims of the logits/hidden states."""
+    """An optional mask over the leading (row) dims of the logits/hidden states: bool, or integer with
+    nonzero = selected (Hugging Face's int64 0/1 ``attention_mask``). Returns it as bool."""
     if mask is None:
         return None
     check_tensor(name, mask)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a torch.bool tensor, got {mask.dtype}")
+    if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
+        raise TypeError(f"{name} must be a bool or integer (0/1) tensor, got {mask.dtype}")
     if tuple(mask.shape) != tuple(rows_shape):
         raise ValueError(f"{name} must have shape {tuple(rows_shape)}, got {tuple(mask.shape)}")
     if mask.device != device:
-        raise ValueError(f"{name} is on {mask.device} but the logits are on {device}")
-    return mask
+        raise ValueError(f"{name} is on {mask.device} but the rows it selects are on {device}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+# The kernels compute in float32: a temperature T must have a normal float32 1/T and a finite T².
+TEMPERATURE_RANGE = (2.0**-126, 2.0**63)
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_real(name, value):
+    """A real number (Python or NumPy int/float, not bool) as a float. Only comparisons follow, so a value
+    torch.compile traces symbolically passes through (math.isfinite would break the graph)."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def check_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_temperature(name, value):
+    lo, hi = TEMPERATURE_RANGE
+    number = _check_real(name, value)
+    if not lo <= number < hi:  # also rejects NaN
+        raise ValueError(f"{name} must be in [2**-126, 2**63) (1/T and T² finite in float32, the kernels' "
+                         f"precision), got {value}")
+    return number
 
 
 def check_labels(labels, rows_shape, vocab, device, ignore_index):
@@ -83,8 +119,7 @@ def check_labels(labels, rows_shape, vocab, device, ignore_index):
         raise ValueError(f"labels must have shape {tuple(rows_shape)} (the row dims), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but the rows are on {device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = check_int("ignore_index", ignore_index)
     labels = labels.long()
     labelled = labels != ignore_index
     bad = labelled & ((labels < 0) | (labels >= vocab))
@@ -97,19 +132,32 @@ def check_labels(labels, rows_shape, vocab, device, ignore_index):
 
 
 def check_positive_finite(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return float(value)
+    number = _check_real(name, value)
+    if not 0 < number <= FLOAT32_MAX:  # also rejects NaN
+        raise ValueError(f"{name} must be finite in float32 and > 0, got {value}")
+    return number
 
 
 def check_non_negative_finite(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return float(value)
+    number = _check_real(name, value)
+    if not 0 <= number <= FLOAT32_MAX:  # also rejects NaN
+        raise ValueError(f"{name} must be finite in float32 and >= 0, got {value}")
+    return number
+
+
+def check_weight(name, value, device):
+    """A loss weight the forward prepares the gradient for: a number >= 0, or a one-element float tensor
+    on ``device`` (e.g. GradScaler's scale times 1/grad_accum), taken as it is: checking its value
+    would need a host sync."""
+    if not isinstance(value, torch.Tensor):
+        return check_non_negative_finite(name, value)
+    if not value.is_floating_point() or value.numel() != 1:
+        raise TypeError(f"{name} must be a number or a one-element float tensor, got {value.dtype} "
+                        f"of shape {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the loss is computed on {device}")
+    return value.detach().reshape(())
+
 
 def needs_grad(student):
     """Whether the forward should write the student's gradient."""
@@ -129,7 +177,9 @@ def divisor(count):
 def announced_coef(weight, count, device):
     """``weight / max(count, 1)`` as a 0-d fp32 device tensor, formed exactly as autograd forms the
     per-row gradient of ``weight * (rows.sum() / divisor(count))`` (an fp32 weight divided by n), so
-    that the backward finds the factor 1 and does nothing."""
+    that the backward finds the factor 1 and does nothing. ``weight``: a number or a 0-d tensor."""
+    if isinstance(weight, torch.Tensor):
+        return weight.to(torch.float32) / divisor(count)
     return torch.full((), weight, dtype=torch.float32, device=device) / divisor(count)
 
 
@@ -146,7 +196,14 @@ def save_gradient_buffer(ctx, buffer, compute_grad, *tensors):
 
 
 def take_gradient_buffer(ctx, op_name):
-    """backward part: the saved (buffer, *tensors), once; a clear error for a missing or reused buffer."""
+    """backward part: the saved (buffer, *tensors), once; a clear error for a missing or reused buffer,
+    and for create_graph=True (grad mode on in the backward), which would get no second-order terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"distil: {op_name} has no double backward: its gradient is written by the forward, so "
+            "create_graph=True (gradient penalties, Hessian-vector products) is not supported; use the "
+            "eager loss (distil.reference) for that"
+        )
     if not ctx.compute_grad:
         raise RuntimeError(
             f"distil: {op_name} ran with compute_grad=False, so it has no gradient; "

@@ -7,12 +7,13 @@ import torch
 from distil._ops.common import (
     FLOAT_DTYPES,
     announced_coef,
-    check_non_negative_finite,
     check_op_rows,
     check_pair,
     check_row_mask,
     check_tensor,
     check_unit_last_stride,
+    check_weight,
+    device_guard,
     divisor,
     needs_grad,
     row_count,
@@ -34,26 +35,30 @@ def _check_op_args(student, teacher, mask, coef):
         raise ValueError("cosine_rows: coef must be one float32 value")
 
 
+def cosine_rows_triton(student, teacher, mask, coef, compute_grad):
+    """The op on the Triton kernel: its CUDA implementation (the tests also run it on CPU tensors,
+    through the Triton interpreter)."""
+    _check_op_args(student, teacher, mask, coef)
+    loss_rows = student.new_empty(student.shape[:-1], dtype=torch.float32)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+    with device_guard(student):
+        _triton_cosine.cosine_rows(student, teacher, None if mask is None else mask.contiguous(), coef,
+                                   loss_rows, grad)
+    return loss_rows, student.new_empty(0) if grad is None else grad
+
+
+def cosine_rows_backward_triton(grad, grad_rows, student, teacher, mask, coef):
+    _check_op_args(student, teacher, mask, coef)
+    if grad.shape != student.shape or not grad.is_contiguous():
+        raise ValueError("cosine_rows_backward: grad must be contiguous with the student's shape")
+    with device_guard(student):
+        _triton_cosine.cosine_rows_backward(grad, grad_rows.float().contiguous(), student, teacher,
+                                            None if mask is None else mask.contiguous(), coef)
+
+
 if _triton_cosine is not None:
-
-    @torch.library.register_kernel("distil::cosine_rows", "cuda")
-    def _cosine_rows_cuda(student, teacher, mask, coef, compute_grad):
-        _check_op_args(student, teacher, mask, coef)
-        loss_rows = student.new_empty(student.shape[:-1], dtype=torch.float32)
-        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
-        with torch.cuda.device(student.device):
-            _triton_cosine.cosine_rows(student, teacher, None if mask is None else mask.contiguous(), coef,
-                                       loss_rows, grad)
-        return loss_rows, student.new_empty(0) if grad is None else grad
-
-    @torch.library.register_kernel("distil::cosine_rows_backward", "cuda")
-    def _cosine_rows_backward_cuda(grad, grad_rows, student, teacher, mask, coef):
-        _check_op_args(student, teacher, mask, coef)
-        if grad.shape != student.shape or not grad.is_contiguous():
-            raise ValueError("cosine_rows_backward: grad must be contiguous with the student's shape")
-        with torch.cuda.device(student.device):
-            _triton_cosine.cosine_rows_backward(grad, grad_rows.float().contiguous(), student, teacher,
-                                                None if mask is None else mask.contiguous(), coef)
+    torch.library.register_kernel("distil::cosine_rows", "cuda", cosine_rows_triton)
+    torch.library.register_kernel("distil::cosine_rows_backward", "cuda", cosine_rows_backward_triton)
 
 
 @torch.library.register_fake("distil::cosine_rows")
@@ -96,11 +101,13 @@ def cosine_loss(student_hidden, teacher_hidden, *, mask=None, weight=1.0):
     Args:
         student_hidden, teacher_hidden: ``[N, H]`` or ``[B, S, H]`` float32/bfloat16/float16 (dtypes
             may differ), same shape, contiguous along H.  The teacher gets no gradient.
-        mask: optional bool ``[N]`` / ``[B, S]`` (e.g. the attention mask); rows where it is False are
-            left out (default: all rows).
-        weight: the factor you will multiply this loss by before ``backward()`` (``alpha_cos``).  It
-            does not change the value; the gradient for exactly that weight is prepared in the forward,
-            so the backward costs nothing.  Any other upstream gradient is still exact (one scaling pass).
+        mask: optional bool or integer ``[N]`` / ``[B, S]`` (e.g. Hugging Face's int64 0/1 attention
+            mask); rows where it is False / 0 are left out (default: all rows). Float masks are rejected.
+        weight: the factor you will multiply this loss by before ``backward()`` (``alpha_cos``, times a
+            loss scale if any): a number, or a one-element float tensor on the hidden states' device (no
+            host sync).  It does not change the value; the gradient for exactly that weight is prepared
+            in the forward, so the backward costs nothing.  Any other upstream gradient is still exact (a
+            scaling pass, or a recomputation where a 16-bit gradient would lose precision).
     Returns:
         fp32 scalar; exactly 0 (with a zero gradient) when no row is selected.
     """
@@ -116,7 +123,7 @@ def cosine_loss(student_hidden, teacher_hidden, *, mask=None, weight=1.0):
     check_unit_last_stride("student_hidden", student_hidden)
     check_unit_last_stride("teacher_hidden", teacher_hidden)
     mask = check_row_mask("mask", mask, student_hidden.shape[:-1], student_hidden.device)
-    weight = check_non_negative_finite("weight", weight)
+    weight = check_weight("weight", weight, student_hidden.device)
     if teacher_hidden.requires_grad and torch.is_grad_enabled():
         teacher_hidden = teacher_hidden.detach()  # the teacher is a constant target
     count = row_count(mask, student_hidden.shape[:-1])

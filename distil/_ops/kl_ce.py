@@ -6,14 +6,16 @@ import torch
 
 from distil._ops.common import (
     announced_coef,
+    check_int,
     check_labels,
-    check_non_negative_finite,
     check_op_rows,
     check_pair,
-    check_positive_finite,
     check_row_mask,
+    check_temperature,
     check_tensor,
     check_unit_last_stride,
+    check_weight,
+    device_guard,
     divisor,
     needs_grad,
     row_count,
@@ -44,19 +46,35 @@ def _contiguous(x):
     return None if x is None else x.contiguous()
 
 
-if _triton_kl_ce is not None:
+def kl_ce_rows_triton(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad):
+    """The op on the Triton kernel: its CUDA implementation (the tests also run it on CPU tensors,
+    through the Triton interpreter)."""
+    _check_op_args(student, teacher, labels, kl_mask, coef)
+    rows = student.shape[:-1]
+    kl_rows = student.new_empty(rows, dtype=torch.float32)
+    ce_rows = student.new_empty(rows, dtype=torch.float32)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+    with device_guard(student):
+        _triton_kl_ce.kl_ce_rows(student, teacher, _contiguous(labels), _contiguous(kl_mask), coef,
+                                 temperature, ignore_index, kl_rows, ce_rows, grad)
+    return kl_rows, ce_rows, student.new_empty(0) if grad is None else grad
 
-    @torch.library.register_kernel("distil::kl_ce_rows", "cuda")
-    def _kl_ce_rows_cuda(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad):
-        _check_op_args(student, teacher, labels, kl_mask, coef)
-        rows = student.shape[:-1]
-        kl_rows = student.new_empty(rows, dtype=torch.float32)
-        ce_rows = student.new_empty(rows, dtype=torch.float32)
-        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
-        with torch.cuda.device(student.device):
-            _triton_kl_ce.kl_ce_rows(student, teacher, _contiguous(labels), _contiguous(kl_mask), coef,
-                                     temperature, ignore_index, kl_rows, ce_rows, grad)
-        return kl_rows, ce_rows, student.new_empty(0) if grad is None else grad
+
+def kl_ce_rows_backward_triton(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
+                               temperature, ignore_index):
+    _check_op_args(student, teacher, labels, kl_mask, coef)
+    if grad.shape != student.shape or not grad.is_contiguous():
+        raise ValueError("kl_ce_rows_backward: grad must be contiguous with the student's shape")
+    with device_guard(student):
+        _triton_kl_ce.kl_ce_rows_backward(
+            grad, grad_kl_rows.float().contiguous(), grad_ce_rows.float().contiguous(), student, teacher,
+            _contiguous(labels), _contiguous(kl_mask), coef, temperature, ignore_index,
+        )
+
+
+if _triton_kl_ce is not None:
+    torch.library.register_kernel("distil::kl_ce_rows", "cuda", kl_ce_rows_triton)
+    torch.library.register_kernel("distil::kl_ce_rows_backward", "cuda", kl_ce_rows_backward_triton)
 
     @torch.library.register_kernel("distil::kl_ce_rows_into", "cuda")
     def _kl_ce_rows_into_cuda(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
@@ -69,21 +87,10 @@ if _triton_kl_ce is not None:
         if grad is not None and (grad.shape != student.shape or grad.dtype != student.dtype
                                  or not grad.is_contiguous()):
             raise ValueError("kl_ce_rows_into: grad must be contiguous with the student's shape and dtype")
-        with torch.cuda.device(student.device):
+        with device_guard(student):
             _triton_kl_ce.kl_ce_rows(student, teacher, _contiguous(labels), _contiguous(kl_mask), coef,
                                      temperature, ignore_index, kl_rows, ce_rows, grad)
 
-    @torch.library.register_kernel("distil::kl_ce_rows_backward", "cuda")
-    def _kl_ce_rows_backward_cuda(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
-                                  temperature, ignore_index):
-        _check_op_args(student, teacher, labels, kl_mask, coef)
-        if grad.shape != student.shape or not grad.is_contiguous():
-            raise ValueError("kl_ce_rows_backward: grad must be contiguous with the student's shape")
-        with torch.cuda.device(student.device):
-            _triton_kl_ce.kl_ce_rows_backward(
-                grad, grad_kl_rows.float().contiguous(), grad_ce_rows.float().contiguous(), student, teacher,
-                _contiguous(labels), _contiguous(kl_mask), coef, temperature, ignore_index,
-            )
 
 
 @torch.library.register_fake("distil::kl_ce_rows")
@@ -149,7 +156,7 @@ def loss_coef(kl_weight, kl_count, ce_weight, ce_count, device):
     return torch.stack([announced_coef(kl_weight, kl_count, device), announced_coef(ce_weight, ce_count, device)])
 
 
-def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, reduction="batchmean"):
+def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, reduction="batchmean", weight=1.0):
     """Temperature-scaled KL divergence of the student from the teacher, times T².
 
     Exactly ``nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2``
@@ -159,21 +166,27 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
     Args:
         student_logits, teacher_logits: ``[N, V]`` or ``[B, S, V]``, float32/bfloat16/float16 (may differ),
             contiguous along V. The teacher gets no gradient.
-        temperature: T > 0, finite.
-        mask: optional bool ``[N]`` / ``[B, S]``; rows where it is False are left out (default: all rows).
+        temperature: T in [2**-126, 2**63) (1/T and T² finite in float32); accurate as eager fp32 or
+            better up to T = 1000, never negative beyond.
+        mask: optional bool or integer (nonzero = selected) ``[N]`` / ``[B, S]``; rows where it is False / 0
+            are left out (default: all rows).
         reduction: ``"batchmean"`` (sum over selected rows / their count), ``"sum"``, or ``"none"``
             (per-row T²·KL of shape ``[N]`` / ``[B, S]``, zero at unselected rows: the row sums of
             PyTorch's element-wise ``"none"`` output, times T²).
+        weight: the factor you will multiply the loss by before ``backward()`` (a number, or a one-element
+            float tensor on the logits' device: no host sync), as ``kl_weight`` of :func:`kl_ce_loss`; it
+            does not change the value.
     Returns:
         fp32 tensor: a scalar, or per-row losses for ``"none"``. No selected rows gives 0.
     """
     teacher_logits = _check_logits(student_logits, teacher_logits)
-    temperature = check_positive_finite("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     mask = check_row_mask("mask", mask, student_logits.shape[:-1], student_logits.device)
     if reduction not in _KL_REDUCTIONS:
         raise ValueError(f"reduction must be one of {_KL_REDUCTIONS}, got {reduction!r}")
+    weight = check_weight("weight", weight, student_logits.device)
     count = row_count(mask, student_logits.shape[:-1]) if reduction == "batchmean" else 1
-    coef = loss_coef(1.0, count, 0.0, 1, student_logits.device)
+    coef = loss_coef(weight, count, 0.0, 1, student_logits.device)
     kl_rows, _, _ = torch.ops.distil.kl_ce_rows(
         student_logits, teacher_logits, None, mask, coef, temperature, -100, needs_grad(student_logits)
     )
@@ -194,24 +207,30 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
     ``kl_weight`` and ``ce_weight`` do not change the values: they name the combination
     ``kl_weight * kl + ce_weight * ce`` that you will backpropagate, for which the gradient is written
     during the forward (backward then costs nothing). Any other combination is still exact; its
-    backward scales or recomputes the gradient rows. DistilBERT's recipe is ``kl_weight=5.0, ce_weight=2.0``.
+    backward scales or recomputes the gradient rows. DistilBERT's recipe is ``kl_weight=5.0, ce_weight=2.0``;
+    with a loss scale (GradScaler) or 1/grad_accum, announce the product, e.g.
+    ``kl_weight=scale * 5.0`` for ``(scale * (5.0 * kl + 2.0 * ce)).backward()``: a 0-d float tensor on the
+    logits' device is accepted (no host sync).
 
     Args:
         student_logits, teacher_logits: ``[N, V]`` or ``[B, S, V]`` float32/bfloat16/float16, contiguous along V.
         labels: int64/int32 ``[N]`` / ``[B, S]``, in ``[0, V)`` or ``ignore_index``.
-        temperature: T > 0 for the KL; the cross-entropy uses T = 1.
-        kl_mask: optional bool ``[N]`` / ``[B, S]`` selecting the KL rows (``--restrict_ce_to_mask``
-            in distiller.py is ``kl_mask = labels != -100``).
+        temperature: T for the KL, as in :func:`kl_div_loss`; the cross-entropy uses T = 1.
+        kl_mask: optional bool or integer (nonzero = selected) ``[N]`` / ``[B, S]`` selecting the KL rows
+            (``--restrict_ce_to_mask`` in distiller.py is ``kl_mask = labels != -100``).
+        ignore_index: an int (Python or NumPy).
+        kl_weight, ce_weight: numbers >= 0 or one-element float tensors on the logits' device.
     Returns:
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
     teacher_logits = _check_logits(student_logits, teacher_logits)
-    temperature = check_positive_finite("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
+    ignore_index = check_int("ignore_index", ignore_index)
     labels, labelled = check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1],
                                     student_logits.device, ignore_index)
-    kl_weight = check_non_negative_finite("kl_weight", kl_weight)
-    ce_weight = check_non_negative_finite("ce_weight", ce_weight)
+    kl_weight = check_weight("kl_weight", kl_weight, student_logits.device)
+    ce_weight = check_weight("ce_weight", ce_weight, student_logits.device)
     kl_count = row_count(kl_mask, student_logits.shape[:-1])
     ce_count = labelled.sum()
     coef = loss_coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)

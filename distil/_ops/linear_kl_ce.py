@@ -25,7 +25,7 @@ from distil._ops.common import (
     announced_coef,
     check_labels,
     check_non_negative_finite,
-    check_positive_finite,
+    check_temperature,
     check_row_mask,
     check_tensor,
     divisor,
@@ -340,7 +340,7 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
         teacher_logits = teacher_logits.detach().reshape(-1, vocab)
         if vocab > 1 and teacher_logits.stride(-1) != 1:
             teacher_logits = teacher_logits.contiguous()
-    temperature = check_positive_finite("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
     kl_weight = check_non_negative_finite("kl_weight", kl_weight)
     ce_weight = check_non_negative_finite("ce_weight", ce_weight)
@@ -407,7 +407,7 @@ class LinearKLCELoss(nn.Module):
             _head_params("teacher_head", teacher_head)
         self.student_head = student_head
         self.teacher_head = teacher_head
-        self.temperature = check_positive_finite("temperature", temperature)
+        self.temperature = check_temperature("temperature", temperature)
         self.ignore_index = ignore_index
         self.kl_weight = check_non_negative_finite("kl_weight", kl_weight)
         self.ce_weight = check_non_negative_finite("ce_weight", ce_weight)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from distil._ops.common import check_same_device, check_tensor
+from distil._ops.common import check_row_mask, check_tensor
 
 # Rows are copied as raw bytes, so any of these is gathered bit-exactly; only the floating
 # ones carry a gradient.
@@ -67,20 +67,14 @@ def masked_gather(x, mask, capacity=None):
     Args:
         x: ``[..., H]`` tensor with at least 2 dims, dtype in ``GATHER_DTYPES``, any strides
             (read in place, no copy of x).
-        mask: ``torch.bool`` tensor of shape ``x.shape[:-1]`` on x's device. uint8 masks are
-            rejected, as PyTorch indexing has deprecated them: pass ``mask.bool()``.
+        mask: bool or integer tensor (nonzero = selected: Hugging Face's int64 0/1 ``attention_mask``
+            as it is) of shape ``x.shape[:-1]`` on x's device; float masks are rejected.
         capacity: ``None`` or an int ``>= 0``.
     """
     check_tensor("x", x, dtypes=GATHER_DTYPES)
     if x.dim() < 2:
         raise ValueError(f"x must be [..., H] with at least 2 dims, got shape {tuple(x.shape)}")
-    check_tensor("mask", mask)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a torch.bool tensor (uint8 masks are not accepted: use mask.bool()), "
-                        f"got {mask.dtype}")
-    if tuple(mask.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"mask must have x's leading shape {tuple(x.shape[:-1])}, got {tuple(mask.shape)}")
-    check_same_device(x=x, mask=mask)
+    mask = check_row_mask("mask", mask, x.shape[:-1], x.device)
     if capacity is not None:
         if isinstance(capacity, bool) or not isinstance(capacity, (int, torch.SymInt)):
             raise TypeError(f"capacity must be None or an int, got {type(capacity).__name__}")

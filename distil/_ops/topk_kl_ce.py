@@ -8,19 +8,20 @@ import torch
 
 from distil._ops.common import (
     FLOAT_DTYPES,
-    check_non_negative_finite,
-    check_positive_finite,
+    check_labels,
     check_row_mask,
     check_same_device,
+    check_temperature,
     check_tensor,
     check_unit_last_stride,
+    check_weight,
     divisor,
     needs_grad,
     row_count,
     save_gradient_buffer,
     take_gradient_buffer,
 )
-from distil._ops.kl_ce import _check_labels, _contiguous, loss_coef
+from distil._ops.kl_ce import _contiguous, loss_coef
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
     from distil.kernels import topk_kl_ce as _triton_topk
@@ -190,11 +191,12 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
     values, index, lse = _check_teacher(student_logits, teacher_topk_logits, teacher_topk_index, teacher_lse)
-    temperature = check_positive_finite("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
-    labels, labelled = _check_labels(labels, student_logits, ignore_index)
-    kl_weight = check_non_negative_finite("kl_weight", kl_weight)
-    ce_weight = check_non_negative_finite("ce_weight", ce_weight)
+    labels, labelled = check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1], student_logits.device,
+                                    ignore_index)
+    kl_weight = check_weight("kl_weight", kl_weight, student_logits.device)
+    ce_weight = check_weight("ce_weight", ce_weight, student_logits.device)
     kl_count = row_count(kl_mask, student_logits.shape[:-1])
     ce_count = labelled.sum()
     coef = loss_coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)
