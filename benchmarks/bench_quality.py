@@ -330,6 +330,8 @@ def distil(teacher_dir, corpus, output_dir, budget, *, student=None, alpha_kl=5.
         "--grad-accum", str(budget.distil_grad_accum), "--max-steps", str(budget.distil_steps),
         "--save-every", str(budget.distil_steps), "--lr", str(budget.distil_lr),
         "--alpha-kl", str(alpha_kl), "--alpha-cos", str(alpha_cos), "--no-progress",
+        # A run that stopped before its student was saved starts again from scratch.
+        *(["--overwrite-output-dir"] if output_dir.is_dir() and any(output_dir.iterdir()) else []),
         *(["--restrict-kl-to-mask"] if budget.restrict_kl_to_mask else []),
     ]
     if student is not None:
@@ -402,10 +404,12 @@ def _has_cuda():
 
 
 def _final_metrics(run_dir):
-    """The last row of distil-train's ``metrics.jsonl`` (the final loss parts), or None."""
+    """The last training row of distil-train's ``metrics.jsonl`` (the final loss parts; validation rows
+    carry ``eval_*`` keys instead), or None."""
     path = Path(run_dir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return json.loads(lines[-1]) if lines else None
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    train_rows = [r for r in rows if "kl" in r]
+    return train_rows[-1] if train_rows else None
 
 
 def report(results):

@@ -61,7 +61,8 @@ from distil.kernels.rows import (
     chunk_cols,
     finite_lse,
     load_chunk,
-    online_lse_update,
+    online_scaled_lse_update,
+    rescale_keeps_precision,
     row_flags,
     row_geometry,
     row_split,
@@ -85,6 +86,11 @@ TUNING = (
     (1024, None, 4, None),
     (None, 2048, 8, 80),
 )
+# Above this temperature the KL is formed without the cancellation of two ~log V terms (see _row_stats);
+# at or below it that cancellation costs less than eager fp32's own rounding, and 15 registers less.
+PRECISE_KL_ABOVE = 4.0
+# Its extra sums need registers: chunks of 1024 (4 elements per thread at 8 warps) keep it spill-free.
+PRECISE_KL_BLOCK_V = 1024
 
 
 def _tuning_row(vocab):
@@ -108,30 +114,63 @@ def launch_options(vocab, num_warps=None):
 
 
 @triton.jit
-def _stats_chunk(s_row, t_row, k, h, V, scale_t, m_a, m_b, m_c, d_a, d_b, d_c, w, USE_KL, USE_CE,
-                 MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Fold chunk k into the running log2-domain statistics (see _row_stats)."""
-    s = load_chunk(s_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
-    if USE_KL:
-        t = load_chunk(t_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
-        a = s * scale_t
-        b = t * scale_t
-        m_a, _ma_ref, d_a, _ea = online_lse_update(m_a, d_a, a)
-        m_b_old = m_b
-        m_b, mb_ref, d_b, eb = online_lse_update(m_b, d_b, b)
-        # q_j = 0 terms contribute 0 even where b - a is -inf or nan (xlogy).
-        w = w * tl.exp2(m_b_old - mb_ref) + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), axis=0)
-    if USE_CE:
-        m_c, _mc_ref, d_c, _ec = online_lse_update(m_c, d_c, s * LOG2E)
-    return m_a, m_b, m_c, d_a, d_b, d_c, w
+def _exp2_difference(p, q, z):
+    """p - q for p = q * 2**z, without the cancellation of p - q near z = 0 (e^y - 1, y = z ln 2, as its
+    Taylor series to y^6 for |z| <= 1/4: < 5e-8 relative); -inf/nan z take p - q."""
+    y = z * LN2
+    em1 = y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))))
+    return tl.where(tl.abs(z) <= 0.25, q * em1, p - q)
 
 
 @triton.jit
-def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr):
-    """Log2-domain statistics of one row: (lse2 of s/T, lse2 of t/T, lse2 of s, sum q*(b - a) * d_b).
+def _log1p(x):
+    # log(1 + x) accurate near 0: log(u) * x / (u - 1) for the rounded u = 1 + x (Goldberg).
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
 
-    a = s*log2e/T, b = t*log2e/T, c = s*log2e; returns (m_a + log2 d_a, m_b + log2 d_b, m_c + log2 d_c,
-    w / d_b) where w / d_b = sum_j q_j (b_j - a_j). Masked head, unmasked interior, masked tail.
+
+@triton.jit
+def _stats_chunk(s_row, t_row, k, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w, e, USE_KL, USE_CE,
+                 PRECISE_KL: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Fold chunk k into the running statistics of :func:`_row_stats`."""
+    s = load_chunk(s_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
+    next_m_s = tl.maximum(m_s, tl.max(s, axis=0))
+    if USE_KL:
+        t = load_chunk(t_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
+        _, ms_ref, next_d_a, ea = online_scaled_lse_update(m_s, d_a, s, scale_t)
+        next_m_t, mt_ref, next_d_b, eb = online_scaled_lse_update(m_t, d_b, t, scale_t)
+        # Carry w and e over to the new maxima: the teacher's terms scale by alpha_b and delta
+        # shifts by `shift`; d_a scales by alpha_a = alpha_b * 2**z.
+        alpha_a = tl.exp2((m_s - ms_ref) * scale_t)
+        alpha_b = tl.exp2((m_t - mt_ref) * scale_t)
+        shift = ((ms_ref - finite_lse(m_s)) - (mt_ref - finite_lse(m_t))) * scale_t
+        delta = ((t - mt_ref) - (s - ms_ref)) * scale_t
+        # q_j = 0 terms contribute 0 even where delta is -inf or nan (xlogy).
+        w = alpha_b * (w + shift * d_b) + tl.sum(tl.where(eb > 0, eb * delta, 0.0), axis=0)
+        if PRECISE_KL:
+            z = ((m_s - ms_ref) - (m_t - mt_ref)) * scale_t
+            e = (alpha_a * e + _exp2_difference(alpha_a, alpha_b, z) * d_b
+                 + tl.sum(_exp2_difference(ea, eb, -delta), axis=0))
+        d_a = next_d_a
+        d_b = next_d_b
+        m_t = next_m_t
+    if USE_CE:
+        _, _, d_c, _ = online_scaled_lse_update(m_s, d_c, s, LOG2E)
+    return next_m_s, m_t, d_a, d_b, d_c, w, e
+
+
+@triton.jit
+def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, PRECISE_KL: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Statistics of one row: (ms, mt, log2 d_a, log2 d_b, log2 d_c, KL in nats).
+
+    ms, mt are the row maxima of s and t (in logit units: differences s - ms are taken before any
+    scaling, so large logits keep their precision); d_a = sum 2^((s - ms) * scale_t),
+    d_b = sum 2^((t - mt) * scale_t), d_c = sum 2^((s - ms) * log2e). With q = softmax(t/T) and
+    delta_j = ((t_j - mt) - (s_j - ms)) * scale_t, KL = ln2 * sum_j q_j delta_j + log(d_a / d_b), the last
+    term as log1p(e / d_b) with e = d_a - d_b summed without cancellation when PRECISE_KL (large T):
+    there both terms are O(1/T) and cancel to O(1/T^2), which log2 d_a - log2 d_b (each ~log2 V)
+    would bury in rounding. Small T takes the difference of logs (e costs ~15 registers).
+    Masked head, unmasked interior, masked tail (kernels/rows.py).
     """
     zero = tl.full((), 0.0, tl.float32)
     m_s = zero + float("-inf")
@@ -139,46 +178,54 @@ def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.const
     d_a = zero
     d_b = zero
     d_c = zero
-    w = zero
-    m_a, m_b, m_c, d_a, d_b, d_c, w = _stats_chunk(s_row, t_row, 0, h, V, scale_t, m_a, m_b, m_c, d_a, d_b, d_c,
-                                                   w, USE_KL, USE_CE, True, BLOCK_V)
+    w = zero  # sum_j 2^((t_j - mt) * scale_t) * delta_j, 0 where q_j = 0 (xlogy)
+    e = zero  # d_a - d_b
+    m_s, m_t, d_a, d_b, d_c, w, e = _stats_chunk(s_row, t_row, 0, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w, e,
+                                                 USE_KL, USE_CE, PRECISE_KL, True, BLOCK_V)
     for k in range(1, n - 1):
-        m_a, m_b, m_c, d_a, d_b, d_c, w = _stats_chunk(s_row, t_row, k, h, V, scale_t, m_a, m_b, m_c, d_a, d_b,
-                                                       d_c, w, USE_KL, USE_CE, False, BLOCK_V)
+        m_s, m_t, d_a, d_b, d_c, w, e = _stats_chunk(s_row, t_row, k, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w,
+                                                     e, USE_KL, USE_CE, PRECISE_KL, False, BLOCK_V)
     if n > 1:
-        m_a, m_b, m_c, d_a, d_b, d_c, w = _stats_chunk(s_row, t_row, n - 1, h, V, scale_t, m_a, m_b, m_c, d_a,
-                                                       d_b, d_c, w, USE_KL, USE_CE, True, BLOCK_V)
-    return m_a + tl.log2(d_a), m_b + tl.log2(d_b), m_c + tl.log2(d_c), w / d_b
+        m_s, m_t, d_a, d_b, d_c, w, e = _stats_chunk(s_row, t_row, n - 1, h, V, scale_t, m_s, m_t, d_a, d_b, d_c,
+                                                     w, e, USE_KL, USE_CE, PRECISE_KL, True, BLOCK_V)
+    la = tl.log2(d_a)
+    lb = tl.log2(d_b)
+    if PRECISE_KL:
+        kl = LN2 * (w / d_b) + _log1p(e / d_b)
+    else:
+        kl = LN2 * (w / d_b + la - lb)
+    return m_s, m_t, la, lb, tl.log2(d_c), kl
 
 
 @triton.jit
-def _grad_chunk(s_row, t_row, g_row, k, h, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
+def _grad_chunk(s_row, t_row, g_row, k, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
                 USE_KL, USE_CE, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
     s = load_chunk(s_row, k, h, V, 0.0, MASKED, BLOCK_V)
     g = tl.zeros([BLOCK_V], tl.float32)
     if USE_KL:
         t = load_chunk(t_row, k, h, V, 0.0, MASKED, BLOCK_V)
-        p = tl.exp2(s * scale_t - lse_a)
-        q = tl.exp2(t * scale_t - lse_b)
+        p = tl.exp2((s - ms) * scale_t - la)
+        q = tl.exp2((t - mt) * scale_t - lb)
         g += kl_coef * (p - q)
     if USE_CE:
-        big_p = tl.exp2(s * LOG2E - lse_c)
+        big_p = tl.exp2((s - ms) * LOG2E - lc)
         g += ce_coef * (big_p - tl.where(chunk_cols(k, h, BLOCK_V) == label, 1.0, 0.0))
     store_chunk(g_row, k, h, V, g, MASKED, BLOCK_V)
 
 
 @triton.jit
-def _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
+def _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
                     USE_KL, USE_CE, BLOCK_V: tl.constexpr):
-    """g = kl_coef * (p - q) + ce_coef * (P - onehot(label)) over the row, chunk by chunk, last chunk first:
+    """g = kl_coef * (p - q) + ce_coef * (P - onehot(label)) over the row from the statistics of
+    :func:`_row_stats` (made finite for rows that are -inf everywhere), chunk by chunk, last chunk first:
     the statistics pass read the row front to back, so its end is the likeliest still in L1/L2."""
     if n > 1:
-        _grad_chunk(s_row, t_row, g_row, n - 1, h, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
+        _grad_chunk(s_row, t_row, g_row, n - 1, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
                     USE_KL, USE_CE, True, BLOCK_V)
     for j in range(1, n - 1):
-        _grad_chunk(s_row, t_row, g_row, n - 1 - j, h, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
+        _grad_chunk(s_row, t_row, g_row, n - 1 - j, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
                     USE_KL, USE_CE, False, BLOCK_V)
-    _grad_chunk(s_row, t_row, g_row, 0, h, V, scale_t, lse_a, lse_b, lse_c, label, kl_coef, ce_coef,
+    _grad_chunk(s_row, t_row, g_row, 0, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
                 USE_KL, USE_CE, True, BLOCK_V)
 
 
@@ -213,6 +260,15 @@ def _guarded_coefs(la, lb, lc, kl_coef, ce_coef):
 
 
 @triton.jit
+def _write_grad(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef, use_kl, use_ce,
+                BLOCK_V: tl.constexpr):
+    """:func:`_write_grad_row` for the coefficients, zeroed for rows that are -inf everywhere."""
+    kl_coef, ce_coef = _guarded_coefs(la, lb, lc, kl_coef, ce_coef)
+    _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, finite_lse(ms), finite_lse(mt), finite_lse(la),
+                    finite_lse(lb), finite_lse(lc), label, kl_coef, ce_coef, use_kl, use_ce, BLOCK_V)
+
+
+@triton.jit
 def _aligned_rows(r, s_ptr, t_ptr, grad_ptr, S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, V,
                   ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
     """Row r of s, t and grad cut for 128-bit access (kernels/rows.py): (s_start, h, n, s_row, t_row,
@@ -230,7 +286,7 @@ def kl_ce_fwd_kernel(
     s_ptr, t_ptr, labels_ptr, mask_ptr, coef_ptr, kl_ptr, ce_ptr, grad_ptr,
     S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, V,
     scale_t, temperature, ignore_index,
-    HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr, PRECISE_KL: tl.constexpr,
     BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -240,7 +296,8 @@ def kl_ce_fwd_kernel(
     kl = 0.0
     ce = 0.0
     if use_kl | use_ce:
-        lse_a, lse_b, lse_c, kl_cross = _row_stats(s_row, t_row, h, n, V, scale_t, use_kl, use_ce, BLOCK_V)
+        ms, mt, la, lb, lc, kl_nats = _row_stats(s_row, t_row, h, n, V, scale_t, use_kl, use_ce, PRECISE_KL,
+                                                 BLOCK_V)
         if use_kl:
             # 0 if either row is all -inf; never below 0 (a KL is not; nan stays nan).
             kl = tl.where((la == float("-inf")) | (lb == float("-inf")), 0.0, temperature * temperature * kl_nats)
@@ -248,12 +305,11 @@ def kl_ce_fwd_kernel(
         if use_ce:
             in_range = (label >= 0) & (label < V)
             s_y = tl.load(s_start + label, mask=in_range, other=0.0).to(tl.float32)
-            ce = tl.where(lse_c == float("-inf"), 0.0, lse_c * LN2 - s_y)
+            # log z + (max - s_y): the difference first, exact at large logits.
+            ce = tl.where(lc == float("-inf"), 0.0, lc * LN2 + (ms - s_y))
         if WRITE_GRAD:
-            kl_coef, ce_coef = _guarded_coefs(lse_a, lse_b, lse_c, tl.load(coef_ptr) * temperature,
-                                              tl.load(coef_ptr + 1))
-            _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, finite_lse(lse_a), finite_lse(lse_b),
-                            finite_lse(lse_c), label, kl_coef, ce_coef, use_kl, use_ce, BLOCK_V)
+            _write_grad(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label,
+                        tl.load(coef_ptr) * temperature, tl.load(coef_ptr + 1), use_kl, use_ce, BLOCK_V)
     elif WRITE_GRAD:
         _fill_row(g_row, h, n, V, 0.0, False, BLOCK_V)
     tl.store(kl_ptr + r, kl)
@@ -285,14 +341,13 @@ def kl_ce_bwd_kernel(
                           g_ce / tl.where(ce_coef == 0.0, 1.0, ce_coef))
         _s_start, h, n, s_row, t_row, g_row = _aligned_rows(r, s_ptr, t_ptr, grad_ptr, S, s_stride_b, s_stride_s,
                                                             t_stride_b, t_stride_s, V, ALIGN, BLOCK_V)
-        if kl_ok & ce_ok & prop:
+        if kl_ok & ce_ok & prop & rescale_keeps_precision(factor, grad_ptr.dtype.element_ty != tl.float32):
             if factor != 1.0:  # exactly coef: the buffer already is the gradient
                 _fill_row(g_row, h, n, V, factor, True, BLOCK_V)
         else:
-            lse_a, lse_b, lse_c, _kl_cross = _row_stats(s_row, t_row, h, n, V, scale_t, use_kl, use_ce, BLOCK_V)
-            new_kl, new_ce = _guarded_coefs(lse_a, lse_b, lse_c, g_kl * temperature, g_ce)
-            _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, finite_lse(lse_a), finite_lse(lse_b),
-                            finite_lse(lse_c), label, new_kl, new_ce, use_kl, use_ce, BLOCK_V)
+            ms, mt, la, lb, lc, _kl = _row_stats(s_row, t_row, h, n, V, scale_t, use_kl, use_ce, False, BLOCK_V)
+            _write_grad(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label, g_kl * temperature, g_ce,
+                        use_kl, use_ce, BLOCK_V)
 
 
 def _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v, num_warps):
@@ -314,11 +369,15 @@ def _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_in
 def fwd_launch(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,
                block_v=None, num_warps=None):
     """(grid, {parameter: argument}, launch options) of the forward launch: what :func:`kl_ce_rows`
-    launches and what the ahead-of-time tests compile (from meta tensors)."""
+    launches and what the ahead-of-time tests compile (from meta tensors). Above PRECISE_KL_ABOVE the
+    large-temperature KL runs in chunks of PRECISE_KL_BLOCK_V unless ``block_v`` is given."""
+    precise_kl = temperature > PRECISE_KL_ABOVE
+    if precise_kl and block_v is None and student.shape[-1] > PRECISE_KL_BLOCK_V:
+        block_v = PRECISE_KL_BLOCK_V
     args, options = _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v,
                                  num_warps)
     args.update(kl_ptr=kl_rows, ce_ptr=ce_rows, grad_ptr=kl_rows if grad is None else grad,
-                WRITE_GRAD=grad is not None,
+                WRITE_GRAD=grad is not None, PRECISE_KL=precise_kl,
                 ALIGN=vector_width(student, teacher) if grad is None else vector_width(student, teacher, grad))
     return (kl_rows.numel(),), args, options
 

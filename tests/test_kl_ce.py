@@ -623,20 +623,23 @@ def test_torch_compile_fullgraph(backend):
 # ----------------------------------------------------------------------------------------------
 VOCABS = (30522, 50257, 32000, 128256)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISE_T = 2 * K.PRECISE_KL_ABOVE
 
 
 def _meta(*shape, dtype=torch.float32):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def _launch_specs(vocab, s_dtype, t_dtype, cc, has_labels=True, has_mask=True, write_grad=True, rows=8192):
-    """(forward, backward) specs of a launch on [rows, vocab] logits, from the launchers themselves."""
+def _launch_specs(vocab, s_dtype, t_dtype, cc, has_labels=True, has_mask=True, write_grad=True, temperature=2.0,
+                  rows=8192):
+    """(forward, backward) specs of a launch on [rows, vocab] logits, from the launchers themselves
+    (temperature > K.PRECISE_KL_ABOVE: the forward is the large-temperature KL in its own chunks)."""
     s, t = _meta(rows, vocab, dtype=s_dtype), _meta(rows, vocab, dtype=t_dtype)
     labels = _meta(rows, dtype=torch.int64) if has_labels else None
     mask = _meta(rows, dtype=torch.bool) if has_mask else None
     coef, kl, ce, grad = _meta(2), _meta(rows), _meta(rows), _meta(rows, vocab, dtype=s_dtype)
-    fwd = K.fwd_launch(s, t, labels, mask, coef, 2.0, -100, kl, ce, grad if write_grad else None)
-    bwd = K.bwd_launch(grad, kl, ce, s, t, labels, mask, coef, 2.0, -100)
+    fwd = K.fwd_launch(s, t, labels, mask, coef, temperature, -100, kl, ce, grad if write_grad else None)
+    bwd = K.bwd_launch(grad, kl, ce, s, t, labels, mask, coef, temperature, -100)
     return [launch_spec(kernel, "distil.kernels.kl_ce", args, cc=cc, **options)
             for kernel, (_, args, options) in ((K.kl_ce_fwd_kernel, fwd), (K.kl_ce_bwd_kernel, bwd))]
 
@@ -646,13 +649,22 @@ def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
     # 128-bit main loops: every vocabulary above, every dtype, both architectures.
     vector_specs = [spec for vocab in VOCABS for dt in DTYPES.values() for cc in (80, 90)
                     for spec in _launch_specs(vocab, dt, dt, cc)]
+    # The same for the large-temperature KL (PRECISE_KL, chunks of PRECISE_KL_BLOCK_V); its backward is the
+    # one above.
+    vector_specs += [_launch_specs(vocab, dt, dt, cc, temperature=PRECISE_T)[0]
+                     for vocab in VOCABS for dt in DTYPES.values() for cc in (80, 90)]
     # The rest of the specialisations: the single-block row, mixed dtypes, the optional inputs.
     other_specs = [spec for vocab in (300, 1000) for cc in (80, 90)
                    for spec in _launch_specs(vocab, torch.float32, torch.float32, cc)]
     other_specs += [spec for s_dt, t_dt in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16))
                     for spec in _launch_specs(30522, s_dt, t_dt, 90)]
-    other_specs += [_launch_specs(30522, torch.bfloat16, torch.bfloat16, 90, *flags)[0]
-                    for flags in itertools.product((False, True), repeat=3) if flags != (True, True, True)]
+    other_specs += [_launch_specs(30522, torch.bfloat16, torch.bfloat16, 90, *flags, temperature=temperature)[0]
+                    for flags in itertools.product((False, True), repeat=3) if flags != (True, True, True)
+                    for temperature in (2.0, PRECISE_T)]
+    other_specs += [_launch_specs(vocab, torch.float32, torch.float32, cc, temperature=PRECISE_T)[0]
+                    for vocab in (300, 1000) for cc in (80, 90)]
+    other_specs += [_launch_specs(30522, s_dt, t_dt, 90, temperature=PRECISE_T)[0]
+                    for s_dt, t_dt in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16))]
     reports = compile_reports(vector_specs + other_specs)
     spilled = [(s["kernel"], s["signature"]["s_ptr"], s["constexprs"], s["cc"], r["spill_stores"])
                for s, r in zip(vector_specs + other_specs, reports) if r["spill_stores"] or r["spill_loads"]]
