@@ -89,7 +89,9 @@ TUNING = (
 # Above this temperature the KL is formed without the cancellation of two ~log V terms (see _row_stats);
 # at or below it that cancellation costs less than eager fp32's own rounding, and 15 registers less.
 PRECISE_KL_ABOVE = 4.0
-# Its extra sums need registers: chunks of 1024 (4 elements per thread at 8 warps) keep it spill-free.
+# Its extra sums need registers: with an fp32 row, chunks of 1024 (4 elements, one 128-bit access per
+# thread at 8 warps) keep it spill-free under the 80-register cap, where 2048 spills on sm_90; 16-bit rows
+# keep TUNING's chunks (8 elements, 128 bits, no spills).
 PRECISE_KL_BLOCK_V = 1024
 
 
@@ -370,9 +372,10 @@ def fwd_launch(student, teacher, labels, kl_mask, coef, temperature, ignore_inde
                block_v=None, num_warps=None):
     """(grid, {parameter: argument}, launch options) of the forward launch: what :func:`kl_ce_rows`
     launches and what the ahead-of-time tests compile (from meta tensors). Above PRECISE_KL_ABOVE the
-    large-temperature KL runs in chunks of PRECISE_KL_BLOCK_V unless ``block_v`` is given."""
+    large-temperature KL on fp32 rows runs in chunks of PRECISE_KL_BLOCK_V unless ``block_v`` is given."""
     precise_kl = temperature > PRECISE_KL_ABOVE
-    if precise_kl and block_v is None and student.shape[-1] > PRECISE_KL_BLOCK_V:
+    if (precise_kl and block_v is None and student.shape[-1] > PRECISE_KL_BLOCK_V
+            and max(student.element_size(), teacher.element_size()) == 4):
         block_v = PRECISE_KL_BLOCK_V
     args, options = _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v,
                                  num_warps)

@@ -649,8 +649,8 @@ def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
     # 128-bit main loops: every vocabulary above, every dtype, both architectures.
     vector_specs = [spec for vocab in VOCABS for dt in DTYPES.values() for cc in (80, 90)
                     for spec in _launch_specs(vocab, dt, dt, cc)]
-    # The same for the large-temperature KL (PRECISE_KL, chunks of PRECISE_KL_BLOCK_V); its backward is the
-    # one above.
+    # The same for the large-temperature KL (PRECISE_KL, fp32 rows in chunks of PRECISE_KL_BLOCK_V); its
+    # backward is the one above.
     vector_specs += [_launch_specs(vocab, dt, dt, cc, temperature=PRECISE_T)[0]
                      for vocab in VOCABS for dt in DTYPES.values() for cc in (80, 90)]
     # The rest of the specialisations: the single-block row, mixed dtypes, the optional inputs.
