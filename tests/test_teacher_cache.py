@@ -162,7 +162,10 @@ def test_training_from_a_full_cache_reproduces_the_live_teacher(setup):
             optimizer.zero_grad()
             losses.append(torch.stack([out.total, out.kl, out.mlm]).detach())
         runs[name] = torch.stack(losses)
-    assert torch.allclose(runs["cached"], runs["live"], rtol=1e-5, atol=0)
+    # Per step: the total to 1e-5 relative, each part to 1e-5 of the total (a small KL is a difference
+    # of sums whose fp32 rounding differs between the dense and the top-k kernels).
+    scale = runs["live"][:, :1].abs()
+    assert ((runs["cached"] - runs["live"]).abs() <= 1e-5 * scale).all(), (runs["cached"] - runs["live"]) / scale
 
 
 def test_distil_train_from_a_cache_runs_without_the_teacher_and_resumes_bit_exactly(setup):
