@@ -62,7 +62,7 @@ from distil.kernels.rows import (
     finite_lse,
     load_chunk,
     online_scaled_lse_update,
-    rescale_keeps_precision,
+    rescale_factor,
     row_flags,
     row_geometry,
     row_split,
@@ -329,21 +329,11 @@ def kl_ce_bwd_kernel(
     r = tl.program_id(0).to(tl.int64)
     use_kl, use_ce, label = row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
     if use_kl | use_ce:
-        kl_coef = tl.load(coef_ptr)
-        ce_coef = tl.load(coef_ptr + 1)
-        g_kl = tl.load(gkl_ptr + r)
-        g_ce = tl.load(gce_ptr + r)
-        # The row holds kl_coef*A + ce_coef*B; we need g_kl*A + g_ce*B (terms of unused parts are absent).
-        kl_ok = (use_kl == 0) | (kl_coef != 0.0)
-        ce_ok = (use_ce == 0) | (ce_coef != 0.0)
-        lhs = g_kl * ce_coef
-        rhs = g_ce * kl_coef
-        prop = ((use_kl & use_ce) == 0) | (tl.abs(lhs - rhs) <= 1e-6 * tl.maximum(tl.abs(lhs), tl.abs(rhs)))
-        factor = tl.where(use_kl, g_kl / tl.where(kl_coef == 0.0, 1.0, kl_coef),
-                          g_ce / tl.where(ce_coef == 0.0, 1.0, ce_coef))
+        factor, rescale, g_kl, g_ce = rescale_factor(r, coef_ptr, gkl_ptr, gce_ptr, use_kl, use_ce,
+                                                     grad_ptr.dtype.element_ty != tl.float32)
         _s_start, h, n, s_row, t_row, g_row = _aligned_rows(r, s_ptr, t_ptr, grad_ptr, S, s_stride_b, s_stride_s,
                                                             t_stride_b, t_stride_s, V, ALIGN, BLOCK_V)
-        if kl_ok & ce_ok & prop & rescale_keeps_precision(factor, grad_ptr.dtype.element_ty != tl.float32):
+        if rescale:
             if factor != 1.0:  # exactly coef: the buffer already is the gradient
                 _fill_row(g_row, h, n, V, factor, True, BLOCK_V)
         else:

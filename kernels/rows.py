@@ -155,3 +155,24 @@ def rescale_keeps_precision(factor, NARROW: tl.constexpr):
         return (tl.abs(factor) >= 0.5) & (tl.abs(factor) <= 2.0)
     else:
         return factor == factor  # true (false for a NaN factor, which a recomputation makes NaN too)
+
+
+@triton.jit
+def rescale_factor(r, coef_ptr, gkl_ptr, gce_ptr, use_kl, use_ce, NARROW: tl.constexpr):
+    """The backward of the two-part (KL, CE) row ops, whose forward wrote the gradient of
+    kl_coef * kl_row + ce_coef * ce_row: (factor, rescale, g_kl, g_ce) for row r. ``rescale``: the
+    incoming (g_kl, g_ce) are proportional to the coefficients (1e-6 relative; parts the row does not
+    use are absent) and ``rescale_keeps_precision``, so the row is multiplied by ``factor`` (nothing to
+    do at exactly 1); otherwise the row must be recomputed for (g_kl, g_ce). csrc/rows.h has the CPU twin."""
+    kl_coef = tl.load(coef_ptr)
+    ce_coef = tl.load(coef_ptr + 1)
+    g_kl = tl.load(gkl_ptr + r)
+    g_ce = tl.load(gce_ptr + r)
+    kl_ok = (use_kl == 0) | (kl_coef != 0.0)
+    ce_ok = (use_ce == 0) | (ce_coef != 0.0)
+    lhs = g_kl * ce_coef
+    rhs = g_ce * kl_coef
+    prop = ((use_kl & use_ce) == 0) | (tl.abs(lhs - rhs) <= 1e-6 * tl.maximum(tl.abs(lhs), tl.abs(rhs)))
+    factor = tl.where(use_kl, g_kl / tl.where(kl_coef == 0.0, 1.0, kl_coef),
+                      g_ce / tl.where(ce_coef == 0.0, 1.0, ce_coef))
+    return factor, kl_ok & ce_ok & prop & rescale_keeps_precision(factor, NARROW), g_kl, g_ce

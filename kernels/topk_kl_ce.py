@@ -57,7 +57,16 @@ import triton
 import triton.language as tl
 
 from distil.kernels.kl_ce import tuning_for
-from distil.kernels.rows import LN2, LOG2E, finite_lse, online_lse_update, row_flags, row_geometry, row_start
+from distil.kernels.rows import (
+    LN2,
+    LOG2E,
+    finite_lse,
+    online_lse_update,
+    rescale_factor,
+    row_flags,
+    row_geometry,
+    row_start,
+)
 
 TAIL_FLOOR: tl.constexpr = tl.constexpr(2.0**-16)
 # Teacher entries per block: k up to this is one block, larger k is streamed in blocks of it.
@@ -250,20 +259,10 @@ def topk_kl_ce_bwd_kernel(
     r = tl.program_id(0).to(tl.int64)
     use_kl, use_ce, label = row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
     if use_kl | use_ce:
-        kl_coef = tl.load(coef_ptr)
-        ce_coef = tl.load(coef_ptr + 1)
-        g_kl = tl.load(gkl_ptr + r)
-        g_ce = tl.load(gce_ptr + r)
-        # The row holds kl_coef*A + ce_coef*B; we need g_kl*A + g_ce*B (terms of unused parts are absent).
-        kl_ok = (use_kl == 0) | (kl_coef != 0.0)
-        ce_ok = (use_ce == 0) | (ce_coef != 0.0)
-        lhs = g_kl * ce_coef
-        rhs = g_ce * kl_coef
-        prop = ((use_kl & use_ce) == 0) | (tl.abs(lhs - rhs) <= 1e-6 * tl.maximum(tl.abs(lhs), tl.abs(rhs)))
-        factor = tl.where(use_kl, g_kl / tl.where(kl_coef == 0.0, 1.0, kl_coef),
-                          g_ce / tl.where(ce_coef == 0.0, 1.0, ce_coef))
+        factor, rescale, g_kl, g_ce = rescale_factor(r, coef_ptr, gkl_ptr, gce_ptr, use_kl, use_ce,
+                                                     grad_ptr.dtype.element_ty != tl.float32)
         g_row = grad_ptr + r * V
-        if kl_ok & ce_ok & prop:
+        if rescale:
             if factor != 1.0:  # exactly coef: the buffer already is the gradient
                 offs = tl.arange(0, BLOCK_V)
                 for c in range(NUM_CHUNKS):
