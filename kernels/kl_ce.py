@@ -59,6 +59,7 @@ from distil.kernels.rows import (
     LOG2E,
     aligned_row,
     chunk_cols,
+    fill_row,
     finite_lse,
     load_chunk,
     online_scaled_lse_update,
@@ -232,27 +233,6 @@ def _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, l
 
 
 @triton.jit
-def _fill_row(g_row, h, n, V, factor, SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Every chunk of the row set to 0 (SCALE false) or multiplied by ``factor`` (SCALE true)."""
-    zero = tl.zeros([BLOCK_V], tl.float32)
-    if SCALE:
-        store_chunk(g_row, 0, h, V, load_chunk(g_row, 0, h, V, 0.0, True, BLOCK_V) * factor, True, BLOCK_V)
-    else:
-        store_chunk(g_row, 0, h, V, zero, True, BLOCK_V)
-    for k in range(1, n - 1):
-        if SCALE:
-            store_chunk(g_row, k, h, V, load_chunk(g_row, k, h, V, 0.0, False, BLOCK_V) * factor, False, BLOCK_V)
-        else:
-            store_chunk(g_row, k, h, V, zero, False, BLOCK_V)
-    if n > 1:
-        if SCALE:
-            store_chunk(g_row, n - 1, h, V, load_chunk(g_row, n - 1, h, V, 0.0, True, BLOCK_V) * factor, True,
-                        BLOCK_V)
-        else:
-            store_chunk(g_row, n - 1, h, V, zero, True, BLOCK_V)
-
-
-@triton.jit
 def _guarded_coefs(la, lb, lc, kl_coef, ce_coef):
     # Rows that are -inf everywhere (log2 of a zero sum; a NaN row's is NaN) get loss 0 and gradient 0
     # (see the -inf policy).
@@ -313,7 +293,7 @@ def kl_ce_fwd_kernel(
             _write_grad(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label,
                         tl.load(coef_ptr) * temperature, tl.load(coef_ptr + 1), use_kl, use_ce, BLOCK_V)
     elif WRITE_GRAD:
-        _fill_row(g_row, h, n, V, 0.0, False, BLOCK_V)
+        fill_row(g_row, h, n, V, 0.0, False, BLOCK_V)
     tl.store(kl_ptr + r, kl)
     tl.store(ce_ptr + r, ce)
 
@@ -335,7 +315,7 @@ def kl_ce_bwd_kernel(
                                                             t_stride_b, t_stride_s, V, ALIGN, BLOCK_V)
         if rescale:
             if factor != 1.0:  # exactly coef: the buffer already is the gradient
-                _fill_row(g_row, h, n, V, factor, True, BLOCK_V)
+                fill_row(g_row, h, n, V, factor, True, BLOCK_V)
         else:
             ms, mt, la, lb, lc, _kl = _row_stats(s_row, t_row, h, n, V, scale_t, use_kl, use_ce, False, BLOCK_V)
             _write_grad(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label, g_kl * temperature, g_ce,

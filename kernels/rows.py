@@ -176,3 +176,24 @@ def rescale_factor(r, coef_ptr, gkl_ptr, gce_ptr, use_kl, use_ce, NARROW: tl.con
     factor = tl.where(use_kl, g_kl / tl.where(kl_coef == 0.0, 1.0, kl_coef),
                       g_ce / tl.where(ce_coef == 0.0, 1.0, ce_coef))
     return factor, kl_ok & ce_ok & prop & rescale_keeps_precision(factor, NARROW), g_kl, g_ce
+
+
+@triton.jit
+def fill_row(g_row, h, n, V, factor, SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Every chunk of an ``aligned_row`` set to 0 (SCALE false) or multiplied by ``factor`` (SCALE true)."""
+    zero = tl.zeros([BLOCK_V], tl.float32)
+    if SCALE:
+        store_chunk(g_row, 0, h, V, load_chunk(g_row, 0, h, V, 0.0, True, BLOCK_V) * factor, True, BLOCK_V)
+    else:
+        store_chunk(g_row, 0, h, V, zero, True, BLOCK_V)
+    for k in range(1, n - 1):
+        if SCALE:
+            store_chunk(g_row, k, h, V, load_chunk(g_row, k, h, V, 0.0, False, BLOCK_V) * factor, False, BLOCK_V)
+        else:
+            store_chunk(g_row, k, h, V, zero, False, BLOCK_V)
+    if n > 1:
+        if SCALE:
+            store_chunk(g_row, n - 1, h, V, load_chunk(g_row, n - 1, h, V, 0.0, True, BLOCK_V) * factor, True,
+                        BLOCK_V)
+        else:
+            store_chunk(g_row, n - 1, h, V, zero, True, BLOCK_V)

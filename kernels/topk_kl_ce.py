@@ -60,12 +60,20 @@ from distil.kernels.kl_ce import tuning_for
 from distil.kernels.rows import (
     LN2,
     LOG2E,
+    aligned_row,
+    chunk_cols,
+    fill_row,
     finite_lse,
+    load_chunk,
     online_lse_update,
+    online_scaled_lse_update,
     rescale_factor,
     row_flags,
     row_geometry,
+    row_split,
     row_start,
+    store_chunk,
+    vector_width,
 )
 
 TAIL_FLOOR: tl.constexpr = tl.constexpr(2.0**-16)
@@ -74,24 +82,36 @@ MAX_BLOCK_K = 128
 
 
 @triton.jit
-def _student_stats(s_row, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    """Log2-domain (lse of s*log2e/T, lse of s*log2e) of one student row, one streamed read."""
-    offs = tl.arange(0, BLOCK_V)
+def _stats_chunk(s_vec, k, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, MASKED: tl.constexpr,
+                 BLOCK_V: tl.constexpr):
+    s = load_chunk(s_vec, k, h, V, float("-inf"), MASKED, BLOCK_V)
+    if USE_KL:
+        m_a, _ma_ref, d_a, _ea = online_scaled_lse_update(m_a, d_a, s, scale_t)
+    if USE_CE:
+        m_c, _mc_ref, d_c, _ec = online_scaled_lse_update(m_c, d_c, s, LOG2E)
+    return m_a, d_a, m_c, d_c
+
+
+@triton.jit
+def _student_stats(s_vec, h, n, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr):
+    """One streamed read of a student ``aligned_row`` (masked head and tail chunks, 128-bit interior):
+    (lse_a, lse_c, ms, log2 z1) with lse_a, lse_c the log2-domain lse of s*log2e/T and of s*log2e, ms
+    the row maximum in logit units and z1 = sum exp(s - ms), so that the CE is ln z1 + (ms - s_y):
+    the difference first, exact at large logits (ms is kept in logit units for that)."""
     zero = tl.full((), 0.0, tl.float32)
     m_a = zero + float("-inf")
     m_c = zero + float("-inf")
     d_a = zero
     d_c = zero
-    for i in range(NUM_CHUNKS):
-        cols = i * BLOCK_V + offs
-        valid = cols < V
-        s = tl.load(s_row + cols, mask=valid, other=0.0).to(tl.float32)
-        s = tl.where(valid, s, float("-inf"))
-        if USE_KL:
-            m_a, _ma_ref, d_a, _ea = online_lse_update(m_a, d_a, s * scale_t)
-        if USE_CE:
-            m_c, _mc_ref, d_c, _ec = online_lse_update(m_c, d_c, s * LOG2E)
-    return m_a + tl.log2(d_a), m_c + tl.log2(d_c)
+    m_a, d_a, m_c, d_c = _stats_chunk(s_vec, 0, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, True, BLOCK_V)
+    for k in range(1, n - 1):
+        m_a, d_a, m_c, d_c = _stats_chunk(s_vec, k, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, False,
+                                          BLOCK_V)
+    if n > 1:
+        m_a, d_a, m_c, d_c = _stats_chunk(s_vec, n - 1, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, True,
+                                          BLOCK_V)
+    log2_z1 = tl.log2(d_c)
+    return m_a * scale_t + tl.log2(d_a), m_c * LOG2E + log2_z1, m_c, log2_z1
 
 
 @triton.jit
@@ -150,21 +170,30 @@ def _topk_terms(s_row, t_row, i_row, K, V, scale_t, lse_a, lse_q, EXACT: tl.cons
 
 
 @triton.jit
-def _dense_grad(s_row, g_row, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL, USE_CE,
-                BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    """g = kl_scale * p + ce_coef * (P - onehot(label)) over the row, last chunk first (the likeliest
-    still cached after the statistics pass)."""
-    offs = tl.arange(0, BLOCK_V)
-    for c in range(NUM_CHUNKS):
-        cols = (NUM_CHUNKS - 1 - c) * BLOCK_V + offs
-        valid = cols < V
-        s = tl.load(s_row + cols, mask=valid, other=0.0).to(tl.float32)
-        g = tl.zeros([BLOCK_V], tl.float32)
-        if USE_KL:
-            g += kl_scale * tl.exp2(s * scale_t - lse_a)
-        if USE_CE:
-            g += ce_coef * (tl.exp2(s * LOG2E - lse_c) - tl.where(cols == label, 1.0, 0.0))
-        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=valid)
+def _dense_grad_chunk(s_vec, g_vec, k, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL, USE_CE,
+                      MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    s = load_chunk(s_vec, k, h, V, 0.0, MASKED, BLOCK_V)
+    g = tl.zeros([BLOCK_V], tl.float32)
+    if USE_KL:
+        g += kl_scale * tl.exp2(s * scale_t - lse_a)
+    if USE_CE:
+        g += ce_coef * (tl.exp2(s * LOG2E - lse_c) - tl.where(chunk_cols(k, h, BLOCK_V) == label, 1.0, 0.0))
+    store_chunk(g_vec, k, h, V, g, MASKED, BLOCK_V)
+
+
+@triton.jit
+def _dense_grad(s_vec, g_vec, h, n, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL, USE_CE,
+                BLOCK_V: tl.constexpr):
+    """g = kl_scale * p + ce_coef * (P - onehot(label)) over an ``aligned_row``, last chunk first (the
+    likeliest still cached after the statistics pass)."""
+    if n > 1:
+        _dense_grad_chunk(s_vec, g_vec, n - 1, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL,
+                          USE_CE, True, BLOCK_V)
+    for j in range(1, n - 1):
+        _dense_grad_chunk(s_vec, g_vec, n - 1 - j, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL,
+                          USE_CE, False, BLOCK_V)
+    _dense_grad_chunk(s_vec, g_vec, 0, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL, USE_CE, True,
+                      BLOCK_V)
 
 
 @triton.jit
@@ -180,12 +209,13 @@ def _topk_grad(s_row, t_row, i_row, g_row, K, V, scale_t, lse_a, lse_q, lse_c, l
 
 
 @triton.jit
-def _topk_row(s_row, t_row, i_row, lse_ptr, g_row, r, K, V, scale_t, temperature, label, use_kl, use_ce,
-              kl_coef, ce_coef, WRITE_GRAD: tl.constexpr, EXACT: tl.constexpr, BLOCK_V: tl.constexpr,
-              NUM_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr):
+def _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, scale_t, temperature, label, use_kl,
+              use_ce, kl_coef, ce_coef, WRITE_GRAD: tl.constexpr, EXACT: tl.constexpr, BLOCK_V: tl.constexpr,
+              BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr):
     """(kl, ce) of one row with at least one term; with WRITE_GRAD its gradient for
-    (kl_coef, ce_coef) (kl_coef already times T)."""
-    lse_a, lse_c = _student_stats(s_row, V, scale_t, use_kl, use_ce, BLOCK_V, NUM_CHUNKS)
+    (kl_coef, ce_coef) (kl_coef already times T). ``s_row`` / ``g_row`` point at column 0 (the sparse
+    accesses), ``s_vec`` / ``g_vec`` at column -h (the ``aligned_row`` streams, n chunks)."""
+    lse_a, lse_c, ms, log2_z1 = _student_stats(s_vec, h, n, V, scale_t, use_kl, use_ce, BLOCK_V)
     kl = 0.0
     ce = 0.0
     alpha = 0.0
@@ -203,14 +233,14 @@ def _topk_row(s_row, t_row, i_row, lse_ptr, g_row, r, K, V, scale_t, temperature
     if use_ce:
         in_range = (label >= 0) & (label < V)
         s_y = tl.load(s_row + label, mask=in_range, other=0.0).to(tl.float32)
-        ce = tl.where(lse_c == float("-inf"), 0.0, lse_c * LN2 - s_y)
+        ce = tl.where(lse_c == float("-inf"), 0.0, log2_z1 * LN2 + (ms - s_y))
     if WRITE_GRAD:
         kl_coef = tl.where(kl_on, kl_coef, 0.0)
         ce_coef = tl.where(lse_c == float("-inf"), 0.0, ce_coef)
         lse_a = finite_lse(lse_a)
         lse_c = finite_lse(lse_c)
-        _dense_grad(s_row, g_row, V, scale_t, lse_a, lse_c, label, kl_coef * alpha, ce_coef, use_kl, use_ce,
-                    BLOCK_V, NUM_CHUNKS)
+        _dense_grad(s_vec, g_vec, h, n, V, scale_t, lse_a, lse_c, label, kl_coef * alpha, ce_coef, use_kl, use_ce,
+                    BLOCK_V)
         if kl_on:
             # The k entries are rewritten by other threads of this program than wrote them densely.
             tl.debug_barrier()
@@ -220,30 +250,37 @@ def _topk_row(s_row, t_row, i_row, lse_ptr, g_row, r, K, V, scale_t, temperature
 
 
 @triton.jit
+def _student_rows(r, s_ptr, grad_ptr, S, s_stride_b, s_stride_s, V, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Row r of the student and of its gradient: (s_row, s_vec, g_row, g_vec, h, n), *_row at column 0,
+    *_vec the ``aligned_row`` at column -h for the streamed passes (n chunks, 128-bit interior)."""
+    s_off = row_start(r, S, s_stride_b, s_stride_s)
+    h, n = row_split(s_off, V, ALIGN, BLOCK_V)
+    return (s_ptr + s_off, aligned_row(s_ptr, s_off, h, ALIGN), grad_ptr + r * V, aligned_row(grad_ptr, r * V, h, ALIGN),
+            h, n)
+
+
+@triton.jit
 def topk_kl_ce_fwd_kernel(
     s_ptr, t_ptr, i_ptr, lse_ptr, labels_ptr, mask_ptr, coef_ptr, kl_ptr, ce_ptr, grad_ptr,
     S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, i_stride_b, i_stride_s, V, K,
     scale_t, temperature, ignore_index,
     EXACT: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row_start(r, S, s_stride_b, s_stride_s)
+    s_row, s_vec, g_row, g_vec, h, n = _student_rows(r, s_ptr, grad_ptr, S, s_stride_b, s_stride_s, V, ALIGN,
+                                                     BLOCK_V)
     t_row = t_ptr + row_start(r, S, t_stride_b, t_stride_s)
     i_row = i_ptr + row_start(r, S, i_stride_b, i_stride_s)
-    g_row = grad_ptr + r * V
     use_kl, use_ce, label = row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
     kl = 0.0
     ce = 0.0
     if use_kl | use_ce:
-        kl, ce = _topk_row(s_row, t_row, i_row, lse_ptr, g_row, r, K, V, scale_t, temperature, label, use_kl,
-                           use_ce, tl.load(coef_ptr) * temperature, tl.load(coef_ptr + 1), WRITE_GRAD, EXACT,
-                           BLOCK_V, NUM_CHUNKS, BLOCK_K, NUM_K_CHUNKS)
+        kl, ce = _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, scale_t, temperature,
+                           label, use_kl, use_ce, tl.load(coef_ptr) * temperature, tl.load(coef_ptr + 1), WRITE_GRAD,
+                           EXACT, BLOCK_V, BLOCK_K, NUM_K_CHUNKS)
     elif WRITE_GRAD:
-        offs = tl.arange(0, BLOCK_V)
-        for c in range(NUM_CHUNKS):
-            cols = c * BLOCK_V + offs
-            tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(g_row.dtype.element_ty), mask=cols < V)
+        fill_row(g_vec, h, n, V, 0.0, False, BLOCK_V)
     tl.store(kl_ptr + r, kl)
     tl.store(ce_ptr + r, ce)
 
@@ -254,44 +291,64 @@ def topk_kl_ce_bwd_kernel(
     S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, i_stride_b, i_stride_s, V, K,
     scale_t, temperature, ignore_index,
     EXACT: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_V: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     use_kl, use_ce, label = row_flags(r, labels_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
     if use_kl | use_ce:
         factor, rescale, g_kl, g_ce = rescale_factor(r, coef_ptr, gkl_ptr, gce_ptr, use_kl, use_ce,
                                                      grad_ptr.dtype.element_ty != tl.float32)
-        g_row = grad_ptr + r * V
+        s_row, s_vec, g_row, g_vec, h, n = _student_rows(r, s_ptr, grad_ptr, S, s_stride_b, s_stride_s, V, ALIGN,
+                                                         BLOCK_V)
         if rescale:
             if factor != 1.0:  # exactly coef: the buffer already is the gradient
-                offs = tl.arange(0, BLOCK_V)
-                for c in range(NUM_CHUNKS):
-                    cols = c * BLOCK_V + offs
-                    valid = cols < V
-                    g = tl.load(g_row + cols, mask=valid, other=0.0).to(tl.float32)
-                    tl.store(g_row + cols, (g * factor).to(g_row.dtype.element_ty), mask=valid)
+                fill_row(g_vec, h, n, V, factor, True, BLOCK_V)
         else:
-            s_row = s_ptr + row_start(r, S, s_stride_b, s_stride_s)
             t_row = t_ptr + row_start(r, S, t_stride_b, t_stride_s)
             i_row = i_ptr + row_start(r, S, i_stride_b, i_stride_s)
-            _topk_row(s_row, t_row, i_row, lse_ptr, g_row, r, K, V, scale_t, temperature, label, use_kl, use_ce,
-                      g_kl * temperature, g_ce, True, EXACT, BLOCK_V, NUM_CHUNKS, BLOCK_K, NUM_K_CHUNKS)
+            _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, scale_t, temperature, label,
+                      use_kl, use_ce, g_kl * temperature, g_ce, True, EXACT, BLOCK_V, BLOCK_K, NUM_K_CHUNKS)
 
 
-def _launch_args(student, values, index, lse, labels, kl_mask, temperature, block_v, num_warps, block_k):
+def _common_args(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, block_v, num_warps,
+                 block_k):
     vocab, k = student.shape[-1], values.shape[-1]
     block, warps = tuning_for(vocab)
-    block = block_v or block
     block_k = block_k or min(max(triton.next_power_of_2(k), 16), MAX_BLOCK_K)
     S, s_sb, s_ss = row_geometry(student)
     _, t_sb, t_ss = row_geometry(values)
     _, i_sb, i_ss = row_geometry(index)
-    pointers = [student if x is None else x.reshape(-1) for x in (lse, labels, kl_mask)]
-    common = (S, s_sb, s_ss, t_sb, t_ss, i_sb, i_ss, vocab, k, LOG2E.value / temperature, temperature)
-    meta = dict(EXACT=lse is not None, HAS_LABELS=labels is not None, HAS_MASK=kl_mask is not None, BLOCK_V=block,
-                NUM_CHUNKS=triton.cdiv(vocab, block), BLOCK_K=block_k, NUM_K_CHUNKS=triton.cdiv(k, block_k),
-                num_warps=num_warps or warps)
-    return pointers, common, meta
+    args = dict(
+        s_ptr=student, t_ptr=values, i_ptr=index, lse_ptr=student if lse is None else lse.reshape(-1),
+        labels_ptr=student if labels is None else labels.reshape(-1),
+        mask_ptr=student if kl_mask is None else kl_mask.reshape(-1), coef_ptr=coef,
+        S=S, s_stride_b=s_sb, s_stride_s=s_ss, t_stride_b=t_sb, t_stride_s=t_ss, i_stride_b=i_sb, i_stride_s=i_ss,
+        V=vocab, K=k, scale_t=LOG2E.value / temperature, temperature=temperature, ignore_index=ignore_index,
+        EXACT=lse is not None, HAS_LABELS=labels is not None, HAS_MASK=kl_mask is not None, BLOCK_V=block_v or block,
+        BLOCK_K=block_k, NUM_K_CHUNKS=triton.cdiv(k, block_k),
+    )
+    return args, dict(num_warps=num_warps or warps)
+
+
+def fwd_launch(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,
+               block_v=None, num_warps=None, block_k=None):
+    """(grid, {parameter: argument}, launch options) of the forward launch: what :func:`topk_kl_ce_rows`
+    launches and what the ahead-of-time tests compile (from meta tensors)."""
+    args, options = _common_args(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
+                                 block_v, num_warps, block_k)
+    args.update(kl_ptr=kl_rows, ce_ptr=ce_rows, grad_ptr=kl_rows if grad is None else grad,
+                WRITE_GRAD=grad is not None,
+                ALIGN=vector_width(student) if grad is None else vector_width(student, grad))
+    return (kl_rows.numel(),), args, options
+
+
+def bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels, kl_mask, coef, temperature,
+               ignore_index, block_v=None, num_warps=None, block_k=None):
+    """(grid, {parameter: argument}, launch options) of the backward launch (see :func:`fwd_launch`)."""
+    args, options = _common_args(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
+                                 block_v, num_warps, block_k)
+    args.update(gkl_ptr=grad_kl_rows, gce_ptr=grad_ce_rows, grad_ptr=grad, ALIGN=vector_width(student, grad))
+    return (grad_kl_rows.numel(),), args, options
 
 
 def topk_kl_ce_rows(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
@@ -303,30 +360,22 @@ def topk_kl_ce_rows(student, values, index, lse, labels, kl_mask, coef, temperat
     ``labels`` (int64), ``kl_mask`` (bool): contiguous over the row dims or ``None``; ``coef``: the fp32
     ``[kl_coef, ce_coef]`` device tensor. Inputs are validated by the callers (distil._ops.topk_kl_ce).
     ``block_v`` / ``num_warps`` / ``block_k`` override the tuning (tests force chunking with them)."""
-    n = kl_rows.numel()
     if student.shape[-1] == 0:
         kl_rows.zero_()
         ce_rows.zero_()
-    if n == 0 or student.shape[-1] == 0:
+    if kl_rows.numel() == 0 or student.shape[-1] == 0:
         return
-    (lse_arg, labels_arg, mask_arg), common, meta = _launch_args(student, values, index, lse, labels, kl_mask,
-                                                                 temperature, block_v, num_warps, block_k)
-    topk_kl_ce_fwd_kernel[(n,)](
-        student, values, index, lse_arg, labels_arg, mask_arg, coef, kl_rows, ce_rows,
-        kl_rows if grad is None else grad, *common, ignore_index, WRITE_GRAD=grad is not None, **meta,
-    )
+    grid, args, options = fwd_launch(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
+                                     kl_rows, ce_rows, grad, block_v, num_warps, block_k)
+    topk_kl_ce_fwd_kernel[grid](**args, **options)
 
 
 def topk_kl_ce_rows_backward(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels, kl_mask, coef,
                              temperature, ignore_index, block_v=None, num_warps=None, block_k=None):
     """Launch :func:`topk_kl_ce_bwd_kernel`: rewrites ``grad`` in place for the incoming per-row gradients
     (fp32, contiguous); see the module docstring."""
-    n = grad_kl_rows.numel()
-    if n == 0 or student.shape[-1] == 0:
+    if grad_kl_rows.numel() == 0 or student.shape[-1] == 0:
         return
-    (lse_arg, labels_arg, mask_arg), common, meta = _launch_args(student, values, index, lse, labels, kl_mask,
-                                                                 temperature, block_v, num_warps, block_k)
-    topk_kl_ce_bwd_kernel[(n,)](
-        student, values, index, lse_arg, labels_arg, mask_arg, coef, grad_kl_rows, grad_ce_rows, grad,
-        *common, ignore_index, **meta,
-    )
+    grid, args, options = bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels, kl_mask,
+                                     coef, temperature, ignore_index, block_v, num_warps, block_k)
+    topk_kl_ce_bwd_kernel[grid](**args, **options)
