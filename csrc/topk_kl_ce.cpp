@@ -121,7 +121,9 @@ DISTIL_INLINE StudentStats student_pass(const float* s, int64_t V, float inv_t, 
       }
     }
     if (bm == kNegInf) continue;
-    if (bm > st.ms) {  // rescale the running sums to the new maximum (e^{-inf} = 0 on the first block)
+    // Rescale the running sums to the new maximum (e^{-inf} = 0 on the first block). A NaN block
+    // maximum (row_max: the block holds a NaN) takes this branch too, so the sums become NaN.
+    if (!(bm <= st.ms)) {
       st.zs = st.zs * std::exp((st.ms - bm) * inv_t) + za;
       st.z1 = st.z1 * std::exp(st.ms - bm) + zc;
       st.ms = bm;
@@ -222,7 +224,7 @@ DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow
     terms = topk_terms(s, st.ms, std::log(st.zs), T, tr, qg);
     out.kl = terms.kl;
   }
-  if (ce) out.ce = std::log(st.z1) + st.ms - s[job.label];
+  if (ce) out.ce = std::log(st.z1) + (st.ms - s[job.label]);  // the difference first: exact at large logits
   if (!g) return out;
   // d kl/ds_i = T (alpha p_i + [i in K] (beta p_i - q_i)); d ce/ds = P - onehot(y).
   const float ca = job.a * T * terms.alpha, ce_coef = job.b;

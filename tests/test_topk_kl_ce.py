@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 
 import pytest
 import torch
-from aot import compile_reports
+from aot import compile_reports, launch_spec, main_loop_widths
 from helpers import API_DEVICES, GPU_RUN, TOL, nan_empty, poison_heap, relative_error
 
 from distil import fused_loss, reference
@@ -206,6 +206,33 @@ def test_backward_matches_float64(triton_device, impl, upstream, index):
     assert relative_error(grad, ref) <= max(TOL[sample.s.dtype], TOL[sample.values.dtype])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("exact", [False, True])
+def test_nan_in_a_selected_row_is_nan(triton_device, impl, exact):
+    """A NaN anywhere in a student row gives NaN (never the 0 of an all -inf row), as kl_ce_rows."""
+    sample = make_sample("nan", (4,), 60, 8, exact, device=impl_device(impl, triton_device))
+    sample.s[0] = float("nan")
+    sample.s[1, 17] = float("nan")
+    labels = torch.tensor([3, 4, 5, 6], device=sample.s.device)
+    sample = sample._replace(labels=labels, kl_mask=None)
+    kl, ce, grad = forward(impl, sample, torch.tensor([0.7, 1.3], device=sample.s.device))
+    assert kl[:2].isnan().all() and ce[:2].isnan().all() and grad[:2].isnan().any(-1).all()
+    assert torch.isfinite(kl[2:]).all() and torch.isfinite(ce[2:]).all() and torch.isfinite(grad[2:]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_cross_entropy_is_exact_at_large_logits(triton_device, impl, offset):
+    """log z + (max - s[y]), the difference first: as exact as eager fp32, as kl_ce_rows."""
+    sample = make_sample("large", (8,), 100, 8, True, device=impl_device(impl, triton_device), scale=1.0)
+    sample = sample._replace(s=sample.s + offset, labels=torch.randint(0, 100, (8,), device=sample.s.device),
+                             kl_mask=None)
+    _, ce, _ = forward(impl, sample, torch.tensor([0.0, 1.0], device=sample.s.device))
+    _, ref_ce = reference.topk_kl_ce_rows(sample.s.double(), sample.values.double(), sample.index,
+                                          sample.lse.double(), sample.labels, None, 2.0, -100)
+    assert (ce.double() - ref_ce).abs().max() <= 2e-6
+
+
 @pytest.mark.parametrize("index", [i for i, n in enumerate(SAMPLE_NAMES) if "30522" not in n],
                          ids=[n for n in SAMPLE_NAMES if "30522" not in n])
 def test_opcheck(index):
@@ -363,47 +390,50 @@ def test_torch_compile_fullgraph():
 # ----------------------------------------------------------------------------------------------
 # Real GPU builds: both modes, every dtype, sm_80 and sm_90, zero spills
 # ----------------------------------------------------------------------------------------------
-def _spec(kernel, s_dt, v_dt, i_dt, exact, vocab, k, cc, has_labels=True, has_mask=True, write_grad=True):
-    from distil.kernels.kl_ce import tuning_for
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
 
-    ints = {"S", "s_stride_b", "s_stride_s", "t_stride_b", "t_stride_s", "i_stride_b", "i_stride_s", "V", "K",
-            "ignore_index"}
-    ptrs = {"s_ptr": s_dt, "t_ptr": v_dt, "i_ptr": i_dt, "grad_ptr": s_dt, "labels_ptr": "i64", "mask_ptr": "i1"}
-    sig = {}
-    for name in kernel.arg_names:
-        if name in ints:
-            sig[name] = "i64"
-        elif name in ptrs:
-            sig[name] = "*" + ptrs[name]
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        elif name.isupper():
-            sig[name] = "constexpr"
-        else:
-            sig[name] = "fp32"
-    block, warps = tuning_for(vocab)
-    block_k = min(max(1 << (k - 1).bit_length(), 16), K.MAX_BLOCK_K)
-    consts = {"EXACT": exact, "HAS_LABELS": has_labels, "HAS_MASK": has_mask, "WRITE_GRAD": write_grad,
-              "BLOCK_V": block, "NUM_CHUNKS": -(-vocab // block), "BLOCK_K": block_k, "NUM_K_CHUNKS": -(-k // block_k)}
-    return dict(module="distil.kernels.topk_kl_ce", kernel=kernel.__name__, signature=sig,
-                constexprs={n: v for n, v in consts.items() if n in kernel.arg_names}, cc=cc, num_warps=warps)
+
+def _launch_specs(vocab, k, s_dt, v_dt, i_dt, exact, cc, has_labels=True, has_mask=True, write_grad=True,
+                  rows=8192):
+    """(forward, backward) specs of a launch on [rows, vocab] logits, from the launchers themselves
+    (specialised as Triton specialises a real launch: tests/aot.py)."""
+    s, values, index = _meta(rows, vocab, dtype=s_dt), _meta(rows, k, dtype=v_dt), _meta(rows, k, dtype=i_dt)
+    lse = _meta(rows) if exact else None
+    labels = _meta(rows, dtype=torch.int64) if has_labels else None
+    mask = _meta(rows, dtype=torch.bool) if has_mask else None
+    coef, kl, ce, grad = _meta(2), _meta(rows), _meta(rows), _meta(rows, vocab, dtype=s_dt)
+    fwd = K.fwd_launch(s, values, index, lse, labels, mask, coef, 2.0, -100, kl, ce, grad if write_grad else None)
+    bwd = K.bwd_launch(grad, kl, ce, s, values, index, lse, labels, mask, coef, 2.0, -100)
+    return [launch_spec(kernel, "distil.kernels.topk_kl_ce", args, cc=cc, **options)
+            for kernel, (_, args, options) in ((K.topk_kl_ce_fwd_kernel, fwd), (K.topk_kl_ce_bwd_kernel, bwd))]
+
+
+VOCABS = (30522, 50257, 32000, 128256)
 
 
 @pytest.mark.skipif(GPU_RUN, reason="ahead-of-time builds are checked on the CPU machine")
-def test_every_specialisation_compiles_for_sm80_sm90_without_spills():
-    specs = []
-    for kernel in (K.topk_kl_ce_fwd_kernel, K.topk_kl_ce_bwd_kernel):
-        for exact, cc in itertools.product((False, True), (80, 90)):
-            for s_dt, v_dt, i_dt in (("bf16", "fp16", "i16"), ("fp32", "fp32", "i64"), ("fp16", "bf16", "i32")):
-                specs.append(_spec(kernel, s_dt, v_dt, i_dt, exact, 30522, 64, cc))
-            for vocab, k in ((512, 8), (30522, 256), (50257, 1024)):  # one block; k streamed in blocks
-                specs.append(_spec(kernel, "bf16", "fp16", "i32", exact, vocab, k, cc))
-        for has_labels, has_mask, write_grad in itertools.product((False, True), repeat=3):
-            if write_grad or kernel is K.topk_kl_ce_fwd_kernel:
-                specs.append(_spec(kernel, "bf16", "fp16", "i16", True, 30522, 64, 90, has_labels, has_mask,
-                                   write_grad))
-    reports = compile_reports(specs)
+def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
+    # The student row and its gradient stream through 128-bit main loops at every vocabulary, every
+    # student dtype, both modes, both architectures (the k teacher entries are a gather: scalar, outside).
+    vector_specs = [spec for vocab in VOCABS for s_dt in (torch.float32, torch.bfloat16, torch.float16)
+                    for exact, cc in itertools.product((False, True), (80, 90))
+                    for spec in _launch_specs(vocab, 64, s_dt, torch.float16, torch.int32, exact, cc)]
+    # The rest: one-block rows, k streamed in blocks, other teacher dtypes, the optional inputs.
+    other_specs = [spec for (vocab, k), cc in itertools.product(((512, 8), (30522, 256), (50257, 1024)), (80, 90))
+                   for spec in _launch_specs(vocab, k, torch.bfloat16, torch.float16, torch.int32, True, cc)]
+    other_specs += [spec for v_dt, i_dt in ((torch.float32, torch.int64), (torch.bfloat16, torch.int16))
+                    for spec in _launch_specs(30522, 64, torch.float32, v_dt, i_dt, True, 90)]
+    other_specs += [_launch_specs(30522, 64, torch.bfloat16, torch.float16, torch.int16, True, 90, *flags)[0]
+                    for flags in itertools.product((False, True), repeat=3) if flags != (True, True, True)]
+    reports = compile_reports(vector_specs + other_specs)
     spilled = [(s["kernel"], s["constexprs"], s["signature"]["s_ptr"], s["cc"], r)
-               for s, r in zip(specs, reports) if r["spill_stores"] or r["spill_loads"]]
+               for s, r in zip(vector_specs + other_specs, reports) if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled
     assert {r["arch"] for r in reports} == {"sm_80", "sm_90a"}
+    for spec, report in zip(vector_specs, reports):
+        in_loop, outside = main_loop_widths(report)
+        where = (spec["kernel"], spec["signature"]["s_ptr"], spec["signature"]["V"], spec["cc"])
+        # k = 64 is one teacher block (no loop): the loops are the student / gradient streams.
+        assert in_loop and set(in_loop) == {128}, (where, in_loop)
+        assert set(outside) - {128}, where  # the head / tail chunks: masked, scalar
