@@ -30,6 +30,12 @@ def kl_ce_rows(s, t, labels, kl_mask, temperature, ignore_index=IGNORE_INDEX):
     t = torch.where(t_dead[..., None], torch.zeros_like(t), t).to(s.dtype)
     log_p, q = F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1)
     kl = torch.where(q > 0, q * (q.log() - log_p), torch.zeros_like(q)).sum(-1) * temperature**2
+    return _select_rows_and_ce(kl, s, s_dead, t_dead, labels, kl_mask, ignore_index)
+
+
+def _select_rows_and_ce(kl, s, s_dead, t_dead, labels, kl_mask, ignore_index):
+    """(kl zeroed outside kl_mask and at dead rows, the CE of s at labels: zeros without labels, 0 at
+    rows whose student is -inf everywhere): the part both KL+CE references share."""
     kl_on = ~s_dead & ~t_dead
     if kl_mask is not None:
         kl_on = kl_on & kl_mask
@@ -68,16 +74,7 @@ def topk_kl_ce_rows(s, values, index, lse, labels, kl_mask, temperature, ignore_
         q_tail = (1 - q.sum(-1)).clamp(min=TAIL_FLOOR)
         p_tail = (1 - log_p.exp().sum(-1)).clamp(min=TAIL_FLOOR)
         kl = kl + q_tail * (q_tail.log() - p_tail.log())
-    kl = kl * temperature**2
-    kl_on = ~s_dead & ~t_dead
-    if kl_mask is not None:
-        kl_on = kl_on & kl_mask
-    kl = torch.where(kl_on, kl, torch.zeros_like(kl))
-    if labels is None:
-        return kl, torch.zeros_like(kl)
-    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
-                         reduction="none").reshape(kl.shape)
-    return kl, torch.where(s_dead, torch.zeros_like(ce), ce)
+    return _select_rows_and_ce(kl * temperature**2, s, s_dead, t_dead, labels, kl_mask, ignore_index)
 
 
 def cosine_rows(x, y, mask=None):
