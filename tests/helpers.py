@@ -1,6 +1,7 @@
 """What every test file shares: the device lists, the ONE tolerance table, error measures and
 poisoned outputs. Each tests/test_<op>.py has its own ``sample_inputs()``."""
 import os
+import socket
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -57,3 +58,21 @@ class RecordOps(TorchDispatchMode):
 
     def of(self, op):
         return [(args, out) for func, args, out in self.calls if func is op]
+
+
+def free_port():
+    """A free TCP port on the loopback address, for a test's torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def upstream_row_grads(upstream, coef, rows):
+    """Incoming per-row gradients (g_kl, g_ce) of the two-part (KL, CE) ops' backward tests: equal to
+    ``coef`` ("coef": the backward must leave the buffer as it is), proportional to it (a per-row
+    rescale), or "arbitrary" (a recomputation)."""
+    device = coef.device
+    if upstream == "arbitrary":
+        return torch.randn(rows, device=device), torch.randn(rows, device=device)
+    factor = torch.ones(rows, device=device) if upstream == "coef" else torch.rand(rows, device=device) + 0.5
+    return coef[0] * factor, coef[1] * factor

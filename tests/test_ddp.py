@@ -3,7 +3,6 @@ equal those of one process that accumulates the same global batch in 2 micro-bat
 hands rank r of K the same slice that micro-batch r of a K-step accumulation gets)."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 
 from distil.cli import TrainConfig
 from distil.train import METRICS, TRAINING_STATE, Trainer
+from helpers import free_port
 from tiny import bert_tokenizer, tiny_bert, write_corpus
 
 STEPS = 3
@@ -35,12 +35,6 @@ def _worker(rank, root, port):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     tok = bert_tokenizer()
     # No dropout: the single process and the ranks draw different dropout masks.
@@ -49,7 +43,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     tok.save_pretrained(tmp_path / "teacher")
     write_corpus(tmp_path / "corpus", n_files=1, n_lines=120)
 
-    mp.spawn(_worker, args=(tmp_path, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(tmp_path, free_port()), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)

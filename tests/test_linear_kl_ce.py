@@ -2,14 +2,13 @@
 and bias gradients), chunking, degenerate inputs, autograd combinations, tied weights, opcheck, compile,
 the module at each model family's head input, and two gloo ranks under DDP and FSDP2."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import API_DEVICES, TOL, relative_error
+from helpers import API_DEVICES, TOL, free_port, relative_error
 from torch import nn
 
 from distil.fused_loss import LinearKLCELoss, kl_ce_loss, linear_kl_ce_loss
@@ -380,15 +379,9 @@ def _distributed_worker(rank, port, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_ddp_and_fsdp2_match_one_process(tmp_path):
     out = tmp_path / "grads.pt"
-    mp.spawn(_distributed_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(free_port(), out), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     model = _student()
     # DDP averages the ranks' gradients (FSDP2's reduce-scatter too): the mean of the two batches' losses.

@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import pytest
 import torch
 from aot import compile_reports, launch_spec, main_loop_widths
-from helpers import API_DEVICES, GPU_RUN, TOL, nan_empty, poison_heap, relative_error
+from helpers import API_DEVICES, GPU_RUN, TOL, nan_empty, poison_heap, relative_error, upstream_row_grads
 
 from distil import fused_loss, reference
 from distil._ops.kl_ce import loss_coef
@@ -192,12 +192,7 @@ def test_backward_matches_float64(triton_device, impl, upstream, index):
     device, rows = sample.s.device, sample.s.shape[:-1]
     coef = torch.tensor([0.25, 4.0], device=device)
     _, _, grad = forward(impl, sample, coef)
-    factor = {"coef": torch.ones(rows, device=device), "proportional": torch.rand(rows, device=device) + 0.5,
-              "arbitrary": None}[upstream]
-    if factor is None:
-        g_kl, g_ce = torch.randn(rows, device=device), torch.randn(rows, device=device)
-    else:
-        g_kl, g_ce = coef[0] * factor, coef[1] * factor
+    g_kl, g_ce = upstream_row_grads(upstream, coef, rows)
     before = grad.clone()
     backward(impl, sample, grad, g_kl, g_ce, coef)
     if upstream == "coef":
