@@ -23,10 +23,11 @@ from distil._ops import kl_ce  # noqa: F401  (the kl_ce_rows kernels, fake impl 
 from distil._ops.common import (
     FLOAT_DTYPES,
     announced_coef,
+    check_int,
     check_labels,
     check_non_negative_finite,
-    check_temperature,
     check_row_mask,
+    check_temperature,
     check_tensor,
     divisor,
     row_count,
@@ -349,6 +350,7 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
     has_teacher = teacher_weight is not None or teacher_logits is not None
     kl_count = row_count(kl_mask, rows_shape) if has_teacher else 0
     ce_count = 0
+    ignore_index = check_int("ignore_index", ignore_index)
     if labels is not None:
         labels, labelled = check_labels(labels, rows_shape, vocab, device, ignore_index)
         labels = labels.reshape(-1)

@@ -8,6 +8,7 @@ import torch
 
 from distil._ops.common import (
     FLOAT_DTYPES,
+    check_int,
     check_labels,
     check_row_mask,
     check_same_device,
@@ -15,6 +16,7 @@ from distil._ops.common import (
     check_tensor,
     check_unit_last_stride,
     check_weight,
+    device_guard,
     divisor,
     needs_grad,
     row_count,
@@ -72,7 +74,7 @@ if _triton_topk is not None:
         kl_rows = student.new_empty(rows, dtype=torch.float32)
         ce_rows = student.new_empty(rows, dtype=torch.float32)
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
-        with torch.cuda.device(student.device):
+        with device_guard(student):
             _triton_topk.topk_kl_ce_rows(student, values, index, _contiguous(lse), _contiguous(labels),
                                          _contiguous(kl_mask), coef, temperature, ignore_index, kl_rows, ce_rows,
                                          grad)
@@ -84,7 +86,7 @@ if _triton_topk is not None:
         _check_op_args(student, values, index, lse, labels, kl_mask, coef)
         if grad.shape != student.shape or not grad.is_contiguous():
             raise ValueError("topk_kl_ce_rows_backward: grad must be contiguous with the student's shape")
-        with torch.cuda.device(student.device):
+        with device_guard(student):
             _triton_topk.topk_kl_ce_rows_backward(
                 grad, grad_kl_rows.float().contiguous(), grad_ce_rows.float().contiguous(), student, values, index,
                 _contiguous(lse), _contiguous(labels), _contiguous(kl_mask), coef, temperature, ignore_index,
@@ -193,6 +195,7 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
     values, index, lse = _check_teacher(student_logits, teacher_topk_logits, teacher_topk_index, teacher_lse)
     temperature = check_temperature("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
+    ignore_index = check_int("ignore_index", ignore_index)
     labels, labelled = check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1], student_logits.device,
                                     ignore_index)
     kl_weight = check_weight("kl_weight", kl_weight, student_logits.device)
