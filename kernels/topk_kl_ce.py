@@ -50,10 +50,9 @@ gather s at i (L1/L2 hits after the first pass), the gradient pass re-reads s (L
 the resident programs fit, as kl_ce) and writes grad once, then rewrites the k gradient entries:
 2 * V * e + k * (e_t + e_i) from DRAM, against 3 * V * e for the dense kl_ce_rows.
 Memory instructions: the student row and the gradient stream as ``aligned_row`` chunks of
-kernels/rows.py (a masked head and tail, a 128-bit interior at any V and row stride; chunks of 2048 over 256
-threads: 8
-elements per thread and chunk, one v4 access in bf16 / fp16, two in fp32); the k teacher entries and
-the gradient scatter at their indices are scalar (a gather: k of them per row).
+kernels/rows.py (a masked head and tail, a 128-bit interior at any V and row stride; chunks of 2048
+over 256 threads: 8 elements per thread and chunk, one v4 access in bf16 / fp16, two in fp32); the k
+teacher entries and the gradient scatter at their indices are scalar (a gather: k of them per row).
 
 The backward kernel, as kl_ce's: nothing when the incoming per-row gradients equal coef, a per-row
 scale when proportional, an exact recomputation otherwise.
