@@ -6,12 +6,15 @@
 #
 #   --full   bench_loss.py's whole N x V x dtype grid (several extra minutes)
 #   PYTHON   interpreter to use (default: python3)
+#   DISTIL_GPU_BUDGET_S  wall-clock budget of the whole suite (default 450): each step's limit is cut
+#            to what is left, and steps that would start with under 20 s left are skipped
 #   .whl/    wheels placed there (git-ignored; e.g. liger-kernel for the Liger comparison) are
 #            installed first, offline, for machines without network access
 #
 # Results land in benchmarks/results/ (commit them) and, when $OUT is set, in $OUT as at most
 # 8 files: summary.md, logs.tar.gz, results.tar.gz (every result file this run wrote), and the
-# main loss_cuda_*.json / .png.  A failing step is recorded and the others still run; the exit
+# main loss_cuda_*.json / .png — refreshed after every step, so a run cut short still returns
+# what it measured.  A failing step is recorded and the others still run; the exit
 # status is non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,11 +36,34 @@ touch "$WORK/start"  # result files newer than this are this run's
 SUMMARY=$WORK/summary.md
 FAILED=0
 
-# step NAME LIMIT_S COMMAND...: runs COMMAND under a time limit, tees it to logs/NAME.log and
-# adds a row to the summary.
+BUDGET=${DISTIL_GPU_BUDGET_S:-450}
+
+# collect: copies the summary, the logs and this run's result files to $OUT (when set).
+collect() {
+  find benchmarks/results -type f -newer "$WORK/start" >"$WORK/new_results"
+  tar -czf "$WORK/logs.tar.gz" -C "$WORK" logs
+  tar -czf "$WORK/results.tar.gz" -T "$WORK/new_results"
+  if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    cp "$SUMMARY" "$WORK/logs.tar.gz" "$WORK/results.tar.gz" "$OUT"/
+    for f in benchmarks/results/loss_cuda_*.json benchmarks/results/loss_cuda_*.png; do
+      [ -f "$f" ] && [ "$f" -nt "$WORK/start" ] && cp "$f" "$OUT"/
+    done
+  fi
+}
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND under a time limit (cut to the budget left), tees it to
+# logs/NAME.log, adds a row to the summary and collects.
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    echo "| $name | skipped: the suite's ${BUDGET} s budget is spent |  |" >>"$SUMMARY"
+    FAILED=1
+    return 1
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   local t0=$SECONDS
   echo "=== $name: $*"
   timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
@@ -45,6 +71,7 @@ step() {
   if [ "$rc" = 124 ]; then verdict="TIMED OUT after ${limit} s"; elif [ "$rc" != 0 ]; then verdict="FAILED (rc=$rc)"; fi
   [ "$rc" = 0 ] || FAILED=1
   echo "| $name | $verdict | $((SECONDS - t0)) s |" >>"$SUMMARY"
+  collect
   return "$rc"
 }
 
@@ -68,11 +95,17 @@ step build 480 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q
 BUILD_RC=$?
 
 if [ "$BUILD_RC" = 0 ]; then
-  for test_file in tests/test_*.py; do
-    # One process per file: a crash in one (a kernel's segfault, say) loses that file, not the suite.
-    step "$(basename "$test_file" .py)" 240 env DISTIL_GPU_TESTS=1 "$PY" -m pytest "$test_file" -q -p no:cacheprovider
-  done
-  step bench_loss 480 "$PY" benchmarks/bench_loss.py --device cuda --save $FULL
+  # One worker process per test file (pytest-xdist where installed): a crash (a kernel's segfault,
+  # say) loses that worker's file, not the suite; the AOT builds use the machine's cores.
+  if "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))" --dist loadfile)
+  else
+    XDIST=()
+  fi
+  step tests 240 env DISTIL_GPU_TESTS=1 "$PY" -m pytest tests -q -p no:cacheprovider "${XDIST[@]}"
+  # The headline ops first, the rest second: a run cut short still keeps the first table.
+  step bench_loss_kl 240 "$PY" benchmarks/bench_loss.py --device cuda --save --ops kl_ce,kl $FULL
+  step bench_loss_rest 200 "$PY" benchmarks/bench_loss.py --device cuda --save --ops linear_kl_ce,cos,topk_kl_ce,triple $FULL
   [ -f benchmarks/bench_vector_access.py ] && step bench_vector_access 300 "$PY" benchmarks/bench_vector_access.py
   for bench in benchmarks/bench_gather.py benchmarks/bench_step.py; do
     [ -f "$bench" ] && step "$(basename "$bench" .py)" 300 "$PY" "$bench" --save
@@ -85,21 +118,13 @@ else
 fi
 
 # The targets table that bench_loss.py printed, for the summary.
-if [ -f "$LOGS/bench_loss.log" ]; then
+for log in "$LOGS"/bench_loss_*.log; do
+  [ -f "$log" ] || continue
   echo >>"$SUMMARY"
-  awk '/^\| target \|/{on=1} on&&!/^\|/{exit} on' "$LOGS/bench_loss.log" >>"$SUMMARY"
-fi
+  awk '/^\| target \|/{on=1} on&&!/^\|/{exit} on' "$log" >>"$SUMMARY"
+done
 
-find benchmarks/results -type f -newer "$WORK/start" >"$WORK/new_results"
-tar -czf "$WORK/logs.tar.gz" -C "$WORK" logs
-tar -czf "$WORK/results.tar.gz" -T "$WORK/new_results"
-if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT"
-  cp "$SUMMARY" "$WORK/logs.tar.gz" "$WORK/results.tar.gz" "$OUT"/
-  for f in benchmarks/results/loss_cuda_*.json benchmarks/results/loss_cuda_*.png; do
-    [ -f "$f" ] && [ "$f" -nt "$WORK/start" ] && cp "$f" "$OUT"/
-  done
-fi
+collect
 
 echo
 echo "=================== summary"
