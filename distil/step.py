@@ -123,5 +123,9 @@ class DistillationStep:
         rows = self.rows(input_ids, attention_mask, labels, cached)
         if self.loss_fn.head_loss is None:
             return self.loss_fn(*rows, None, grad_scale=grad_scale)
-        return self.loss_fn(None, None, rows.labels, rows.student_hidden, rows.teacher_hidden, None,
-                            student_head_input=rows.student_logits, teacher_head_input=rows.teacher_logits, grad_scale=grad_scale)
+        # The fused heads are the models' output projections: under the models' autocast, as F.linear
+        # would be (a 16-bit teacher's LayerNorm hands them fp32 rows beside its 16-bit weight).
+        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.loss_fn(None, None, rows.labels, rows.student_hidden, rows.teacher_hidden, None,
+                                student_head_input=rows.student_logits, teacher_head_input=rows.teacher_logits,
+                                grad_scale=grad_scale)

@@ -91,6 +91,26 @@ def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert, f
             assert relative_error(g, r) <= 1e-4, name
 
 
+def test_fused_head_step_under_autocast_with_a_16bit_teacher():
+    """distil-train on a GPU: a bf16 teacher under bf16 autocast hands the heads fp32 hidden states (its
+    LayerNorm runs in fp32 under autocast) beside bf16 weights. The fused heads must multiply them as
+    F.linear under autocast does (both in bf16), as the logits path does, not refuse the dtype pair."""
+    tok = bert_tokenizer()
+    vocab = len(tok)
+    teacher = tiny_bert(vocab, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    student = build_student(teacher).train()
+    teacher = teacher.to(torch.bfloat16)
+    ids, attn = random_batch(vocab, 4, 16, cls_id=2, sep_id=3, pad_id=0, seed=1)
+    masked, labels = MLMMasker(vocab, special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn, torch.Generator().manual_seed(3))
+    totals = []
+    for fused in (False, True):
+        heads = dict(student_head=student.get_output_embeddings(), teacher_head=teacher.get_output_embeddings()) if fused else {}
+        step = DistillationStep(StudentRows(student), teacher, DistillationLoss(**heads), autocast_dtype=torch.bfloat16)
+        totals.append(step(masked, attn, labels).total.detach().float())
+    assert torch.isfinite(totals[1])
+    assert relative_error(totals[1], totals[0]) <= 1e-2
+
+
 @pytest.mark.parametrize("alphas", [(0.0, 2.0, 0.0), (0.0, 2.0, 1.0), (5.0, 0.0, 1.0)])
 def test_step_skips_the_teacher_work_that_zero_weights_switch_off(alphas):
     alpha_kl, alpha_mlm, alpha_cos = alphas
