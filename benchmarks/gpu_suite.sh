@@ -2,9 +2,11 @@
 # One command for a GPU machine: build distil, run the test suite on the GPU (Triton interpreter
 # off), run every benchmark present, and collect the result files.
 #
-#   bash benchmarks/gpu_suite.sh [--full]        (from anywhere; works in the repo root)
+#   bash benchmarks/gpu_suite.sh [--full] [--steps LIST]     (from anywhere; works in the repo root)
 #
 #   --full   bench_loss.py's whole N x V x dtype grid (several extra minutes)
+#   --steps  comma-separated subset of tests,bench,tune (default tests,bench; tune: the KL+CE kernel's
+#            BLOCK_V x num_warps sweep, benchmarks/tune_kl_ce.py); the build always runs
 #   PYTHON   interpreter to use (default: python3)
 #   DISTIL_GPU_BUDGET_S  wall-clock budget of the whole suite (default 450): each step's limit is cut
 #            to what is left, and steps that would start with under 20 s left are skipped
@@ -21,13 +23,17 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 FULL=""
-for arg in "$@"; do
-  case $arg in
+STEPS=tests,bench
+while [ $# -gt 0 ]; do
+  case $1 in
     --full) FULL=--full ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
-    *) echo "unknown argument: $arg" >&2; exit 2 ;;
+    --steps) STEPS=$2; shift ;;
+    -h|--help) sed -n 2,22p "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
+  shift
 done
+wants() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 WORK=$(mktemp -d)
 LOGS=$WORK/logs
@@ -95,24 +101,28 @@ step build 480 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q
 BUILD_RC=$?
 
 if [ "$BUILD_RC" = 0 ]; then
-  # One worker process per test file (pytest-xdist where installed): a crash (a kernel's segfault,
-  # say) loses that worker's file, not the suite; the AOT builds use the machine's cores.
-  if "$PY" -c "import xdist" 2>/dev/null; then
-    XDIST=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))" --dist loadfile)
-  else
-    XDIST=()
+  if wants tests; then
+    # One pytest process per test file, 8 at a time: a crash (a kernel's segfault, say) loses that
+    # file only and its log names it; the AOT builds use the machine's cores.
+    step tests 240 bash -c 'ls tests/test_*.py | xargs -P 8 -I{} bash -c "f={}; n=\$(basename \$f .py);
+      env DISTIL_GPU_TESTS=1 $0 -m pytest \$f -q -rfE -p no:cacheprovider >$1/\$n.log 2>&1;
+      rc=\$?; echo \"\$n: rc=\$rc \$(tail -n 1 $1/\$n.log)\"; [ \$rc = 0 ] || [ \$rc = 5 ]"' "$PY" "$LOGS"
   fi
-  step tests 240 env DISTIL_GPU_TESTS=1 "$PY" -m pytest tests -q -p no:cacheprovider "${XDIST[@]}"
-  # The headline ops first, the rest second: a run cut short still keeps the first table.
-  step bench_loss_kl 240 "$PY" benchmarks/bench_loss.py --device cuda --save --ops kl_ce,kl $FULL
-  step bench_loss_rest 200 "$PY" benchmarks/bench_loss.py --device cuda --save --ops linear_kl_ce,cos,topk_kl_ce,triple $FULL
-  [ -f benchmarks/bench_vector_access.py ] && step bench_vector_access 300 "$PY" benchmarks/bench_vector_access.py
-  for bench in benchmarks/bench_gather.py benchmarks/bench_step.py; do
-    [ -f "$bench" ] && step "$(basename "$bench" .py)" 300 "$PY" "$bench" --save
-  done
-  TAG=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import _common; print(_common.machine_tag("cuda"))')
-  step test_bench 300 "$PY" -m pytest benchmarks/test_bench.py -q -p no:cacheprovider \
-    --benchmark-json="benchmarks/results/pytest_bench_cuda_${TAG}.json"
+  if wants bench; then
+    # The headline ops first, the rest second: a run cut short still keeps the first table.
+    step bench_loss_kl 240 "$PY" benchmarks/bench_loss.py --device cuda --save --ops kl_ce,kl $FULL
+    step bench_loss_rest 200 "$PY" benchmarks/bench_loss.py --device cuda --save --ops linear_kl_ce,cos,topk_kl_ce,triple $FULL
+    [ -f benchmarks/bench_vector_access.py ] && step bench_vector_access 300 "$PY" benchmarks/bench_vector_access.py
+    for bench in benchmarks/bench_gather.py benchmarks/bench_step.py; do
+      [ -f "$bench" ] && step "$(basename "$bench" .py)" 300 "$PY" "$bench" --save
+    done
+    TAG=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import _common; print(_common.machine_tag("cuda"))')
+    step test_bench 300 "$PY" -m pytest benchmarks/test_bench.py -q -p no:cacheprovider \
+      --benchmark-json="benchmarks/results/pytest_bench_cuda_${TAG}.json"
+  fi
+  if wants tune; then
+    step tune_kl_ce 150 "$PY" benchmarks/tune_kl_ce.py --n 8192 --vocab 30522 128256
+  fi
 else
   echo "| (tests and benchmarks) | skipped: the build failed |  |" >>"$SUMMARY"
 fi
