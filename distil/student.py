@@ -1,20 +1,20 @@
-"""Student construction from a Hugging Face masked-LM teacher, and per-architecture adapters.
+"""Student construction from a Hugging Face masked-LM or causal-LM teacher, and per-architecture adapters.
 
 - :func:`layer_map` picks which teacher layers initialise the student (the paper's
   [0, 2, 4, 7, 9, 11] for 12 -> 6, generalised to any depth).
 - :func:`build_student` builds the student: the teacher's class with fewer layers (default), or a
   standard ``DistilBertForMaskedLM`` from a BERT teacher.  Equivalent of the paper's
-  ``scripts/extract_distilbert.py`` followed by ``from_pretrained``, except that the whole LM head
-  (transform, LayerNorm, decoder and bias) is copied, not only the decoder.
+  ``scripts/extract_distilbert.py`` (masked LMs) or ``scripts/extract.py`` (GPT-2) followed by
+  ``from_pretrained``, except that the whole LM head (transform, LayerNorm, decoder and bias) is
+  copied, not only the decoder.  Causal teachers: GPT-2, LLaMA, Qwen2/3, Mistral, Gemma2/3 (text).
 - :func:`save_student` writes a normal model directory (safetensors) that
-  ``AutoModelForMaskedLM.from_pretrained`` loads.
+  ``AutoModelForMaskedLM.from_pretrained`` (or ``AutoModelForCausalLM``) loads.
 - :func:`lm_adapter` splits a model into "body" (transformer, last hidden states) and "head"
   (hidden rows -> vocabulary logits), so the trainer can run the vocabulary projection only on the
   rows the loss needs.  It calls the model's own submodules; no model code is copied.
 """
 import copy
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -23,14 +23,31 @@ from transformers import (
     BertForMaskedLM,
     DistilBertConfig,
     DistilBertForMaskedLM,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    MistralForCausalLM,
     PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
     RobertaForMaskedLM,
 )
 
 from distil._ops.common import check_tensor
 
-_TEACHER_CLASSES = (BertForMaskedLM, RobertaForMaskedLM)
-_LAYER_KEY = re.compile(r"^(.*\.encoder\.layer\.)(\d+)(\..*)$")
+# teacher class -> the state-dict prefix of its ModuleList of layers (the only part the student thins)
+_LAYER_LISTS = {
+    BertForMaskedLM: "bert.encoder.layer",
+    RobertaForMaskedLM: "roberta.encoder.layer",
+    GPT2LMHeadModel: "transformer.h",
+    LlamaForCausalLM: "model.layers",
+    Qwen2ForCausalLM: "model.layers",
+    Qwen3ForCausalLM: "model.layers",
+    MistralForCausalLM: "model.layers",
+    Gemma2ForCausalLM: "model.layers",
+    Gemma3ForCausalLM: "model.layers",
+}
 
 # BERT layer submodule -> DistilBERT layer submodule (same math: post-LN self-attention + FFN).
 _BERT_TO_DISTILBERT_LAYER = {
@@ -73,10 +90,14 @@ def layer_map(teacher_layers, student_layers=None):
     return [(2 * i * span + steps) // (2 * steps) for i in range(student_layers)]
 
 
-def _check_teacher(teacher):
-    if not isinstance(teacher, _TEACHER_CLASSES):
-        names = ", ".join(c.__name__ for c in _TEACHER_CLASSES)
-        raise TypeError(f"teacher must be one of ({names}), got {type(teacher).__name__}")
+def _layer_list(teacher):
+    if not isinstance(teacher, PreTrainedModel):
+        raise TypeError(f"teacher must be a transformers PreTrainedModel, got {type(teacher).__name__}")
+    for cls, prefix in _LAYER_LISTS.items():
+        if isinstance(teacher, cls):
+            return prefix
+    names = ", ".join(c.__name__ for c in _LAYER_LISTS)
+    raise ValueError(f"teacher {type(teacher).__name__} is not supported; supported: {names}")
 
 
 def _resolve_layers(teacher_layers, num_layers, layers):
@@ -94,13 +115,21 @@ def _resolve_layers(teacher_layers, num_layers, layers):
 
 
 def build_student(teacher, *, num_layers=None, layers=None, as_distilbert=False):
-    """A student initialised from ``teacher`` (``BertForMaskedLM`` or ``RobertaForMaskedLM``).
+    """A student initialised from ``teacher``: a masked LM (``BertForMaskedLM``,
+    ``RobertaForMaskedLM``) or a causal LM (``GPT2LMHeadModel``, ``LlamaForCausalLM``,
+    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma2ForCausalLM``,
+    ``Gemma3ForCausalLM``).
 
     Student layer ``i`` is a copy of teacher layer ``layers[i]`` (default: :func:`layer_map` of the
-    teacher's depth and ``num_layers``, i.e. half the layers).  Embeddings (word, position,
-    token type, LayerNorm) and the whole LM head (transform dense + LayerNorm, decoder weight and
-    bias) are copied; the config is the teacher's with ``num_hidden_layers`` changed.  The student
-    is on the teacher's device and dtype, in the teacher's train/eval mode.
+    teacher's depth and ``num_layers``, i.e. half the layers).  Everything outside the layers is
+    copied: embeddings (word, position, token type, LayerNorm), the final norm of decoders and the
+    whole LM head (BERT/RoBERTa: transform dense + LayerNorm, decoder weight and bias); tied
+    embeddings stay tied.  The config is the teacher's with the depth (``num_hidden_layers``,
+    GPT-2's ``n_layer``) changed and the per-layer fields following their layers: ``layer_types``
+    (sliding or full attention) is ``[teacher.layer_types[t] for t in layers]`` and Qwen's
+    ``max_window_layers`` counts the chosen layers below it.  Each layer's ``layer_idx`` (the KV
+    cache slot) is its student position.  Buffers (rotary frequencies) are the teacher's, in its
+    dtype.  The student is on the teacher's device and dtype, in the teacher's train/eval mode.
 
     ``as_distilbert=True`` (BERT teachers only) returns a standard ``DistilBertForMaskedLM``
     with the same weights.  DistilBERT has no token-type embeddings, so token type 0's embedding
@@ -109,9 +138,10 @@ def build_student(teacher, *, num_layers=None, layers=None, as_distilbert=False)
     of the changed summation order.  Requires ``layer_norm_eps == 1e-12`` (fixed in DistilBERT).
 
     Equivalent of ``scripts/extract_distilbert.py`` (which copies the head transform only with
-    ``--vocab_transform``) followed by ``DistilBertForMaskedLM.from_pretrained``.
+    ``--vocab_transform``) followed by ``DistilBertForMaskedLM.from_pretrained``; for GPT-2, of
+    ``scripts/extract.py`` (DistilGPT2: layers [0, 2, 4, 7, 9, 11] of 12, ``layer_map(12)``).
     """
-    _check_teacher(teacher)
+    prefix = _layer_list(teacher)
     if not isinstance(as_distilbert, bool):
         raise TypeError(f"as_distilbert must be a bool, got {type(as_distilbert).__name__}")
     chosen = _resolve_layers(teacher.config.num_hidden_layers, num_layers, layers)
@@ -119,26 +149,48 @@ def build_student(teacher, *, num_layers=None, layers=None, as_distilbert=False)
     if as_distilbert:
         student, state = _distilbert_student(teacher, chosen, source)
     else:
-        config = copy.deepcopy(teacher.config)
-        config.num_hidden_layers = len(chosen)
-        student = type(teacher)(config)
-        state = _renumbered_layers(source, chosen)
+        student = type(teacher)(_student_config(teacher.config, chosen))
+        position = {t: i for i, t in enumerate(chosen)}
+        state = {new: value for key, value in source.items() if (new := _renamed(key, prefix, position))}
     param = next(teacher.parameters())
     # move before loading, so the copy happens in the teacher's dtype (no round trip through fp32)
     student.to(device=param.device, dtype=param.dtype).load_state_dict(state, strict=True)
+    if not as_distilbert:
+        # from_pretrained keeps rotary frequencies in fp32 under a 16-bit model; the cast above
+        # rounded the student's, so its layers would not compute the teacher's.
+        for name, buffer in teacher.named_buffers():
+            new_name = _renamed(name, prefix, position)
+            if new_name is not None:
+                module, _, attr = new_name.rpartition(".")
+                setattr(student.get_submodule(module), attr, buffer.clone())
     return student.train(teacher.training)
 
 
-def _renumbered_layers(source, chosen):
-    position = {t: i for i, t in enumerate(chosen)}
-    state = {}
-    for key, value in source.items():
-        match = _LAYER_KEY.match(key)
-        if match is None:
-            state[key] = value
-        elif int(match.group(2)) in position:
-            state[f"{match.group(1)}{position[int(match.group(2))]}{match.group(3)}"] = value
-    return state
+def _renamed(key, prefix, position):
+    """``key`` in the student (teacher layer t -> student layer position[t]); None if dropped."""
+    if not key.startswith(prefix + "."):
+        return key
+    index, rest = key[len(prefix) + 1:].split(".", 1)
+    if int(index) not in position:
+        return None
+    return f"{prefix}.{position[int(index)]}.{rest}"
+
+
+def _student_config(teacher_config, chosen):
+    config = copy.deepcopy(teacher_config)
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and chosen != list(range(len(chosen))):
+        # GPT-2 divides layer i's attention scores by i + 1: a layer moved to another depth changes
+        raise ValueError(
+            f"a GPT-2 teacher with scale_attn_by_inverse_layer_idx=True keeps its layers' math only with "
+            f"layers [0, 1, ..., n-1], got {chosen}"
+        )
+    config.num_hidden_layers = len(chosen)  # GPT-2's attribute_map turns this into n_layer
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[t] for t in chosen]
+    if getattr(config, "max_window_layers", None) is not None:
+        # Qwen2/3: the first max_window_layers layers use full attention
+        config.max_window_layers = sum(t < config.max_window_layers for t in chosen)
+    return config
 
 
 def _distilbert_student(teacher, chosen, source):
@@ -194,7 +246,8 @@ def save_student(student, path, tokenizer=None):
     """Write ``student`` (and ``tokenizer`` if given) as a normal Hugging Face model directory.
 
     Equivalent of ``student.save_pretrained(path)`` (safetensors weights + config.json) and
-    ``tokenizer.save_pretrained(path)``; ``AutoModelForMaskedLM.from_pretrained(path)`` loads it.
+    ``tokenizer.save_pretrained(path)``; ``AutoModelForMaskedLM.from_pretrained(path)`` (causal
+    students: ``AutoModelForCausalLM``) loads it.
     Returns the directory as a ``pathlib.Path``.
     """
     if not isinstance(student, PreTrainedModel):

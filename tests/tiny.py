@@ -6,6 +6,8 @@ Shared by the student / masking / data tests and the trainer tests:
   ``tokenizers`` (WordPiece for BERT, byte-level BPE for RoBERTa), standard special-token ids.
 - ``tiny_bert`` / ``tiny_roberta``: masked-LM teachers (4 layers, H=32 by default) whose every
   parameter is random, so "copied equals teacher" checks cannot pass on zeros or ones.
+- ``tiny_causal``: a causal-LM teacher of each family ``distil.student`` supports (4 layers, H=32,
+  sliding-window attention on some layers where the family has it), every parameter random.
 - ``random_batch``: padded ``input_ids`` / ``attention_mask`` of varied lengths.
 """
 import json
@@ -18,6 +20,20 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaTokenizer,
@@ -125,6 +141,39 @@ def tiny_roberta(vocab_size, layers=4, hidden=32, heads=2, intermediate=64, max_
         **config,
     )
     return _randomize(RobertaForMaskedLM(cfg), seed)
+
+
+# family -> (model class, config class, fields beyond the shared sizes).  The sliding windows (4) are
+# shorter than the tests' sequences, so a layer of the wrong attention kind changes the logits; the
+# patterns differ across the 4 layers so that a student's layer_types depend on which layers it keeps.
+CAUSAL_FAMILIES = {
+    "gpt2": (GPT2LMHeadModel, GPT2Config, {}),
+    "llama": (LlamaForCausalLM, LlamaConfig, {}),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2}),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, {"tie_word_embeddings": True, "layer_types": [
+        "full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        "use_sliding_window": True, "sliding_window": 4}),
+    "mistral": (MistralForCausalLM, MistralConfig, {"sliding_window": 4}),
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config, {"sliding_window": 4, "head_dim": 16, "query_pre_attn_scalar": 16}),
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, {"sliding_window": 4, "head_dim": 16, "query_pre_attn_scalar": 16,
+                                                      "sliding_window_pattern": 3}),
+}
+
+
+def tiny_causal(family, vocab_size, layers=4, hidden=32, heads=2, intermediate=64, max_positions=64, seed=0, **config):
+    """A random causal-LM teacher of ``family`` (a key of ``CAUSAL_FAMILIES``) in eval mode; ``config``
+    overrides its config fields.  Token ids: pad 0, bos 1, eos 2."""
+    model_cls, config_cls, fields = CAUSAL_FAMILIES[family]
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if family == "gpt2":
+        sizes = {"n_embd": hidden, "n_layer": layers, "n_head": heads, "n_inner": intermediate,
+                 "n_positions": max_positions}
+    else:
+        sizes = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+                 "num_key_value_heads": 1, "intermediate_size": intermediate,
+                 "max_position_embeddings": max_positions}
+    cfg = config_cls(vocab_size=vocab_size, **sizes, **ids, **{**fields, **config})
+    return _randomize(model_cls(cfg), seed)
 
 
 def random_batch(vocab_size, batch_size, seq_len, *, cls_id, sep_id, pad_id, first_regular_id=5, seed=0):
