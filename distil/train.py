@@ -227,7 +227,8 @@ class Trainer:
         train_loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_mlm,
                                          alpha_cos=config.alpha_cos, temperature=config.temperature, **heads)
         self.step_fn = DistillationStep(rows, self.teacher, train_loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
-                                        autocast_dtype=self.autocast_dtype)
+                                        autocast_dtype=self.autocast_dtype,
+                                        cache_temperature=None if self.cache is None else self.cache.temperature)
 
         if self.cache is not None:
             self.cache.check_corpus(text_files(config.data), len(self.tokenizer))

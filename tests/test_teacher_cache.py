@@ -148,7 +148,8 @@ def test_training_from_a_full_cache_reproduces_the_live_teacher(setup):
     for name in ("live", "cached"):
         torch.manual_seed(0)
         student = build_student(teacher).train()
-        step = DistillationStep(StudentRows(student), teacher if name == "live" else None, loss_fn)
+        step = DistillationStep(StudentRows(student), teacher if name == "live" else None, loss_fn,
+                                cache_temperature=cache.temperature)
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
         reader = LengthGroupedBatches(cache.sequences(), 8, seed=3, pad_id=tok.pad_token_id)
         losses = []
