@@ -23,7 +23,8 @@ EPILOG = """output directory:
 
 exit codes:
   0    finished
-  1    error: a bad value, a missing or unreadable file (one line on stderr)
+  1    error: a bad value, a missing, unreadable or mismatched file (one line on stderr), checked
+       before any model loads; an error during training writes a checkpoint first
   2    bad command line
   3    interrupted by SIGINT (Ctrl-C) or SIGTERM: the current step finished and a checkpoint was
        written; continue with --resume
@@ -130,13 +131,11 @@ class TrainConfig:
 
 
     def _validate_cache(self):
-        """What training from ``teacher_cache`` needs, from its index alone (see distil.teacher_cache)."""
-        import json
+        """What training from ``teacher_cache`` needs, from the cache's files alone (its index checked,
+        every shard's header and size: distil.teacher_cache.TeacherCache), before any model loads."""
+        from distil.teacher_cache import read_index
 
-        index_path = Path(self.teacher_cache) / "index.json"
-        if not index_path.is_file():
-            raise ValueError(f"teacher_cache: no index.json in {self.teacher_cache!r} (build it with distil-cache-teacher)")
-        index = json.loads(index_path.read_text())
+        index = read_index(self.teacher_cache)
         if index.get("temperature") != self.temperature:
             raise ValueError(f"temperature is {self.temperature} but the teacher cache stores the teacher's logsumexp "
                              f"at T = {index.get('temperature')}: pass --temperature {index.get('temperature')}")
@@ -197,7 +196,7 @@ def main(argv=None):
     import torch.distributed as dist
     from transformers.utils import logging as hf_logging
 
-    from distil.train import NonFiniteError, Trainer
+    from distil.train import NonFiniteError, StepError, Trainer
 
     hf_logging.disable_progress_bar()  # per-file load/save bars would break ours and the log lines
 
@@ -209,6 +208,8 @@ def main(argv=None):
         status = trainer.fit()
     except NonFiniteError as err:
         return _error(err, EXIT_DIVERGED)
+    except StepError as err:  # Trainer.fit wrote a checkpoint first and says where
+        return _error(err)
     except KeyboardInterrupt:  # Ctrl-C while setting up, or a second one while training
         return _error(f"stopped by Ctrl-C; the newest checkpoint in {config.output_dir}, if any, is the one to "
                       "--resume from", EXIT_ABORTED)

@@ -70,6 +70,11 @@ EVAL_MASK_PROP = 0.15
 _TRAIN_PARTS = ("loss", "kl", "mlm", "cos")
 
 
+class StepError(RuntimeError):
+    """A training step failed (an unreadable file, a full disk...); a checkpoint of the last finished step
+    was written first when possible, and the message says where."""
+
+
 class NonFiniteError(RuntimeError):
     """The loss, the gradient norm or the parameters became NaN or infinite; nothing non-finite was
     written, and the checkpoints on disk are untouched."""
@@ -193,7 +198,10 @@ class Trainer:
         if self.tokenizer.mask_token_id is None:
             raise ValueError(f"teacher: the tokenizer in {config.teacher} has no mask token; a masked-LM teacher needs one")
         # With a teacher cache the teacher never runs: it is read (on the CPU) only to build the student.
+        # The cache is checked whole (every shard) and against this corpus, tokenizer and teacher first.
         self.cache = None if config.teacher_cache is None else TeacherCache(config.teacher_cache)
+        if self.cache is not None:
+            self.cache.check_sources(text_files(config.data), self.tokenizer, config.teacher)
         if self.cache is None or config.student is None:
             teacher_dtype = None if self.device.type == "cpu" or self.cache else (self.autocast_dtype or torch.float16)
             teacher = _load_teacher(config.teacher, "cpu" if self.cache else self.device, teacher_dtype)
@@ -230,8 +238,6 @@ class Trainer:
                                         autocast_dtype=self.autocast_dtype,
                                         cache_temperature=None if self.cache is None else self.cache.temperature)
 
-        if self.cache is not None:
-            self.cache.check_corpus(text_files(config.data), len(self.tokenizer))
         sequences = (self.cache.sequences() if self.cache is not None
                      else load_corpus(text_files(config.data), self.tokenizer, max_length=config.max_length))
         if not sequences:
@@ -633,6 +639,8 @@ class Trainer:
                     if metrics_file:
                         self._log(err.metrics, bar, writer, metrics_file)
                     raise
+                except Exception as err:  # an unreadable file, a full disk...: keep the steps done so far
+                    raise self._checkpoint_before_error(err) from err
                 bar.update(1)
                 stop = self._should_stop()
                 if stop or self.step % cfg.log_every == 0 or self.step == end:
@@ -668,6 +676,18 @@ class Trainer:
                 writer.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _checkpoint_before_error(self, err):
+        """Write a checkpoint of the last finished step (the failed one left the parameters and the
+        optimizer untouched) and return a :class:`StepError` saying where it is and what went wrong."""
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            self.save_checkpoint()
+            where = f"checkpoint-{self.step} written in {self.output_dir}; fix the cause, then --resume"
+        except Exception as save_err:  # noqa: BLE001 (the first error is the one to report)
+            where = f"and no checkpoint could be written ({type(save_err).__name__}: {save_err})"
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        return StepError(f"step {self.step + 1} failed ({type(err).__name__}: {first_line}); {where}")
 
     def _log_eval(self, bar, writer, metrics_file):
         record = self.evaluate()
