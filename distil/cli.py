@@ -10,6 +10,7 @@ The output layout and the exit codes are in :data:`EPILOG` (the end of ``--help`
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -143,29 +144,41 @@ class TrainConfig:
             raise ValueError(f"alpha_cos is {self.alpha_cos} but the teacher cache has no hidden states: pass "
                              "--alpha-cos 0, or rebuild the cache with distil-cache-teacher --hidden")
 
+class _Extend(argparse.Action):
+    """``nargs="+"`` that accumulates over repeats (``--seeds 0 1 --seeds 2`` is 0 1 2, where argparse's
+    default would keep the last) and replaces the default rather than extending it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (list(current) if current is not self.default else []) + list(values))
+
+
 def _add_flag(parser, field):
-    """One flag for one field, from its type, default and metadata alone."""
+    """One flag for one field (of TrainConfig, or distil-eval's EvalConfig), from its type, default and
+    metadata alone: ``X | None`` takes an X, ``list[X]`` one or more (repeats accumulate), a bool is a
+    switch (``--no-...`` when on by default)."""
     flag = "--" + field.name.replace("_", "-")
     meta = dict(field.metadata)
     help_text = meta.pop("help")
-    required = field.default is dataclasses.MISSING
+    default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+    required = default is dataclasses.MISSING
     if field.type is bool:
-        if field.default:  # on by default: the flag turns it off
+        if default:  # on by default: the flag turns it off
             parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_false", help=help_text)
         else:
             parser.add_argument(flag, action="store_true", help=help_text)
         return
     kind = field.type
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
     kwargs = {}
     if typing.get_origin(kind) is list:
-        kwargs["nargs"] = "+"
-    if args:
-        kind = args[0]
+        kwargs.update(nargs="+", action=_Extend)
+        kind = typing.get_args(kind)[0]
     # A None default means "derived": its help text says from what.
-    suffix = " (required)" if required else "" if field.default is None else " (default: %(default)s)"
+    suffix = " (required)" if required else "" if default is None else " (default: %(default)s)"
     parser.add_argument(flag, type=kind, required=required, help=help_text + suffix,
-                        **({} if required else {"default": field.default}), **kwargs, **meta)
+                        **({} if required else {"default": default}), **kwargs, **meta)
 
 
 def build_parser():

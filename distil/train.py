@@ -100,9 +100,10 @@ def _load_teacher(path, device, dtype):
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
-def check_model_dir(name, path):
-    """A local model directory distil can load: ``config.json``, safetensors weights and tokenizer
-    files (the tokenizer only for the teacher); raises ValueError naming the missing file."""
+def check_model_dir(name, path, *, tokenizer=False):
+    """A local model directory distil can load: ``config.json``, safetensors weights and (with
+    ``tokenizer``) tokenizer files; raises ValueError naming the missing file. Without tokenizer files
+    transformers would build an empty tokenizer that maps every word to [UNK]."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{name}: {path / 'config.json'} not found; {name} must be a Hugging Face model directory")
@@ -111,9 +112,9 @@ def check_model_dir(name, path):
         hint = (f" (it has {other[0]}: distil loads safetensors only; convert with "
                 "AutoModelForMaskedLM.from_pretrained(dir).save_pretrained(dir))") if other else ""
         raise ValueError(f"{name}: {path / 'model.safetensors'} not found{hint}")
-    if name == "teacher" and not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise ValueError(f"teacher: no tokenizer files in {path} (looked for {', '.join(_TOKENIZER_FILES)}); "
-                         "save the teacher's tokenizer there (tokenizer.save_pretrained)")
+    if tokenizer and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(f"{name}: no tokenizer files in {path} (looked for {', '.join(_TOKENIZER_FILES)}); "
+                         "save the tokenizer there (tokenizer.save_pretrained)")
 
 
 def _autocast_dtype(precision, device):
@@ -191,7 +192,7 @@ class Trainer:
                 raise ValueError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)")
         torch.manual_seed(config.seed + self.rank)  # dropout differs per rank, as in distiller.py
 
-        check_model_dir("teacher", config.teacher)
+        check_model_dir("teacher", config.teacher, tokenizer=True)
         if config.student is not None:
             check_model_dir("student", config.student)
         self.tokenizer = AutoTokenizer.from_pretrained(config.teacher, trust_remote_code=False)
