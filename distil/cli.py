@@ -37,6 +37,9 @@ REPORT_TO = ("none", "tensorboard")
 
 
 def _option(default=dataclasses.MISSING, help="", **extra):
+    """A config field with its flag's help text (a list default is copied per instance)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **extra})
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 

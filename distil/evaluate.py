@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from distil.cli import _add_flag, _option
 from distil.data import load_corpus
 from distil.masking import MLMMasker
 
@@ -326,12 +327,6 @@ def masked_lm_metrics(model_path, text_path, *, max_length=128, mask_prop=0.15, 
 
 
 # -- the run -------------------------------------------------------------------------------------
-def _option(default=dataclasses.MISSING, help="", **extra):
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **extra})
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
-
-
 @dataclasses.dataclass
 class EvalConfig:
     """Every option of ``distil-eval`` (the CLI flags are these names with dashes; ``--help`` lists each
@@ -549,8 +544,6 @@ exit codes:
 
 def parse_args(argv=None) -> EvalConfig:
     """CLI flags -> :class:`EvalConfig` (one flag per field, as distil-train's)."""
-    from distil.cli import _add_flag
-
     parser = argparse.ArgumentParser(prog="distil-eval", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(EvalConfig):
