@@ -10,6 +10,7 @@ The output layout and the exit codes are in :data:`EPILOG` (the end of ``--help`
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -23,7 +24,8 @@ EPILOG = """output directory:
 
 exit codes:
   0    finished
-  1    error: a bad value, a missing or unreadable file (one line on stderr)
+  1    error: a bad value, a missing, unreadable or mismatched file (one line on stderr), checked
+       before any model loads; an error during training writes a checkpoint first
   2    bad command line
   3    interrupted by SIGINT (Ctrl-C) or SIGTERM: the current step finished and a checkpoint was
        written; continue with --resume
@@ -35,6 +37,9 @@ REPORT_TO = ("none", "tensorboard")
 
 
 def _option(default=dataclasses.MISSING, help="", **extra):
+    """A config field with its flag's help text (a list default is copied per instance)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **extra})
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
@@ -130,13 +135,11 @@ class TrainConfig:
 
 
     def _validate_cache(self):
-        """What training from ``teacher_cache`` needs, from its index alone (see distil.teacher_cache)."""
-        import json
+        """What training from ``teacher_cache`` needs, from the cache's files alone (its index checked,
+        every shard's header and size: distil.teacher_cache.TeacherCache), before any model loads."""
+        from distil.teacher_cache import read_index
 
-        index_path = Path(self.teacher_cache) / "index.json"
-        if not index_path.is_file():
-            raise ValueError(f"teacher_cache: no index.json in {self.teacher_cache!r} (build it with distil-cache-teacher)")
-        index = json.loads(index_path.read_text())
+        index = read_index(self.teacher_cache)
         if index.get("temperature") != self.temperature:
             raise ValueError(f"temperature is {self.temperature} but the teacher cache stores the teacher's logsumexp "
                              f"at T = {index.get('temperature')}: pass --temperature {index.get('temperature')}")
@@ -144,29 +147,41 @@ class TrainConfig:
             raise ValueError(f"alpha_cos is {self.alpha_cos} but the teacher cache has no hidden states: pass "
                              "--alpha-cos 0, or rebuild the cache with distil-cache-teacher --hidden")
 
+class _Extend(argparse.Action):
+    """``nargs="+"`` that accumulates over repeats (``--seeds 0 1 --seeds 2`` is 0 1 2, where argparse's
+    default would keep the last) and replaces the default rather than extending it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (list(current) if current is not self.default else []) + list(values))
+
+
 def _add_flag(parser, field):
-    """One flag for one field, from its type, default and metadata alone."""
+    """One flag for one field (of TrainConfig, or distil-eval's EvalConfig), from its type, default and
+    metadata alone: ``X | None`` takes an X, ``list[X]`` one or more (repeats accumulate), a bool is a
+    switch (``--no-...`` when on by default)."""
     flag = "--" + field.name.replace("_", "-")
     meta = dict(field.metadata)
     help_text = meta.pop("help")
-    required = field.default is dataclasses.MISSING
+    default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+    required = default is dataclasses.MISSING
     if field.type is bool:
-        if field.default:  # on by default: the flag turns it off
+        if default:  # on by default: the flag turns it off
             parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_false", help=help_text)
         else:
             parser.add_argument(flag, action="store_true", help=help_text)
         return
     kind = field.type
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
     kwargs = {}
     if typing.get_origin(kind) is list:
-        kwargs["nargs"] = "+"
-    if args:
-        kind = args[0]
+        kwargs.update(nargs="+", action=_Extend)
+        kind = typing.get_args(kind)[0]
     # A None default means "derived": its help text says from what.
-    suffix = " (required)" if required else "" if field.default is None else " (default: %(default)s)"
+    suffix = " (required)" if required else "" if default is None else " (default: %(default)s)"
     parser.add_argument(flag, type=kind, required=required, help=help_text + suffix,
-                        **({} if required else {"default": field.default}), **kwargs, **meta)
+                        **({} if required else {"default": default}), **kwargs, **meta)
 
 
 def build_parser():
@@ -197,7 +212,7 @@ def main(argv=None):
     import torch.distributed as dist
     from transformers.utils import logging as hf_logging
 
-    from distil.train import NonFiniteError, Trainer
+    from distil.train import NonFiniteError, StepError, Trainer
 
     hf_logging.disable_progress_bar()  # per-file load/save bars would break ours and the log lines
 
@@ -209,6 +224,8 @@ def main(argv=None):
         status = trainer.fit()
     except NonFiniteError as err:
         return _error(err, EXIT_DIVERGED)
+    except StepError as err:  # Trainer.fit wrote a checkpoint first and says where
+        return _error(err)
     except KeyboardInterrupt:  # Ctrl-C while setting up, or a second one while training
         return _error(f"stopped by Ctrl-C; the newest checkpoint in {config.output_dir}, if any, is the one to "
                       "--resume from", EXIT_ABORTED)

@@ -150,17 +150,22 @@ class DistillationLoss(nn.Module):
             use_kl = self.alpha_kl > 0
             kl, mlm = self.head_loss(student_head_input, labels if self.alpha_mlm > 0 else None,
                                      teacher_head_input if use_kl else None,
-                                     teacher_logits=teacher_logits if use_kl else None, kl_mask=kl_mask)
+                                     teacher_logits=teacher_logits if use_kl else None, kl_mask=kl_mask,
+                                     kl_weight=kl_weight, ce_weight=mlm_weight)
         elif self.alpha_kl > 0:
             if teacher_logits is None:
                 raise ValueError("teacher_logits is required when alpha_kl > 0")
             if topk:
                 # Without the MLM term no row has a label, so the CE part costs nothing.
                 loss_labels = labels if self.alpha_mlm > 0 else torch.full_like(labels, IGNORE_INDEX)
+                if teacher_logits.lse is not None and teacher_logits.temperature is None:
+                    raise ValueError("teacher_logits: a TopKLogits with an lse needs the temperature it was taken "
+                                     f"at (TopKLogits(..., temperature=T)); this loss uses T = {self.temperature}")
                 kl, mlm = topk_kl_ce_loss(
                     student_logits, teacher_logits.values, teacher_logits.index, loss_labels,
-                    teacher_lse=teacher_logits.lse, temperature=self.temperature, kl_mask=kl_mask,
-                    ignore_index=IGNORE_INDEX, kl_weight=self.alpha_kl, ce_weight=self.alpha_mlm,
+                    teacher_lse=teacher_logits.lse, teacher_lse_temperature=teacher_logits.temperature,
+                    temperature=self.temperature, kl_mask=kl_mask,
+                    ignore_index=IGNORE_INDEX, kl_weight=kl_weight, ce_weight=mlm_weight,
                 )
             elif self.alpha_mlm > 0:
                 kl, mlm = kl_ce_loss(

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from distil.cli import _add_flag, _option
 from distil.data import load_corpus
 from distil.masking import MLMMasker
 
@@ -39,18 +40,35 @@ LABELLED_SUFFIXES = (".jsonl", ".csv", ".tsv")
 
 # -- labelled data -------------------------------------------------------------------------------
 def _read_rows(path, text_column, label_column):
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    for i, row in enumerate(rows):
+    """(texts, labels) of a .jsonl / .csv / .tsv file; errors name the file and line."""
+    rows = []  # (line number, row)
+    with open(path, encoding="utf-8", newline="" if path.suffix.lower() != ".jsonl" else None) as f:
+        if path.suffix.lower() == ".jsonl":
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: a JSON object per line expected, got {type(row).__name__}")
+                rows.append((number, row))
+        else:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            rows = [(reader.line_num, row) for row in reader]
+    for number, row in rows:
         for column in (text_column, label_column):
             if column not in row:
-                raise ValueError(f"{path}: row {i} has no column {column!r} (columns: {sorted(row)})")
-    return [row[text_column] for row in rows], [row[label_column] for row in rows]
+                raise ValueError(f"{path}:{number}: no column {column!r} (columns: {sorted(k for k in row if k)})")
+        _check_label(row[label_column], f"{path}:{number}", label_column)
+    return [row[text_column] for _, row in rows], [row[label_column] for _, row in rows]
+
+
+def _check_label(value, where, label_column):
+    """A null or blank label is a missing value, not a class of its own."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{where}: empty {label_column!r} ({value!r}); every row needs a label")
 
 
 def load_labelled(path, *, text_column="text", label_column="label", split=None):
@@ -77,6 +95,8 @@ def load_labelled(path, *, text_column="text", label_column="label", split=None)
         if missing:
             raise ValueError(f"{path}: no column {sorted(missing)} (columns: {loaded.column_names})")
         texts, labels = loaded[text_column], loaded[label_column]
+        for i, label in enumerate(labels):
+            _check_label(label, f"{path}: row {i}", label_column)
     elif path.is_file():
         if path.suffix.lower() not in LABELLED_SUFFIXES:
             raise ValueError(f"path {str(path)!r} must end in one of {LABELLED_SUFFIXES} or be a dataset folder")
@@ -142,7 +162,9 @@ def _tokenizer(path):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
-def _classifier(path, labels):
+def _classifier(path, labels, loading_info=False):
+    """The sequence classifier of ``path`` (with ``loading_info``: and what transformers' load report
+    says, ``{"missing_keys": ..., ...}``)."""
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(
@@ -151,7 +173,17 @@ def _classifier(path, labels):
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
         trust_remote_code=False,
+        output_loading_info=loading_info,
     )
+
+
+def _head_note(name, info):
+    """One line per model instead of transformers' load report: which weights the classifier added
+    (the freshly initialised head) and how many of the checkpoint's it left out (e.g. its LM head)."""
+    added = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    unused = len(info["unexpected_keys"])
+    return (f"distil-eval: {name}: classification head added ({', '.join(added) or 'none'}); "
+            f"{unused} checkpoint weights unused")
 
 
 def fine_tune(model_path, train, evaluation, labels, seed, config):
@@ -297,40 +329,50 @@ def masked_lm_metrics(model_path, text_path, *, max_length=128, mask_prop=0.15, 
 # -- the run -------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class EvalConfig:
-    """Every option of ``distil-eval`` (the CLI flags are these names with dashes)."""
+    """Every option of ``distil-eval`` (the CLI flags are these names with dashes; ``--help`` lists each
+    with its default)."""
 
-    models: list
-    train: str
-    eval: str | None = None
-    names: list | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
-    text_column: str = "text"
-    label_column: str = "label"
-    seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
-    epochs: float = 3.0
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup: float = 0.1
-    max_length: int = 128
-    max_train_rows: int | None = None
-    mlm_text: str | None = None
-    mlm_max_length: int = 128
-    mlm_prop: float = 0.15
-    mlm_seed: int = 0
-    throughput_batch_size: int = 32
-    throughput_sequences: int = 256
-    throughput_rounds: int = 5
-    output: str | None = None
-    progress: bool = False
+    models: list[str] = _option(help="model directories (config, weights, tokenizer); the first is the reference "
+                                     "for retention and speed-up")
+    train: str = _option(help="labelled training data: a .jsonl/.csv/.tsv file with a header, or a datasets "
+                              "folder (save_to_disk)")
+    eval: str | None = _option(None, "labelled evaluation data, as --train; may be left out only when --train is a "
+                                     "DatasetDict folder (its --eval-split is used)")
+    names: list[str] | None = _option(None, "a display name per model (default: the folder names)")
+    train_split: str = _option("train", "split of a DatasetDict --train")
+    eval_split: str = _option("test", "split of a DatasetDict --eval (or of --train without --eval)")
+    text_column: str = _option("text", "column holding the text")
+    label_column: str = _option("label", "column holding the label (any value; empty or null is an error)")
+    seeds: list[int] = _option([0, 1, 2], "fine-tuning seeds, distinct (repeating the flag adds seeds)")
+    epochs: float = _option(3.0, "fine-tuning epochs")
+    batch_size: int = _option(32, "fine-tuning batch size")
+    lr: float = _option(5e-5, "fine-tuning peak learning rate (AdamW, linear schedule)")
+    weight_decay: float = _option(0.01, "AdamW weight decay")
+    warmup: float = _option(0.1, "fraction of the steps with a linear warm-up")
+    max_length: int = _option(128, "tokens per text (longer ones are truncated)")
+    max_train_rows: int | None = _option(None, "use at most this many training rows, drawn with seed 0 "
+                                               "(default: all)")
+    mlm_text: str | None = _option(None, "a text file for the masked-LM accuracy and loss (default: not measured)")
+    mlm_max_length: int = _option(128, "tokens per sequence of --mlm-text")
+    mlm_prop: float = _option(0.15, "fraction of --mlm-text's tokens masked")
+    mlm_seed: int = _option(0, "seed of the masked-LM positions")
+    throughput_batch_size: int = _option(32, "batch size of the throughput measurement")
+    throughput_sequences: int = _option(256, "evaluation texts timed for the throughput")
+    throughput_rounds: int = _option(5, "timed rounds (the median is reported)")
+    output: str | None = _option(None, "also write the full results as JSON to this file")
+    progress: bool = _option(False, "show the Trainer's progress bars")
+    verbose: bool = _option(False, "show transformers' own load reports and warnings (default: one line per model)")
 
     def validate(self):
+        """Every value and path checked before any model loads; errors name the flag (and file)."""
+        from distil.train import check_model_dir
+
         if not self.models:
             raise ValueError("models must name at least one model directory")
         for path in self.models:
             if not Path(path).is_dir():
                 raise ValueError(f"models: {path!r} is not a model directory")
+            check_model_dir("models", path, tokenizer=True)
         if self.names is not None and len(self.names) != len(self.models):
             raise ValueError(f"names has {len(self.names)} entries but models has {len(self.models)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -352,6 +394,13 @@ class EvalConfig:
             raise ValueError(f"mlm_prop must be in (0, 1], got {self.mlm_prop}")
         if self.mlm_text is not None and not Path(self.mlm_text).is_file():
             raise ValueError(f"mlm_text {self.mlm_text!r} is not a file")
+        for name in ("train", "eval"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"{name}: {path!r} is neither a file nor a folder")
+        if self.eval is None and not (Path(self.train) / "dataset_dict.json").is_file():
+            raise ValueError(f"eval is required: --train {self.train} has no --eval-split of its own, and scoring "
+                             "on the training rows would say nothing (pass --eval, the same file if you mean it)")
 
 
 def _summary(values):
@@ -375,22 +424,42 @@ def _machine():
     }
 
 
+def _quiet_transformers(verbose):
+    """transformers' load reports (a table of UNEXPECTED / MISSING keys per load: one per model and seed)
+    and warnings, unless ``verbose``; :func:`_head_note` says what matters once per model."""
+    from transformers.utils import logging as hf_logging
+
+    if not verbose:
+        hf_logging.set_verbosity_error()
+
+
 def evaluate(config: EvalConfig):
     """Run the whole comparison; returns the results as a JSON-ready dict (see the module docstring)."""
     config.validate()
-    train = load_labelled(config.train, text_column=config.text_column, label_column=config.label_column,
-                          split=config.train_split)
-    evaluation = load_labelled(config.eval or config.train, text_column=config.text_column,
-                               label_column=config.label_column, split=config.eval_split)
+    _quiet_transformers(config.verbose)
+    data = {}
+    for flag, path, split in (("train", config.train, config.train_split),
+                              ("eval", config.eval or config.train, config.eval_split)):
+        try:
+            data[flag] = load_labelled(path, text_column=config.text_column, label_column=config.label_column,
+                                       split=split)
+        except ValueError as err:
+            raise ValueError(f"{flag}: {err}") from None
+    train, evaluation = data["train"], data["eval"]
     if config.max_train_rows is not None and len(train) > config.max_train_rows:
         train = train.shuffle(seed=0).select(range(config.max_train_rows))
-    labels = label_names(train, evaluation)
+    try:
+        labels = label_names(train, evaluation)
+    except ValueError as err:
+        raise ValueError(f"train {config.train}, eval {config.eval or config.train}: {err}") from None
     names = config.names or [Path(p).name for p in config.models]
 
     results = []
     for name, path in zip(names, config.models):
+        classifier, info = _classifier(path, labels, loading_info=True)
+        print(_head_note(name, info), file=sys.stderr)
         runs = [fine_tune(path, train, evaluation, labels, seed, config) for seed in config.seeds]
-        total, non_embedding = count_parameters(_classifier(path, labels))
+        total, non_embedding = count_parameters(classifier)
         results.append({
             "name": name,
             "path": str(path),
@@ -463,32 +532,34 @@ def markdown_table(results):
     return "\n".join(lines)
 
 
+EPILOG = """output: the Markdown table on stdout; progress and one line per model on stderr.
+
+exit codes:
+  0    finished
+  1    error: a bad value, a missing or unreadable file, a bad row (one line on stderr naming the
+       flag, the file and its line), checked before any model loads where it can be
+  2    bad command line
+"""
+
+
 def parse_args(argv=None) -> EvalConfig:
-    """CLI flags -> :class:`EvalConfig`."""
-    parser = argparse.ArgumentParser(prog="distil-eval", description=__doc__.split("\n\n")[0])
-    defaults = EvalConfig(models=[], train="")
-    parser.add_argument("--models", nargs="+", required=True, help="model directories; the first is the reference")
-    parser.add_argument("--names", nargs="+", help="a display name per model (default: the folder names)")
-    parser.add_argument("--train", required=True, help=".jsonl/.csv/.tsv file or a saved datasets dataset")
-    parser.add_argument("--eval", help="as --train (default: --train's --eval-split)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=defaults.seeds)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=False)
-    parser.add_argument("--progress", dest="progress", action="store_true")
-    skip = {"models", "names", "train", "eval", "seeds", "progress"}
+    """CLI flags -> :class:`EvalConfig` (one flag per field, as distil-train's)."""
+    parser = argparse.ArgumentParser(prog="distil-eval", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(EvalConfig):
-        if field.name in skip:
-            continue
-        default = getattr(defaults, field.name)
-        kind = {"max_train_rows": int, "mlm_text": str, "output": str}.get(field.name, type(default))
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=default)
+        _add_flag(parser, field)
     return EvalConfig(**vars(parser.parse_args(argv)))
 
 
 def main(argv=None):
-    """Console entry point ``distil-eval`` (also ``python -m distil.evaluate``)."""
+    """Console entry point ``distil-eval`` (also ``python -m distil.evaluate``); returns the exit code."""
     config = parse_args(argv)
-    with contextlib.redirect_stdout(sys.stderr):  # the Trainer's and the loaders' chatter; stdout is the table
-        results = evaluate(config)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # the Trainer's and the loaders' chatter; stdout is the table
+            results = evaluate(config)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"distil-eval: error: {err}", file=sys.stderr)
+        return 1
     print(markdown_table(results))
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)

@@ -74,10 +74,12 @@ class DistillationStep:
     A ``loss_fn`` built with the models' heads (``DistillationLoss(student_head=..., teacher_head=...)``)
     gets the heads' transformed rows instead of logits: the fused head, no ``[M, V]`` logits at all.
     With ``teacher=None`` the teacher comes from a teacher cache instead (``__call__(..., cached)``, see
-    :meth:`rows`); a cached teacher has no head to fuse, so its loss takes logits.
+    :meth:`rows`), and ``cache_temperature`` is the T of its lse (``TeacherCache.temperature``, checked
+    against the loss's); a cached teacher has no head to fuse, so its loss takes logits.
     """
 
-    def __init__(self, student_rows, teacher, loss_fn, *, restrict_kl_to_mask=False, autocast_dtype=None):
+    def __init__(self, student_rows, teacher, loss_fn, *, restrict_kl_to_mask=False, autocast_dtype=None,
+                 cache_temperature=None):
         if not isinstance(restrict_kl_to_mask, bool):
             raise TypeError(f"restrict_kl_to_mask must be a bool, got {type(restrict_kl_to_mask).__name__}")
         if loss_fn.restrict_kl_to_mask:
@@ -88,6 +90,7 @@ class DistillationStep:
         self.loss_fn = loss_fn
         self.restrict_kl_to_mask = restrict_kl_to_mask
         self.autocast_dtype = autocast_dtype
+        self.cache_temperature = cache_temperature
 
     def rows(self, input_ids, attention_mask, labels, cached=None):
         """The :class:`StepRows` of one micro-batch (what :meth:`__call__` hands to the loss). A step
@@ -107,7 +110,7 @@ class DistillationStep:
             if self.teacher_adapter is None:
                 if with_kl:
                     t_logits = TopKLogits(cached["topk_logits"][logit_mask], cached["topk_index"][logit_mask],
-                                          cached["lse"][logit_mask])
+                                          cached["lse"][logit_mask], self.cache_temperature)
                 if with_cos:
                     t_hidden = cached["hidden"][hidden_mask]
             elif with_kl or with_cos:

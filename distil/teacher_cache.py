@@ -18,11 +18,13 @@ full-vocabulary ``logsumexp(logits / T)`` at the cache temperature (float32), an
 the last hidden state (float16). At k = 64, float16, int16 that is 2 + 2 + 64 * (2 + 2) + 4 = 264
 bytes per token per pass.
 
-Layout of CACHE/ (format ``distil-teacher-cache`` version 1)::
+Layout of CACHE/ (format ``distil-teacher-cache`` version 2)::
 
-    index.json                     metadata (teacher, tokenizer, k, T, passes, dtypes, masking, corpus
-                                   files with sizes and sha256) and the shard table; "complete" is
-                                   true once every shard is written
+    index.json                     metadata (teacher: config and weights sha256; tokenizer: sha256 of
+                                   its vocabulary and special tokens; k, T, passes, dtypes, masking,
+                                   corpus files with sizes and sha256) and the shard table; "complete"
+                                   is true once every shard is written; "checksum" is the sha256 of
+                                   all the rest, so an edit (of T, passes, k...) is detected
     lengths.npy                    int32 [sequences]: tokens per sequence (pass-independent)
     pass{p}/shard{s:05d}/{input_ids,labels,topk_logits,topk_index,lse[,hidden]}.npy
                                    the tokens of sequences [s * shard_sequences, ...) of pass p,
@@ -36,9 +38,16 @@ are stored as their int16 bit patterns and ``index.json`` names the dtype.
 
 A shard is written into ``<shard>.tmp/`` (each file flushed and fsynced) and renamed into place, so
 a shard directory is either complete or absent. An interrupted build (Ctrl-C, a kill, a crash)
-resumes with the same command: finished shards are kept, a partial one is redone, and the result is
-byte-identical to an uninterrupted build (every shard depends only on its own sequences, seed and
-pass; the teacher runs deterministically on the same machine).
+resumes with the same command: finished shards are re-checked and kept, a partial or damaged one is
+redone, and the result is byte-identical to an uninterrupted build (every shard depends only on its
+own sequences, seed and pass; the teacher runs deterministically on the same machine).
+
+Opening a cache (:class:`TeacherCache`, hence ``distil-train --teacher-cache`` before its first step)
+checks the checksum of ``index.json`` and every shard of every pass against it: each file present,
+its ``.npy`` header readable, its dtype, shape (tokens of the shard, k, H) and byte size as recorded;
+the first bad file is named in a one-line ``ValueError``. ``distil-cache-teacher --verify CACHE``
+also re-hashes every file against the sha256 recorded when the build finished. docs/teacher_cache.md
+has the whole list.
 """
 import argparse
 import hashlib
@@ -59,7 +68,7 @@ from distil.ops import masked_gather
 from distil.student import lm_adapter
 
 FORMAT = "distil-teacher-cache"
-VERSION = 1
+VERSION = 2
 INDEX = "index.json"
 LENGTHS = "lengths.npy"
 LOGIT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -87,16 +96,44 @@ def bytes_per_token(top_k, tokenizer_size, vocab_size, logits_dtype="float16", h
     return sum(width.get(name, 1) * getattr(torch, dtype).itemsize for name, dtype in dtypes.items())
 
 
-def _sha256(path):
+def _sha256(*paths):
+    """sha256 of the files' bytes, in the given order."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
+
+
+def tokenizer_sha256(tokenizer):
+    """The tokenizer by content: sha256 of its vocabulary (token -> id) and its special tokens with
+    their ids. Two tokenizers of the same size but another vocabulary (or another mask/pad token) differ."""
+    content = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0])),
+               "special": sorted(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)),
+               "mask": tokenizer.mask_token_id, "pad": tokenizer.pad_token_id}
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
+
+
+def teacher_sha256(directory):
+    """(config sha256, weights sha256) of a model directory: config.json, and the safetensors files
+    (the sharded index and its shards in name order, or model.safetensors)."""
+    directory = Path(directory)
+    weights = sorted(directory.glob("model*.safetensors")) + sorted(directory.glob("model.safetensors.index.json"))
+    if not weights:
+        raise ValueError(f"teacher: no model*.safetensors in {directory}")
+    return _sha256(directory / "config.json"), _sha256(*weights)
+
+
+def _checksum(index):
+    """sha256 of the index without its own checksum (canonical JSON)."""
+    body = {k: v for k, v in index.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _write_json(path, obj):
     tmp = path.with_name(path.name + ".tmp")
+    obj = dict(obj, checksum=_checksum(obj))
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -118,6 +155,11 @@ def _to_numpy(t, dtype_name):
     if dtype_name == "bfloat16":
         return t.to(torch.bfloat16).view(torch.int16).numpy()
     return t.to(getattr(torch, dtype_name)).numpy()
+
+
+def _stored_dtype(dtype_name):
+    """The numpy dtype a field is stored as (bfloat16 as its int16 bits)."""
+    return np.dtype("int16" if dtype_name == "bfloat16" else dtype_name)
 
 
 def _from_numpy(a, dtype_name):
@@ -175,14 +217,15 @@ class CacheBuilder:
                                 **MASKING)
         self.lengths = np.array([len(s) for s in self.sequences], dtype=np.int32)
         num_shards = -(-len(self.sequences) // shard_sequences)
+        config_sha256, weights_sha256 = teacher_sha256(teacher)
         self.index = {
             "format": FORMAT,
             "version": VERSION,
             "teacher": {"path": str(Path(teacher).resolve()), "class": type(self.teacher).__name__,
                         "vocab_size": vocab_out, "hidden_size": self.teacher.config.hidden_size,
-                        "config_sha256": _sha256(Path(teacher) / "config.json")},
+                        "config_sha256": config_sha256, "weights_sha256": weights_sha256},
             "tokenizer": {"path": str(Path(teacher).resolve()), "class": type(self.tokenizer).__name__,
-                          "size": vocab},
+                          "size": vocab, "sha256": tokenizer_sha256(self.tokenizer)},
             "top_k": top_k,
             "temperature": self.temperature,
             "passes": passes,
@@ -204,8 +247,9 @@ class CacheBuilder:
         """Create the cache directory, or check that the one there is this build's (to resume it)."""
         index_path = self.output / INDEX
         if index_path.exists():
-            existing = json.loads(index_path.read_text())
-            mine = dict(self.index, complete=existing.get("complete"))
+            existing = read_index(self.output, complete=False)
+            mine = dict(self.index, complete=existing.get("complete"), checksum=existing["checksum"],
+                        **({"files": existing["files"]} if "files" in existing else {}))
             if existing != mine:
                 changed = sorted(k for k in set(existing) | set(mine) if existing.get(k) != mine.get(k))
                 raise ValueError(f"output {str(self.output)!r} holds a different cache (differs in {changed}); "
@@ -271,12 +315,24 @@ class CacheBuilder:
             _write_npy(tmp / f"{name}.npy", _to_numpy(value, dtypes[name]))
         os.replace(tmp, final)
 
+    def _shard_ok(self, shard):
+        """Whether a shard left by an earlier run is whole (else it is removed, to be redone)."""
+        folder = self.output / shard["name"]
+        if not folder.is_dir():
+            return False
+        try:
+            check_shard(self.output, self.index, shard, self.lengths)
+            return True
+        except ValueError:
+            shutil.rmtree(folder)
+            return False
+
     def run(self):
-        """Build the missing shards; returns the cache directory."""
+        """Build the missing (or damaged) shards; returns the cache directory."""
         if self._prepare_output():
             return self.output
         lengths = torch.from_numpy(self.lengths)
-        todo = [s for s in self.index["shards"] if not (self.output / s["name"]).is_dir()]
+        todo = [s for s in self.index["shards"] if not self._shard_ok(s)]
         total = self.index["num_tokens"] * self.index["passes"]
         done = total - sum(int(lengths[s["first_sequence"]:s["first_sequence"] + s["num_sequences"]].sum())
                            for s in todo)
@@ -284,7 +340,9 @@ class CacheBuilder:
                   desc="distil-cache-teacher") as bar:
             for shard in todo:
                 self._build_shard(shard, bar)
-        _write_json(self.output / INDEX, dict(self.index, complete=True))
+        files = {str(p.relative_to(self.output)): _sha256(p)
+                 for s in self.index["shards"] for p in sorted((self.output / s["name"]).glob("*.npy"))}
+        _write_json(self.output / INDEX, dict(self.index, complete=True, files=files))
         return self.output
 
 
@@ -294,21 +352,86 @@ def build_cache(teacher, data, output, **options):
     return CacheBuilder(teacher, data, output, **options).run()
 
 
+def read_index(path, complete=True):
+    """The ``index.json`` of the cache at ``path``, checked: valid JSON, this format and version, an
+    unedited checksum, a shard table that covers every pass, and (with ``complete``) finished. Raises a
+    one-line ValueError naming the file."""
+    index_path = Path(path) / INDEX
+    if not index_path.is_file():
+        raise ValueError(f"teacher cache: no {INDEX} in {str(path)!r} (build it with distil-cache-teacher)")
+    try:
+        index = json.loads(index_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"teacher cache: {index_path} is not valid JSON ({err}); rebuild the cache") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise ValueError(f"teacher cache: {index_path} is not a {FORMAT} version {VERSION} index; rebuild the cache")
+    if index.get("checksum") != _checksum(index):
+        raise ValueError(f"teacher cache: {index_path} was edited after it was written (its checksum does not "
+                         "match: T, k, passes and the shard table are what the data was built with); rebuild "
+                         "the cache rather than edit it")
+    passes = {s["pass"] for s in index["shards"]}
+    if passes != set(range(index["passes"])):
+        raise ValueError(f"teacher cache: {index_path} has passes = {index['passes']} but shards for passes "
+                         f"{sorted(passes)}")
+    if complete and not index["complete"]:
+        raise ValueError(f"teacher cache: {str(path)!r} is incomplete; rerun distil-cache-teacher with the same "
+                         "arguments to finish it")
+    return index
+
+
+def _npy_header(path):
+    """(shape, dtype, data offset) of a .npy file, from its header alone."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        return shape, dtype, f.tell()
+
+
+def check_shard(path, index, shard, lengths):
+    """Raise a one-line ValueError naming the first file of ``shard`` that is missing, unreadable, or of
+    another dtype, shape or size than ``index`` records (``lengths``: tokens per sequence)."""
+    first, count = shard["first_sequence"], shard["num_sequences"]
+    tokens = int(np.asarray(lengths[first:first + count], dtype=np.int64).sum())
+    width = {"topk_logits": index["top_k"], "topk_index": index["top_k"], "hidden": index["teacher"]["hidden_size"]}
+    for name, dtype_name in index["dtypes"].items():
+        file = Path(path) / shard["name"] / f"{name}.npy"
+        want_shape = (tokens, width[name]) if name in width else (tokens,)
+        want_dtype = _stored_dtype(dtype_name)
+        if not file.is_file():
+            raise ValueError(f"teacher cache: {file} is missing; rerun distil-cache-teacher with the same arguments "
+                             "to rebuild that shard")
+        try:
+            shape, dtype, offset = _npy_header(file)
+        except (ValueError, OSError, EOFError, SyntaxError) as err:
+            raise ValueError(f"teacher cache: {file} has an unreadable .npy header ({err})") from None
+        if dtype != want_dtype or tuple(shape) != want_shape:
+            raise ValueError(f"teacher cache: {file} holds {dtype} {tuple(shape)} but the index records "
+                             f"{dtype_name} {want_shape}")
+        size, want_size = file.stat().st_size, offset + want_dtype.itemsize * int(np.prod(want_shape))
+        if size != want_size:
+            raise ValueError(f"teacher cache: {file} has {size} bytes, {want_size} expected (truncated or "
+                             "appended to)")
+
+
 class TeacherCache:
-    """A finished cache, memory-mapped. ``batch(pass_index, sequences, width)`` returns padded tensors."""
+    """A finished cache, memory-mapped. ``batch(pass_index, sequences, width)`` returns padded tensors.
+    Opening it checks ``index.json`` and every shard of every pass (:func:`read_index`,
+    :func:`check_shard`): a damaged cache fails here, before training starts, not at its first read."""
 
     def __init__(self, path):
         self.path = Path(path)
-        index_path = self.path / INDEX
-        if not index_path.is_file():
-            raise ValueError(f"teacher cache: no {INDEX} in {str(self.path)!r}")
-        self.index = json.loads(index_path.read_text())
-        if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
-            raise ValueError(f"teacher cache: {str(self.path)!r} is not a {FORMAT} version {VERSION}")
-        if not self.index["complete"]:
-            raise ValueError(f"teacher cache: {str(self.path)!r} is incomplete; rerun distil-cache-teacher "
-                             "with the same arguments to finish it")
-        self.lengths = torch.from_numpy(np.load(self.path / LENGTHS))
+        self.index = read_index(self.path)
+        try:
+            lengths = np.load(self.path / LENGTHS)
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"teacher cache: {self.path / LENGTHS} is unreadable ({err})") from None
+        if lengths.shape != (self.index["num_sequences"],) or int(lengths.sum()) != self.index["num_tokens"]:
+            raise ValueError(f"teacher cache: {self.path / LENGTHS} does not hold the index's "
+                             f"{self.index['num_sequences']} sequences of {self.index['num_tokens']} tokens")
+        for shard in self.index["shards"]:
+            check_shard(self.path, self.index, shard, lengths)
+        self.lengths = torch.from_numpy(lengths)
         self.starts = torch.cumsum(self.lengths.long(), 0) - self.lengths.long()
         self.top_k, self.temperature, self.passes = self.index["top_k"], self.index["temperature"], self.index["passes"]
         self.has_hidden = "hidden" in self.index["dtypes"]
@@ -317,17 +440,30 @@ class TeacherCache:
     def __len__(self):
         return len(self.lengths)
 
-    def check_corpus(self, files, tokenizer_size):
+    def check_sources(self, files, tokenizer, teacher):
         """Raise ValueError unless ``files`` are the corpus the cache was built from (paths and sizes;
-        the sha256 in the index is for a full audit) and the tokenizer has the cache's size."""
+        the sha256 in the index is for a full audit), ``tokenizer`` has its vocabulary and special
+        tokens (by content, not size) and the model directory ``teacher`` its config and weights."""
         mine = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size} for f in files]
         theirs = [{"path": f["path"], "bytes": f["bytes"]} for f in self.index["corpus"]]
         if mine != theirs:
             raise ValueError(f"data: the files {[m['path'] for m in mine]} are not the corpus the teacher cache "
                              f"{str(self.path)!r} was built from ({[t['path'] for t in theirs]}, sizes included)")
-        if tokenizer_size != self.index["tokenizer"]["size"]:
-            raise ValueError(f"teacher: the tokenizer has {tokenizer_size} tokens but the teacher cache was built "
-                             f"with {self.index['tokenizer']['size']}")
+        recorded = self.index["tokenizer"]
+        if tokenizer_sha256(tokenizer) != recorded["sha256"]:
+            raise ValueError(f"teacher: the tokenizer in {teacher} ({len(tokenizer)} tokens) is not the one the "
+                             f"teacher cache {str(self.path)!r} was built with ({recorded['path']}, {recorded['size']} "
+                             "tokens): another vocabulary or other special tokens")
+        if teacher_sha256(teacher) != (self.index["teacher"]["config_sha256"], self.index["teacher"]["weights_sha256"]):
+            raise ValueError(f"teacher: {teacher} is not the teacher the cache {str(self.path)!r} was built from "
+                             f"({self.index['teacher']['path']}): its config or weights differ")
+
+    def verify(self):
+        """Re-hash every shard file against the sha256 recorded when the build finished; raises a
+        one-line ValueError naming the first that differs."""
+        for name, digest in self.index["files"].items():
+            if _sha256(self.path / name) != digest:
+                raise ValueError(f"teacher cache: {self.path / name} does not match its recorded sha256")
 
     def _arrays(self, pass_index, shard):
         key = (pass_index, shard)
@@ -388,10 +524,14 @@ class TeacherCache:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="distil-cache-teacher", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", required=True, help="teacher model directory (from_pretrained, safetensors)")
-    parser.add_argument("--data", nargs="+", required=True, help="text files or folders of *.txt")
-    parser.add_argument("--output", required=True, help="cache directory (created; an unfinished one resumes)")
+    parser = argparse.ArgumentParser(prog="distil-cache-teacher", description=__doc__.split("\n\n")[0],
+                                     epilog="exit codes: 0 done (or verified), 1 a bad value, file or cache "
+                                            "(one line on stderr), 2 bad command line")
+    parser.add_argument("--verify", metavar="CACHE", help="check CACHE (index, every shard's header and size, "
+                        "and every file's sha256) and exit; no other flag is needed")
+    parser.add_argument("--teacher", help="teacher model directory (from_pretrained, safetensors) (required)")
+    parser.add_argument("--data", nargs="+", help="text files or folders of *.txt (required)")
+    parser.add_argument("--output", help="cache directory (created; an unfinished one resumes) (required)")
     parser.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token")
     parser.add_argument("--passes", type=int, default=3, help="maskings of the corpus; epoch e replays pass e mod passes")
     parser.add_argument("--temperature", type=float, default=2.0,
@@ -408,12 +548,22 @@ def build_parser():
 
 def main(argv=None):
     """Console entry point ``distil-cache-teacher`` (also ``python -m distil.teacher_cache``)."""
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    verify = args.pop("verify")
+    if verify is None:
+        missing = [f"--{name}" for name in ("teacher", "data", "output") if args[name] is None]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
     try:
+        if verify is not None:
+            TeacherCache(verify).verify()
+            print(f"distil-cache-teacher: {verify} verified", file=sys.stderr)
+            return 0
         path = build_cache(args.pop("teacher"), args.pop("data"), args.pop("output"), **args)
     except ValueError as err:
-        print(f"distil-cache-teacher: {err}", file=sys.stderr)
-        return 2
+        print(f"distil-cache-teacher: error: {err}", file=sys.stderr)
+        return 1
     print(f"distil-cache-teacher: cache complete in {path}", file=sys.stderr)
     return 0
 

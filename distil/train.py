@@ -70,6 +70,11 @@ EVAL_MASK_PROP = 0.15
 _TRAIN_PARTS = ("loss", "kl", "mlm", "cos")
 
 
+class StepError(RuntimeError):
+    """A training step failed (an unreadable file, a full disk...); a checkpoint of the last finished step
+    was written first when possible, and the message says where."""
+
+
 class NonFiniteError(RuntimeError):
     """The loss, the gradient norm or the parameters became NaN or infinite; nothing non-finite was
     written, and the checkpoints on disk are untouched."""
@@ -95,9 +100,10 @@ def _load_teacher(path, device, dtype):
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
-def check_model_dir(name, path):
-    """A local model directory distil can load: ``config.json``, safetensors weights and tokenizer
-    files (the tokenizer only for the teacher); raises ValueError naming the missing file."""
+def check_model_dir(name, path, *, tokenizer=False):
+    """A local model directory distil can load: ``config.json``, safetensors weights and (with
+    ``tokenizer``) tokenizer files; raises ValueError naming the missing file. Without tokenizer files
+    transformers would build an empty tokenizer that maps every word to [UNK]."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{name}: {path / 'config.json'} not found; {name} must be a Hugging Face model directory")
@@ -106,9 +112,9 @@ def check_model_dir(name, path):
         hint = (f" (it has {other[0]}: distil loads safetensors only; convert with "
                 "AutoModelForMaskedLM.from_pretrained(dir).save_pretrained(dir))") if other else ""
         raise ValueError(f"{name}: {path / 'model.safetensors'} not found{hint}")
-    if name == "teacher" and not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise ValueError(f"teacher: no tokenizer files in {path} (looked for {', '.join(_TOKENIZER_FILES)}); "
-                         "save the teacher's tokenizer there (tokenizer.save_pretrained)")
+    if tokenizer and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(f"{name}: no tokenizer files in {path} (looked for {', '.join(_TOKENIZER_FILES)}); "
+                         "save the tokenizer there (tokenizer.save_pretrained)")
 
 
 def _autocast_dtype(precision, device):
@@ -186,14 +192,17 @@ class Trainer:
                 raise ValueError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)")
         torch.manual_seed(config.seed + self.rank)  # dropout differs per rank, as in distiller.py
 
-        check_model_dir("teacher", config.teacher)
+        check_model_dir("teacher", config.teacher, tokenizer=True)
         if config.student is not None:
             check_model_dir("student", config.student)
         self.tokenizer = AutoTokenizer.from_pretrained(config.teacher, trust_remote_code=False)
         if self.tokenizer.mask_token_id is None:
             raise ValueError(f"teacher: the tokenizer in {config.teacher} has no mask token; a masked-LM teacher needs one")
         # With a teacher cache the teacher never runs: it is read (on the CPU) only to build the student.
+        # The cache is checked whole (every shard) and against this corpus, tokenizer and teacher first.
         self.cache = None if config.teacher_cache is None else TeacherCache(config.teacher_cache)
+        if self.cache is not None:
+            self.cache.check_sources(text_files(config.data), self.tokenizer, config.teacher)
         if self.cache is None or config.student is None:
             teacher_dtype = None if self.device.type == "cpu" or self.cache else (self.autocast_dtype or torch.float16)
             teacher = _load_teacher(config.teacher, "cpu" if self.cache else self.device, teacher_dtype)
@@ -227,10 +236,9 @@ class Trainer:
         train_loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_mlm,
                                          alpha_cos=config.alpha_cos, temperature=config.temperature, **heads)
         self.step_fn = DistillationStep(rows, self.teacher, train_loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
-                                        autocast_dtype=self.autocast_dtype)
+                                        autocast_dtype=self.autocast_dtype,
+                                        cache_temperature=None if self.cache is None else self.cache.temperature)
 
-        if self.cache is not None:
-            self.cache.check_corpus(text_files(config.data), len(self.tokenizer))
         sequences = (self.cache.sequences() if self.cache is not None
                      else load_corpus(text_files(config.data), self.tokenizer, max_length=config.max_length))
         if not sequences:
@@ -632,6 +640,8 @@ class Trainer:
                     if metrics_file:
                         self._log(err.metrics, bar, writer, metrics_file)
                     raise
+                except Exception as err:  # an unreadable file, a full disk...: keep the steps done so far
+                    raise self._checkpoint_before_error(err) from err
                 bar.update(1)
                 stop = self._should_stop()
                 if stop or self.step % cfg.log_every == 0 or self.step == end:
@@ -667,6 +677,18 @@ class Trainer:
                 writer.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _checkpoint_before_error(self, err):
+        """Write a checkpoint of the last finished step (the failed one left the parameters and the
+        optimizer untouched) and return a :class:`StepError` saying where it is and what went wrong."""
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            self.save_checkpoint()
+            where = f"checkpoint-{self.step} written in {self.output_dir}; fix the cause, then --resume"
+        except Exception as save_err:  # noqa: BLE001 (the first error is the one to report)
+            where = f"and no checkpoint could be written ({type(save_err).__name__}: {save_err})"
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        return StepError(f"step {self.step + 1} failed ({type(err).__name__}: {first_line}); {where}")
 
     def _log_eval(self, bar, writer, metrics_file):
         record = self.evaluate()

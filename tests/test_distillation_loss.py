@@ -218,3 +218,55 @@ def test_heads_instead_of_logits_equal_the_logits_path(restrict, alphas, teacher
         assert relative_error(got, want) < 1e-5
     for got, want in zip((s_rows.grad, student_head.weight.grad, student_head.bias.grad), expected[1:]):
         assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("grad_scale", [1024.0, 1 / 64])  # GradScaler-sized, 1/grad_accum
+def test_grad_scale_reaches_the_heads_and_the_topk_teacher(dtype, grad_scale):
+    """grad_scale is announced to every op (heads, top-k teacher, logits alike): each writes its 16-bit
+    gradient at the final scale, the backward of (total * grad_scale) is free, and the heads path gives
+    the logits path's gradient (against float64: no worse)."""
+    from helpers import RecordOps
+
+    from distil.fused_loss import TopKLogits
+
+    torch.manual_seed(0)
+    n, h, vocab = 512, 32, 37
+    weight = (torch.randn(vocab, h) * 3).to(dtype)  # peaked rows: small entries that fp16 underflows at alpha / n
+    labels = torch.randint(0, vocab, (n,))
+    labels[torch.rand(n) > 0.3] = -100
+    rows = torch.randn(n, h).to(dtype)
+    t_logits = (rows.float() @ weight.float().t() * 1.1).to(dtype)
+    scale = torch.tensor(grad_scale)
+
+    def head_grad(kind):
+        x = rows.clone().requires_grad_()
+        head = torch.nn.Linear(h, vocab, bias=False).to(dtype).requires_grad_(False)
+        head.weight.copy_(weight)
+        with RecordOps() as rec:
+            if kind == "heads":
+                out = DistillationLoss(alpha_cos=0.0, student_head=head)(
+                    None, t_logits, labels, student_head_input=x, grad_scale=scale)
+            elif kind == "logits":
+                out = DistillationLoss(alpha_cos=0.0)(head(x), t_logits, labels, grad_scale=scale)
+            else:
+                values, index = t_logits.float().topk(vocab, dim=-1)
+                teacher = TopKLogits(values, index, torch.logsumexp(t_logits.float() / 2.0, -1), temperature=2.0)
+                out = DistillationLoss(alpha_cos=0.0)(head(x), teacher, labels, grad_scale=scale)
+        (out.total * scale).backward()
+        op = {"heads": torch.ops.distil.linear_kl_ce.default, "logits": torch.ops.distil.kl_ce_rows.default,
+              "topk": torch.ops.distil.topk_kl_ce_rows.default}[kind]
+        (args, _), = rec.of(op)
+        coef = args[{"heads": 9, "logits": 4, "topk": 6}[kind]]
+        want = torch.stack([scale * 5.0 / n, scale * 2.0 / (labels != -100).sum()])
+        assert torch.equal(coef, want), (kind, coef, want)
+        return x.grad.double() / grad_scale
+
+    ref_x = rows.double().requires_grad_()
+    ref = distiller_step_loss(ref_x @ weight.double().t(), t_logits, labels, ref_x, ref_x, None, alpha_ce=5.0,
+                              alpha_mlm=2.0, alpha_cos=0.0, temperature=2.0, restrict_ce_to_mask=False)[0]
+    ref.backward()
+    heads, logits, topk = head_grad("heads"), head_grad("logits"), head_grad("topk")
+    for other in (heads, topk):  # k = V in exact mode: the dense loss
+        assert relative_error(other, logits) < 1e-3
+        assert relative_error(other, ref_x.grad) <= 1.05 * relative_error(logits, ref_x.grad) + 1e-6

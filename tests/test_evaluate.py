@@ -159,7 +159,12 @@ def test_evaluate_end_to_end(models, tmp_path, capsys):
         "--throughput-sequences", "8", "--throughput-rounds", "2", "--output", str(out),
     ]
     assert main(argv) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
+    # one line per model on what its classifier added, not transformers' load report per model and seed
+    assert [line.split(":")[1].strip() for line in captured.err.splitlines()
+            if "classification head added" in line] == ["T", "S"]
+    assert "UNEXPECTED" not in captured.err and "MISSING" not in captured.err
     header = table.splitlines()[0]
     for column in ("model", "params (M)", "accuracy % (mean ± std)", "macro-F1 %", "retention", "seq/s",
                    "speed-up", "MLM acc. %", "MLM loss"):
@@ -181,7 +186,7 @@ def test_evaluate_end_to_end(models, tmp_path, capsys):
 
 def test_same_seed_same_result(models, tmp_path):
     train = _write_jsonl(tmp_path / "train.jsonl", _rows(12, seed=1))
-    config = EvalConfig(models=[str(models / "student")], train=str(train), text_column="sentence",
+    config = EvalConfig(models=[str(models / "student")], train=str(train), eval=str(train), text_column="sentence",
                         label_column="y", seeds=[4], epochs=1.0, batch_size=4, max_length=32,
                         throughput_sequences=4, throughput_rounds=1)
     first, second = evaluate(config)["models"][0], evaluate(config)["models"][0]
@@ -203,3 +208,80 @@ def test_config_validation(models, tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             EvalConfig(**{**base, **change}).validate()
+
+
+# ------------------------------------------------------------------ distil-eval takes nothing on trust
+def _argv(models, train, *extra):
+    return ["--models", str(models / "student"), "--train", str(train), "--text-column", "sentence",
+            "--label-column", "y", "--seeds", "0", "--epochs", "1", "--batch-size", "8", "--max-length", "32",
+            "--throughput-sequences", "4", "--throughput-rounds", "1", *extra]
+
+
+def _fails(capsys, argv, match):
+    """distil-eval exits 1 with one line on stderr that matches."""
+    import re
+
+    assert main(argv) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("distil-eval: error: "), lines
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_bad_inputs_exit_1_with_one_line_naming_flag_file_and_line(models, tmp_path, capsys):
+    import shutil
+
+    train = _write_jsonl(tmp_path / "train.jsonl", _rows(12, seed=1))
+    test = _write_jsonl(tmp_path / "test.jsonl", _rows(6, seed=2))
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(models / "student", no_tokenizer)
+    for f in no_tokenizer.iterdir():
+        if "token" in f.name or f.name in ("vocab.txt", "special_tokens_map.json"):
+            f.unlink()
+    _fails(capsys, ["--models", str(no_tokenizer), "--train", str(train), "--eval", str(test)],
+           r"models: no tokenizer files in .*no_tokenizer")
+    _fails(capsys, _argv(models, train), r"eval is required: --train .*train\.jsonl")
+
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(train.read_text().splitlines()[0] + "\n\n{oops\n")
+    _fails(capsys, _argv(models, train, "--eval", str(bad_json)), r"eval: .*bad\.jsonl:3: not valid JSON")
+    null_label = tmp_path / "null.jsonl"
+    null_label.write_text(json.dumps({"sentence": "a b", "y": "pos"}) + "\n" + json.dumps({"sentence": "c", "y": None}))
+    _fails(capsys, _argv(models, null_label, "--eval", str(test)), r"train: .*null\.jsonl:2: empty 'y'")
+    blank = tmp_path / "blank.csv"
+    blank.write_text("sentence,y\na b,pos\nc d,\n")
+    _fails(capsys, _argv(models, train, "--eval", str(blank)), r"eval: .*blank\.csv:3: empty 'y'")
+    _fails(capsys, _argv(models, train, "--eval", str(test), "--label-column", "label"),
+           r"train: .*train\.jsonl:1: no column 'label'")
+    one_class = tmp_path / "one.jsonl"
+    one_class.write_text("".join(json.dumps({"sentence": f"w{i}", "y": "pos"}) + "\n" for i in range(4)))
+    _fails(capsys, _argv(models, one_class, "--eval", str(test)), r"train .*one\.jsonl.*at least two distinct labels")
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text(json.dumps({"sentence": "x y", "y": "other"}) + "\n")
+    _fails(capsys, _argv(models, train, "--eval", str(unseen)), r"evaluation labels \['other'\] do not occur")
+    (tmp_path / "empty.jsonl").write_text("")
+    _fails(capsys, _argv(models, train, "--eval", str(tmp_path / "empty.jsonl")), r"eval: .*empty\.jsonl has no rows")
+    _fails(capsys, _argv(models, train, "--eval", str(tmp_path / "nowhere.jsonl")), r"eval: .*nowhere\.jsonl.* neither")
+
+
+def test_flags_accumulate_and_help_explains_every_flag(capsys):
+    from distil.evaluate import parse_args
+
+    config = parse_args(["--models", "a", "--models", "b", "--train", "t", "--seeds", "0", "1", "--seeds", "2"])
+    assert config.seeds == [0, 1, 2] and config.models == ["a", "b"]
+    assert parse_args(["--models", "a", "--train", "t"]).seeds == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    import dataclasses
+
+    for field in dataclasses.fields(EvalConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in text, flag
+    helps = text.split("options:")[1].split("exit codes")[0]
+    entries = [e for e in helps.split("\n  --")[1:]]
+    assert len(entries) == len(dataclasses.fields(EvalConfig))
+    for entry in entries:  # a one-line meaning each, and the default where there is one
+        words = entry.split(None, 1)
+        assert len(words) == 2 and len(words[1].split()) >= 3, entry
+    assert "(default: 3.0)" in text and "(required)" in text
+    assert "exit codes:" in text and "  1    error" in text

@@ -229,14 +229,15 @@ def test_opcheck():
     plain = [v.detach() for v in student.values()]
     coef = torch.tensor([0.5, 0.25])
     args = (*plain, *teacher.values(), None, labels, kl_mask, coef, 2.0, -100, 4)
-    torch.library.opcheck(torch.ops.distil.linear_kl_ce.default, (*args, [False, False, False]))
+    torch.library.opcheck(torch.ops.distil.linear_kl_ce.default, (*args, [False, False, False], False))
     # With gradients, eager backward rewrites the op's buffer outputs in place, which opcheck's AOT
     # comparison after backward cannot model; the traced backward is covered by the compile test.
-    torch.library.opcheck(torch.ops.distil.linear_kl_ce.default, (*student.values(), *args[3:], [True, True, True]),
+    torch.library.opcheck(torch.ops.distil.linear_kl_ce.default,
+                          (*student.values(), *args[3:], [True, True, True], False),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    out = torch.ops.distil.linear_kl_ce(*args, [True, True, True])
+    out = torch.ops.distil.linear_kl_ce(*args, [True, True, True], False)
     torch.library.opcheck(torch.ops.distil.linear_kl_ce_backward.default,
-                          (*out[2:], torch.tensor([0.3, 0.1]), *args))
+                          (*out[2:], torch.tensor([0.3, 0.1]), *args, False))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -392,3 +393,75 @@ def test_two_gloo_ranks_ddp_and_fsdp2_match_one_process(tmp_path):
     for name, grad in expected.items():
         assert relative_error(got["ddp"][name], grad) < 1e-5, name
         assert relative_error(got["fsdp"][name], grad) < 1e-5, name
+
+
+# ----------------------------------------------------------------------------------------------
+# 16-bit gradients: announced at their final scale, far factors recomputed, the device-side decision
+# ----------------------------------------------------------------------------------------------
+def _confident(dtype, rows=1024):
+    """Rows whose softmax is peaked (|logits| ~ 20): at weight/rows most gradient entries are far below
+    fp16's normal range, so a gradient written small and rescaled afterwards loses them."""
+    student, teacher, labels, kl_mask = sample_inputs(rows=rows, hs=32, ht=32, dtype=dtype)
+    with torch.no_grad():
+        student["student_weight"].mul_(6.0)
+        teacher["teacher_weight"].mul_(6.0)
+    return student, teacher, labels, kl_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("factor", [1024.0, 1 / 64])  # a GradScaler scale, 1/grad_accum (powers of two: exact coefs)
+def test_16bit_far_factor_is_recomputed_not_rescaled(dtype, factor):
+    """Announcing 5·kl + 2·ce and backpropagating factor·(5·kl + 2·ce) with a factor outside [1/2, 2]
+    gives the gradients of a forward that announced the product (the dense ops' 16-bit rule), not the
+    forward's 16-bit buffers multiplied by the factor (fp16's underflow carried into the gradient)."""
+    student, teacher, labels, kl_mask = _confident(dtype)
+    kl, ce = _fused(student, teacher, labels, kl_mask, kl_weight=5.0, ce_weight=2.0)
+    (factor * (5.0 * kl + 2.0 * ce)).backward()
+    late = {k: v.clone() for k, v in _grads(student).items()}
+    kl, ce = _fused(student, teacher, labels, kl_mask, kl_weight=5.0 * factor, ce_weight=2.0 * factor)
+    (factor * (5.0 * kl + 2.0 * ce)).backward()
+    for name, grad in _grads(student).items():
+        assert torch.equal(late[name], grad), (name, relative_error(late[name], grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_device_tensor_weights_equal_number_weights(dtype):
+    """0-d device tensors are accepted as weights, as by kl_ce_loss (no host sync), and give the same
+    losses and gradients as the numbers."""
+    student, teacher, labels, kl_mask = sample_inputs(dtype=dtype)
+    kl, ce = _fused(student, teacher, labels, kl_mask, kl_weight=5.0, ce_weight=2.0)
+    (5.0 * kl + 2.0 * ce).backward()
+    want = {k: v.clone() for k, v in _grads(student).items()}
+    kl_t, ce_t = _fused(student, teacher, labels, kl_mask, kl_weight=torch.tensor(5.0), ce_weight=torch.tensor(2.0))
+    (5.0 * kl_t + 2.0 * ce_t).backward()
+    assert kl_t == kl and ce_t == ce
+    for name, grad in _grads(student).items():
+        assert torch.equal(grad, want[name]), name
+    with pytest.raises(TypeError, match="kl_weight"):
+        _fused(student, teacher, labels, kl_mask, kl_weight=torch.ones(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("incoming", ["announced", "double", "far", "other", "zeros"])
+def test_device_decision_then_gated_scale(triton_device, dtype, incoming):
+    """The sync-free backward (device-tensor weights on CUDA): the factor is decided on the device and
+    applied by a kernel that reads nothing but the factor when it is 1; a rescale where it keeps the
+    precision, else NaN (only a recomputation, which needs the host, could be exact)."""
+    from distil._ops.linear_kl_ce import _device_factor
+    from distil.kernels.gated_scale import gated_scale_
+
+    announced = torch.tensor([0.3, 0.02], device=triton_device)
+    grads = {"announced": announced.clone(), "double": 2 * announced, "far": 1024 * announced,
+             "other": torch.tensor([0.3, 0.5], device=triton_device), "zeros": torch.zeros(2, device=triton_device)}
+    narrow = dtype != torch.float32
+    factor = _device_factor(grads[incoming], announced, narrow)
+    buffer = torch.randn(3, 1000, device=triton_device).to(dtype)
+    before = buffer.clone()
+    gated_scale_([buffer], factor)
+    expect = {"announced": 1.0, "double": 2.0, "far": float("nan") if narrow else 1024.0, "other": float("nan"),
+              "zeros": float("nan") if narrow else 0.0}[incoming]
+    want = (before.float() * expect).to(dtype)
+    assert torch.equal(buffer.isnan(), want.isnan())
+    assert torch.equal(buffer.nan_to_num(), want.nan_to_num())
+    # all zero on both sides: the buffers already hold the gradient (of 0 · sums)
+    assert _device_factor(torch.zeros(2), torch.zeros(2), narrow).item() == 1.0

@@ -127,7 +127,7 @@ def test_cli(setup, capsys):
     assert cache.index["dtypes"]["topk_logits"] == "bfloat16"
     batch = cache.batch(0, torch.tensor([0, 1]), int(cache.lengths[:2].max()), 0)
     assert batch["topk_logits"].dtype == torch.bfloat16 and batch["topk_logits"].shape[-1] == 4
-    assert TC.main(argv + ["--top-k", "5"]) == 2
+    assert TC.main(argv + ["--top-k", "5"]) == 1
     assert "different cache" in capsys.readouterr().err
 
 
@@ -148,7 +148,8 @@ def test_training_from_a_full_cache_reproduces_the_live_teacher(setup):
     for name in ("live", "cached"):
         torch.manual_seed(0)
         student = build_student(teacher).train()
-        step = DistillationStep(StudentRows(student), teacher if name == "live" else None, loss_fn)
+        step = DistillationStep(StudentRows(student), teacher if name == "live" else None, loss_fn,
+                                cache_temperature=cache.temperature)
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
         reader = LengthGroupedBatches(cache.sequences(), 8, seed=3, pad_id=tok.pad_token_id)
         losses = []
@@ -195,3 +196,187 @@ def test_distil_train_from_a_cache_runs_without_the_teacher_and_resumes_bit_exac
         TrainConfig(**{**vars(config("bad")), "alpha_cos": 1.0}).validate()
     with pytest.raises(ValueError, match="--temperature 2.0"):
         TrainConfig(**{**vars(config("bad")), "temperature": 3.0}).validate()
+
+
+# ------------------------------------------------------------------ refusing what does not match
+@pytest.fixture(scope="module")
+def built(setup):
+    root, _, _ = setup
+    return TC.build_cache(root / "teacher", [root / "data"], root / "trusted", **OPTIONS)
+
+
+def _damaged(built, tmp_path, damage):
+    """A copy of the built cache with ``damage(copy)`` applied."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    damage(copy)
+    return copy
+
+
+def _truncate(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep(len(data))])
+
+
+def _edit_index(copy, **changes):
+    index = json.loads((copy / TC.INDEX).read_text())
+    index.update(changes)
+    (copy / TC.INDEX).write_text(json.dumps(index))
+
+
+def _restamp(copy, **changes):
+    """An edit that also recomputes the checksum (a deliberate forgery: the shard checks still hold)."""
+    index = {k: v for k, v in json.loads((copy / TC.INDEX).read_text()).items() if k != "checksum"}
+    index.update(changes)
+    TC._write_json(copy / TC.INDEX, index)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("truncated shard", r"pass0/shard00000/topk_logits\.npy has \d+ bytes, \d+ expected"),
+    ("truncated header", r"pass0/shard00000/lse\.npy has an unreadable \.npy header"),
+    ("truncated pass-1 shard", r"pass1/shard00001/labels\.npy has \d+ bytes"),
+    ("cut index.json", r"index\.json is not valid JSON"),
+    ("passes edited", r"index\.json was edited"),
+    ("temperature edited", r"index\.json was edited"),
+    ("passes forged", r"passes = 3 but shards for passes \[0, 1\]"),
+    ("other k in one shard", r"pass1/shard00000/topk_index\.npy holds int16 \(\d+, 4\) but the index records int16 \(\d+, 8\)"),
+    ("missing file", r"pass0/shard00001/input_ids\.npy is missing"),
+])
+def test_a_damaged_cache_is_refused_when_opened_naming_the_file(built, tmp_path, case, match):
+    def damage(copy):
+        if case == "truncated shard":
+            _truncate(copy / "pass0/shard00000/topk_logits.npy", lambda n: n - 7)
+        elif case == "truncated header":
+            _truncate(copy / "pass0/shard00000/lse.npy", lambda n: 30)
+        elif case == "truncated pass-1 shard":
+            _truncate(copy / "pass1/shard00001/labels.npy", lambda n: n // 2)
+        elif case == "cut index.json":
+            _truncate(copy / TC.INDEX, lambda n: n // 2)
+        elif case == "passes edited":
+            _edit_index(copy, passes=3)
+        elif case == "temperature edited":
+            _edit_index(copy, temperature=1.0)
+        elif case == "passes forged":
+            _restamp(copy, passes=3)
+        elif case == "other k in one shard":
+            f = copy / "pass1/shard00000/topk_index.npy"
+            TC._write_npy(f, np.load(f)[:, :4])
+        elif case == "missing file":
+            (copy / "pass0/shard00001/input_ids.npy").unlink()
+
+    with pytest.raises(ValueError, match=match):
+        TC.TeacherCache(_damaged(built, tmp_path, damage))
+
+
+def test_verify_rehashes_the_data(built, tmp_path):
+    def flip(copy):
+        f = copy / "pass0/shard00000/topk_logits.npy"
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0xFF  # same size, same header: only a hash sees it
+        f.write_bytes(bytes(data))
+
+    TC.TeacherCache(built).verify()
+    assert TC.main(["--verify", str(built)]) == 0
+    copy = _damaged(built, tmp_path, flip)
+    TC.TeacherCache(copy)  # the structure is intact
+    with pytest.raises(ValueError, match=r"pass0/shard00000/topk_logits\.npy does not match its recorded sha256"):
+        TC.TeacherCache(copy).verify()
+    assert TC.main(["--verify", str(copy)]) == 1
+
+
+def test_a_resumed_build_redoes_a_damaged_shard(setup, built, tmp_path):
+    """Resuming over a shard folder missing a file (or holding a truncated one) rebuilds that shard, and
+    the result is byte-identical to the uninterrupted build."""
+    root, _, _ = setup
+
+    def damage(copy):
+        (copy / "pass1/shard00001/lse.npy").unlink()
+        _truncate(copy / "pass0/shard00000/labels.npy", lambda n: n - 1)
+        _restamp(copy, complete=False, files=None)
+        index = json.loads((copy / TC.INDEX).read_text())
+        del index["files"]
+        TC._write_json(copy / TC.INDEX, {k: v for k, v in index.items() if k != "checksum"})
+
+    copy = _damaged(built, tmp_path, damage)
+    TC.build_cache(root / "teacher", [root / "data"], copy, **OPTIONS)
+    assert _tree(built) == _tree(copy)
+    assert filecmp.cmpfiles(built, copy, [str(p) for p in _tree(built)], shallow=False)[1:] == ([], [])
+
+
+def _other_dirs(root, teacher, tok):
+    """A teacher directory with a permuted vocabulary of the same size (same weights), and one with the
+    same tokenizer but other weights."""
+    import shutil
+
+    permuted = root / "permuted"
+    if not permuted.exists():
+        shutil.copytree(root / "teacher", permuted)
+        spec = json.loads((permuted / "tokenizer.json").read_text())
+        vocab = spec["model"]["vocab"]
+        a, b = sorted(vocab, key=vocab.get)[20:22]
+        vocab[a], vocab[b] = vocab[b], vocab[a]  # two ordinary words swap ids
+        (permuted / "tokenizer.json").write_text(json.dumps(spec))
+    retrained = root / "retrained"
+    if not retrained.exists():
+        tiny.tiny_bert(len(tok), seed=1).save_pretrained(retrained)
+        tok.save_pretrained(retrained)
+    return permuted, retrained
+
+
+def test_another_tokenizer_or_teacher_is_refused(setup, built):
+    from transformers import AutoTokenizer
+
+    root, teacher, tok = setup
+    permuted, retrained = _other_dirs(root, teacher, tok)
+    cache = TC.TeacherCache(built)
+    files = sorted((root / "data").glob("*.txt"))
+    cache.check_sources(files, tok, root / "teacher")
+    other_tok = AutoTokenizer.from_pretrained(permuted)
+    assert len(other_tok) == len(tok)
+    with pytest.raises(ValueError, match="tokenizer in .*permuted .*is not the one"):
+        cache.check_sources(files, other_tok, permuted)
+    with pytest.raises(ValueError, match="retrained is not the teacher the cache .* was built from"):
+        cache.check_sources(files, tok, retrained)
+
+
+def test_distil_train_refuses_a_mismatched_or_damaged_cache_with_one_line(setup, built, tmp_path):
+    import subprocess
+    import sys
+
+    root, teacher, tok = setup
+    permuted, retrained = _other_dirs(root, teacher, tok)
+    damaged = _damaged(built, tmp_path, lambda c: _truncate(c / "pass1/shard00001/topk_logits.npy", lambda n: n - 1))
+    for teacher_dir, cache, match in ((permuted, built, "tokenizer in"), (retrained, built, "not the teacher"),
+                                      (root / "teacher", damaged, "pass1/shard00001/topk_logits.npy has")):
+        out = subprocess.run([sys.executable, "-m", "distil.cli", "--teacher", str(teacher_dir), "--data",
+                              str(root / "data"), "--output-dir", str(tmp_path / "run"), "--teacher-cache", str(cache),
+                              "--alpha-cos", "0", "--max-steps", "1", "--no-progress"],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1, out.stderr
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("distil-train: error:") and match in lines[0], out.stderr
+
+
+def test_an_error_mid_run_writes_a_checkpoint_first(setup, built, monkeypatch):
+    from distil.cli import TrainConfig
+    from distil.train import StepError, Trainer, checkpoints
+
+    root, _, _ = setup
+    trainer = Trainer(TrainConfig(teacher=str(root / "teacher"), data=[str(root / "data")],
+                                  output_dir=str(root / "midrun"), teacher_cache=str(built), alpha_cos=0.0,
+                                  batch_size=16, grad_accum=1, max_steps=4, save_every=100, log_every=1,
+                                  progress=False))
+    real_batch, calls = trainer.cache.batch, []
+
+    def failing_batch(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("Input/output error: pass0/shard00001/topk_logits.npy")
+        return real_batch(*args)
+
+    monkeypatch.setattr(trainer.cache, "batch", failing_batch)
+    with pytest.raises(StepError, match=r"step 3 failed \(OSError: Input/output error.*checkpoint-2 written"):
+        trainer.fit()
+    assert [step for step, _ in checkpoints(root / "midrun")] == [2]

@@ -432,3 +432,58 @@ def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
         # k = 64 is one teacher block (no loop): the loops are the student / gradient streams.
         assert in_loop and set(in_loop) == {128}, (where, in_loop)
         assert set(outside) - {128}, where  # the head / tail chunks: masked, scalar
+
+
+# ----------------------------------------------------------------------------------------------
+# What the numbers cannot say: an impossible lse, an lse of another temperature
+# ----------------------------------------------------------------------------------------------
+def test_impossible_lse_raises_on_cpu_and_is_nan_on_the_device_path(monkeypatch):
+    """An lse below the log-sum-exp of the row's own top-k logits (top-k mass > 1) is refused on CPU;
+    where raising would need a host sync (CUDA, torch.compile) the KL is NaN instead."""
+    from distil._ops import topk_kl_ce as ops
+
+    sample = make_sample("api", (6,), 40, 8, exact=True)
+    s, values, index, lse, labels, mask = sample.args()
+    bad_lse = lse.clone()
+    bad_lse[2] = torch.logsumexp(values[2] / 2.0, -1) - 1.0  # top-k mass e > 1
+    mask = torch.ones(6, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"teacher_lse at row 2 .*top-k mass 2\.718"):
+        fused_loss.topk_kl_ce_loss(s, values, index, labels, teacher_lse=bad_lse, kl_mask=mask)
+    # outside kl_mask the row is never read, so it is not an error
+    mask[2] = False
+    fused_loss.topk_kl_ce_loss(s, values, index, labels, teacher_lse=bad_lse, kl_mask=mask)
+    # the device path: that row's KL, hence the loss, becomes NaN; the gradient is the kernel's
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    poison = ops._refuse_impossible_lse(values, bad_lse, 2.0, None)
+    assert poison[2].isnan() and (poison[torch.arange(6) != 2] == 0).all()
+    s = s.clone().requires_grad_()
+    kl, ce = fused_loss.topk_kl_ce_loss(s, values, index, labels, teacher_lse=bad_lse)
+    assert kl.isnan() and ce.isfinite()
+    (kl + ce).backward()
+    assert s.grad.isfinite().all()
+    # rounding of 16-bit values at k = V (Q a hair above 1) is no error
+    t = torch.randn(6, 40) * 8
+    v16, idx = t.topk(40, dim=-1)
+    monkeypatch.undo()
+    fused_loss.topk_kl_ce_loss(s, v16.half(), idx, labels, teacher_lse=torch.logsumexp(t / 2.0, -1))
+
+
+def test_lse_of_another_temperature_is_refused():
+    """An lse taken at another T cannot be told from the numbers: the temperature travels with it
+    (TopKLogits.temperature, teacher_lse_temperature) and must be the loss's."""
+    from distil.fused_loss import DistillationLoss, TopKLogits
+
+    sample = make_sample("api", (6,), 40, 8, exact=True)
+    s, values, index, lse, labels, _ = sample.args()
+    with pytest.raises(ValueError, match="teacher_lse was taken at T = 1.0 but temperature is 2.0"):
+        fused_loss.topk_kl_ce_loss(s, values, index, labels, teacher_lse=lse, teacher_lse_temperature=1.0)
+    with pytest.raises(ValueError, match="teacher_lse_temperature"):
+        fused_loss.topk_kl_ce_loss(s, values, index, labels, teacher_lse=lse, teacher_lse_temperature=-1.0)
+    fused_loss.topk_kl_ce_loss(s, values, index, labels, teacher_lse=lse, teacher_lse_temperature=2.0)
+    loss = DistillationLoss(alpha_cos=0.0, temperature=2.0)
+    with pytest.raises(ValueError, match="temperature it was taken at"):
+        loss(s, TopKLogits(values, index, lse), labels)
+    with pytest.raises(ValueError, match="T = 1.0"):
+        loss(s, TopKLogits(values, index, lse, temperature=1.0), labels)
+    loss(s, TopKLogits(values, index, lse, temperature=2.0), labels)
+    loss(s, TopKLogits(values, index), labels)  # renormalised: no lse, no temperature needed

@@ -20,7 +20,7 @@ from distil.student import build_student
 from distil.train import METRICS, STUDENT, TRAINING_STATE, NonFiniteError, Trainer, checkpoints, json_record
 from tiny import bert_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
 
-from helpers import relative_error
+from helpers import GPU_RUN, relative_error
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +330,63 @@ def test_half_precision_needs_cuda(workdir):
         pytest.skip("CPU-only check")
     with pytest.raises(ValueError, match="precision bf16 needs a CUDA device"):
         Trainer(config(workdir, "bf16", precision="bf16"))
+
+
+# ------------------------------------------------------------------ the default step's backward
+class _BufferWrites(TorchDispatchMode):
+    """Per call of distil::linear_kl_ce_backward: which gradient buffers it changed (contents compared:
+    a custom op's in-place writes do not bump version counters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is not torch.ops.distil.linear_kl_ce_backward.default:
+            return func(*args, **(kwargs or {}))
+        before = [b.clone() for b in args[:3]]
+        out = func(*args, **(kwargs or {}))
+        self.writes.append([not torch.equal(b, old) for b, old in zip(args[:3], before)])
+        return out
+
+
+def _default_step(trainer):
+    """One micro-batch of Trainer.train_step, as it runs it: the loss scale announced, then backward."""
+    ids, attn, labels, cached, weight = next(trainer._micro_batches())
+    loss_scale = trainer.scaler.scale(torch.full((), weight / trainer.config.grad_accum, device=trainer.device))
+    out = trainer.step_fn(ids, attn, labels, cached, grad_scale=loss_scale)
+    return out.total * loss_scale
+
+
+def test_default_step_backward_leaves_the_fused_heads_buffers_alone(workdir, monkeypatch):
+    """The trainer announces its loss scale (1/grad_accum here) to the fused heads, so their backward is
+    free: no chunk pass runs again and no gradient buffer is touched (no rescale either)."""
+    from distil._ops import linear_kl_ce
+
+    trainer = Trainer(config(workdir, "free_backward", alpha_cos=1.0))
+    passes = []
+    run_chunks = linear_kl_ce._run_chunks
+    monkeypatch.setattr(linear_kl_ce, "_run_chunks", lambda *a: passes.append(1) or run_chunks(*a))
+    loss = _default_step(trainer)
+    assert len(passes) == 1  # the forward's
+    with _BufferWrites() as mode:
+        loss.backward()
+    assert mode.writes == [[False, False, False]] and len(passes) == 1
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and GPU_RUN), reason="needs a GPU run (DISTIL_GPU_TESTS=1)")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_default_step_backward_has_no_host_sync_on_cuda(workdir, precision):
+    """torch.cuda.set_sync_debug_mode("error") around the backward of a default training step (fused
+    heads, the loss scale as a device tensor; fp16 with the GradScaler's scale). The forward's
+    masked_gather syncs once by design (its exact mode sizes the rows on the host)."""
+    trainer = Trainer(config(workdir, f"no_sync_{precision}", precision=precision))
+    loss = _default_step(trainer)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    grads = torch.cat([p.grad.flatten() for p in trainer.student.parameters() if p.grad is not None])
+    assert grads.isfinite().all() and grads.abs().sum() > 0

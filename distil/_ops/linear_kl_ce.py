@@ -10,9 +10,13 @@ student's logits with the chunk's logit gradient ``g`` for the announced ``coef`
 composite serves every device: ``kl_ce_rows_into`` is the C++ kernel on CPU and the Triton kernel on CUDA.
 
 Autograd: the forward returns the two loss sums and the three gradient buffers; the backward
-(``distil::linear_kl_ce_backward``) reads the two incoming scalars and leaves the buffers as they are
-when they are the announced ones (``loss.backward()`` on ``kl_weight·kl + ce_weight·ce``), scales them
-when proportional to them, and otherwise runs the chunks again with the incoming coefficients (exact).
+(``distil::linear_kl_ce_backward``) compares the two incoming scalars with the announced coefficients and
+leaves the buffers as they are when equal (``loss.backward()`` on ``kl_weight·kl + ce_weight·ce``),
+scales them when proportional (16-bit logits: only by a factor in [1/2, 2], the dense ops' rule), and
+otherwise runs the chunks again with the incoming coefficients (exact). With device-tensor weights on
+CUDA (the trainer's loss scale) that decision is taken on the device, with no host sync and, in the
+announced case, no pass over the buffers (``distil.kernels.gated_scale``); a combination a rescale
+cannot reach then gives NaN gradients (a recomputation would need the decision on the host).
 """
 from typing import List, Optional
 
@@ -29,10 +33,16 @@ from distil._ops.common import (
     check_row_mask,
     check_temperature,
     check_tensor,
+    check_weight,
     divisor,
     row_count,
     take_gradient_buffer,
 )
+
+try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
+    from distil.kernels import gated_scale as _triton_gated_scale
+except ImportError:  # pragma: no cover
+    _triton_gated_scale = None
 
 __all__ = ["linear_kl_ce_loss", "LinearKLCELoss", "auto_chunk_rows", "CHUNK_BYTES"]
 
@@ -147,10 +157,10 @@ def _linear_kl_ce(student_hidden: torch.Tensor, student_weight: torch.Tensor, st
                   teacher_hidden: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
                   teacher_bias: Optional[torch.Tensor], teacher_logits: Optional[torch.Tensor],
                   labels: Optional[torch.Tensor], kl_mask: Optional[torch.Tensor], coef: torch.Tensor,
-                  temperature: float, ignore_index: int, chunk_rows: int, grad_inputs: List[bool]
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  temperature: float, ignore_index: int, chunk_rows: int, grad_inputs: List[bool],
+                  sync_free: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kl_sum, ce_sum, grad_hidden, grad_weight, grad_bias) for 2-D hidden rows; a gradient not asked for
-    by ``grad_inputs`` (hidden, weight, bias) is an empty tensor."""
+    by ``grad_inputs`` (hidden, weight, bias) is an empty tensor. ``sync_free`` is for the backward."""
     grads = None
     if any(grad_inputs):
         grads = _gradient_buffers(student_hidden, student_weight, student_bias, grad_inputs)
@@ -169,7 +179,8 @@ def _linear_kl_ce(student_hidden: torch.Tensor, student_weight: torch.Tensor, st
 
 @_linear_kl_ce.register_fake
 def _linear_kl_ce_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                       teacher_logits, labels, kl_mask, coef, temperature, ignore_index, chunk_rows, grad_inputs):
+                       teacher_logits, labels, kl_mask, coef, temperature, ignore_index, chunk_rows, grad_inputs,
+                       sync_free):
     want_hidden, want_weight, want_bias = grad_inputs
     return (
         student_hidden.new_empty((), dtype=torch.float32), student_hidden.new_empty((), dtype=torch.float32),
@@ -187,13 +198,19 @@ def _linear_kl_ce_backward(grad_hidden: torch.Tensor, grad_weight: torch.Tensor,
                            teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
                            teacher_logits: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                            kl_mask: Optional[torch.Tensor], coef: torch.Tensor, temperature: float,
-                           ignore_index: int, chunk_rows: int) -> None:
+                           ignore_index: int, chunk_rows: int, sync_free: bool) -> None:
     """Turns the forward's gradients (of ``coef · sums``) into those of ``grad_sums · sums`` in place:
-    nothing when they are equal, a scale when proportional, else the chunks run again (exact)."""
+    nothing when they are equal, a scale when proportional and the scale keeps the logits' precision,
+    else the chunks run again (exact). ``sync_free`` on CUDA: decided on the device (see the module
+    docstring), no recomputation."""
     buffers = [b for b in (grad_hidden, grad_weight, grad_bias) if b.numel() > 0]
+    narrow = student_hidden.dtype != torch.float32  # the logits' gradient was written in 16 bits
+    if sync_free and grad_sums.is_cuda:
+        _triton_gated_scale.gated_scale_(buffers, _device_factor(grad_sums, coef, narrow))
+        return
     announced, incoming = coef.tolist(), grad_sums.tolist()  # four floats: one tiny device-to-host copy
     scale = _proportion(incoming, announced)
-    if scale is not None:
+    if scale is not None and _keeps_precision(scale, narrow):
         if abs(scale - 1.0) > _UNIT_SCALE_TOLERANCE:
             for b in buffers:
                 b.mul_(scale)
@@ -226,10 +243,34 @@ def _proportion(incoming, announced):
     return scale
 
 
+def _keeps_precision(scale, narrow):
+    """The host twin of ``rescale_keeps_precision`` (kernels/rows.py, csrc/rows.h): any factor for fp32
+    logits, only [1/2, 2] for 16-bit ones (a farther one would carry fp16's underflow into the gradient)."""
+    return not narrow or 0.5 <= abs(scale) <= 2.0
+
+
+def _device_factor(incoming, announced, narrow):
+    """:func:`_proportion` and :func:`_keeps_precision` on the device (no host sync): a 0-d fp32 tensor,
+    exactly 1 when the buffers stand as they are (equal within the unit tolerance, or both all zero),
+    the factor when a rescale is exact enough, NaN when only a recomputation would be."""
+    magnitude = announced.abs()
+    pivot = magnitude.argmax().reshape(1)  # no Python indexing with a tensor: that would sync
+    scale = (incoming.gather(0, pivot) / announced.gather(0, pivot)).reshape(())
+    scaled = scale * announced
+    proportional = ((incoming - scaled).abs()
+                    <= _UNIT_SCALE_TOLERANCE * torch.maximum(incoming.abs(), scaled.abs())).all()
+    ok = proportional & (magnitude.amax() != 0)
+    if narrow:
+        ok &= (scale.abs() >= 0.5) & (scale.abs() <= 2.0)
+    unit = (ok & ((scale - 1.0).abs() <= _UNIT_SCALE_TOLERANCE)) | ((magnitude.amax() == 0) & (incoming == 0).all())
+    factor = torch.where(ok, scale, torch.full_like(scale, float("nan")))
+    return torch.where(unit, torch.ones_like(scale), factor)
+
+
 def _setup_context(ctx, inputs, output):
     (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-     labels, kl_mask, coef, temperature, ignore_index, chunk_rows, grad_inputs) = inputs
-    ctx.temperature, ctx.ignore_index, ctx.chunk_rows = temperature, ignore_index, chunk_rows
+     labels, kl_mask, coef, temperature, ignore_index, chunk_rows, grad_inputs, sync_free) = inputs
+    ctx.temperature, ctx.ignore_index, ctx.chunk_rows, ctx.sync_free = temperature, ignore_index, chunk_rows, sync_free
     ctx.compute_grad = any(grad_inputs)
     ctx.consumed = False
     # The gradient buffers are outputs but not differentiable ones; with grads not materialised autograd
@@ -246,10 +287,10 @@ def _backward(ctx, grad_kl_sum, grad_ce_sum, *_grads_of_buffers):
     zero = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
     grad_sums = torch.stack([zero if g is None else g.float() for g in (grad_kl_sum, grad_ce_sum)])
     torch.ops.distil.linear_kl_ce_backward(grad_hidden, grad_weight, grad_bias, grad_sums, *inputs,
-                                           ctx.temperature, ctx.ignore_index, ctx.chunk_rows)
+                                           ctx.temperature, ctx.ignore_index, ctx.chunk_rows, ctx.sync_free)
     wanted = ctx.needs_input_grad
     return (grad_hidden if wanted[0] else None, grad_weight if wanted[1] else None,
-            grad_bias if wanted[2] else None) + (None,) * 11
+            grad_bias if wanted[2] else None) + (None,) * 12
 
 
 _linear_kl_ce.register_autograd(_backward, setup_context=_setup_context)
@@ -300,9 +341,15 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
     processed ``chunk_rows`` at a time, so beyond the inputs and the parameter gradients the memory is
     O(chunk_rows · V), not O(N · V); the gradients w.r.t. the student's hidden rows, weight and bias are
     computed during the forward for ``kl_weight * kl + ce_weight * ce`` (any other combination is still
-    exact: its backward scales them, or recomputes them for a non-proportional one). They reach ``.grad``
-    through autograd, so tied embeddings, DDP hooks and gradient accumulation work. The teacher gets no
-    gradient.
+    exact: its backward scales them, or recomputes them for a non-proportional one or, with 16-bit
+    rows, for a factor outside [1/2, 2]). They reach ``.grad`` through autograd, so tied embeddings, DDP
+    hooks and gradient accumulation work. The teacher gets no gradient.
+
+    With a loss scale (GradScaler) or 1/grad_accum, announce the product, as for ``kl_ce_loss``: 16-bit
+    gradients are then written at their final scale (not rescaled from underflowing values) and the
+    backward is free. Weights given as 0-d device tensors make the backward decide on the device (no
+    host sync, the trainer's default step): there it must then be a multiple of the announced
+    combination within the rescale rule above, or the gradients come out NaN on CUDA (CPU recomputes).
 
     Args:
         student_hidden: ``[N, Hs]`` or ``[B, S, Hs]`` rows after the student head's transform, fp32/bf16/fp16.
@@ -312,7 +359,9 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
         teacher_hidden, teacher_weight, teacher_bias: the teacher's rows ``[.., Ht]`` (Ht may differ from
             Hs) and projection ``[V, Ht]``, ``[V]``; or instead ``teacher_logits`` ``[.., V]``. Without a
             teacher no KL is computed (kl = 0).
-        temperature, kl_mask, ignore_index, kl_weight, ce_weight: as in ``kl_ce_loss``.
+        temperature, kl_mask, ignore_index: as in ``kl_ce_loss``.
+        kl_weight, ce_weight: numbers >= 0 or one-element float tensors on the rows' device, as in
+            ``kl_ce_loss``.
         chunk_rows: rows per chunk; None picks :func:`auto_chunk_rows` (a byte budget of the two
             ``[rows, V]`` buffers).
     Returns:
@@ -343,8 +392,9 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
             teacher_logits = teacher_logits.contiguous()
     temperature = check_temperature("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
-    kl_weight = check_non_negative_finite("kl_weight", kl_weight)
-    ce_weight = check_non_negative_finite("ce_weight", ce_weight)
+    kl_weight = check_weight("kl_weight", kl_weight, device)
+    ce_weight = check_weight("ce_weight", ce_weight, device)
+    sync_free = isinstance(kl_weight, torch.Tensor) or isinstance(ce_weight, torch.Tensor)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     has_teacher = teacher_weight is not None or teacher_logits is not None
@@ -366,7 +416,7 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
     kl_sum, ce_sum, *_ = torch.ops.distil.linear_kl_ce(
         student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, teacher_hidden,
         teacher_weight, teacher_bias, teacher_logits, labels, None if kl_mask is None else kl_mask.reshape(-1),
-        coef, temperature, ignore_index, chunk_rows, grad_inputs,
+        coef, temperature, ignore_index, chunk_rows, grad_inputs, sync_free,
     )
     return kl_sum / divisor(kl_count), ce_sum / divisor(ce_count)
 
@@ -419,8 +469,11 @@ class LinearKLCELoss(nn.Module):
         return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, kl_weight={self.kl_weight}, "
                 f"ce_weight={self.ce_weight}, chunk_rows={self.chunk_rows}")
 
-    def forward(self, student_hidden, labels, teacher_hidden=None, *, teacher_logits=None, kl_mask=None):
-        """``(kl, ce)`` of ``linear_kl_ce_loss`` with this module's heads and settings."""
+    def forward(self, student_hidden, labels, teacher_hidden=None, *, teacher_logits=None, kl_mask=None,
+                kl_weight=None, ce_weight=None):
+        """``(kl, ce)`` of ``linear_kl_ce_loss`` with this module's heads and settings; ``kl_weight`` /
+        ``ce_weight`` (numbers or 0-d device tensors, e.g. with a loss scale) replace the module's for
+        this call."""
         weight, bias = _head_params("student_head", self.student_head)
         teacher = {"teacher_logits": teacher_logits}
         if teacher_hidden is not None:
@@ -429,5 +482,7 @@ class LinearKLCELoss(nn.Module):
             t_weight, t_bias = _head_params("teacher_head", self.teacher_head)
             teacher.update(teacher_hidden=teacher_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
         return linear_kl_ce_loss(student_hidden, weight, bias, labels, temperature=self.temperature, kl_mask=kl_mask,
-                                 ignore_index=self.ignore_index, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
+                                 ignore_index=self.ignore_index,
+                                 kl_weight=self.kl_weight if kl_weight is None else kl_weight,
+                                 ce_weight=self.ce_weight if ce_weight is None else ce_weight,
                                  chunk_rows=self.chunk_rows, **teacher)

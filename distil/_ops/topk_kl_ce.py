@@ -36,12 +36,15 @@ INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 class TopKLogits(NamedTuple):
     """A teacher's logits known by their top k (e.g. from :mod:`distil.teacher_cache`): ``values`` and
     their vocabulary ``index`` ``[..., k]``, and ``lse`` (the full-vocabulary ``logsumexp(t / T)``) for
-    the exact mode or ``None`` for the renormalised one. :class:`distil.fused_loss.DistillationLoss`
-    takes it in place of the teacher's full logits and then uses :func:`topk_kl_ce_loss`."""
+    the exact mode or ``None`` for the renormalised one, with the ``temperature`` T it was taken at
+    (required with ``lse``: the loss refuses another T, since an lse cannot be carried from one T to
+    another without the full logits). :class:`distil.fused_loss.DistillationLoss` takes it in place of
+    the teacher's full logits and then uses :func:`topk_kl_ce_loss`."""
 
     values: torch.Tensor
     index: torch.Tensor
     lse: Optional[torch.Tensor] = None
+    temperature: Optional[float] = None
 
 
 def _check_op_args(student, values, index, lse, labels, kl_mask, coef):
@@ -157,8 +160,45 @@ def _check_teacher(student_logits, values, index, lse):
     return values.detach(), index, lse
 
 
+def _check_lse_temperature(lse_temperature, temperature):
+    """``teacher_lse``'s temperature must be the loss's: logsumexp(t / T) at one T does not give it at
+    another without the full logits (it is not a rescaling), so a mismatch is refused, not converted."""
+    if lse_temperature is None:
+        return
+    if check_temperature("teacher_lse_temperature", lse_temperature) != temperature:
+        raise ValueError(f"teacher_lse was taken at T = {lse_temperature} but temperature is {temperature}: "
+                         "an lse cannot be moved to another temperature without the teacher's full logits")
+
+
+def _impossible_lse_rows(values, lse, temperature, kl_mask):
+    """KL rows whose ``lse`` is below the log-sum-exp of their own top-k logits at T, i.e. a top-k mass
+    Q > 1 (an lse of another temperature, teacher or row order). Slack: the values' rounding (one eps
+    of their dtype times the largest |t / T|) and the kernels' tail floor 2^-16."""
+    scaled = values.float() / temperature
+    largest = torch.where(scaled.isfinite(), scaled.abs(), 0.0).amax(-1)
+    bad = torch.logsumexp(scaled, -1) > lse + torch.finfo(values.dtype).eps * largest + 2.0**-16
+    return bad if kl_mask is None else bad & kl_mask
+
+
+def _refuse_impossible_lse(values, lse, temperature, kl_mask):
+    """On CPU a ValueError naming the first impossible row (None when there is none); on CUDA (and under
+    torch.compile), where that would need a host sync, the per-row term to add to the KL rows: NaN at
+    the impossible rows, 0 elsewhere."""
+    bad = _impossible_lse_rows(values, lse, temperature, kl_mask)
+    if lse.is_cuda or torch.compiler.is_compiling():
+        return torch.where(bad, float("nan"), 0.0)
+    if bool(bad.any()):
+        row = tuple(int(i) for i in bad.nonzero()[0])
+        mass = torch.exp(torch.logsumexp(values[row].float() / temperature, -1) - lse[row]).item()
+        raise ValueError(f"teacher_lse at row {row[0] if len(row) == 1 else row} is below the log-sum-exp of "
+                         f"that row's top-k logits at T = {temperature} (top-k mass {mass:.4g} > 1): an lse of "
+                         "another temperature, teacher or row order")
+    return None
+
+
 def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, labels, *, teacher_lse=None,
-                    temperature=2.0, kl_mask=None, ignore_index=-100, kl_weight=1.0, ce_weight=1.0):
+                    teacher_lse_temperature=None, temperature=2.0, kl_mask=None, ignore_index=-100, kl_weight=1.0,
+                    ce_weight=1.0):
     """:func:`kl_ce_loss` against a teacher known by its top-k logits (e.g. from an offline cache,
     :mod:`distil.teacher_cache`), in one kernel launch over the student logits.
 
@@ -186,7 +226,14 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
             that token). Rows outside ``kl_mask`` never read theirs.
         labels: int64/int32 ``[N]`` / ``[B, S]``, in ``[0, V)`` or ``ignore_index``.
         teacher_lse: optional ``[N]`` / ``[B, S]`` ``logsumexp(t / T)`` of the teacher's full vocabulary
-            at this ``temperature`` (natural log; used in fp32).
+            at this ``temperature`` (natural log; used in fp32). It can be no smaller than the
+            log-sum-exp of the row's own top-k logits (a top-k mass above 1 is impossible: an lse of
+            another temperature or teacher): a ``ValueError`` on CPU; on CUDA (and under torch.compile),
+            where raising would need a host sync, ``kl`` is NaN instead (the gradient is left as the
+            kernel wrote it; the trainer stops on the NaN loss).
+        teacher_lse_temperature: the T ``teacher_lse`` was taken at; when given it must equal
+            ``temperature`` (an lse cannot be moved to another T without the full logits).
+            :class:`TopKLogits` carries it for you.
         temperature: T > 0 for the KL; the cross-entropy uses T = 1.
         kl_mask: optional bool ``[N]`` / ``[B, S]`` selecting the KL rows (default: all rows).
     Returns:
@@ -194,7 +241,9 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
     """
     values, index, lse = _check_teacher(student_logits, teacher_topk_logits, teacher_topk_index, teacher_lse)
     temperature = check_temperature("temperature", temperature)
+    _check_lse_temperature(teacher_lse_temperature, temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
+    poison = None if lse is None else _refuse_impossible_lse(values, lse, temperature, kl_mask)
     ignore_index = check_int("ignore_index", ignore_index)
     labels, labelled = check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1], student_logits.device,
                                     ignore_index)
@@ -207,4 +256,6 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
         student_logits, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
         needs_grad(student_logits),
     )
+    if poison is not None:  # a NaN loss, not a silently wrong one; the gradient passes through unchanged
+        kl_rows = kl_rows + poison
     return kl_rows.sum() / divisor(kl_count), ce_rows.sum() / divisor(ce_count)
