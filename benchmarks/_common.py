@@ -294,10 +294,11 @@ def write_json(stem, machine, records, **extra):
     return path
 
 
-def plot_records(stem, records, title, mode="fwd+bwd"):
-    """Bar chart of the speed-up over the baseline (``add_ratios``) per shape and variant, one
-    panel per (op, dtype), for ``mode``; shapes by size.  Returns the PNG path, or None when
-    matplotlib is absent or nothing has a ratio."""
+def plot_records(stem, records, title, mode="fwd+bwd", baseline="eager", memory_note=""):
+    """Two bar charts of the ratios to the baseline (``add_ratios``) for ``mode``: the speed-up (baseline
+    ms / ms, higher is better) and the peak memory (peak / baseline peak, lower is better), one group of
+    bars per (op, dtype, shape), one bar per variant (the baseline is the line at 1), each labelled with
+    its ratio; ``memory_note`` says in the title how the peak was measured.  Returns the PNG path, or None when matplotlib is absent or nothing has a ratio."""
     try:
         import matplotlib
 
@@ -305,28 +306,41 @@ def plot_records(stem, records, title, mode="fwd+bwd"):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in records if r["mode"] == mode and r.get("speedup") is not None]
-    panels = sorted({(r["op"], r["dtype"]) for r in rows})
-    if not panels:
+    rows = [r for r in records if r["mode"] == mode and r.get("speedup") is not None and r["variant"] != baseline]
+    groups = list(dict.fromkeys((r["op"], r["dtype"], tuple(r["shape"])) for r in rows))
+    if not groups:
         return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
-    for ax, (op, dtype) in zip(axes[:, 0], panels):
-        sel = [r for r in rows if r["op"] == op and r["dtype"] == dtype]
-        shapes = sorted({tuple(r["shape"]) for r in sel}, key=lambda s: (math.prod(s), s))
-        variants = list(dict.fromkeys(r["variant"] for r in sel))
-        width = 0.8 / len(variants)
-        for i, variant in enumerate(variants):
-            ratio = {tuple(r["shape"]): r["speedup"] for r in sel if r["variant"] == variant}
-            xs = [j + i * width for j, s in enumerate(shapes) if s in ratio]
-            ax.bar(xs, [ratio[s] for s in shapes if s in ratio], width, label=variant)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    colors = {v: f"C{i}" for i, v in enumerate(variants)}
+    metrics = [("speedup", f"speed-up over {baseline} (×, higher is better)")]
+    if any(r.get("mem_ratio") is not None for r in rows):
+        metrics.append(("mem_ratio", f"peak memory vs {baseline} (×, lower is better)"))
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8.0, 1.25 * len(groups) + 2), 3.6 * len(metrics)),
+                             squeeze=False, layout="constrained")
+    for ax, (key, ylabel) in zip(axes[:, 0], metrics):
+        width = 0.8 / max(1, max(sum(1 for r in rows if (r["op"], r["dtype"], tuple(r["shape"])) == g) for g in groups))
+        top = 0.0
+        for j, g in enumerate(groups):
+            sel = [r for r in rows if (r["op"], r["dtype"], tuple(r["shape"])) == g]
+            x0 = j - width * (len(sel) - 1) / 2
+            for i, r in enumerate(sel):
+                value = r.get(key)
+                if value is None:  # e.g. a baseline peak of 0 bytes: no ratio to draw
+                    ax.text(x0 + i * width, 0, "n/a", ha="center", va="bottom", fontsize=7)
+                    continue
+                bars = ax.bar(x0 + i * width, value, width, color=colors[r["variant"]])
+                ax.bar_label(bars, labels=[f"{value:.2f}×" if value < 10 else f"{value:.1f}×"], fontsize=7, padding=1)
+                top = max(top, value)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
-        ax.set_xticklabels(["×".join(map(str, s)) for s in shapes], fontsize=8)
-        ax.set_ylabel("speed-up over eager (×)")
-        ax.set_title(f"{op} {dtype} {mode}", fontsize=10)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+        ax.text(-0.55, 1.0, f"{baseline} = 1", va="bottom", ha="left", fontsize=7)
+        ax.set_ylim(0, max(top, 1.0) * 1.15)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{op} {dtype}\n{'×'.join(map(str, shape))}" for op, dtype, shape in groups], fontsize=8)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_ylabel(ylabel, fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[v]) for v in variants]
+    axes[0, 0].legend(handles, variants, fontsize=8, ncols=len(variants), loc="upper left")
+    fig.suptitle(f"{title} ({mode}{'; ' + memory_note if memory_note else ''})", fontsize=10)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{stem}.png"
     fig.savefig(path, dpi=110)

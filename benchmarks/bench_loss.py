@@ -1,27 +1,36 @@
 """The main benchmark: distil's fused distillation losses against eager PyTorch, the same eager
 function under ``torch.compile``, and (CUDA, when ``liger_kernel`` imports) Liger-Kernel.
 
-    python benchmarks/bench_loss.py                 # CUDA if present, else CPU
+    python benchmarks/bench_loss.py                 # CUDA if present, else CPU (the default set)
     python benchmarks/bench_loss.py --device cpu    # force the CPU section
     python benchmarks/bench_loss.py --quick         # tiny shapes: a CI smoke run
-    python benchmarks/bench_loss.py --full          # CUDA: the whole N x V x dtype grid (long)
+    python benchmarks/bench_loss.py --full          # the whole set: CPU adds the LM-head (linear_kl_ce)
+                                                    # cells and their memory sweep; CUDA the N x V x dtype grid
+
+On the project's 2-core CPU machine (Intel Xeon, shared with other jobs: load average 4-7) the default run
+took 5 min 49 s end to end (its 8 tasks 5 min 40 s), --full 18 min 26 s (16 tasks, the 128 × 4096 × 128256
+LM-head cell 7 min of it).
 
 Every op is one entry of ``OPS``: ``LossOp(ours, eager, make_inputs, bytes_moved, liger, dense)``, where each
 loss function takes the dict from ``make_inputs`` as keyword arguments and returns the scalar that a
 trainer backpropagates (``dense``: the dense loss an approximate op replaces, timed in the same
 cell); the ``compile`` variant is ``torch.compile(eager)``.  Modes: ``fwd`` is the
 forward with ``student.requires_grad=True`` (a training forward: ours writes the gradient there),
-``fwd+bwd`` adds ``.backward()``.  Prints one line per cell (its time, the elapsed time and an ETA),
-then a Markdown table and the targets, and writes ``benchmarks/results/loss_<cpu|cuda>_<machine>_local.json``
-and a PNG plot beside it (git ignores them); ``--save`` writes the committed reference
+``fwd+bwd`` adds ``.backward()``.  Prints one line per cell (its time, the time the cost model predicted
+for it, the elapsed time and an ETA: see CostModel), then a Markdown table, the targets and how the ETA
+fared at each cell, and writes ``benchmarks/results/loss_<cpu|cuda>_<machine>_local.json``
+and a PNG plot beside it (speed-up and peak memory against eager, each bar labelled with its ratio; git
+ignores them); ``--save`` writes the committed reference
 ``loss_<cpu|cuda>_<machine>.json`` / ``.png`` instead.
 """
 import argparse
 import functools
 import itertools
 import os
+import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -249,18 +258,23 @@ MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def variant_names(op, names, device):
+    """The variants among ``names`` that this op has on ``device``, in run order (Liger: CUDA only)."""
+    out = ["ours", "eager", "compile"]
+    out += ["unfused"] if op.unfused is not None else []
+    out += ["gemms"] if op.gemms is not None and device == "cuda" else []
+    out += ["liger"] if op.liger is not None and device == "cuda" and liger_available() else []
+    out += ["dense"] if op.dense is not None else []
+    return [k for k in out if k in names]
+
+
 def variants(op, names, device):
-    """{variant: loss function} among ``names`` for this op on ``device`` (Liger: CUDA only)."""
-    out = {"ours": op.ours, "eager": op.eager, "compile": torch.compile(op.eager, dynamic=False)}
-    if op.unfused is not None:
-        out["unfused"] = op.unfused
-    if op.gemms is not None and device == "cuda":
-        out["gemms"] = op.gemms
-    if op.liger is not None and device == "cuda" and liger_available():
-        out["liger"] = op.liger
-    if op.dense is not None:
-        out["dense"] = op.dense
-    return {k: f for k, f in out.items() if k in names}
+    """{variant: loss function} among ``names`` for this op on ``device``; ``compile`` is built only when
+    asked for (torch.compile imports dynamo and inductor: 3-5 s of a fresh memory process on 2 cores)."""
+    fns = {"ours": op.ours, "eager": op.eager, "unfused": op.unfused, "gemms": op.gemms, "liger": op.liger,
+           "dense": op.dense}
+    return {k: torch.compile(op.eager, dynamic=False) if k == "compile" else fns[k]
+            for k in variant_names(op, names, device)}
 
 
 def liger_available():
@@ -274,9 +288,16 @@ def liger_available():
 # ---------------------------------------------------------------- plans
 # Cells: (op, dtype, N, V, modes).
 CPU_MAIN = (2048, 30522)
+# The LM-head cells take minutes each on 2 CPU cores (GEMMs of N·H·V: the 128 × 4096 × 128256 LLM shape ran
+# 5 min alone, its 2 GiB heads rebuilt in every fresh memory process): they and the memory sweep over N run
+# with --full, or when --ops names linear_kl_ce.
+CPU_FULL_ONLY = [("linear_kl_ce", "fp32", n, 30522, ("fwd+bwd",)) for n in (1024, 4096)]
+CPU_FULL_ONLY += [("linear_kl_ce", "fp32", 128, 128256, ("fwd+bwd",))]
 
 
-def cpu_plan(quick, ops):
+def cpu_plan(quick, ops, full=False, explicit_ops=()):
+    """The CPU cells of ``ops``: the default set (the README's CPU table, top-k beside kl_ce), plus
+    CPU_FULL_ONLY with ``full`` or for an op named in ``explicit_ops`` that has no default cell."""
     if quick:
         cells = [(op, "fp32", 64, 256 if op == "cos" else 4096, MODES) for op in ops]
     else:
@@ -284,9 +305,9 @@ def cpu_plan(quick, ops):
         cells += [("kl_ce", "fp32", n, v, ("fwd+bwd",)) for n, v in ((256, 30522), (512, 50257))]
         cells += [("kl", "fp32", 512, 30522, ("fwd+bwd",))]
         cells += [("cos", "fp32", 16384, 768, MODES), ("triple", "fp32", 512, 30522, ("fwd+bwd",))]
-        cells += [("linear_kl_ce", "fp32", n, 30522, ("fwd+bwd",)) for n in (1024, 4096)]
-        cells += [("linear_kl_ce", "fp32", 128, 128256, ("fwd+bwd",))]
         cells += [("topk_kl_ce", "fp32", *CPU_MAIN, MODES)]
+        default_ops = {c[0] for c in cells}
+        cells += [c for c in CPU_FULL_ONLY if full or (c[0] in explicit_ops and c[0] not in default_ops)]
     return [c for c in cells if c[0] in ops]
 
 
@@ -312,6 +333,163 @@ def cuda_plan(quick, full, ops):
     if "triple" in ops:  # beside kl_ce at the same shape: end to end vs the sum of its parts
         cells += [("triple", "bf16", *((1024, 30522) if quick else (16384, 30522)), MODES)]
     return cells
+
+
+# ---------------------------------------------------------------- the CPU cost model (the ETA)
+# A CPU cell's time is fixed costs (one fresh process per variant for the peak memory, torch.compile)
+# plus work in proportion to its size: the steps the timing runs (a warm-up, then round-robin rounds
+# until CPU_TIMING's budget; a forward each for the loss check; two in each memory process) and the
+# set-up of its inputs (once here, once per memory process).  A step's seconds are its op's work units
+# (bytes_moved for the memory-bound losses, the 2·N·H·V flops of one head GEMM for linear_kl_ce) times
+# a per-(op, variant) constant, measured on the project's 2-core CPU machines.  A run rescales the
+# constants by its own cells (CostModel.update): the work by the step times it measured, the fixed
+# costs by what remains of the cells' wall time.  The mean of past cells is no such predictor: the
+# 128 × 4096 × 128256 LM-head cell takes ten times the cells before it.
+RECENCY = 0.7  # the calibration's weight of a task one task older
+CPU_TIMING = {"min_repeats": 3, "max_repeats": 25, "budget_s": 4.0}
+CPU_FIXED_S = {"cell": 0.5, "child": 4.0, "child_compile": 6.0, "compile": 4.0, "warmup": 20.0, "finish": 1.0}
+INPUT_S_PER_BYTE = 1.0e-9  # building a cell's inputs (randn), per byte of them
+# (op, variant): seconds of one fp32 fwd+bwd step per work unit (measured on a 2-core Xeon shared with
+# other jobs, so slow, which the calibration absorbs), and the share of it that a fwd-only step takes.
+STEP_S_PER_UNIT = {
+    ("kl_ce", "ours"): 5.8e-10, ("kl_ce", "eager"): 5.8e-9, ("kl_ce", "compile"): 3.1e-9,
+    ("kl", "ours"): 5.8e-10, ("kl", "eager"): 4.7e-9, ("kl", "compile"): 2.1e-9,
+    ("cos", "ours"): 4.3e-10, ("cos", "eager"): 3.2e-9, ("cos", "compile"): 7.0e-10,
+    ("triple", "ours"): 5.1e-10, ("triple", "eager"): 1.15e-8, ("triple", "compile"): 8.8e-9,
+    ("topk_kl_ce", "ours"): 3.0e-10, ("topk_kl_ce", "eager"): 3.9e-9, ("topk_kl_ce", "compile"): 1.8e-9,
+    ("topk_kl_ce", "dense"): 1.3e-9,
+    ("linear_kl_ce", "ours"): 3.8e-11, ("linear_kl_ce", "eager"): 3.0e-11, ("linear_kl_ce", "compile"): 4.8e-11,
+    ("linear_kl_ce", "unfused"): 3.8e-11,
+}
+# linear_kl_ce: seconds per logit (N·V) on top of the GEMMs (the loss itself, the logits' set-up).
+LINEAR_S_PER_LOGIT = {"ours": 1.5e-8, "eager": 5.7e-8, "compile": 5.5e-9, "unfused": 2.3e-8}
+FWD_SHARE = {
+    ("kl_ce", "ours"): 0.8, ("kl_ce", "eager"): 0.48, ("kl_ce", "compile"): 0.39,
+    ("cos", "ours"): 0.54, ("cos", "eager"): 0.27, ("cos", "compile"): 0.41,
+    ("topk_kl_ce", "ours"): 0.94, ("topk_kl_ce", "eager"): 0.41, ("topk_kl_ce", "compile"): 0.37,
+    ("topk_kl_ce", "dense"): 0.38,
+}
+
+
+def work_units(op_name, n, v):
+    if op_name == "linear_kl_ce":
+        return 2 * n * LINEAR_HIDDEN[v] * v
+    return OPS[op_name].bytes_moved(n, v, torch.float32)
+
+
+def input_bytes(op_name, n, v):
+    """fp32 bytes of the tensors make_inputs builds (approximately)."""
+    if op_name == "linear_kl_ce":
+        h = LINEAR_HIDDEN[v]
+        return 4 * 2 * (n * h + v * h + v)
+    extra = 2 * n * HIDDEN if op_name == "triple" else 0
+    return 4 * (2 * n * v + extra)
+
+
+def timing_rounds(round_s, min_repeats=3, max_repeats=25, budget_s=4.0):
+    """How many rounds median_ms_interleaved runs, its warm-up included, when a round takes round_s."""
+    return 1 + max(min_repeats, min(max_repeats, int(budget_s / max(round_s, 1e-9)) + 1))
+
+
+def step_class(op_name):
+    return "gemm" if op_name == "linear_kl_ce" else "bytes"
+
+
+class CostModel:
+    """Predicted seconds of each task of a CPU run (the compile warm-up, the cells, then the points of the
+    memory sweep) and their calibration on the tasks done so far: ``eta(i)`` is the predicted time of
+    tasks i.. and the finish.  Step times scale by class (GEMM-bound linear_kl_ce, memory-bound rest:
+    each by its own measured steps, the other's scale until it has some); fixed costs by one factor.
+    The memory processes run memory_processes() at a time: their fixed costs (imports, single-threaded)
+    overlap, their steps (on every core) do not."""
+
+    def __init__(self, tasks, names):
+        self.tasks, self.names = tasks, names
+        self.s_work = {"bytes": None, "gemm": None}
+        self.s_fixed = 1.0
+        self.done = []  # (task index, seconds it took)
+        self.measured = {"bytes": [], "gemm": []}  # (task index, predicted ms at scale 1, measured ms)
+
+    def scale(self, cls):
+        other = self.s_work["gemm" if cls == "bytes" else "bytes"]
+        return self.s_work[cls] or other or 1.0
+
+    def step_s(self, op_name, variant, mode, n, v):
+        s = STEP_S_PER_UNIT.get((op_name, variant), 1e-9) * work_units(op_name, n, v)
+        if op_name == "linear_kl_ce":
+            s += LINEAR_S_PER_LOGIT.get(variant, 2e-8) * n * v
+        return s * (FWD_SHARE.get((op_name, variant), 0.5) if mode == "fwd" else 1.0)
+
+    def parts(self, i, scaled=True):
+        """(fixed seconds before scaling, work seconds, [(op, variant, mode, predicted ms at scale 1)])."""
+        kind, spec = self.tasks[i]
+        f = CPU_FIXED_S
+        if kind == "warmup":
+            return f["warmup"], 0.0, []
+        if kind == "sweep":  # one fresh process per variant (ours, unfused) at (N, V)
+            n, v = spec
+            sw = self.scale("gemm") if scaled else 1.0
+            work = sum(INPUT_S_PER_BYTE * input_bytes("linear_kl_ce", n, v) +
+                       2 * self.step_s("linear_kl_ce", var, "fwd+bwd", n, v) for var in ("ours", "unfused"))
+            return 2 * f["child"] / memory_processes("linear_kl_ce", n, v), sw * work, []
+        op_name, _, n, v, modes = spec
+        sw = self.scale(step_class(op_name)) if scaled else 1.0
+        names = variant_names(OPS[op_name], self.names, "cpu")
+        inputs_s = sw * INPUT_S_PER_BYTE * input_bytes(op_name, n, v)
+        fixed, work, steps = f["cell"], inputs_s, []
+        if "compile" in names:
+            fixed += f["compile"]
+        work += sw * sum(self.step_s(op_name, var, "fwd", n, v) for var in names if var != "dense")  # loss check
+        for mode in modes:
+            st = {var: self.step_s(op_name, var, mode, n, v) for var in names}
+            steps += [(op_name, var, mode, 1e3 * s) for var, s in st.items()]
+            round_s = sw * sum(st.values())
+            work += timing_rounds(round_s, **CPU_TIMING) * round_s
+            if mode == "fwd+bwd":  # the memory processes
+                fixed += sum(f["child"] + (f["child_compile"] if var == "compile" else 0) for var in names) / \
+                    min(memory_processes(op_name, n, v), len(names))
+                work += len(names) * inputs_s + 2 * round_s
+        return fixed, work, steps
+
+    def predict(self, i):
+        fixed, work, _ = self.parts(i)
+        return self.s_fixed * fixed + work
+
+    def eta(self, i):
+        """Predicted seconds of tasks i.. plus the finish (tables, JSON, plots)."""
+        return sum(self.predict(j) for j in range(i, len(self.tasks))) + self.s_fixed * CPU_FIXED_S["finish"]
+
+    def update(self, i, seconds, records=()):
+        """Task i took ``seconds`` and measured ``records``: rescale the step times by the measured ones
+        (all tasks so far, weighted by time), then the fixed costs by what the work leaves of the wall
+        time.  The warm-up (inductor's first use: 2 s with a warm cache, 30 s on a fresh machine) stays
+        out of the calibration."""
+        if self.tasks[i][0] == "warmup":
+            return
+        self.done.append((i, seconds))
+        predicted = {(op, var, mode): ms for op, var, mode, ms in self.parts(i, scaled=False)[2]}
+        for r in records:
+            key = (r["op"], r["variant"], r["mode"])
+            if r.get("ms") is not None and key in predicted:
+                self.measured[step_class(r["op"])].append((i, predicted[key], r["ms"]))
+        # Recent tasks weigh more (RECENCY per task of age): the load of a shared machine drifts.
+        w = lambda j: RECENCY ** (i - j)  # noqa: E731
+        for cls, pairs in self.measured.items():
+            if pairs:
+                self.s_work[cls] = sum(w(j) * m for j, _, m in pairs) / max(sum(w(j) * p for j, p, _ in pairs), 1e-9)
+        fixed = sum(w(j) * self.parts(j)[0] for j, _ in self.done)
+        left = sum(w(j) * (t - self.parts(j)[1]) for j, t in self.done)
+        if fixed > 0:
+            self.s_fixed = min(5.0, max(0.2, left / fixed))
+
+
+def compile_warmup():
+    """torch.compile of a small eager loss, so that inductor's first use (imports, its C++ toolchain
+    checks and headers: ~30 s on a fresh 2-core machine) is not charged to the first cell."""
+    torch._dynamo.reset()
+    inputs = make_logits_labels(8, 256, torch.float32, "cpu")
+    C.make_step(torch.compile(eager_kl_ce, dynamic=False), inputs, True)()
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------- measuring
@@ -396,13 +574,13 @@ def _time_cuda(records, fns, sets, backward, excluded):
 def _time_cpu(records, fns, inputs, backward):
     steps = {name: C.make_step(fn, inputs, backward) for name, fn in fns.items()}
     try:
-        ms = C.median_ms_interleaved(steps, min_repeats=3, max_repeats=25, budget_s=4.0)
+        ms = C.median_ms_interleaved(steps, **CPU_TIMING)
     except Exception as exc:  # noqa: BLE001  (one broken variant must not hide the others)
         print(f"  side-by-side timing failed ({_short(exc)}); timing one by one", file=sys.stderr)
         ms = {}
         for name, step in steps.items():
             try:
-                ms.update(C.median_ms_interleaved({name: step}, min_repeats=3, max_repeats=25, budget_s=4.0))
+                ms.update(C.median_ms_interleaved({name: step}, **CPU_TIMING))
             except Exception as exc2:  # noqa: BLE001
                 ms[name] = f"error: {type(exc2).__name__}"
     for rec in records:
@@ -413,15 +591,31 @@ def _time_cpu(records, fns, inputs, backward):
             rec["ms"] = value
 
 
+def memory_processes(op_name, n, v):
+    """How many memory processes to run at a time: two (their imports are single-threaded, so two
+    overlap on 2 cores) where two copies of the inputs and a generous peak fit in the available
+    memory, else one.  Each still measures its own peak in its own fresh process."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = int(re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+    except (OSError, AttributeError):
+        return 1
+    need = 8 * input_bytes(op_name, n, v) + 2**30  # inputs, the eager peak (a few [N, V]), torch itself
+    return 2 if (os.cpu_count() or 1) >= 2 and 2 * need < 0.8 * available else 1
+
+
 def _rss_cpu(records, op_name, dtype_name, n, v, mode):
-    for rec in records:
-        if rec["status"] != "ok":
-            continue
+    todo = [rec for rec in records if rec["status"] == "ok"]
+
+    def measure(rec):
         argv = [os.path.abspath(__file__), "--rss-child", op_name, rec["variant"], dtype_name, str(n), str(v), mode]
         try:
             rec["peak_bytes"] = C.peak_rss_subprocess(argv) - OPS[op_name].excluded_bytes(n, v, DTYPES[dtype_name])
         except RuntimeError as exc:
             print(f"  {op_name} {rec['variant']} memory: {exc}", file=sys.stderr)
+
+    with ThreadPoolExecutor(memory_processes(op_name, n, v)) as pool:
+        list(pool.map(measure, todo))
 
 
 def rss_child(op_name, variant, dtype_name, n, v, mode):
@@ -434,20 +628,23 @@ def rss_child(op_name, variant, dtype_name, n, v, mode):
 SWEEP_N, SWEEP_V = (1024, 2048, 4096, 8192, 16384), 8192  # H = LINEAR_HIDDEN[8192]
 
 
-def linear_memory_sweep(quick):
-    """CPU peak memory (fresh process each) of the fused and unfused linear_kl_ce over N, fwd+bwd, above the
-    inputs and the head's parameter gradients: the fused path should grow only by the [N, H] hidden
-    gradient, the unfused one by the [N, V] logits and their gradient."""
+def sweep_points(quick):
+    """The (N, V) points of the linear_kl_ce memory sweep (H = LINEAR_HIDDEN[V])."""
     ns, v = ((64, 128, 256), 4096) if quick else (SWEEP_N, SWEEP_V)
-    rows = []
-    for n in ns:
-        for variant in ("ours", "unfused"):
-            print(f"  linear_kl_ce memory sweep: {variant} N={n} ...", flush=True)
-            argv = [os.path.abspath(__file__), "--rss-child", "linear_kl_ce", variant, "fp32", str(n), str(v),
-                    "fwd+bwd"]
-            peak = C.peak_rss_subprocess(argv) - linear_param_grad_bytes(n, v, torch.float32)
-            rows.append(dict(variant=variant, n=n, h=LINEAR_HIDDEN[v], v=v, peak_bytes=peak))
-    return rows
+    return [(n, v) for n in ns]
+
+
+def linear_memory_point(n, v):
+    """CPU peak memory (fresh process each) of the fused and unfused linear_kl_ce at one N, fwd+bwd, above the
+    inputs and the head's parameter gradients: over N (sweep_points) the fused path should grow only by the
+    [N, H] hidden gradient, the unfused one by the [N, V] logits and their gradient."""
+    def measure(variant):
+        argv = [os.path.abspath(__file__), "--rss-child", "linear_kl_ce", variant, "fp32", str(n), str(v), "fwd+bwd"]
+        peak = C.peak_rss_subprocess(argv) - linear_param_grad_bytes(n, v, torch.float32)
+        return dict(variant=variant, n=n, h=LINEAR_HIDDEN[v], v=v, peak_bytes=peak)
+
+    with ThreadPoolExecutor(memory_processes("linear_kl_ce", n, v)) as pool:
+        return list(pool.map(measure, ("ours", "unfused")))
 
 
 def sweep_table(rows):
@@ -579,18 +776,34 @@ def targets_table(rows):
 
 
 # ---------------------------------------------------------------- main
+def eta_table(eta_log):
+    lines = ["| after cell | took | predicted | ETA | actually left | ETA error |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(eta_log):
+        diff = r["eta_s"] - r["actual_s"]
+        err = f"{diff:+.1f}s" if r["actual_s"] < 20 else f"{100 * diff / r['actual_s']:+.0f}% ({diff:+.0f}s)"
+        pred = "–" if r["predicted_s"] is None else C.format_seconds(r["predicted_s"])
+        lines.append(f"| {i + 1} {r['task']} | {C.format_seconds(r['took_s'])} | {pred} | {C.format_seconds(r['eta_s'])} | "
+                     f"{C.format_seconds(r['actual_s'])} | {err} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke run); results get a _quick suffix")
-    p.add_argument("--full", action="store_true", help="CUDA: N in {2048,8192,16384} x V in {30522,50257,128256} x {fp32,bf16}")
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--full", action="store_true",
+                   help="the whole set. CPU: adds the LM-head cells (linear_kl_ce, N x H x V = 1024 x 768 x 30522,\n"
+                        "4096 x 768 x 30522, 128 x 4096 x 128256) and its memory sweep over N (~15 min more on 2 cores)\n"
+                        "CUDA: N in {2048,8192,16384} x V in {30522,50257,128256} x {fp32,bf16}")
+    p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)} (default: all; an op named\n"
+                                               "here whose cells are all --full ones, linear_kl_ce, runs them)")
     p.add_argument("--variants", default="ours,unfused,gemms,eager,compile,liger,dense", help="comma-separated subset")
     C.add_output_args(p)
     p.add_argument("--rss-child", nargs=6, metavar=("OP", "VARIANT", "DTYPE", "N", "V", "MODE"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.ops = [o for o in args.ops.split(",") if o]
+    args.explicit_ops = () if args.ops is None else tuple(o for o in args.ops.split(",") if o)
+    args.ops = list(args.explicit_ops or OPS)
     unknown = [o for o in args.ops if o not in OPS]
     if unknown:
         p.error(f"--ops: unknown op(s) {unknown}; known: {list(OPS)}")
@@ -608,23 +821,52 @@ def main(argv=None):
     device = args.device
     machine = C.machine_info(device)
     copy_gbs = C.copy_bandwidth_gbs(device, 2**30 if device == "cuda" else 2**28)
-    plan = cpu_plan(args.quick, args.ops) if device == "cpu" else cuda_plan(args.quick, args.full, args.ops)
+    plan = cpu_plan(args.quick, args.ops, args.full, args.explicit_ops) if device == "cpu" else cuda_plan(args.quick, args.full, args.ops)
     print(f"# distil loss benchmark: {device}, {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
           f"triton {machine['triton']}; copy bandwidth {copy_gbs:.0f} GB/s (read+write); {len(plan)} cells",
           flush=True)
-    records = []
-    # The ETA is the mean time of the cells so far: fixed costs (torch.compile, the fresh processes of the
-    # memory measurement) dominate a cell's time on the CPU, so its size predicts it poorly.
+    tasks = [("cell", c) for c in plan]
+    linear_cells = any(c[0] == "linear_kl_ce" for c in plan)
+    if device == "cpu" and linear_cells:
+        tasks += [("sweep", p) for p in sweep_points(args.quick)]
+    if device == "cpu" and tasks and "compile" in args.variants:
+        tasks.insert(0, ("warmup", None))
+    model = CostModel(tasks, args.variants) if device == "cpu" else None
+    if model is not None:
+        print(f"# predicted: {C.format_seconds(model.eta(0))} (cost model of the cells' shapes before calibration; "
+              f"--full for the whole set)" if not args.full and not args.quick else
+              f"# predicted: {C.format_seconds(model.eta(0))} (cost model before calibration)", flush=True)
+    records, sweep, eta_log = [], [], []
     start = time.perf_counter()
-    for i, (op, dtype, n, v, modes) in enumerate(plan):
-        print(f"  [{i + 1}/{len(plan)}] {op} {dtype} {n}×{v} ...", end="", flush=True)
-        cell_start = time.perf_counter()
-        records += run_cell(op, dtype, n, v, modes, device, args.variants, copy_gbs)
+    for i, (kind, spec) in enumerate(tasks):
+        label = {"cell": lambda: f"{spec[0]} {spec[1]} {spec[2]}×{spec[3]}",
+                 "sweep": lambda: f"linear_kl_ce memory sweep N={spec[0]} (ours, unfused)",
+                 "warmup": lambda: "torch.compile warm-up"}[kind]()
+        predicted = None if model is None else model.predict(i)
+        print(f"  [{i + 1}/{len(tasks)}] {label} ...", end="", flush=True)
+        task_start = time.perf_counter()
+        if kind == "cell":
+            op, dtype, n, v, modes = spec
+            new = run_cell(op, dtype, n, v, modes, device, args.variants, copy_gbs)
+            records += new
+        elif kind == "sweep":
+            new = []
+            sweep += linear_memory_point(*spec)
+        else:
+            new = []
+            compile_warmup()
         now = time.perf_counter()
-        eta = (now - start) / (i + 1) * (len(plan) - i - 1)
-        print(f" {C.format_seconds(now - cell_start)} (elapsed {C.format_seconds(now - start)}, "
+        took = now - task_start
+        if model is not None:
+            model.update(i, took, new)
+            eta = model.eta(i + 1)
+        else:  # CUDA: the mean of the cells so far (no cost model there yet)
+            eta = (now - start) / (i + 1) * (len(tasks) - i - 1)
+        eta_log.append(dict(task=label, took_s=round(took, 1), predicted_s=None if predicted is None else round(predicted, 1),
+                            elapsed_s=round(now - start, 1), eta_s=round(eta, 1)))
+        shown = "" if predicted is None else f", predicted {C.format_seconds(predicted)}"
+        print(f" {C.format_seconds(took)}{shown} (elapsed {C.format_seconds(now - start)}, "
               f"ETA {C.format_seconds(eta)})", flush=True)
-    sweep = linear_memory_sweep(args.quick) if device == "cpu" and "linear_kl_ce" in args.ops else []
     C.add_ratios(records)
     method = C.CUDA_MEMORY_METHOD if device == "cuda" else C.CPU_MEMORY_METHOD
     timing = ("triton.testing.do_bench median (L2 flushed between runs)" if device == "cuda" else
@@ -646,15 +888,23 @@ def main(argv=None):
     if list(args.ops) != list(OPS):  # a subset run does not overwrite the whole table
         stem += "_" + "-".join(args.ops)
     stem = C.result_stem(stem, args)
+    memory_note = "peak memory above the inputs" + (", fresh process per variant" if device == "cpu" else "")
+    png = C.plot_records(stem, records, f"distil loss, {machine.get('gpu', machine['cpu'])}", memory_note=memory_note)
+    sweep_png = sweep and plot_sweep(f"{stem}_linear_memory", sweep,
+                                     f"linear_kl_ce peak memory over N, {machine.get('gpu', machine['cpu'])}")
+    end = time.perf_counter() - start
+    for row in eta_log:
+        row["actual_s"] = round(end - row["elapsed_s"], 1)
     path = C.write_json(stem, machine, records, copy_gbs=copy_gbs, timing=timing, memory_method=method,
                         targets=[dict(target=a, measured=b, met=c) for a, b, c in goal_rows],
-                        linear_kl_ce_memory_sweep=sweep)
-    png = C.plot_records(stem, records, f"distil loss, {machine.get('gpu', machine['cpu'])}")
+                        linear_kl_ce_memory_sweep=sweep, wall_s=round(end, 1), eta=eta_log)
     print(f"\nwrote {path}" + (f" and {png}" if png else " (no matplotlib: no plot)"))
     if sweep:
-        sweep_png = plot_sweep(f"{stem}_linear_memory", sweep,
-                               f"linear_kl_ce peak memory over N, {machine.get('gpu', machine['cpu'])}")
         print(f"wrote {sweep_png}" if sweep_png else "(no matplotlib: no sweep plot)")
+    print(f"\n{len(tasks)} tasks in {C.format_seconds(end)} (their own times: "
+          f"{C.format_seconds(sum(r['took_s'] for r in eta_log))}). The ETA printed after each cell against "
+          "the time that was in fact left (the finish: tables, JSON, plots):")
+    print(eta_table(eta_log))
     return 0
 
 
