@@ -58,8 +58,8 @@ NON_DEFAULT_FLAGS = {
     "teacher_cache": "c",
     "student_layers": 3, "as_distilbert": True, "max_length": 128, "batch_size": 7, "grad_accum": 3, "epochs": 2,
     "max_steps": 9, "lr": 1e-3, "weight_decay": 0.01, "warmup": 0.1, "adam_eps": 1e-8, "max_grad_norm": 1.0,
-    "alpha_kl": 0.5, "alpha_mlm": 0.25, "alpha_cos": 0.0, "temperature": 4.0, "restrict_kl_to_mask": True,
-    "fused_head": False, "mask_prop": 0.2, "word_mask": 0.7, "word_keep": 0.2, "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "seed": 3,
+    "alpha_kl": 0.5, "alpha_mlm": 0.25, "alpha_clm": 0.75, "alpha_cos": 0.0, "temperature": 4.0, "restrict_kl_to_mask": True,
+    "fused_head": False, "block_size": 256, "mask_prop": 0.2, "word_mask": 0.7, "word_keep": 0.2, "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "seed": 3,
     "precision": "fp32", "save_every": 11, "save_total_limit": 2, "resume": True, "log_every": 5,
     "report_to": "tensorboard", "eval_fraction": 0.05, "eval_max_sequences": 10, "eval_every": 3, "progress": False,
 }
