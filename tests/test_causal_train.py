@@ -3,6 +3,7 @@ distiller.py's causal branch (fused heads and logits), next-token labels, packed
 (attention mask, position ids), a student you bring with a differently padded vocabulary, distil-train
 end to end on tiny GPT-2 and LLaMA teachers, and the refusals (one line, before any model loads)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from distil.student import build_student, lm_adapter
 from distil.train import METRICS, STUDENT
 from tiny import bert_tokenizer, gpt2_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_causal, write_corpus
 
-from helpers import relative_error
+from helpers import one_error_line, relative_error
 
 V = 50
 
@@ -163,8 +164,6 @@ def argv(workdir, out, teacher, *flags):
 
 
 def _rows(workdir, out):
-    import json
-
     return [json.loads(line) for line in (workdir / out / METRICS).read_text().splitlines()]
 
 
@@ -193,14 +192,6 @@ def test_distil_train_with_a_student_you_bring_and_a_padded_vocabulary(workdir):
     assert saved.lm_head.weight.shape[0] == len(roberta_tokenizer()) + 2
 
 
-def _one_error_line(capsys, *words):
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("distil-train: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("teacher, flags, words", [
     ("gpt2", ["--alpha-mlm", "2"], ["alpha_mlm", "causal LM", "--alpha-clm"]),
     ("gpt2", ["--restrict-kl-to-mask"], ["restrict_kl_to_mask"]),
@@ -220,11 +211,11 @@ def test_wrong_flags_for_the_model_kind_are_one_line_before_any_model_loads(work
     monkeypatch.setattr(distil.train, "_load_teacher", no_load)
     flags = [f.format(workdir=workdir) for f in flags]
     assert main(argv(workdir, "refused", teacher, *flags)) == EXIT_ERROR
-    _one_error_line(capsys, *words)
+    one_error_line(capsys, *words)
     assert not (workdir / "refused").exists()
 
 
 def test_a_student_of_another_tokenizer_is_refused_naming_both(workdir, capsys):
     other = workdir / "llama_other_tokenizer"
     assert main(argv(workdir, "other_tok", "llama", "--student", str(other), "--alpha-cos", "0")) == EXIT_ERROR
-    _one_error_line(capsys, "tokenizer", str(other), str(workdir / "llama"))
+    one_error_line(capsys, "tokenizer", str(other), str(workdir / "llama"))

@@ -19,6 +19,8 @@ from distil.cli import EXIT_DIVERGED, EXIT_ERROR, EXIT_INTERRUPTED, TrainConfig,
 from distil.train import METRICS, STUDENT, TRAINING_STATE, checkpoints
 from tiny import bert_tokenizer, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
 
+from helpers import one_error_line
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -39,15 +41,6 @@ def argv(workdir, out, teacher="bert", *flags):
 
 def train_rows(path):
     return [r for r in map(json.loads, (path / METRICS).read_text().splitlines()) if "loss" in r]
-
-
-def one_error_line(capsys, *words):
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("distil-train: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 # ------------------------------------------------------------------ flags
