@@ -187,6 +187,12 @@ class TrainConfig:
             configs["student"] = AutoConfig.from_pretrained(self.student, trust_remote_code=False)
         for name, config in configs.items():
             check_no_softcapping(f"{name} {getattr(self, name)}", config)
+        # A row longer than the position table would fail inside the first step.
+        length, flag = (self.block_size, "block_size") if self.block_size is not None else (self.max_length, "max_length")
+        for name, config in configs.items():
+            limit = getattr(config, "max_position_embeddings", None)
+            if limit is not None and length > limit:
+                raise ValueError(f"{flag} is {length} but the {name} ({getattr(self, name)}) has {limit} positions")
         sizes = {name: config.hidden_size for name, config in configs.items()}
         if self.alpha_cos > 0 and len(set(sizes.values())) > 1:
             raise ValueError(f"alpha_cos is {self.alpha_cos} but the student's hidden size {sizes['student']} differs "

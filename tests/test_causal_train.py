@@ -199,6 +199,7 @@ def test_distil_train_with_a_student_you_bring_and_a_padded_vocabulary(workdir):
     ("bert", ["--alpha-clm", "2"], ["alpha_clm", "masked LM", "--alpha-mlm"]),
     ("bert", ["--block-size", "32"], ["block_size", "masked LM"]),
     ("gemma2", [], ["teacher", "final_logit_softcapping"]),
+    ("gpt2", ["--block-size", "256"], ["block_size", "256", "128 positions"]),
     ("llama", ["--student", "{workdir}/llama_student_wide"], ["alpha_cos", "48", "32", "--alpha-cos 0"]),
 ])
 def test_wrong_flags_for_the_model_kind_are_one_line_before_any_model_loads(workdir, capsys, monkeypatch, teacher,
