@@ -1,4 +1,4 @@
-"""distil-train: distil a Hugging Face masked-LM teacher into a student with the DistilBERT recipe.
+"""distil-train: distil a Hugging Face masked-LM or causal-LM teacher into a student with the DistilBERT recipe.
 
 :class:`TrainConfig` holds every option; :func:`parse_args` derives one flag per field (dashes for
 underscores) from the field's type, default and ``help`` metadata; :func:`main` runs
@@ -48,13 +48,15 @@ class TrainConfig:
     """Every option of the trainer (the CLI flags are these names with dashes). Defaults are the
     paper's recipe, except ``batch_size``/``grad_accum`` which are per run."""
 
-    teacher: str = _option(help="local Hugging Face masked-LM model directory (safetensors + tokenizer)")
+    teacher: str = _option(help="local Hugging Face model directory (safetensors + tokenizer): a masked LM, or a "
+                                "causal LM (GPT-2, LLaMA, Qwen2/3, Mistral, Gemma2/3), which its config.json names")
     data: list[str] = _option(help="text files, or folders of *.txt, one document per line")
     output_dir: str = _option(help="where checkpoint-<step>/, metrics.jsonl and student/ go; must be empty "
                                    "unless --resume or --overwrite-output-dir")
     overwrite_output_dir: bool = _option(False, "remove the previous run's checkpoints, metrics and student "
                                                 "from --output-dir and start afresh")
-    student: str | None = _option(None, "start from this student model directory (default: build one from the teacher)")
+    student: str | None = _option(None, "start from this student model directory, a smaller model of the teacher's "
+                                        "tokenizer (default: build one from the teacher)")
     teacher_cache: str | None = _option(None, "train from this teacher cache (distil-cache-teacher) instead of running "
                                               "the teacher: its masked passes replace --mask-* / --word-* / "
                                               "--smoothing, --teacher only gives the tokenizer and (without "
@@ -75,12 +77,15 @@ class TrainConfig:
     adam_eps: float = _option(1e-6, "AdamW epsilon")
     max_grad_norm: float = _option(5.0, "gradient clipping norm")
     alpha_kl: float = _option(5.0, "weight of the KL loss between teacher and student")
-    alpha_mlm: float = _option(2.0, "weight of the student's masked-LM loss")
+    alpha_mlm: float | None = _option(None, "weight of the student's masked-LM loss (masked-LM teachers; default 2.0)")
+    alpha_clm: float | None = _option(None, "weight of the student's next-token loss (causal-LM teachers; default 2.0)")
     alpha_cos: float = _option(1.0, "weight of the cosine loss between last hidden states")
     temperature: float = _option(2.0, "softmax temperature of the KL loss")
     restrict_kl_to_mask: bool = _option(False, "KL on masked tokens only (default: every non-pad token)")
     fused_head: bool = _option(True, "both LM heads' projections fused into the KL+CE loss (linear_kl_ce_loss): "
                                      "the [rows, V] logits are never built")
+    block_size: int | None = _option(None, "causal LMs: pack the documents into blocks of this many tokens "
+                                           "(default: one document per row, padded per batch)")
     mask_prop: float = _option(0.15, "fraction of tokens masked")
     word_mask: float = _option(0.8, "share of masked tokens replaced by the mask token")
     word_keep: float = _option(0.1, "share of masked tokens kept unchanged")
@@ -104,18 +109,19 @@ class TrainConfig:
         from distil._ops.common import check_non_negative_finite, check_positive_finite
 
         for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every", "max_length", "eval_every",
-                     "eval_max_sequences", "max_steps", "save_total_limit"):
-            value, low = getattr(self, name), 0 if name == "max_steps" else 1
-            if name in ("max_steps", "save_total_limit") and value is None:
+                     "eval_max_sequences", "max_steps", "save_total_limit", "block_size"):
+            value, low = getattr(self, name), {"max_steps": 0, "block_size": 2}.get(name, 1)
+            if name in ("max_steps", "save_total_limit", "block_size") and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         for name in ("lr", "max_grad_norm", "temperature", "adam_eps"):
             check_positive_finite(name, getattr(self, name))
-        for name in ("weight_decay", "alpha_kl", "alpha_mlm", "alpha_cos"):
-            check_non_negative_finite(name, getattr(self, name))
-        if self.alpha_kl == self.alpha_mlm == self.alpha_cos == 0:
-            raise ValueError("alpha_kl, alpha_mlm and alpha_cos are all 0: nothing to train")
+        for name in ("weight_decay", "alpha_kl", "alpha_mlm", "alpha_clm", "alpha_cos"):
+            if getattr(self, name) is not None:
+                check_non_negative_finite(name, getattr(self, name))
+        if self.alpha_kl == self.alpha_lm == self.alpha_cos == 0:
+            raise ValueError(f"alpha_kl, {self.lm_alpha_name} and alpha_cos are all 0: nothing to train")
         for name in ("warmup", "eval_fraction"):
             if check_non_negative_finite(name, getattr(self, name)) >= 1:
                 raise ValueError(f"{name} must be a fraction in [0, 1), got {getattr(self, name)}")
@@ -128,11 +134,69 @@ class TrainConfig:
             raise ValueError(f"student must be a local model directory, got {self.student!r}")
         if not self.data:
             raise ValueError("data must name at least one text file or folder")
+        self._validate_model_kind()
         if self.teacher_cache is not None:
             self._validate_cache()
         if self.resume and self.overwrite_output_dir:
             raise ValueError("resume and overwrite_output_dir exclude each other: continue the run or replace it")
 
+
+    @property
+    def alpha_lm(self):
+        """The language-modelling loss weight: ``alpha_mlm`` or ``alpha_clm``, whichever is given (2.0 by default)."""
+        return next((a for a in (self.alpha_mlm, self.alpha_clm) if a is not None), 2.0)
+
+    @property
+    def lm_alpha_name(self):
+        return "alpha_clm" if self.alpha_clm is not None else "alpha_mlm"
+
+    def causal_teacher(self):
+        """Whether the teacher is a causal LM: its config.json's architecture is an ``AutoModelForCausalLM``
+        class (e.g. GPT2LMHeadModel; BertForMaskedLM is not). Reads the config only, no weights."""
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if not (Path(self.teacher) / "config.json").is_file():
+            raise ValueError(f"teacher: {Path(self.teacher) / 'config.json'} not found; teacher must be a Hugging Face "
+                             "model directory")
+        architectures = AutoConfig.from_pretrained(self.teacher, trust_remote_code=False).architectures or []
+        return bool(architectures) and architectures[0] in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+    def _validate_model_kind(self):
+        """The flags that belong to the other kind of teacher, soft-capped logits and a cosine between
+        hidden states of different sizes, from the models' config.json files alone."""
+        from transformers import AutoConfig
+
+        from distil.student import check_no_softcapping
+
+        causal = self.causal_teacher()
+        kind = "a causal LM" if causal else "a masked LM"
+        wrong = (("alpha_mlm", self.alpha_mlm is not None, "use --alpha-clm"),
+                 ("restrict_kl_to_mask", self.restrict_kl_to_mask, "a causal step masks nothing"),
+                 ("as_distilbert", self.as_distilbert, "DistilBERT students come from BERT teachers"),
+                 ("teacher_cache", self.teacher_cache is not None, "the cache holds masked-LM passes"),
+                 ) if causal else (("alpha_clm", self.alpha_clm is not None, "use --alpha-mlm"),
+                                   ("block_size", self.block_size is not None, "masked LMs take one document per row"))
+        for name, given, hint in wrong:
+            if given:
+                raise ValueError(f"{name} is not for {kind} teacher ({self.teacher}): {hint}")
+        if not causal:
+            return
+        configs = {"teacher": AutoConfig.from_pretrained(self.teacher, trust_remote_code=False)}
+        if self.student is not None and (Path(self.student) / "config.json").is_file():
+            configs["student"] = AutoConfig.from_pretrained(self.student, trust_remote_code=False)
+        for name, config in configs.items():
+            check_no_softcapping(f"{name} {getattr(self, name)}", config)
+        # A row longer than the position table would fail inside the first step.
+        length, flag = (self.block_size, "block_size") if self.block_size is not None else (self.max_length, "max_length")
+        for name, config in configs.items():
+            limit = getattr(config, "max_position_embeddings", None)
+            if limit is not None and length > limit:
+                raise ValueError(f"{flag} is {length} but the {name} ({getattr(self, name)}) has {limit} positions")
+        sizes = {name: config.hidden_size for name, config in configs.items()}
+        if self.alpha_cos > 0 and len(set(sizes.values())) > 1:
+            raise ValueError(f"alpha_cos is {self.alpha_cos} but the student's hidden size {sizes['student']} differs "
+                             f"from the teacher's {sizes['teacher']}: the cosine needs equal sizes; pass --alpha-cos 0")
 
     def _validate_cache(self):
         """What training from ``teacher_cache`` needs, from the cache's files alone (its index checked,

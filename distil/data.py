@@ -4,6 +4,8 @@
 - :func:`load_corpus`: text files -> token-id sequences, as the paper's ``scripts/binarized_data.py``
   plus the cleaning in its ``LmSeqsDataset`` (split over-long sequences, drop short and
   mostly-unknown ones), with the fast tokenizer's batch encoding.
+- :func:`pack_blocks`: sequences concatenated and cut into fixed-length blocks (causal LMs'
+  ``--block-size``, the ``group_texts`` of Hugging Face's causal-LM examples).
 - :class:`LengthGroupedBatches`: padded batches of similar lengths in a seeded order, with a
   ``state_dict`` so a reader resumes at the exact batch (the paper's ``group_by_size`` batching is
   ``GroupedBatchSampler`` over length bins; this groups within random mega-chunks instead, as
@@ -109,6 +111,18 @@ def load_corpus(paths, tokenizer, max_length=512):
             for content in encoded:
                 sequences.extend(_pieces(content, first, last, unk_id, max_length - 2))
     return sequences
+
+
+def pack_blocks(sequences, block_size):
+    """``sequences`` (token-id lists, each framed as :func:`load_corpus` frames it) concatenated in order
+    and cut into blocks of exactly ``block_size`` tokens; the remainder shorter than a block is dropped.
+    Equivalent of ``group_texts`` in Hugging Face's ``run_clm.py`` (over the whole corpus rather than
+    per map batch): every block is all real tokens, so its attention mask is all ones and its positions
+    are ``0..block_size-1``, attention crossing document boundaries as there."""
+    _check_int("block_size", block_size, 2)
+    flat = [token for seq in sequences for token in seq]
+    usable = len(flat) - len(flat) % block_size
+    return [flat[start : start + block_size] for start in range(0, usable, block_size)]
 
 
 class LengthGroupedBatches:

@@ -7,7 +7,9 @@ and what the benchmarks time as "eager" (in the inputs' dtype). Not fast, by des
   ``Distiller.step`` in MLM mode, restated from its definition): :func:`distiller_kl`,
   :func:`distiller_mlm`, :func:`distiller_cos` and the weighted step :func:`distiller_loss`, with its
   row selection by ``masked_select`` on full-size expanded masks, and the same on LM heads' logits,
-  :func:`linear_distiller_losses` (what ``linear_kl_ce_loss`` fuses).
+  :func:`linear_distiller_losses` (what ``linear_kl_ce_loss`` fuses);
+- its causal branch (``--mlm`` off, DistilGPT2): :func:`distiller_causal_loss` and the step of two
+  causal LMs, :func:`distiller_causal_step`.
 """
 import torch
 import torch.nn as nn
@@ -163,3 +165,41 @@ def distiller_step(student, teacher, input_ids, attention_mask, labels, *, restr
     return distiller_loss(s_out.logits, t_out.logits, labels, s_out.hidden_states[-1], t_out.hidden_states[-1],
                           attention_mask.bool(), alpha_kl=alpha_kl, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos,
                           temperature=temperature, restrict_kl_to_mask=restrict_kl_to_mask)
+
+
+def distiller_causal_loss(student_logits, teacher_logits, input_ids, student_hidden, teacher_hidden, attention_mask, *,
+                          alpha_kl=5.0, alpha_clm=2.0, alpha_cos=1.0, temperature=2.0):
+    """``(total, kl, clm, cos)`` as ``Distiller.step`` computes them with ``--mlm`` off, in the inputs' dtype:
+
+    - ``lm_labels``: ``input_ids`` with -100 at padding (its ``prepare_batch_clm``);
+    - ``kl`` (its ``loss_ce``, :func:`distiller_kl`) over the ``attention_mask`` rows of the unshifted logits;
+    - ``clm``: ``CrossEntropyLoss(ignore_index=-100)(s_logits[..., :-1, :], lm_labels[..., 1:])``;
+    - ``cos`` (:func:`distiller_cos`) over the ``attention_mask`` rows of the last hidden states (0 when
+      ``alpha_cos == 0``);
+    - ``total = alpha_kl·kl + alpha_clm·clm + alpha_cos·cos``.
+
+    Logits ``[B, S, V]``, ``input_ids`` and bool ``attention_mask`` ``[B, S]``."""
+    lm_labels = input_ids.masked_fill(~attention_mask, IGNORE_INDEX)
+    kl = distiller_kl(select_rows(student_logits, attention_mask), select_rows(teacher_logits, attention_mask),
+                      temperature)
+    clm = distiller_mlm(student_logits[..., :-1, :], lm_labels[..., 1:])
+    if alpha_cos == 0:
+        cos = kl.new_zeros(())
+    else:
+        cos = distiller_cos(select_rows(student_hidden, attention_mask), select_rows(teacher_hidden, attention_mask))
+    return alpha_kl * kl + alpha_clm * clm + alpha_cos * cos, kl, clm, cos
+
+
+def distiller_causal_step(student, teacher, input_ids, attention_mask, *, alpha_kl=5.0, alpha_clm=2.0, alpha_cos=1.0,
+                          temperature=2.0, vocab_size=None):
+    """``(total, kl, clm, cos)`` of one ``Distiller.step`` with ``--mlm`` off, for Hugging Face causal LMs:
+    both models run on the ids without an attention mask, as distiller.py runs GPT-2 (causal attention
+    never reads the right padding), then :func:`distiller_causal_loss` on the full logits (their first
+    ``vocab_size`` columns, when given) and the last hidden states."""
+    with torch.no_grad():
+        t_out = teacher(input_ids=input_ids, output_hidden_states=True)
+    s_out = student(input_ids=input_ids, output_hidden_states=True)
+    columns = slice(None, vocab_size)
+    return distiller_causal_loss(s_out.logits[..., columns], t_out.logits[..., columns], input_ids,
+                                 s_out.hidden_states[-1], t_out.hidden_states[-1], attention_mask.bool(),
+                                 alpha_kl=alpha_kl, alpha_clm=alpha_clm, alpha_cos=alpha_cos, temperature=temperature)

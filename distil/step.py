@@ -1,7 +1,9 @@
 """The model side of one distillation step: bodies on the whole batch, LM heads on the loss rows only.
 
 :class:`DistillationStep` is what ``distil-train`` runs per micro-batch and what
-``benchmarks/bench_step.py`` measures against ``distiller.py``'s eager step.
+``benchmarks/bench_step.py`` measures against ``distiller.py``'s eager step. Masked LMs take the
+masker's labels; causal LMs take :func:`causal_labels` (the next token on each row), and the same
+step then computes distiller.py's causal branch.
 """
 from typing import NamedTuple
 
@@ -9,8 +11,30 @@ import torch
 from torch import nn
 
 from distil._ops.topk_kl_ce import TopKLogits
+from distil.distillation_loss import IGNORE_INDEX
 from distil.ops import masked_gather
 from distil.student import lm_adapter
+
+
+def causal_labels(input_ids, attention_mask):
+    """The next-token label of every row ``[B, S]``: ``input_ids[b, s + 1]`` where both ``s`` and
+    ``s + 1`` are real tokens, -100 elsewhere (the last real token, padding, the end of a block).
+
+    distiller.py's causal branch computes ``CrossEntropyLoss(ignore_index=-100)(s_logits[..., :-1, :],
+    lm_labels[..., 1:])`` with ``lm_labels`` the input ids, -100 at padding (``prepare_batch_clm``):
+    these labels put ``lm_labels[..., 1:]`` on the row whose logits predict it, so the loss's CE over
+    the labelled rows is that loss on right-padded batches and packed blocks. (On a left-padded row
+    distiller.py would also train the pad just before the first token to predict it; here it does not.)
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise TypeError(f"input_ids must be a [B, S] tensor, got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    real = attention_mask.bool()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = torch.where(real[:, :-1] & real[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
+    return labels
 
 
 def select_rows(adapter, input_ids, attention_mask, logit_mask, hidden_mask, project=True):
@@ -35,15 +59,16 @@ def select_rows(adapter, input_ids, attention_mask, logit_mask, hidden_mask, pro
 
 class StudentRows(nn.Module):
     """The student's part of a step as one module, so that DDP wrapping it sees a forward call
-    (the adapter calls the model's submodules directly, which would bypass DDP's hooks)."""
+    (the adapter calls the model's submodules directly, which would bypass DDP's hooks).
+    ``vocab_size``: the head's first rows only (:func:`distil.student.lm_adapter`)."""
 
-    def __init__(self, student):
+    def __init__(self, student, vocab_size=None):
         super().__init__()
         self.student = student
-        self._adapter = lm_adapter(student)
+        self.adapter = lm_adapter(student, vocab_size)
 
     def forward(self, input_ids, attention_mask, logit_mask, hidden_mask, project=True):
-        return select_rows(self._adapter, input_ids, attention_mask, logit_mask, hidden_mask, project)
+        return select_rows(self.adapter, input_ids, attention_mask, logit_mask, hidden_mask, project)
 
 
 class StepRows(NamedTuple):
@@ -65,7 +90,12 @@ class DistillationStep:
     masked ``input_ids`` [B, S], ``attention_mask`` [B, S] and ``labels`` [B, S] (-100 where not
     masked). Equals ``Distiller.step`` of ``distiller.py`` in MLM mode (KL on every non-pad token, or
     on masked tokens only with ``restrict_kl_to_mask``; CE on masked tokens; cosine on non-pad
-    tokens' last hidden states) without materialising the [B, S, V] logits.
+    tokens' last hidden states) without materialising the [B, S, V] logits. With causal LMs and
+    ``labels = causal_labels(input_ids, attention_mask)`` (no masking) it equals its causal branch
+    (``--mlm`` off): KL on every non-pad token, the CE is the next-token loss ``alpha_clm`` weighs (the
+    loss's ``mlm`` part), cosine as above (:func:`distil.reference.distiller_causal_step`).
+    ``vocab_size`` cuts both heads to their first rows (the tokenizer's real vocabulary, when the two
+    models pad it to different sizes).
     ``grad_scale``: the factor the caller multiplies ``total`` by before ``backward()`` (see
     :class:`DistillationLoss`). ``student_rows`` is a :class:`StudentRows` or the DDP module that wraps one. The step picks the KL
     rows itself, so ``loss_fn`` sees only those rows and must not restrict them a second time.
@@ -79,14 +109,14 @@ class DistillationStep:
     """
 
     def __init__(self, student_rows, teacher, loss_fn, *, restrict_kl_to_mask=False, autocast_dtype=None,
-                 cache_temperature=None):
+                 cache_temperature=None, vocab_size=None):
         if not isinstance(restrict_kl_to_mask, bool):
             raise TypeError(f"restrict_kl_to_mask must be a bool, got {type(restrict_kl_to_mask).__name__}")
         if loss_fn.restrict_kl_to_mask:
             raise ValueError("loss_fn.restrict_kl_to_mask must be False: DistillationStep selects the KL rows "
                              "(pass restrict_kl_to_mask=True to the step instead)")
         self.student_rows = student_rows
-        self.teacher_adapter = None if teacher is None else lm_adapter(teacher)
+        self.teacher_adapter = None if teacher is None else lm_adapter(teacher, vocab_size)
         self.loss_fn = loss_fn
         self.restrict_kl_to_mask = restrict_kl_to_mask
         self.autocast_dtype = autocast_dtype

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import (
     BertForMaskedLM,
     DistilBertConfig,
@@ -272,35 +273,78 @@ def save_student(student, path, tokenizer=None):
     return path
 
 
+class HeadRows(nn.Module):
+    """The first ``rows`` rows of an output projection, as an ``nn.Linear``-like module whose ``weight``
+    (and ``bias``) are views of the head's, read at each call: no copy, and the gradient of the rows
+    used reaches the head's parameter. Equivalent of ``F.linear(x, head.weight[:rows], head.bias[:rows])``,
+    i.e. ``head(x)[..., :rows]``. Used when a teacher and a student pad one tokenizer's vocabulary to
+    different sizes (Qwen2.5-7B's 152064 rows vs 0.5B's 151936): both heads are cut to the real vocabulary."""
+
+    def __init__(self, head, rows):
+        super().__init__()
+        self.head = head
+        self.rows = rows
+
+    @property
+    def weight(self):
+        return self.head.weight[: self.rows]
+
+    @property
+    def bias(self):
+        bias = getattr(self.head, "bias", None)
+        return None if bias is None else bias[: self.rows]
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"rows={self.rows}"
+
+
 class LMAdapter:
-    """A masked-LM model split into ``body``, ``transform`` and ``projection`` so that logits (or the
-    rows the projection multiplies, for :func:`distil.fused_loss.linear_kl_ce_loss`) can be computed on
-    selected rows only.  ``head(body(ids, mask))`` equals ``model(input_ids=ids,
-    attention_mask=mask).logits``, with ``head = projection ∘ transform`` (BERT: ``model.bert``, then
+    """A model split into ``body``, ``transform`` and ``projection`` so that logits (or the rows the
+    projection multiplies, for :func:`distil.fused_loss.linear_kl_ce_loss`) can be computed on selected
+    rows only.  ``head(body(ids, mask))`` equals ``model(input_ids=ids, attention_mask=mask).logits``
+    (``[..., :vocab_size]``), with ``head = projection ∘ transform`` (BERT: ``model.bert``, then
     ``cls.predictions.transform`` and ``cls.predictions.decoder``; RoBERTa: ``model.roberta``, then
     ``lm_head.dense`` -> GELU -> ``lm_head.layer_norm`` and ``lm_head.decoder``; DistilBERT:
     ``model.distilbert``, then ``vocab_transform`` -> activation -> ``vocab_layer_norm`` and
-    ``vocab_projector``). ``projection`` is ``model.get_output_embeddings()``."""
+    ``vocab_projector``; decoders: ``model.transformer`` (GPT-2) or ``model.model``, whose output is
+    already final-normed, then the identity and ``lm_head``). ``projection`` is
+    ``model.get_output_embeddings()``, or its first ``vocab_size`` rows (:class:`HeadRows`).
+    A causal body gets explicit ``position_ids`` (see :meth:`body`)."""
 
-    def __init__(self, model, body_module, transform_fn):
+    def __init__(self, model, body_module, transform_fn, *, causal=False, vocab_size=None):
         self.model = model
         self._body_module = body_module
         self._transform_fn = transform_fn
+        self.causal = causal
+        head = model.get_output_embeddings()
+        rows = head.weight.shape[0]
+        if vocab_size is not None:
+            _check_int("vocab_size", vocab_size, 1, rows)
+        self._projection = head if vocab_size in (None, rows) else HeadRows(head, vocab_size)
 
     @property
     def projection(self):
-        """The output projection ``nn.Linear`` ``[V, H]`` (with its bias)."""
-        return self.model.get_output_embeddings()
+        """The output projection ``[V, H]`` (with its bias, if any): an ``nn.Linear`` or :class:`HeadRows`."""
+        return self._projection
 
     def body(self, input_ids, attention_mask):
-        """Last hidden states ``[B, S, H]`` for int64 ``input_ids`` and ``attention_mask`` ``[B, S]``."""
+        """Last hidden states ``[B, S, H]`` for int64 ``input_ids`` and ``attention_mask`` ``[B, S]``.
+        A decoder's positions count the real tokens before each one (``cumsum(mask) - 1``, as
+        ``generate`` forms them): ``0..n-1`` for right-padded rows and for packed blocks alike, and still
+        right if a row were left-padded, where the model's default ``arange`` would not be."""
         check_tensor("input_ids", input_ids, dtypes=(torch.int64,), ndims=(2,))
         check_tensor("attention_mask", attention_mask, ndims=(2,))
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape {tuple(input_ids.shape)}"
             )
-        return self._body_module(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        extra = {}
+        if self.causal:
+            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self._body_module(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
 
     def transform(self, hidden_rows):
         """The rows the projection multiplies, ``[..., H]``, for hidden states ``[..., H]``."""
@@ -316,18 +360,43 @@ class LMAdapter:
         return self.projection(self.transform(hidden_rows))
 
 
-def lm_adapter(model):
-    """The :class:`LMAdapter` of a ``BertForMaskedLM``, ``RobertaForMaskedLM`` or
-    ``DistilBertForMaskedLM``."""
+_CAUSAL = tuple(cls for cls in _LAYER_LISTS if cls not in (BertForMaskedLM, RobertaForMaskedLM))
+
+
+def is_causal_lm(model):
+    """Whether ``model`` is one of the causal-LM classes :func:`build_student` supports."""
+    return isinstance(model, _CAUSAL)
+
+
+def check_no_softcapping(name, config):
+    """Refuse a config with Gemma's ``final_logit_softcapping`` (``cap · tanh(logits / cap)``): the fused
+    LM head computes plain ``F.linear`` logits."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        raise ValueError(f"{name} has final_logit_softcapping={cap} (soft-capped logits), which the fused LM head "
+                         "does not support yet")
+
+
+def lm_adapter(model, vocab_size=None):
+    """The :class:`LMAdapter` of a ``BertForMaskedLM``, ``RobertaForMaskedLM``, ``DistilBertForMaskedLM``
+    or a causal LM :func:`build_student` supports; ``vocab_size`` cuts the projection to its first rows
+    (the tokenizer's real vocabulary). Soft-capped logits (Gemma2's ``final_logit_softcapping``) are
+    refused: the fused head computes plain ``F.linear`` logits."""
     if isinstance(model, BertForMaskedLM):
-        return LMAdapter(model, model.bert, model.cls.predictions.transform)
+        return LMAdapter(model, model.bert, model.cls.predictions.transform, vocab_size=vocab_size)
     if isinstance(model, RobertaForMaskedLM):
         head = model.lm_head
-        return LMAdapter(model, model.roberta, lambda hidden: head.layer_norm(F.gelu(head.dense(hidden))))
+        return LMAdapter(model, model.roberta, lambda hidden: head.layer_norm(F.gelu(head.dense(hidden))),
+                         vocab_size=vocab_size)
     if isinstance(model, DistilBertForMaskedLM):
         return LMAdapter(model, model.distilbert,
-                         lambda hidden: model.vocab_layer_norm(model.activation(model.vocab_transform(hidden))))
+                         lambda hidden: model.vocab_layer_norm(model.activation(model.vocab_transform(hidden))),
+                         vocab_size=vocab_size)
+    if is_causal_lm(model):
+        check_no_softcapping(f"model {type(model).__name__}", model.config)
+        body = model.transformer if isinstance(model, GPT2LMHeadModel) else model.model
+        return LMAdapter(model, body, lambda hidden: hidden, causal=True, vocab_size=vocab_size)
     raise TypeError(
-        "model must be a BertForMaskedLM, RobertaForMaskedLM or DistilBertForMaskedLM, "
-        f"got {type(model).__name__}"
+        "model must be a BertForMaskedLM, RobertaForMaskedLM, DistilBertForMaskedLM or a causal LM "
+        f"({', '.join(c.__name__ for c in _CAUSAL)}), got {type(model).__name__}"
     )

@@ -2,7 +2,9 @@
 ``python -m distil.train`` runs the same CLI).
 
 Equivalent of the paper's ``train.py`` + ``Distiller`` (Hugging Face
-``examples/research_projects/distillation``) with the MLM objective, on our fused path:
+``examples/research_projects/distillation``) with the MLM objective, or with ``--mlm`` off for causal-LM
+teachers (picked from the teacher's config: next-token labels :func:`distil.step.causal_labels`, no
+masking, documents padded per batch or packed into ``--block-size`` blocks), on our fused path:
 
 - teacher frozen, ``eval()``, half precision on GPU; student from :func:`distil.student.build_student`
   (every other teacher layer) unless ``--student`` names a directory;
@@ -49,10 +51,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from distil.data import LengthGroupedBatches, load_corpus, text_files
+from distil.data import LengthGroupedBatches, load_corpus, pack_blocks, text_files
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker, token_counts
-from distil.step import DistillationStep, StudentRows
+from distil.step import DistillationStep, StudentRows, causal_labels
 from distil.student import build_student, save_student
 from distil.teacher_cache import TeacherCache
 
@@ -67,7 +69,6 @@ RESUMABLE_CHANGES = ("output_dir", "resume", "overwrite_output_dir", "progress",
                      "log_every", "eval_every", "report_to")
 EVAL_SEED = 0  # the held-out split and its masking: the same for every run on the same data
 EVAL_MASK_PROP = 0.15
-_TRAIN_PARTS = ("loss", "kl", "mlm", "cos")
 
 
 class StepError(RuntimeError):
@@ -80,19 +81,24 @@ class NonFiniteError(RuntimeError):
     written, and the checkpoints on disk are untouched."""
 
 
-def _load_teacher(path, device, dtype):
-    from transformers import AutoModelForMaskedLM
+def _auto_class(causal):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    return AutoModelForCausalLM if causal else AutoModelForMaskedLM
+
+
+def _load_teacher(path, device, dtype, causal):
     # safetensors only, and never remote code: a teacher directory is data, not a program.
-    teacher, info = AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False,
+    teacher, info = _auto_class(causal).from_pretrained(path, use_safetensors=True, trust_remote_code=False,
                                                         output_loading_info=True)
     missing = info["missing_keys"]
     if missing:
         shown = ", ".join(sorted(missing)[:4]) + (", ..." if len(missing) > 4 else "")
+        head, cls = ("causal-LM", "...ForCausalLM") if causal else ("masked-LM", "...ForMaskedLM")
         raise ValueError(
             f"teacher: {Path(path) / 'model.safetensors'} lacks {len(missing)} weights of "
-            f"{type(teacher).__name__} ({shown}); a teacher needs its masked-LM head (save the "
-            "...ForMaskedLM model, not the bare encoder)")
+            f"{type(teacher).__name__} ({shown}); a teacher needs its {head} head (save the "
+            f"{cls} model, not the bare {'decoder' if causal else 'encoder'})")
     teacher.requires_grad_(False).eval()
     return teacher.to(device=device, dtype=dtype)
 
@@ -195,9 +201,19 @@ class Trainer:
         check_model_dir("teacher", config.teacher, tokenizer=True)
         if config.student is not None:
             check_model_dir("student", config.student)
+        self.causal = config.causal_teacher()
+        self.lm = "clm" if self.causal else "mlm"  # the name of the CE part in the metrics
+        self.parts = ("loss", "kl", self.lm, "cos")
         self.tokenizer = AutoTokenizer.from_pretrained(config.teacher, trust_remote_code=False)
-        if self.tokenizer.mask_token_id is None:
+        if not self.causal and self.tokenizer.mask_token_id is None:
             raise ValueError(f"teacher: the tokenizer in {config.teacher} has no mask token; a masked-LM teacher needs one")
+        # Causal tokenizers often have no pad token (GPT-2): the attention mask hides the filler anyway.
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise ValueError(f"teacher: the tokenizer in {config.teacher} has neither a pad nor an eos token to pad with")
+        self._check_student_tokenizer()
         # With a teacher cache the teacher never runs: it is read (on the CPU) only to build the student.
         # The cache is checked whole (every shard) and against this corpus, tokenizer and teacher first.
         self.cache = None if config.teacher_cache is None else TeacherCache(config.teacher_cache)
@@ -205,24 +221,24 @@ class Trainer:
             self.cache.check_sources(text_files(config.data), self.tokenizer, config.teacher)
         if self.cache is None or config.student is None:
             teacher_dtype = None if self.device.type == "cpu" or self.cache else (self.autocast_dtype or torch.float16)
-            teacher = _load_teacher(config.teacher, "cpu" if self.cache else self.device, teacher_dtype)
+            teacher = _load_teacher(config.teacher, "cpu" if self.cache else self.device, teacher_dtype, self.causal)
             if len(self.tokenizer) > teacher.config.vocab_size:
                 raise ValueError(f"teacher: the tokenizer in {config.teacher} has {len(self.tokenizer)} tokens but the "
                                  f"model's vocab_size is {teacher.config.vocab_size}")
         if config.student is not None:
-            from transformers import AutoModelForMaskedLM
-
-            student = AutoModelForMaskedLM.from_pretrained(config.student, use_safetensors=True, trust_remote_code=False)
+            student = _auto_class(self.causal).from_pretrained(config.student, use_safetensors=True,
+                                                               trust_remote_code=False)
         else:
             student = build_student(teacher, num_layers=config.student_layers, as_distilbert=config.as_distilbert)
         self.teacher = None if self.cache else teacher
+        vocab_size = self._vocab_size(student)
         self.student = student.to(device=self.device, dtype=torch.float32).train()
-        rows = StudentRows(self.student)
-        loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_mlm, alpha_cos=config.alpha_cos,
+        rows = StudentRows(self.student, vocab_size)
+        loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_lm, alpha_cos=config.alpha_cos,
                                    temperature=config.temperature)
         # Validation runs on rank 0 alone, outside DDP (whose forward would wait for the other ranks).
         self.eval_step = DistillationStep(rows, self.teacher, loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
-                                          autocast_dtype=self.autocast_dtype)
+                                          autocast_dtype=self.autocast_dtype, vocab_size=vocab_size)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             rows = nn.parallel.DistributedDataParallel(rows, device_ids=ids)
@@ -230,24 +246,30 @@ class Trainer:
         heads = {}
         # The output projections fused into the KL+CE loss: no [rows, V] logits. A cached teacher has
         # no head to fuse, so the student's logits are built for its top-k loss.
+        # (Their first vocab_size rows when the two pad the vocabulary differently: the adapters' projections.)
         if config.fused_head and self.teacher is not None:
-            heads = dict(student_head=self.student.get_output_embeddings(),
-                         teacher_head=self.teacher.get_output_embeddings())
-        train_loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_mlm,
+            heads = dict(student_head=self.eval_step.student_rows.adapter.projection,
+                         teacher_head=self.eval_step.teacher_adapter.projection)
+        train_loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_lm,
                                          alpha_cos=config.alpha_cos, temperature=config.temperature, **heads)
         self.step_fn = DistillationStep(rows, self.teacher, train_loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
                                         autocast_dtype=self.autocast_dtype,
-                                        cache_temperature=None if self.cache is None else self.cache.temperature)
+                                        cache_temperature=None if self.cache is None else self.cache.temperature,
+                                        vocab_size=vocab_size)
 
         sequences = (self.cache.sequences() if self.cache is not None
                      else load_corpus(text_files(config.data), self.tokenizer, max_length=config.max_length))
         if not sequences:
             raise ValueError("data: no sequence survived tokenisation and filtering (lines of at least 12 tokens "
                              "with under 50% unknown tokens are kept)")
+        if config.block_size is not None:
+            sequences = pack_blocks(sequences, config.block_size)
+            if not sequences:
+                raise ValueError(f"data: the corpus has fewer tokens than one block (--block-size {config.block_size})")
         # The cache's masked passes cover every sequence: no held-out split (the reader's indices are the cache's).
         train_sequences, eval_sequences = (sequences, []) if self.cache is not None else self._split(sequences)
         vocab = len(self.tokenizer)
-        self.masker = None if self.cache is not None else MLMMasker(
+        self.masker = None if self.cache is not None or self.causal else MLMMasker(
             vocab,
             special_ids=self.tokenizer.all_special_ids,
             mask_id=self.tokenizer.mask_token_id,
@@ -262,7 +284,7 @@ class Trainer:
         self.mask_generator = torch.Generator().manual_seed(config.seed)
         self.micro_batches = config.grad_accum * self.world_size
         self.batches = LengthGroupedBatches(
-            train_sequences, config.batch_size * self.micro_batches, config.seed, self.tokenizer.pad_token_id
+            train_sequences, config.batch_size * self.micro_batches, config.seed, self.pad_id
         )
         self.total_steps = config.max_steps if config.max_steps is not None else config.epochs * len(self.batches)
 
@@ -278,6 +300,32 @@ class Trainer:
         self._batch_iter = None
         self._stop_requested = False
         self.resumed_from = self.load_checkpoint() if config.resume else None
+
+    def _check_student_tokenizer(self):
+        """A ``--student`` with tokenizer files must have the teacher's tokenizer (the same token → id map):
+        the KL compares the two models' distributions token by token."""
+        from transformers import AutoTokenizer
+
+        cfg = self.config
+        if cfg.student is None or not any((Path(cfg.student) / f).is_file() for f in _TOKENIZER_FILES):
+            return
+        theirs = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=False)
+        if theirs.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"student: the tokenizer in {cfg.student} ({type(theirs).__name__}, {len(theirs)} tokens) "
+                             f"is not the teacher's in {cfg.teacher} ({type(self.tokenizer).__name__}, "
+                             f"{len(self.tokenizer)} tokens); distillation needs one tokenizer for both")
+
+    def _vocab_size(self, student):
+        """The vocabulary both heads are cut to: None (whole heads) when they have the same rows, else the
+        tokenizer's real vocabulary (a model may pad it, e.g. Qwen2.5's 152064 vs 151936 rows)."""
+        rows = {"student": student.get_output_embeddings().weight.shape[0]}
+        if self.teacher is not None:
+            rows["teacher"] = self.teacher.get_output_embeddings().weight.shape[0]
+        for name, n in rows.items():
+            if n < len(self.tokenizer):
+                raise ValueError(f"{name}: the model's head has {n} rows but the tokenizer in {self.config.teacher} has "
+                                 f"{len(self.tokenizer)} tokens")
+        return None if len(set(rows.values())) == 1 else len(self.tokenizer)
 
     # -- output directory and data -----------------------------------------------------------------
     def _prepare_output_dir(self):
@@ -320,14 +368,18 @@ class Trainer:
 
     def _eval_batches(self, sequences):
         """The held-out sequences as masked batches, masked once: uniform 15% of the tokens, 80/10/10, a
-        fixed seed (BERT's standard masked-LM evaluation, comparable across runs and with the teacher)."""
+        fixed seed (BERT's standard masked-LM evaluation, comparable across runs and with the teacher).
+        Causal LMs: the sequences as they are, with next-token labels."""
         if not sequences:
             return []
+        if self.causal:
+            return [(b["input_ids"], b["attention_mask"], causal_labels(b["input_ids"], b["attention_mask"]))
+                    for b in LengthGroupedBatches(sequences, self.config.batch_size, EVAL_SEED, self.pad_id)]
         masker = MLMMasker(len(self.tokenizer), special_ids=self.tokenizer.all_special_ids,
                            mask_id=self.tokenizer.mask_token_id, mask_prop=EVAL_MASK_PROP, smoothing=0.0)
         generator = torch.Generator().manual_seed(EVAL_SEED)
         batches = []
-        for batch in LengthGroupedBatches(sequences, self.config.batch_size, EVAL_SEED, self.tokenizer.pad_token_id):
+        for batch in LengthGroupedBatches(sequences, self.config.batch_size, EVAL_SEED, self.pad_id):
             ids, labels = masker(batch["input_ids"], batch["attention_mask"], generator)
             batches.append((ids, batch["attention_mask"], labels))
         return batches
@@ -352,7 +404,9 @@ class Trainer:
         batch = self._next_global_batch()
         ids, attn = batch["input_ids"], batch["attention_mask"]
         cached = {}
-        if self.cache is None:
+        if self.causal:
+            masked, labels = ids, causal_labels(ids, attn)
+        elif self.cache is None:
             masked, labels = self.masker(ids, attn, self.mask_generator)
         else:  # epoch e replays the cache's pass e mod passes: its masks and the teacher on them
             cached = self.cache.batch(batch["epoch"], batch["sequence_index"], ids.shape[1], self.tokenizer.pad_token_id)
@@ -406,9 +460,9 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
         values = torch.cat([parts, grad_norm.reshape(1).float()]).tolist()  # one host sync per step
-        metrics = dict(zip(_TRAIN_PARTS + ("grad_norm",), values), tokens=int(tokens))
+        metrics = dict(zip(self.parts + ("grad_norm",), values), tokens=int(tokens))
         # fp16: an overflowing gradient is the GradScaler's business (it skips the step and lowers the scale).
-        checked = _TRAIN_PARTS if self.scaler.is_enabled() else _TRAIN_PARTS + ("grad_norm",)
+        checked = self.parts if self.scaler.is_enabled() else self.parts + ("grad_norm",)
         bad = {k: metrics[k] for k in checked if not math.isfinite(metrics[k])}
         if bad:
             err = self._diverged("not finite: " + ", ".join(bad), bad)
@@ -432,12 +486,14 @@ class Trainer:
         """Metrics of the held-out split (rank 0; None without one), dropout off: the distillation losses
         and the student's masked-LM loss and accuracy (with the teacher's for comparison when the KL
         is on), each averaged over its own rows: logit rows for the KL, masked tokens for the masked-LM
-        loss and accuracy, non-pad tokens for the cosine."""
+        loss and accuracy, non-pad tokens for the cosine. Causal LMs: the next-token loss (log perplexity)
+        and accuracy over every token that has a next one, named ``clm``."""
         if not self.eval_batches:
             return None
         self.student.eval()
-        sums = dict.fromkeys(("kl", "cos", "mlm", "mlm_accuracy", "teacher_mlm", "teacher_mlm_accuracy"), 0.0)
-        counts = dict.fromkeys(("kl", "cos", "mlm"), 0)
+        lm = self.lm
+        sums = dict.fromkeys(("kl", "cos", lm, f"{lm}_accuracy", f"teacher_{lm}", f"teacher_{lm}_accuracy"), 0.0)
+        counts = dict.fromkeys(("kl", "cos", lm), 0)
         loss_fn = self.eval_step.loss_fn
         for ids, attn, labels in self.eval_batches:
             rows = self.eval_step.rows(*(t.to(self.device) for t in (ids, attn, labels)))
@@ -449,8 +505,8 @@ class Trainer:
             if rows.student_hidden is not None:
                 sums["cos"] += float(out.cos) * rows.student_hidden.shape[0]
                 counts["cos"] += rows.student_hidden.shape[0]
-            counts["mlm"] += n_masked
-            for name, logits in (("mlm", rows.student_logits), ("teacher_mlm", rows.teacher_logits)):
+            counts[lm] += n_masked
+            for name, logits in ((lm, rows.student_logits), (f"teacher_{lm}", rows.teacher_logits)):
                 if logits is not None and n_masked:
                     masked_logits = logits[target].float()
                     sums[name] += float(F.cross_entropy(masked_logits, rows.labels[target], reduction="sum"))
@@ -462,7 +518,7 @@ class Trainer:
             if name.startswith("teacher") and self.eval_step.loss_fn.alpha_kl == 0:
                 continue  # the teacher's logits were not computed
             result["eval_" + name] = total / max(count, 1)
-        result["eval_loss"] = (loss_fn.alpha_kl * result["eval_kl"] + loss_fn.alpha_mlm * result["eval_mlm"]
+        result["eval_loss"] = (loss_fn.alpha_kl * result["eval_kl"] + loss_fn.alpha_mlm * result[f"eval_{lm}"]
                                + loss_fn.alpha_cos * result["eval_cos"])
         return result
 
@@ -529,8 +585,6 @@ class Trainer:
     def load_checkpoint(self):
         """Continue from the newest checkpoint that reads back (a damaged one is skipped with a warning);
         metrics logged after it are dropped. Returns its path."""
-        from transformers import AutoModelForMaskedLM
-
         found = checkpoints(self.output_dir)
         if not found:
             raise ValueError(f"resume: no checkpoint in {self.output_dir} (no {CHECKPOINT_PREFIX}<step> folder); "
@@ -538,7 +592,7 @@ class Trainer:
         for step, path in found:
             try:
                 state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
-                saved = AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+                saved = _auto_class(self.causal).from_pretrained(path, use_safetensors=True, trust_remote_code=False)
             except Exception as err:  # any damage: a truncated file, a missing one, a bad header
                 if self.rank == 0:
                     _console(f"distil-train: warning: skipping unreadable checkpoint {path}: "
@@ -610,7 +664,7 @@ class Trainer:
         if bar.disable or "eval_loss" in record:
             _console(f"distil-train: step {record['step']}/{self.total_steps} | {shown}")
         else:
-            bar.set_postfix({k: f"{record[k]:.4g}" for k in (*_TRAIN_PARTS, "tokens_per_s")}, refresh=False)
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in (*self.parts, "tokens_per_s")}, refresh=False)
 
     def fit(self, max_steps=None):
         """Train until ``max_steps`` (default: the configured total) or SIGINT/SIGTERM. Returns ``"done"``
@@ -647,7 +701,7 @@ class Trainer:
                 if stop or self.step % cfg.log_every == 0 or self.step == end:
                     now = time.perf_counter()
                     record = {"step": self.step, "steps": len(window)}
-                    for key in (*_TRAIN_PARTS, "grad_norm"):
+                    for key in (*self.parts, "grad_norm"):
                         record[key] = sum(m[key] for m in window) / len(window)
                     record["lr"] = window[-1]["lr"]
                     record["tokens"] = sum(m["tokens"] for m in window)

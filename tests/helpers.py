@@ -15,6 +15,16 @@ API_DEVICES = ["cpu"] + (["cuda"] if GPU_RUN else [])
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
+def one_error_line(capsys, *words):
+    """The one ``distil-train: error:`` line a refused run printed (no traceback), holding every word."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("distil-train: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
 def relative_error(out, ref):
     """||out - ref|| / ||ref||; the absolute error where the reference is exactly zero."""
     out, ref = out.double().cpu(), ref.double().cpu()

@@ -19,6 +19,8 @@ from distil.cli import EXIT_DIVERGED, EXIT_ERROR, EXIT_INTERRUPTED, TrainConfig,
 from distil.train import METRICS, STUDENT, TRAINING_STATE, checkpoints
 from tiny import bert_tokenizer, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
 
+from helpers import one_error_line
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -41,15 +43,6 @@ def train_rows(path):
     return [r for r in map(json.loads, (path / METRICS).read_text().splitlines()) if "loss" in r]
 
 
-def one_error_line(capsys, *words):
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("distil-train: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
-
-
 # ------------------------------------------------------------------ flags
 # One non-default value per TrainConfig field: a field without a value here fails the test, so every new
 # flag is covered.
@@ -58,8 +51,8 @@ NON_DEFAULT_FLAGS = {
     "teacher_cache": "c",
     "student_layers": 3, "as_distilbert": True, "max_length": 128, "batch_size": 7, "grad_accum": 3, "epochs": 2,
     "max_steps": 9, "lr": 1e-3, "weight_decay": 0.01, "warmup": 0.1, "adam_eps": 1e-8, "max_grad_norm": 1.0,
-    "alpha_kl": 0.5, "alpha_mlm": 0.25, "alpha_cos": 0.0, "temperature": 4.0, "restrict_kl_to_mask": True,
-    "fused_head": False, "mask_prop": 0.2, "word_mask": 0.7, "word_keep": 0.2, "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "seed": 3,
+    "alpha_kl": 0.5, "alpha_mlm": 0.25, "alpha_clm": 0.75, "alpha_cos": 0.0, "temperature": 4.0, "restrict_kl_to_mask": True,
+    "fused_head": False, "block_size": 256, "mask_prop": 0.2, "word_mask": 0.7, "word_keep": 0.2, "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "seed": 3,
     "precision": "fp32", "save_every": 11, "save_total_limit": 2, "resume": True, "log_every": 5,
     "report_to": "tensorboard", "eval_fraction": 0.05, "eval_max_sequences": 10, "eval_every": 3, "progress": False,
 }

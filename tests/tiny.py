@@ -2,8 +2,9 @@
 
 Shared by the student / masking / data tests and the trainer tests:
 - ``corpus_lines`` / ``write_corpus``: a deterministic synthetic English-like corpus.
-- ``bert_tokenizer`` / ``roberta_tokenizer``: fast Hugging Face tokenizers trained here with
-  ``tokenizers`` (WordPiece for BERT, byte-level BPE for RoBERTa), standard special-token ids.
+- ``bert_tokenizer`` / ``roberta_tokenizer`` / ``gpt2_tokenizer``: fast Hugging Face tokenizers trained
+  here with ``tokenizers`` (WordPiece for BERT, byte-level BPE for RoBERTa and GPT-2), standard
+  special-token ids (GPT-2's: one ``<|endoftext|>``, no pad token).
 - ``tiny_bert`` / ``tiny_roberta``: masked-LM teachers (4 layers, H=32 by default) whose every
   parameter is random, so "copied equals teacher" checks cannot pass on zeros or ones.
 - ``tiny_causal``: a causal-LM teacher of each family ``distil.student`` supports (4 layers, H=32,
@@ -26,6 +27,7 @@ from transformers import (
     Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GPT2Tokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -85,19 +87,31 @@ def bert_tokenizer(lines=None, vocab_size=200):
     return BertTokenizer(vocab=tok.get_vocab())
 
 
-def roberta_tokenizer(lines=None, vocab_size=300):
-    """A byte-level BPE ``RobertaTokenizer`` (fast) trained on ``lines`` (default: the tiny corpus)."""
+def _byte_level_bpe(lines, vocab_size, specials):
+    """(vocab, merges) of a byte-level BPE trained on ``lines`` (default: the tiny corpus), ``specials`` first."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=ROBERTA_SPECIALS,
+        special_tokens=specials,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(lines or corpus_lines(), trainer)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
-    return RobertaTokenizer(vocab=tok.get_vocab(), merges=merges)
+    return tok.get_vocab(), merges
+
+
+def roberta_tokenizer(lines=None, vocab_size=300):
+    """A byte-level BPE ``RobertaTokenizer`` (fast) trained on ``lines`` (default: the tiny corpus)."""
+    vocab, merges = _byte_level_bpe(lines, vocab_size, ROBERTA_SPECIALS)
+    return RobertaTokenizer(vocab=vocab, merges=merges)
+
+
+def gpt2_tokenizer(lines=None, vocab_size=300):
+    """A byte-level BPE ``GPT2Tokenizer`` (fast) as GPT-2's: ``<|endoftext|>`` (id 0) is bos and eos, no pad token."""
+    vocab, merges = _byte_level_bpe(lines, vocab_size, ["<|endoftext|>"])
+    return GPT2Tokenizer(vocab=vocab, merges=merges)
 
 
 def _randomize(model, seed):
