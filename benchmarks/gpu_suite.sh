@@ -121,7 +121,7 @@ if [ "$BUILD_RC" = 0 ]; then
       --benchmark-json="benchmarks/results/pytest_bench_cuda_${TAG}.json"
   fi
   if wants tune; then
-    step tune_kl_ce 150 "$PY" benchmarks/tune_kl_ce.py --n 8192 --vocab 30522 128256
+    step tune_kl_ce 150 "$PY" benchmarks/tune_kl_ce.py --n 8192 --vocab 30522
   fi
 else
   echo "| (tests and benchmarks) | skipped: the build failed |  |" >>"$SUMMARY"
