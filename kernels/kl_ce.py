@@ -173,7 +173,8 @@ def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, PRECISE_KL: tl.co
     term as log1p(e / d_b) with e = d_a - d_b summed without cancellation when PRECISE_KL (large T):
     there both terms are O(1/T) and cancel to O(1/T^2), which log2 d_a - log2 d_b (each ~log2 V)
     would bury in rounding. Small T takes the difference of logs (e costs ~15 registers).
-    Masked head, unmasked interior, masked tail (kernels/rows.py).
+    The unmasked interior (kernels/rows.py), then the masked tail and head: the two masked chunks sit
+    next to the gradient pass's, so nothing of theirs (per-element addresses, masks) stays live across a loop.
     """
     zero = tl.full((), 0.0, tl.float32)
     m_s = zero + float("-inf")
@@ -183,14 +184,14 @@ def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, PRECISE_KL: tl.co
     d_c = zero
     w = zero  # sum_j 2^((t_j - mt) * scale_t) * delta_j, 0 where q_j = 0 (xlogy)
     e = zero  # d_a - d_b
-    m_s, m_t, d_a, d_b, d_c, w, e = _stats_chunk(s_row, t_row, 0, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w, e,
-                                                 USE_KL, USE_CE, PRECISE_KL, True, BLOCK_V)
     for k in range(1, n - 1):
         m_s, m_t, d_a, d_b, d_c, w, e = _stats_chunk(s_row, t_row, k, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w,
                                                      e, USE_KL, USE_CE, PRECISE_KL, False, BLOCK_V)
     if n > 1:
         m_s, m_t, d_a, d_b, d_c, w, e = _stats_chunk(s_row, t_row, n - 1, h, V, scale_t, m_s, m_t, d_a, d_b, d_c,
                                                      w, e, USE_KL, USE_CE, PRECISE_KL, True, BLOCK_V)
+    m_s, m_t, d_a, d_b, d_c, w, e = _stats_chunk(s_row, t_row, 0, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w, e,
+                                                 USE_KL, USE_CE, PRECISE_KL, True, BLOCK_V)
     la = tl.log2(d_a)
     lb = tl.log2(d_b)
     if PRECISE_KL:
@@ -220,16 +221,16 @@ def _grad_chunk(s_row, t_row, g_row, k, h, V, scale_t, ms, mt, la, lb, lc, label
 def _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
                     USE_KL, USE_CE, BLOCK_V: tl.constexpr):
     """g = kl_coef * (p - q) + ce_coef * (P - onehot(label)) over the row from the statistics of
-    :func:`_row_stats` (made finite for rows that are -inf everywhere), chunk by chunk, last chunk first:
-    the statistics pass read the row front to back, so its end is the likeliest still in L1/L2."""
+    :func:`_row_stats` (made finite for rows that are -inf everywhere), chunk by chunk in the reverse of
+    its order: the head and tail it read last, then the interior back to front, the likeliest still in L1/L2."""
+    _grad_chunk(s_row, t_row, g_row, 0, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
+                USE_KL, USE_CE, True, BLOCK_V)
     if n > 1:
         _grad_chunk(s_row, t_row, g_row, n - 1, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
                     USE_KL, USE_CE, True, BLOCK_V)
-    for j in range(1, n - 1):
-        _grad_chunk(s_row, t_row, g_row, n - 1 - j, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
+    for j in range(2, n):
+        _grad_chunk(s_row, t_row, g_row, n - j, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
                     USE_KL, USE_CE, False, BLOCK_V)
-    _grad_chunk(s_row, t_row, g_row, 0, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
-                USE_KL, USE_CE, True, BLOCK_V)
 
 
 @triton.jit

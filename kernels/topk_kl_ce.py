@@ -83,6 +83,10 @@ from distil.kernels.rows import (
 TAIL_FLOOR: tl.constexpr = tl.constexpr(2.0**-16)
 # Teacher entries per block: k up to this is one block, larger k is streamed in blocks of it.
 MAX_BLOCK_K = 128
+# Register cap of every launch. Left to choose, ptxas trades a small spill (4 bytes, outside the loops) for
+# one more resident program at 32-48 registers; a cap turns that off. 64 keeps four programs of 8 warps per
+# SM, and every specialisation spill-free on Triton 3.6 and 3.8 (tests/test_topk_kl_ce.py).
+MAXNREG = 64
 
 
 @triton.jit
@@ -98,7 +102,8 @@ def _stats_chunk(s_vec, k, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, MA
 
 @triton.jit
 def _student_stats(s_vec, h, n, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr):
-    """One streamed read of a student ``aligned_row`` (masked head and tail chunks, 128-bit interior):
+    """One streamed read of a student ``aligned_row`` (128-bit interior, then the masked tail and head, so that
+    nothing of the masked chunks stays live across a loop: see kl_ce._row_stats):
     (lse_a, lse_c, ms, log2 z1) with lse_a, lse_c the log2-domain lse of s*log2e/T and of s*log2e, ms
     the row maximum in logit units and z1 = sum exp(s - ms), so that the CE is ln z1 + (ms - s_y):
     the difference first, exact at large logits (ms is kept in logit units for that)."""
@@ -107,13 +112,13 @@ def _student_stats(s_vec, h, n, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexp
     m_c = zero + float("-inf")
     d_a = zero
     d_c = zero
-    m_a, d_a, m_c, d_c = _stats_chunk(s_vec, 0, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, True, BLOCK_V)
     for k in range(1, n - 1):
         m_a, d_a, m_c, d_c = _stats_chunk(s_vec, k, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, False,
                                           BLOCK_V)
     if n > 1:
         m_a, d_a, m_c, d_c = _stats_chunk(s_vec, n - 1, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, True,
                                           BLOCK_V)
+    m_a, d_a, m_c, d_c = _stats_chunk(s_vec, 0, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, True, BLOCK_V)
     log2_z1 = tl.log2(d_c)
     return m_a * scale_t + tl.log2(d_a), m_c * LOG2E + log2_z1, m_c, log2_z1
 
@@ -188,16 +193,16 @@ def _dense_grad_chunk(s_vec, g_vec, k, h, V, scale_t, lse_a, lse_c, label, kl_sc
 @triton.jit
 def _dense_grad(s_vec, g_vec, h, n, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL, USE_CE,
                 BLOCK_V: tl.constexpr):
-    """g = kl_scale * p + ce_coef * (P - onehot(label)) over an ``aligned_row``, last chunk first (the
-    likeliest still cached after the statistics pass)."""
+    """g = kl_scale * p + ce_coef * (P - onehot(label)) over an ``aligned_row`` in the reverse of the
+    statistics pass's order (head, tail, then the interior back to front): the likeliest still cached first."""
+    _dense_grad_chunk(s_vec, g_vec, 0, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL, USE_CE, True,
+                      BLOCK_V)
     if n > 1:
         _dense_grad_chunk(s_vec, g_vec, n - 1, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL,
                           USE_CE, True, BLOCK_V)
-    for j in range(1, n - 1):
-        _dense_grad_chunk(s_vec, g_vec, n - 1 - j, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL,
+    for j in range(2, n):
+        _dense_grad_chunk(s_vec, g_vec, n - j, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL,
                           USE_CE, False, BLOCK_V)
-    _dense_grad_chunk(s_vec, g_vec, 0, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL, USE_CE, True,
-                      BLOCK_V)
 
 
 @triton.jit
@@ -331,7 +336,7 @@ def _common_args(student, values, index, lse, labels, kl_mask, coef, temperature
         EXACT=lse is not None, HAS_LABELS=labels is not None, HAS_MASK=kl_mask is not None, BLOCK_V=block_v or block,
         BLOCK_K=block_k, NUM_K_CHUNKS=triton.cdiv(k, block_k),
     )
-    return args, dict(num_warps=num_warps or warps)
+    return args, dict(num_warps=num_warps or warps, maxnreg=MAXNREG)
 
 
 def fwd_launch(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,

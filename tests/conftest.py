@@ -10,6 +10,35 @@ if not GPU_RUN:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
+def _interpreter_scalar_index():
+    """The interpreter holds a scalar as a 1-element array; Triton <= 3.6 takes ``int(array)`` for a loop
+    bound (``range(1, n - 1)``), which numpy >= 2.5 refuses for ndim > 0 ("only 0-dimensional arrays can
+    be converted to Python scalars"). Triton 3.8 squeezes the array first: the same here, where needed."""
+    import inspect
+
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+        return  # numpy < 2.5: int() of a 1-element array still works
+    except TypeError:
+        pass
+    patch_tensor = interpreter._patch_lang_tensor
+    if "squeeze" in inspect.getsource(patch_tensor):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+if not GPU_RUN:
+    _interpreter_scalar_index()
+
 import distil.fused_loss  # noqa: E402,F401  (registers every op: schemas, CUDA kernels, fake impls, autograd)
 import distil.ops  # noqa: E402,F401
 
