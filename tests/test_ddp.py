@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from distil.cli import TrainConfig
 from distil.train import METRICS, TRAINING_STATE, Trainer
-from helpers import free_port
+from helpers import GPU_RUN, free_port
 from tiny import bert_tokenizer, tiny_bert, write_corpus
 
 STEPS = 3
@@ -35,6 +35,7 @@ def _worker(rank, root, port):
         dist.destroy_process_group()
 
 
+@pytest.mark.skipif(GPU_RUN, reason="CPU semantics: gloo ranks and a CPU trainer")
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     tok = bert_tokenizer()
     # No dropout: the single process and the ranks draw different dropout masks.

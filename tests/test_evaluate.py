@@ -1,5 +1,6 @@
 """distil.evaluate (distil-eval): labelled-data readers, metrics against scikit-learn's definitions,
 parameter counts, the held-out masked-LM score, and the whole comparison on tiny models."""
+import importlib.util
 import json
 
 import pytest
@@ -21,6 +22,10 @@ from distil.student import build_student, save_student
 from tiny import bert_tokenizer, corpus_lines, tiny_bert
 
 CLASSES = ("neg", "neu", "pos")
+
+NEEDS_DATASETS = pytest.mark.skipif(importlib.util.find_spec("datasets") is None,
+                                    reason="distil-eval reads data with datasets (pip install -e '.[eval]')")
+
 
 
 def _rows(n, seed=0):
@@ -54,6 +59,7 @@ def models(tmp_path_factory):
     return root
 
 
+@NEEDS_DATASETS
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv"])
 def test_load_labelled_files(tmp_path, suffix):
     rows = _rows(6)
@@ -67,6 +73,7 @@ def test_load_labelled_files(tmp_path, suffix):
     assert ds["text"] == [t for t, _ in rows] and ds["label"] == [y for _, y in rows]
 
 
+@NEEDS_DATASETS
 def test_load_labelled_dataset_on_disk(tmp_path):
     import datasets
 
@@ -81,6 +88,7 @@ def test_load_labelled_dataset_on_disk(tmp_path):
     assert len(load_labelled(tmp_path / "single", text_column="sentence", label_column="y")) == 8
 
 
+@NEEDS_DATASETS
 def test_load_labelled_errors(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", _rows(3))
     with pytest.raises(ValueError, match="column 'text'"):
@@ -97,6 +105,7 @@ def test_load_labelled_errors(tmp_path):
         load_labelled(tmp_path / "empty.jsonl")
 
 
+@NEEDS_DATASETS
 def test_label_names():
     import datasets
 
@@ -145,6 +154,7 @@ def test_masked_lm_metrics(models, tmp_path):
     assert masked_lm_metrics(models / "encoder", text, max_length=32) is None  # no head: no score
 
 
+@NEEDS_DATASETS
 def test_evaluate_end_to_end(models, tmp_path, capsys):
     train = _write_jsonl(tmp_path / "train.jsonl", _rows(36, seed=1))
     test = _write_csv(tmp_path / "test.csv", _rows(12, seed=2))
@@ -184,6 +194,7 @@ def test_evaluate_end_to_end(models, tmp_path, capsys):
     assert markdown_table(results).splitlines()[2].startswith("| T |")
 
 
+@NEEDS_DATASETS
 def test_same_seed_same_result(models, tmp_path):
     train = _write_jsonl(tmp_path / "train.jsonl", _rows(12, seed=1))
     config = EvalConfig(models=[str(models / "student")], train=str(train), eval=str(train), text_column="sentence",
@@ -227,6 +238,7 @@ def _fails(capsys, argv, match):
     assert re.search(match, lines[0]), lines[0]
 
 
+@NEEDS_DATASETS
 def test_bad_inputs_exit_1_with_one_line_naming_flag_file_and_line(models, tmp_path, capsys):
     import shutil
 

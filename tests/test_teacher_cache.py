@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import GPU_RUN
 import tiny
 
 from distil import teacher_cache as TC
@@ -31,6 +32,7 @@ def _tree(path):
     return sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file())
 
 
+@pytest.mark.skipif(GPU_RUN, reason="CPU semantics: the fp32 CPU teacher and trainer (a GPU run trains in bf16)")
 def test_cache_holds_the_teachers_outputs_on_its_masked_input(setup):
     root, teacher, tok = setup
     path = TC.build_cache(root / "teacher", [root / "data"], root / "hidden", hidden=True, **OPTIONS)
@@ -131,6 +133,7 @@ def test_cli(setup, capsys):
     assert "different cache" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(GPU_RUN, reason="CPU semantics: the fp32 CPU teacher and trainer (a GPU run trains in bf16)")
 def test_training_from_a_full_cache_reproduces_the_live_teacher(setup):
     """k = V, float32 logits: the exact top-k KL is the dense KL, so optimizer steps from the cache
     give the live teacher's per-step losses (same batches, masks, dropout) to 1e-5."""
