@@ -68,7 +68,8 @@ def _nvcc_major(nvcc):
 
 
 def _has_cudart(home):
-    for lib in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"), os.path.join("targets", "sbsa-linux", "lib")):
+    for lib in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
+                os.path.join("targets", "sbsa-linux", "lib")):
         if glob.glob(os.path.join(home, lib, "libcudart.so*")):
             return True
     return False

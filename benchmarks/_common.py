@@ -298,7 +298,8 @@ def plot_records(stem, records, title, mode="fwd+bwd", baseline="eager", memory_
     """Two bar charts of the ratios to the baseline (``add_ratios``) for ``mode``: the speed-up (baseline
     ms / ms, higher is better) and the peak memory (peak / baseline peak, lower is better), one group of
     bars per (op, dtype, shape), one bar per variant (the baseline is the line at 1), each labelled with
-    its ratio; ``memory_note`` says in the title how the peak was measured.  Returns the PNG path, or None when matplotlib is absent or nothing has a ratio."""
+    its ratio; ``memory_note`` says in the title how the peak was measured.  Returns the PNG path, or None
+    when matplotlib is absent or nothing has a ratio."""
     try:
         import matplotlib
 

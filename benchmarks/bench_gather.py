@@ -17,10 +17,11 @@ import argparse
 import os
 import sys
 
-import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
 import torch
 
 from distil.ops import masked_gather
+
+import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")

@@ -34,13 +34,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
 import torch
 import torch.nn.functional as F
 
 from distil import reference
 from distil._ops.linear_kl_ce import auto_chunk_rows
 from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss, linear_kl_ce_loss, topk_kl_ce_loss
+
+import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
 
 T = 2.0
 KL_WEIGHT, CE_WEIGHT = 5.0, 2.0  # DistilBERT's alpha_ce, alpha_mlm
@@ -652,7 +653,8 @@ def sweep_table(rows):
     ns = sorted({r["n"] for r in rows})
     h, v = rows[0]["h"], rows[0]["v"]
     lines = [f"linear_kl_ce peak memory over N (fp32, H={h}, V={v}, fwd+bwd, MiB above inputs and parameter "
-             "gradients)", "", "| N | ours (fused) | unfused | fused / unfused | [N, H] fp32 |", "|---|---|---|---|---|"]
+             "gradients)", "", "| N | ours (fused) | unfused | fused / unfused | [N, H] fp32 |",
+             "|---|---|---|---|---|"]
     for n in ns:
         ours, unfused = by[("ours", n)], by[("unfused", n)]
         lines.append(f"| {n} | {ours / 2**20:.1f} | {unfused / 2**20:.1f} | {ours / unfused:.3f} | "
@@ -747,9 +749,11 @@ def targets(records, device):
         cos = _find(records, "cos", "bf16", (16384, 768), "ours")
         add("H100 cos bf16 16384×768 fwd+bwd: ≥ 85% of copy bandwidth",
             None if cos is None else 100 * cos["copy_share"], 85.0, True, unit="%")
-        add("H100 cos bf16 16384×768 fwd+bwd: ≥ 4× eager", ratio("cos", "bf16", (16384, 768), "ours", "eager"), 4.0, True)
+        add("H100 cos bf16 16384×768 fwd+bwd: ≥ 4× eager", ratio("cos", "bf16", (16384, 768), "ours", "eager"),
+            4.0, True)
         topk = _find(records, "topk_kl_ce", "bf16", (16384, 30522), "ours")
-        add(f"GPU topk_kl_ce k={TOPK} bf16 16384×30522 fwd+bwd: ≥ 85% of copy bandwidth (2·V·e + k·(e+idx) per row)",
+        add(f"GPU topk_kl_ce k={TOPK} bf16 16384×30522 fwd+bwd: ≥ 85% of copy bandwidth "
+            "(2·V·e + k·(e+idx) per row)",
             None if topk is None else 100 * topk["copy_share"], 85.0, True, unit="%")
         triple = _find(records, "triple", "bf16", (16384, 30522), "ours")
         parts = [_find(records, op, dt, shp, "ours") for op, dt, shp in
@@ -782,8 +786,8 @@ def eta_table(eta_log):
         diff = r["eta_s"] - r["actual_s"]
         err = f"{diff:+.1f}s" if r["actual_s"] < 20 else f"{100 * diff / r['actual_s']:+.0f}% ({diff:+.0f}s)"
         pred = "–" if r["predicted_s"] is None else C.format_seconds(r["predicted_s"])
-        lines.append(f"| {i + 1} {r['task']} | {C.format_seconds(r['took_s'])} | {pred} | {C.format_seconds(r['eta_s'])} | "
-                     f"{C.format_seconds(r['actual_s'])} | {err} |")
+        lines.append(f"| {i + 1} {r['task']} | {C.format_seconds(r['took_s'])} | {pred} | "
+                     f"{C.format_seconds(r['eta_s'])} | {C.format_seconds(r['actual_s'])} | {err} |")
     return "\n".join(lines)
 
 
@@ -793,7 +797,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke run); results get a _quick suffix")
     p.add_argument("--full", action="store_true",
                    help="the whole set. CPU: adds the LM-head cells (linear_kl_ce, N x H x V = 1024 x 768 x 30522,\n"
-                        "4096 x 768 x 30522, 128 x 4096 x 128256) and its memory sweep over N (~15 min more on 2 cores)\n"
+                        "4096 x 768 x 30522, 128 x 4096 x 128256) and its memory sweep over N "
+                        "(~15 min more on 2 cores)\n"
                         "CUDA: N in {2048,8192,16384} x V in {30522,50257,128256} x {fp32,bf16}")
     p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)} (default: all; an op named\n"
                                                "here whose cells are all --full ones, linear_kl_ce, runs them)")
@@ -821,7 +826,8 @@ def main(argv=None):
     device = args.device
     machine = C.machine_info(device)
     copy_gbs = C.copy_bandwidth_gbs(device, 2**30 if device == "cuda" else 2**28)
-    plan = cpu_plan(args.quick, args.ops, args.full, args.explicit_ops) if device == "cpu" else cuda_plan(args.quick, args.full, args.ops)
+    plan = (cpu_plan(args.quick, args.ops, args.full, args.explicit_ops) if device == "cpu"
+            else cuda_plan(args.quick, args.full, args.ops))
     print(f"# distil loss benchmark: {device}, {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
           f"triton {machine['triton']}; copy bandwidth {copy_gbs:.0f} GB/s (read+write); {len(plan)} cells",
           flush=True)
@@ -862,7 +868,8 @@ def main(argv=None):
             eta = model.eta(i + 1)
         else:  # CUDA: the mean of the cells so far (no cost model there yet)
             eta = (now - start) / (i + 1) * (len(tasks) - i - 1)
-        eta_log.append(dict(task=label, took_s=round(took, 1), predicted_s=None if predicted is None else round(predicted, 1),
+        eta_log.append(dict(task=label, took_s=round(took, 1),
+                            predicted_s=None if predicted is None else round(predicted, 1),
                             elapsed_s=round(now - start, 1), eta_s=round(eta, 1)))
         shown = "" if predicted is None else f", predicted {C.format_seconds(predicted)}"
         print(f" {C.format_seconds(took)}{shown} (elapsed {C.format_seconds(now - start)}, "

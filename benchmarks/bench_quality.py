@@ -259,7 +259,12 @@ def adapt_teacher(encoder_dir, corpus, output_dir, budget, seed=0):
     80/10/10) and the ``Trainer``; saved to ``output_dir`` with its tokenizer (kept when present)."""
     import datasets
     from transformers import (
-        AutoTokenizer, BertForMaskedLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed,
+        AutoTokenizer,
+        BertForMaskedLM,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+        set_seed,
     )
 
     from distil.data import load_corpus

@@ -29,9 +29,7 @@ longest is S), as length-grouped batches are. Writes ``benchmarks/results/step_<
 import argparse
 import gc
 import os
-import sys
 
-import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
@@ -41,6 +39,8 @@ from distil.reference import distiller_step
 from distil.step import DistillationStep, StudentRows
 from distil.student import build_student, lm_adapter
 from distil.teacher_cache import bytes_per_token
+
+import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
 
 ALPHA_KL, ALPHA_MLM, ALPHA_COS, T = 5.0, 2.0, 1.0, 2.0
 MODES = {"kl=non-pad": False, "kl=masked": True}
@@ -179,16 +179,20 @@ def main(argv=None):
     shape_key = "quick" if args.quick else device
     records = run(device, shape_key)
     print(C.markdown_table(records))
-    print("\n| mode | shape | cached tokens/s | live (ours) tokens/s | speed-up | peak mem cached/live |\n|---|---|---|---|---|---|")
+    print("\n| mode | shape | cached tokens/s | live (ours) tokens/s | speed-up | peak mem cached/live |"
+          "\n|---|---|---|---|---|---|")
     for r in records:
         if r["variant"] == "cached":
-            live = next(b for b in records if b["variant"] == "ours" and b["mode"] == r["mode"] and b["shape"] == r["shape"])
-            print(f"| {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['tokens_per_s']:.0f} | {live['tokens_per_s']:.0f} | "
+            live = next(b for b in records
+                        if b["variant"] == "ours" and b["mode"] == r["mode"] and b["shape"] == r["shape"])
+            print(f"| {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['tokens_per_s']:.0f} | "
+                  f"{live['tokens_per_s']:.0f} | "
                   f"{r['tokens_per_s'] / live['tokens_per_s']:.2f}x | {r['peak_bytes'] / live['peak_bytes']:.2f} |")
     vocab = SHAPES[shape_key][5]
     print(f"\nTarget (CPU): the step from a k={TOPK} cache >= 1.8x the live-teacher step's tokens/s at <= 0.7x its "
           f"peak memory. Cache bytes per token and pass at k={TOPK}, V={vocab}: {bytes_per_token(TOPK, vocab, vocab)} "
-          f"without hidden states (target <= 400), {bytes_per_token(TOPK, vocab, vocab, hidden_size=SHAPES[shape_key][1])} "
+          f"without hidden states (target <= 400), "
+          f"{bytes_per_token(TOPK, vocab, vocab, hidden_size=SHAPES[shape_key][1])} "
           f"with (H={SHAPES[shape_key][1]}).")
     print("\n| mode | shape | variant | tokens/s | vs eager: speed-up | peak mem | vs ours (logits): speed-up | "
           "peak mem |\n|---|---|---|---|---|---|---|---|")
@@ -203,7 +207,8 @@ def main(argv=None):
     stem = C.result_stem(f"step_{device}", args)
     method = C.CUDA_MEMORY_METHOD if device == "cuda" else C.CPU_MEMORY_METHOD
     path = C.write_json(stem, C.machine_info(device), records, memory_method=method,
-                        shapes=SHAPES[shape_key], targets="CPU: >=1.3x, <=0.6x memory; H100 (S=512): >=1.5x tokens/s, <=0.6x memory; "
+                        shapes=SHAPES[shape_key],
+                        targets="CPU: >=1.3x, <=0.6x memory; H100 (S=512): >=1.5x tokens/s, <=0.6x memory; "
                         "fused-head: <=0.5x the peak memory of ours (logits) at no loss of speed")
     print(f"\nwrote {path}")
 

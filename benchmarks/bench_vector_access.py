@@ -12,10 +12,11 @@ the README.
 import os
 import sys
 
-import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
 import torch
 
 from distil.fused_loss import kl_ce_loss
+
+import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
 
 N, V = 8192, 30522
 

@@ -34,15 +34,17 @@ def main():
                 for warps in (4, 8, 16, 32):
                     if block // (warps * 32) < 4 or block // (warps * 32) > 64:
                         continue
-                    fn = lambda: K.kl_ce_rows(s, t, labels, None, coef, 2.0, -100, kl, ce, grad, block_v=block,
-                                              num_warps=warps)
+                    def fn():
+                        return K.kl_ce_rows(s, t, labels, None, coef, 2.0, -100, kl, ce, grad, block_v=block,
+                                            num_warps=warps)
                     try:
                         ms = triton.testing.do_bench(fn, return_mode="median")
                     except Exception as exc:  # out of resources at this config
                         print(f"| {vocab} | {dtype} | {block} | {warps} | failed: {type(exc).__name__} | | |")
                         continue
                     gbs = nbytes / ms / 1e6
-                    print(f"| {vocab} | {str(dtype)[6:]} | {block} | {warps} | {ms:.3f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% |")
+                    print(f"| {vocab} | {str(dtype)[6:]} | {block} | {warps} | {ms:.3f} | {gbs:.0f} | "
+                          f"{100 * gbs / copy_gbs:.0f}% |")
 
 
 if __name__ == "__main__":

@@ -188,7 +188,8 @@ class TrainConfig:
         for name, config in configs.items():
             check_no_softcapping(f"{name} {getattr(self, name)}", config)
         # A row longer than the position table would fail inside the first step.
-        length, flag = (self.block_size, "block_size") if self.block_size is not None else (self.max_length, "max_length")
+        length, flag = ((self.block_size, "block_size") if self.block_size is not None
+                        else (self.max_length, "max_length"))
         for name, config in configs.items():
             limit = getattr(config, "max_position_embeddings", None)
             if limit is not None and length > limit:

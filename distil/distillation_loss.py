@@ -5,8 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distil._ops.common import (check_labels, check_non_negative_finite, check_row_mask, check_temperature, check_tensor,
-                               check_weight)
+from distil._ops.common import (
+    check_labels,
+    check_non_negative_finite,
+    check_row_mask,
+    check_temperature,
+    check_tensor,
+    check_weight,
+)
 from distil._ops.cosine import cosine_loss
 from distil._ops.kl_ce import kl_ce_loss, kl_div_loss
 from distil._ops.linear_kl_ce import LinearKLCELoss

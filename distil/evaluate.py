@@ -256,7 +256,8 @@ def throughput(model_paths, texts, labels, *, batch_size, max_length, rounds):
         tokenizer = _tokenizer(path)
         model = _classifier(path, labels).to(device).eval()
         batches = [
-            tokenizer(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            tokenizer(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True,
+                      return_tensors="pt")
             for i in range(0, len(texts), batch_size)
         ]
         batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
@@ -527,7 +528,8 @@ def markdown_table(results):
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {results['train_rows']} training / "
         f"{results['eval_rows']} evaluation rows, {len(results['labels'])} classes; retention and speed-up "
         f"relative to {models[0]['name']}; throughput on {results['throughput_sequences']} evaluation "
-        f"sentences, batch {results['config']['throughput_batch_size']}, {results['machine']['gpu'] or results['machine']['cpu']}."
+        f"sentences, batch {results['config']['throughput_batch_size']}, "
+        f"{results['machine']['gpu'] or results['machine']['cpu']}."
     )
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """The public loss API of distil: fused DistilBERT losses that other trainers import.
 
-Every function takes raw logits (or hidden states; ``linear_kl_ce_loss`` the rows the LM heads project) of shape ``[N, D]`` or ``[B, S, D]`` with row
-masks / labels of shape ``[N]`` / ``[B, S]``; nothing of shape ``[..., D]`` is copied. CUDA tensors
+Every function takes raw logits (or hidden states; ``linear_kl_ce_loss`` the rows the LM heads project)
+of shape ``[N, D]`` or ``[B, S, D]`` with row masks / labels of shape ``[N]`` / ``[B, S]``; nothing of shape
+``[..., D]`` is copied. CUDA tensors
 run the Triton kernels of :mod:`distil.kernels`, CPU tensors the C++ kernels of ``distil._C``; both
 have the same semantics. The gradient w.r.t. the student is computed in the forward pass, so the
 backward is free when you backpropagate the combination named by ``kl_weight`` / ``ce_weight`` /

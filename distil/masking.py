@@ -116,7 +116,8 @@ class MLMMasker:
         check_tensor("attention_mask", attention_mask, ndims=(2,))
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape {tuple(input_ids.shape)}"
+                f"attention_mask has shape {tuple(attention_mask.shape)} "
+                f"but input_ids has shape {tuple(input_ids.shape)}"
             )
         if attention_mask.device != input_ids.device:
             raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")

@@ -27,7 +27,8 @@ def causal_labels(input_ids, attention_mask):
     distiller.py would also train the pad just before the first token to predict it; here it does not.)
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise TypeError(f"input_ids must be a [B, S] tensor, got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        raise TypeError(f"input_ids must be a [B, S] tensor, got "
+                        f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
                          f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
@@ -97,8 +98,8 @@ class DistillationStep:
     ``vocab_size`` cuts both heads to their first rows (the tokenizer's real vocabulary, when the two
     models pad it to different sizes).
     ``grad_scale``: the factor the caller multiplies ``total`` by before ``backward()`` (see
-    :class:`DistillationLoss`). ``student_rows`` is a :class:`StudentRows` or the DDP module that wraps one. The step picks the KL
-    rows itself, so ``loss_fn`` sees only those rows and must not restrict them a second time.
+    :class:`DistillationLoss`). ``student_rows`` is a :class:`StudentRows` or the DDP module that wraps one.
+    The step picks the KL rows itself, so ``loss_fn`` sees only those rows and must not restrict them a second time.
     Parts weighted 0 are not computed: without KL the logits are the masked rows only and the teacher's
     LM head does not run; without KL and cosine the teacher does not run at all.
     A ``loss_fn`` built with the models' heads (``DistillationLoss(student_head=..., teacher_head=...)``)

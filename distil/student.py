@@ -339,7 +339,8 @@ class LMAdapter:
         check_tensor("attention_mask", attention_mask, ndims=(2,))
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape {tuple(input_ids.shape)}"
+                f"attention_mask has shape {tuple(attention_mask.shape)} "
+                f"but input_ids has shape {tuple(input_ids.shape)}"
             )
         extra = {}
         if self.causal:
@@ -351,7 +352,8 @@ class LMAdapter:
         check_tensor("hidden_rows", hidden_rows)
         if hidden_rows.dim() == 0 or hidden_rows.shape[-1] != self.model.config.hidden_size:
             raise ValueError(
-                f"hidden_rows must end in the hidden size {self.model.config.hidden_size}, got shape {tuple(hidden_rows.shape)}"
+                f"hidden_rows must end in the hidden size {self.model.config.hidden_size}, "
+                f"got shape {tuple(hidden_rows.shape)}"
             )
         return self._transform_fn(hidden_rows)
 

@@ -533,7 +533,8 @@ def build_parser():
     parser.add_argument("--data", nargs="+", help="text files or folders of *.txt (required)")
     parser.add_argument("--output", help="cache directory (created; an unfinished one resumes) (required)")
     parser.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token")
-    parser.add_argument("--passes", type=int, default=3, help="maskings of the corpus; epoch e replays pass e mod passes")
+    parser.add_argument("--passes", type=int, default=3,
+                        help="maskings of the corpus; epoch e replays pass e mod passes")
     parser.add_argument("--temperature", type=float, default=2.0,
                         help="T of the stored logsumexp; train with the same --temperature")
     parser.add_argument("--hidden", action="store_true", help="also store the last hidden states (for alpha_cos > 0)")

@@ -206,13 +206,15 @@ class Trainer:
         self.parts = ("loss", "kl", self.lm, "cos")
         self.tokenizer = AutoTokenizer.from_pretrained(config.teacher, trust_remote_code=False)
         if not self.causal and self.tokenizer.mask_token_id is None:
-            raise ValueError(f"teacher: the tokenizer in {config.teacher} has no mask token; a masked-LM teacher needs one")
+            raise ValueError(f"teacher: the tokenizer in {config.teacher} has no mask token; "
+                             "a masked-LM teacher needs one")
         # Causal tokenizers often have no pad token (GPT-2): the attention mask hides the filler anyway.
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         if self.pad_id is None:
-            raise ValueError(f"teacher: the tokenizer in {config.teacher} has neither a pad nor an eos token to pad with")
+            raise ValueError(f"teacher: the tokenizer in {config.teacher} has neither a pad nor an eos token "
+                             "to pad with")
         self._check_student_tokenizer()
         # With a teacher cache the teacher never runs: it is read (on the CPU) only to build the student.
         # The cache is checked whole (every shard) and against this corpus, tokenizer and teacher first.
@@ -252,7 +254,8 @@ class Trainer:
                          teacher_head=self.eval_step.teacher_adapter.projection)
         train_loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_lm,
                                          alpha_cos=config.alpha_cos, temperature=config.temperature, **heads)
-        self.step_fn = DistillationStep(rows, self.teacher, train_loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
+        self.step_fn = DistillationStep(rows, self.teacher, train_loss_fn,
+                                        restrict_kl_to_mask=config.restrict_kl_to_mask,
                                         autocast_dtype=self.autocast_dtype,
                                         cache_temperature=None if self.cache is None else self.cache.temperature,
                                         vocab_size=vocab_size)
@@ -323,8 +326,8 @@ class Trainer:
             rows["teacher"] = self.teacher.get_output_embeddings().weight.shape[0]
         for name, n in rows.items():
             if n < len(self.tokenizer):
-                raise ValueError(f"{name}: the model's head has {n} rows but the tokenizer in {self.config.teacher} has "
-                                 f"{len(self.tokenizer)} tokens")
+                raise ValueError(f"{name}: the model's head has {n} rows but the tokenizer in "
+                                 f"{self.config.teacher} has {len(self.tokenizer)} tokens")
         return None if len(set(rows.values())) == 1 else len(self.tokenizer)
 
     # -- output directory and data -----------------------------------------------------------------
@@ -362,7 +365,8 @@ class Trainer:
         if n_eval and n_eval >= len(sequences):
             raise ValueError(f"eval_fraction: {len(sequences)} sequences leave none for training after holding out "
                              f"{n_eval}; lower --eval-fraction or add data")
-        held_out = set(torch.randperm(len(sequences), generator=torch.Generator().manual_seed(EVAL_SEED))[:n_eval].tolist())
+        held_out = set(torch.randperm(len(sequences),
+                                      generator=torch.Generator().manual_seed(EVAL_SEED))[:n_eval].tolist())
         train = [s for i, s in enumerate(sequences) if i not in held_out]
         return train, [sequences[i] for i in sorted(held_out)]
 
@@ -409,7 +413,8 @@ class Trainer:
         elif self.cache is None:
             masked, labels = self.masker(ids, attn, self.mask_generator)
         else:  # epoch e replays the cache's pass e mod passes: its masks and the teacher on them
-            cached = self.cache.batch(batch["epoch"], batch["sequence_index"], ids.shape[1], self.tokenizer.pad_token_id)
+            cached = self.cache.batch(batch["epoch"], batch["sequence_index"], ids.shape[1],
+                                      self.tokenizer.pad_token_id)
             masked, labels = cached.pop("input_ids"), cached.pop("labels")
             del cached["attention_mask"]
         n, k = ids.shape[0], self.micro_batches
@@ -474,7 +479,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         param_norm = float(torch.nn.utils.get_total_norm(self.student.parameters()))
         if not math.isfinite(param_norm):
-            err = self._diverged("the norm of the parameters is not finite after the optimizer step", {"param_norm": param_norm})
+            err = self._diverged("the norm of the parameters is not finite after the optimizer step",
+                                 {"param_norm": param_norm})
             err.metrics = {"step": self.step + 1, **metrics, "param_norm": param_norm}
             raise err
         self.step += 1

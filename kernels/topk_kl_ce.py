@@ -264,7 +264,8 @@ def _student_rows(r, s_ptr, grad_ptr, S, s_stride_b, s_stride_s, V, ALIGN: tl.co
     *_vec the ``aligned_row`` at column -h for the streamed passes (n chunks, 128-bit interior)."""
     s_off = row_start(r, S, s_stride_b, s_stride_s)
     h, n = row_split(s_off, V, ALIGN, BLOCK_V)
-    return (s_ptr + s_off, aligned_row(s_ptr, s_off, h, ALIGN), grad_ptr + r * V, aligned_row(grad_ptr, r * V, h, ALIGN),
+    return (s_ptr + s_off, aligned_row(s_ptr, s_off, h, ALIGN),
+            grad_ptr + r * V, aligned_row(grad_ptr, r * V, h, ALIGN),
             h, n)
 
 

@@ -108,8 +108,7 @@ def global_accesses(ptx):
 
 def _compile_one(spec):
     import triton
-    from triton.backends.compiler import BaseBackend
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
 
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
     attrs = {(fn.arg_names.index(name),): BaseBackend.parse_attr(desc) for name, desc in spec.get("attrs", {}).items()}

@@ -15,6 +15,7 @@ import pytest
 from transformers import BertModel
 
 from distil.student import save_student
+
 from tiny import bert_tokenizer, corpus_lines, tiny_bert
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -132,7 +133,8 @@ def test_reproduction_plumbing(tiny_sources, tmp_path, monkeypatch):
     assert [m["name"] for m in results["models"]] == names
     assert results["budget"]["name"] == "tiny" and results["budget"]["distil_steps"] == 2
     assert all(m["mlm"] is not None for m in results["models"])  # the teacher got its head
-    assert all(results["metrics"][k]["step"] == 2 for k in ("triple loss (a)", "MLM only (b)", "random init + triple (d)"))
+    assert all(results["metrics"][k]["step"] == 2
+               for k in ("triple loss (a)", "MLM only (b)", "random init + triple (d)"))
     mlm_only = results["metrics"]["MLM only (b)"]
     assert mlm_only["kl"] == 0.0 and mlm_only["cos"] == 0.0 and mlm_only["mlm"] > 0  # alphas 0: parts skipped
     (json_file,) = results_dir.glob("quality_cpu_tiny_*.json")

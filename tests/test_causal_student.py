@@ -6,12 +6,13 @@ import json
 import re
 
 import pytest
-import tiny
 import torch
-from helpers import relative_error
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaConfig, LlamaModel
 
 from distil.student import build_student, layer_map, save_student
+
+import tiny
+from helpers import relative_error
 
 V = 96
 FAMILIES = list(tiny.CAUSAL_FAMILIES)

@@ -16,9 +16,9 @@ from distil.reference import distiller_causal_step
 from distil.step import DistillationStep, StudentRows, causal_labels
 from distil.student import build_student, lm_adapter
 from distil.train import METRICS, STUDENT
-from tiny import bert_tokenizer, gpt2_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_causal, write_corpus
 
 from helpers import one_error_line, relative_error
+from tiny import bert_tokenizer, gpt2_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_causal, write_corpus
 
 V = 50
 
@@ -36,7 +36,8 @@ def _grads_match(student, ref_student):
     ours = dict(student.named_parameters())
     pairs = [(ours[name].grad, p.grad) for name, p in ref_student.named_parameters()]
     assert all(g is not None for g, _ in pairs)
-    assert relative_error(torch.cat([g.flatten() for g, _ in pairs]), torch.cat([r.flatten() for _, r in pairs])) <= 1e-5
+    assert relative_error(torch.cat([g.flatten() for g, _ in pairs]),
+                          torch.cat([r.flatten() for _, r in pairs])) <= 1e-5
 
 
 # ------------------------------------------------------------------ labels, blocks, positions
@@ -75,7 +76,8 @@ def test_padded_rows_and_packed_blocks_see_the_right_mask_and_positions(family):
         # A packed block: all ones, positions 0..S-1 across the documents it holds (group_texts).
         block = torch.tensor(pack_blocks([row[m.bool()].tolist() for row, m in zip(ids, attn)], 16))
         ones = torch.ones_like(block)
-        assert relative_error(adapter.body(block, ones), model(block, output_hidden_states=True).hidden_states[-1]) <= 1e-6
+        assert relative_error(adapter.body(block, ones),
+                              model(block, output_hidden_states=True).hidden_states[-1]) <= 1e-6
         assert (causal_labels(block, ones)[:, :-1] == block[:, 1:]).all()
 
 
@@ -93,9 +95,11 @@ def test_causal_step_matches_distiller_causal_branch_in_float64(family, fused_he
     ref = distiller_causal_step(ref_student, copy.deepcopy(teacher).double(), ids, attn)
     ref[0].backward()
 
-    heads = dict(student_head=student.get_output_embeddings(), teacher_head=teacher.get_output_embeddings()) if fused_head else {}
+    heads = (dict(student_head=student.get_output_embeddings(), teacher_head=teacher.get_output_embeddings())
+             if fused_head else {})
     torch.manual_seed(0)
-    out = DistillationStep(StudentRows(student), teacher, DistillationLoss(**heads))(ids, attn, causal_labels(ids, attn))
+    out = DistillationStep(StudentRows(student), teacher, DistillationLoss(**heads))(ids, attn,
+                                                                                     causal_labels(ids, attn))
     out.total.backward()
     assert ref[1] > 0.05
     for got, want in zip(out, ref):

@@ -17,9 +17,9 @@ from transformers import AutoModelForMaskedLM, BertModel
 
 from distil.cli import EXIT_DIVERGED, EXIT_ERROR, EXIT_INTERRUPTED, TrainConfig, main, parse_args
 from distil.train import METRICS, STUDENT, TRAINING_STATE, checkpoints
-from tiny import bert_tokenizer, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
 
 from helpers import one_error_line
+from tiny import bert_tokenizer, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,10 @@ NON_DEFAULT_FLAGS = {
     "teacher_cache": "c",
     "student_layers": 3, "as_distilbert": True, "max_length": 128, "batch_size": 7, "grad_accum": 3, "epochs": 2,
     "max_steps": 9, "lr": 1e-3, "weight_decay": 0.01, "warmup": 0.1, "adam_eps": 1e-8, "max_grad_norm": 1.0,
-    "alpha_kl": 0.5, "alpha_mlm": 0.25, "alpha_clm": 0.75, "alpha_cos": 0.0, "temperature": 4.0, "restrict_kl_to_mask": True,
-    "fused_head": False, "block_size": 256, "mask_prop": 0.2, "word_mask": 0.7, "word_keep": 0.2, "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "seed": 3,
+    "alpha_kl": 0.5, "alpha_mlm": 0.25, "alpha_clm": 0.75, "alpha_cos": 0.0, "temperature": 4.0,
+    "restrict_kl_to_mask": True,
+    "fused_head": False, "block_size": 256, "mask_prop": 0.2, "word_mask": 0.7, "word_keep": 0.2,
+    "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "seed": 3,
     "precision": "fp32", "save_every": 11, "save_total_limit": 2, "resume": True, "log_every": 5,
     "report_to": "tensorboard", "eval_fraction": 0.05, "eval_max_sequences": 10, "eval_every": 3, "progress": False,
 }
@@ -179,7 +181,8 @@ def test_resume_with_a_changed_flag_is_one_line_naming_it(workdir, capsys):
 
 
 # ------------------------------------------------------------------ runs
-@pytest.mark.parametrize("teacher, flags", [("bert", ["--restrict-kl-to-mask", "--as-distilbert"]), ("roberta", ["--no-fused-head"])])
+@pytest.mark.parametrize("teacher, flags", [("bert", ["--restrict-kl-to-mask", "--as-distilbert"]),
+                                            ("roberta", ["--no-fused-head"])])
 def test_cli_end_to_end_gives_a_student_that_transformers_loads(workdir, teacher, flags, capsys):
     out = workdir / f"cli_{teacher}"
     assert main(argv(workdir, out.name, teacher, *flags)) == 0

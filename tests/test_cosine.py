@@ -7,11 +7,12 @@ from typing import NamedTuple, Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from aot import compile_reports, launch_spec, main_loop_widths
-from helpers import API_DEVICES, GPU_RUN, TOL, RecordOps, nan_empty, relative_error, rows_past_int32
 
 from distil import fused_loss, reference
 from distil.kernels import cosine as K
+
+from aot import compile_reports, launch_spec, main_loop_widths
+from helpers import API_DEVICES, GPU_RUN, TOL, RecordOps, nan_empty, relative_error, rows_past_int32
 
 
 class Sample(NamedTuple):

@@ -5,8 +5,9 @@ from collections import Counter
 import pytest
 import torch
 
-import tiny
 from distil.data import LengthGroupedBatches, load_corpus
+
+import tiny
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from distil.cli import TrainConfig
 from distil.train import METRICS, TRAINING_STATE, Trainer
+
 from helpers import GPU_RUN, free_port
 from tiny import bert_tokenizer, tiny_bert, write_corpus
 

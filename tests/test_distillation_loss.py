@@ -2,10 +2,12 @@
 (MLM mode), on random padded batches; pre-gathered rows; zero alphas; degenerate and bad inputs."""
 import pytest
 import torch
-from helpers import API_DEVICES, TOL, relative_error
 
 from distil.fused_loss import DistillationLoss
 from distil.reference import distiller_loss
+
+from helpers import API_DEVICES, TOL, relative_error
+
 
 def distiller_step_loss(s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask, *, alpha_ce, alpha_mlm,
                         alpha_cos, temperature, restrict_ce_to_mask):
@@ -226,9 +228,9 @@ def test_grad_scale_reaches_the_heads_and_the_topk_teacher(dtype, grad_scale):
     """grad_scale is announced to every op (heads, top-k teacher, logits alike): each writes its 16-bit
     gradient at the final scale, the backward of (total * grad_scale) is free, and the heads path gives
     the logits path's gradient (against float64: no worse)."""
-    from helpers import RecordOps
-
     from distil.fused_loss import TopKLogits
+
+    from helpers import RecordOps
 
     torch.manual_seed(0)
     n, h, vocab = 512, 32, 37

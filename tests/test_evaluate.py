@@ -19,6 +19,7 @@ from distil.evaluate import (
     masked_lm_metrics,
 )
 from distil.student import build_student, save_student
+
 from tiny import bert_tokenizer, corpus_lines, tiny_bert
 
 CLASSES = ("neg", "neu", "pos")

@@ -11,9 +11,9 @@ from distil.data import LengthGroupedBatches
 from distil.masking import MLMMasker
 from distil.reference import distiller_step
 from distil.student import build_student
-from tiny import bert_tokenizer, random_batch, tiny_bert
 
 from helpers import relative_error
+from tiny import bert_tokenizer, random_batch, tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -105,7 +105,8 @@ def test_wheel_without_cuda_toolkit(tmp_path):
     assert "distil/kernels/__init__.py" not in names
 
     target = tmp_path / "site"
-    out = run_in(tmp_path, sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel))
+    out = run_in(tmp_path, sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                 str(wheel))
     assert out.returncode == 0, out.stderr
     code = ("import torch, distil.fused_loss, distil.kernels.kl_ce as k; print(k.__file__); "
             "print(torch._C._dispatch_has_kernel_for_dispatch_key('distil::masked_gather', 'CUDA'))")
@@ -128,7 +129,8 @@ def test_install_with_nvcc_on_path_has_cuda_kernels():
 def test_build_without_torch_says_what_to_do(tmp_path):
     src = copy_source(tmp_path / "src")
     run_in(tmp_path, sys.executable, "-m", "venv", str(tmp_path / "venv"))
-    out = run_in(tmp_path, str(tmp_path / "venv" / "bin" / "python"), "-m", "pip", "install", "--no-deps", "-e", str(src))
+    out = run_in(tmp_path, str(tmp_path / "venv" / "bin" / "python"), "-m", "pip", "install", "--no-deps", "-e",
+                 str(src))
     assert out.returncode != 0
     assert "torch is not installed in the environment being built for" in out.stdout + out.stderr
     assert "then `pip install -e .` again" in out.stdout + out.stderr

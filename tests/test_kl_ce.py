@@ -7,6 +7,11 @@ from typing import NamedTuple, Optional
 
 import pytest
 import torch
+
+from distil import fused_loss, reference
+from distil._ops.kl_ce import loss_coef
+from distil.kernels import kl_ce as K
+
 from aot import compile_reports, launch_spec, main_loop_widths
 from helpers import (
     API_DEVICES,
@@ -19,10 +24,6 @@ from helpers import (
     rows_past_int32,
     upstream_row_grads,
 )
-
-from distil import fused_loss, reference
-from distil._ops.kl_ce import loss_coef
-from distil.kernels import kl_ce as K
 
 NEG_INF = float("-inf")
 kl_ce_rows = torch.ops.distil.kl_ce_rows

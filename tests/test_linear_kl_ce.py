@@ -8,12 +8,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from aot import compile_reports, launch_spec
-from helpers import API_DEVICES, GPU_RUN, TOL, free_port, relative_error
 from torch import nn
 
 from distil.fused_loss import LinearKLCELoss, kl_ce_loss, linear_kl_ce_loss
 from distil.reference import linear_distiller_losses
+
+from aot import compile_reports, launch_spec
+from helpers import API_DEVICES, GPU_RUN, TOL, free_port, relative_error
 
 V = 97  # prime
 

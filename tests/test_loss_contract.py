@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import GPU_RUN, relative_error
 
 from distil import reference
 from distil._ops import cosine as cosine_op
 from distil._ops import kl_ce as kl_ce_op
 from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss
 from distil.ops import masked_gather
+
+from helpers import GPU_RUN, relative_error
 
 NAN = float("nan")
 

@@ -5,8 +5,9 @@ from collections import Counter
 import pytest
 import torch
 
-import tiny
 from distil.masking import MLMMasker, token_counts
+
+import tiny
 
 V = 50
 PAD, UNK, CLS, SEP, MASK = range(5)

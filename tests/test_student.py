@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, DistilBertForMaskedLM
 
 from distil.student import build_student, layer_map, lm_adapter, save_student
+
 import tiny
 from helpers import relative_error
 
@@ -151,7 +152,8 @@ def test_distilbert_export_gives_the_bert_students_logits():
     sd = distil_student.state_dict()
     assert torch.equal(sd["distilbert.transformer.layer.1.attention.q_lin.weight"],
                        teacher.bert.encoder.layer[3].attention.self.query.weight)
-    assert torch.equal(sd["distilbert.transformer.layer.0.ffn.lin2.bias"], teacher.bert.encoder.layer[0].output.dense.bias)
+    assert torch.equal(sd["distilbert.transformer.layer.0.ffn.lin2.bias"],
+                       teacher.bert.encoder.layer[0].output.dense.bias)
     assert torch.equal(sd["vocab_transform.weight"], teacher.cls.predictions.transform.dense.weight)
     assert torch.equal(sd["vocab_projector.bias"], teacher.cls.predictions.bias)
     assert torch.equal(sd["distilbert.embeddings.position_embeddings.weight"],

@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import GPU_RUN
-import tiny
 
 from distil import teacher_cache as TC
 from distil.data import load_corpus
+
+import tiny
+from helpers import GPU_RUN
 
 OPTIONS = dict(top_k=8, passes=2, temperature=2.0, shard_sequences=16, batch_size=8, progress=False)
 
@@ -244,7 +245,8 @@ def _restamp(copy, **changes):
     ("passes edited", r"index\.json was edited"),
     ("temperature edited", r"index\.json was edited"),
     ("passes forged", r"passes = 3 but shards for passes \[0, 1\]"),
-    ("other k in one shard", r"pass1/shard00000/topk_index\.npy holds int16 \(\d+, 4\) but the index records int16 \(\d+, 8\)"),
+    ("other k in one shard",
+     r"pass1/shard00000/topk_index\.npy holds int16 \(\d+, 4\) but the index records int16 \(\d+, 8\)"),
     ("missing file", r"pass0/shard00001/input_ids\.npy is missing"),
 ])
 def test_a_damaged_cache_is_refused_when_opened_naming_the_file(built, tmp_path, case, match):

@@ -7,12 +7,13 @@ from typing import NamedTuple, Optional
 
 import pytest
 import torch
-from aot import compile_reports, launch_spec, main_loop_widths
-from helpers import API_DEVICES, GPU_RUN, TOL, nan_empty, poison_heap, relative_error, upstream_row_grads
 
 from distil import fused_loss, reference
 from distil._ops.kl_ce import loss_coef
 from distil.kernels import topk_kl_ce as K
+
+from aot import compile_reports, launch_spec, main_loop_widths
+from helpers import API_DEVICES, GPU_RUN, TOL, nan_empty, poison_heap, relative_error, upstream_row_grads
 
 NEG_INF = float("-inf")
 topk_rows = torch.ops.distil.topk_kl_ce_rows
@@ -271,7 +272,8 @@ def test_k_equals_v_exact_mode_is_dense_kl_ce(triton_device, impl, vocab):
     b_kl, b_ce = fused_loss.kl_ce_loss(s2, t.cpu(), labels.cpu(), **args)
     (5 * a_kl + 2 * a_ce).backward()
     (5 * b_kl + 2 * b_ce).backward()
-    assert abs(a_kl.item() - b_kl.item()) <= 1e-6 * abs(b_kl.item()) and a_ce.item() == pytest.approx(b_ce.item(), rel=1e-6)
+    assert (abs(a_kl.item() - b_kl.item()) <= 1e-6 * abs(b_kl.item())
+            and a_ce.item() == pytest.approx(b_ce.item(), rel=1e-6))
     assert relative_error(s1.grad, s2.grad) <= 1e-6
 
 

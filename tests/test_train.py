@@ -18,9 +18,9 @@ from distil.reference import distiller_step
 from distil.step import DistillationStep, StudentRows
 from distil.student import build_student
 from distil.train import METRICS, STUDENT, TRAINING_STATE, NonFiniteError, Trainer, checkpoints, json_record
-from tiny import bert_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
 
 from helpers import GPU_RUN, relative_error
+from tiny import bert_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,12 @@ def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert, f
     with torch.no_grad():  # a peaked teacher far from the student: the KL is O(1), not a rounding residue
         teacher.cls.predictions.bias.copy_(3.0 * torch.randn(vocab))
     ids, attn = random_batch(vocab, 6, 24, cls_id=2, sep_id=3, pad_id=0, seed=1)
-    masked, labels = MLMMasker(vocab, special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn, torch.Generator().manual_seed(3))
+    masked, labels = MLMMasker(vocab, special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn,
+                                                                              torch.Generator().manual_seed(3))
     assert (labels != -100).sum() > 0 and (attn == 0).sum() > 0  # both row kinds are exercised
 
-    ref = distiller_step(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=restrict)
+    ref = distiller_step(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels,
+                         restrict_kl_to_mask=restrict)
     ref[0].backward()
 
     heads = {}
@@ -84,7 +86,8 @@ def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert, f
     ours = dict(student.named_parameters())
     pairs = [(ours[name].grad, p.grad) for name, p in ref_student.named_parameters()]
     assert all(g is not None for g, _ in pairs)
-    assert relative_error(torch.cat([g.flatten() for g, _ in pairs]), torch.cat([r.flatten() for _, r in pairs])) <= 1e-5
+    assert relative_error(torch.cat([g.flatten() for g, _ in pairs]),
+                          torch.cat([r.flatten() for _, r in pairs])) <= 1e-5
     scale = max(r.norm() for _, r in pairs)
     for name, (g, r) in zip(ours, pairs):
         if r.norm() > 1e-4 * scale:  # attention key biases have an exactly-zero gradient: only rounding noise
@@ -101,10 +104,12 @@ def test_fused_head_step_under_autocast_with_a_16bit_teacher():
     student = build_student(teacher).train()
     teacher = teacher.to(torch.bfloat16)
     ids, attn = random_batch(vocab, 4, 16, cls_id=2, sep_id=3, pad_id=0, seed=1)
-    masked, labels = MLMMasker(vocab, special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn, torch.Generator().manual_seed(3))
+    masked, labels = MLMMasker(vocab, special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn,
+                                                                              torch.Generator().manual_seed(3))
     totals = []
     for fused in (False, True):
-        heads = dict(student_head=student.get_output_embeddings(), teacher_head=teacher.get_output_embeddings()) if fused else {}
+        heads = (dict(student_head=student.get_output_embeddings(), teacher_head=teacher.get_output_embeddings())
+                 if fused else {})
         step = DistillationStep(StudentRows(student), teacher, DistillationLoss(**heads), autocast_dtype=torch.bfloat16)
         totals.append(step(masked, attn, labels).total.detach().float())
     assert torch.isfinite(totals[1])
@@ -121,7 +126,8 @@ def test_step_skips_the_teacher_work_that_zero_weights_switch_off(alphas):
     with torch.no_grad():  # a peaked teacher: the KL is O(1), not a rounding residue
         teacher.cls.predictions.bias.copy_(3.0 * torch.randn(len(tok)))
     ids, attn = random_batch(len(tok), 6, 24, cls_id=2, sep_id=3, pad_id=0, seed=1)
-    masked, labels = MLMMasker(len(tok), special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn, torch.Generator().manual_seed(3))
+    masked, labels = MLMMasker(len(tok), special_ids=[0, 1, 2, 3, 4], mask_id=4)(ids, attn,
+                                                                                 torch.Generator().manual_seed(3))
     ref = distiller_step(ref_student, copy.deepcopy(teacher).double(), masked, attn, labels, restrict_kl_to_mask=False,
                      alpha_kl=alpha_kl, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos)
 
@@ -283,7 +289,8 @@ def test_non_finite_parameters_stop_the_run(workdir):
 
 def test_json_record_is_strict_json():
     line = json_record({"step": 3, "loss": float("nan"), "kl": float("inf"), "cos": 0.5, "tokens": 7})
-    assert json.loads(line) == {"step": 3, "loss": None, "kl": None, "cos": 0.5, "tokens": 7, "non_finite": ["kl", "loss"]}
+    assert json.loads(line) == {"step": 3, "loss": None, "kl": None, "cos": 0.5, "tokens": 7,
+                                "non_finite": ["kl", "loss"]}
     assert "NaN" not in line and "Infinity" not in line
 
 

@@ -12,7 +12,6 @@ from distil._ops.common import (
     check_pair,
     check_row_mask,
     check_temperature,
-    check_tensor,
     check_unit_last_stride,
     check_weight,
     device_guard,
