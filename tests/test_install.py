@@ -51,9 +51,15 @@ def hugging_face_kernels_installed():
 @pytest.mark.skipif(not hugging_face_kernels_installed(),
                     reason="Hugging Face's kernels is not installed (pip install -e '.[test]' installs it)")
 def test_repository_root_gives_hugging_face_kernels():
-    out = python_in_root("import kernels; print(kernels.__file__)")
+    code = ("import importlib.metadata as m, pathlib, kernels; "
+            "installed = m.distribution('kernels').locate_file('kernels/__init__.py'); "
+            "print(kernels.__file__); "
+            "print(pathlib.Path(kernels.__file__).resolve() == pathlib.Path(installed).resolve())")
+    out = python_in_root(code)
     assert out.returncode == 0, out.stderr
-    assert not Path(out.stdout.strip()).resolve().is_relative_to(ROOT), out.stdout
+    kernels_file, is_installed_package = out.stdout.split()
+    assert is_installed_package == "True", kernels_file
+    assert not Path(kernels_file).resolve().is_relative_to(ROOT / "kernels")
 
 
 def test_transformers_imports_from_repository_root():
