@@ -35,7 +35,7 @@ build_hash() {
   } | sha256sum | cut -d' ' -f1
 }
 STAMP="$VENV/distil-build.sha256"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(build_hash)" ] && (cd / && python -c "import distil._C") 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(build_hash)" ] && (cd / && python -c "import torch, distil._C") 2>/dev/null; then
   echo "setup_env: distil is installed and csrc/, setup.py, pyproject.toml are unchanged: no reinstall" >&2
   return 0 2>/dev/null || exit 0
 fi
