@@ -783,6 +783,8 @@ def targets_table(rows):
 def eta_table(eta_log):
     lines = ["| after cell | took | predicted | ETA | actually left | ETA error |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(eta_log):
+        if r["eta_s"] is None:
+            continue
         diff = r["eta_s"] - r["actual_s"]
         err = f"{diff:+.1f}s" if r["actual_s"] < 20 else f"{100 * diff / r['actual_s']:+.0f}% ({diff:+.0f}s)"
         pred = "–" if r["predicted_s"] is None else C.format_seconds(r["predicted_s"])
@@ -865,15 +867,16 @@ def main(argv=None):
         took = now - task_start
         if model is not None:
             model.update(i, took, new)
-            eta = model.eta(i + 1)
+            # The warm-up measures nothing the cells share: no ETA until the first cell has calibrated it.
+            eta = None if kind == "warmup" else model.eta(i + 1)
         else:  # CUDA: the mean of the cells so far (no cost model there yet)
             eta = (now - start) / (i + 1) * (len(tasks) - i - 1)
         eta_log.append(dict(task=label, took_s=round(took, 1),
                             predicted_s=None if predicted is None else round(predicted, 1),
-                            elapsed_s=round(now - start, 1), eta_s=round(eta, 1)))
+                            elapsed_s=round(now - start, 1), eta_s=None if eta is None else round(eta, 1)))
         shown = "" if predicted is None else f", predicted {C.format_seconds(predicted)}"
-        print(f" {C.format_seconds(took)}{shown} (elapsed {C.format_seconds(now - start)}, "
-              f"ETA {C.format_seconds(eta)})", flush=True)
+        eta_text = "ETA after the first cell" if eta is None else f"ETA {C.format_seconds(eta)}"
+        print(f" {C.format_seconds(took)}{shown} (elapsed {C.format_seconds(now - start)}, {eta_text})", flush=True)
     C.add_ratios(records)
     method = C.CUDA_MEMORY_METHOD if device == "cuda" else C.CPU_MEMORY_METHOD
     timing = ("triton.testing.do_bench median (L2 flushed between runs)" if device == "cuda" else
