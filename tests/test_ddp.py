@@ -32,6 +32,9 @@ def _worker(rank, root, port):
         trainer = Trainer(_config(root, "ddp", grad_accum=1))
         trainer.fit()
         torch.save(trainer.student.state_dict(), root / f"rank{rank}.pt")
+        # Both ranks leave together: a gloo group destroyed while its peer still works in it hung a rank's
+        # exit once on torch 2.11 (both results written, one process never returned).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -378,6 +378,7 @@ def _distributed_worker(rank, port, out):
             error = str(exc)
         if rank == 0:
             torch.save({"ddp": ddp, "fsdp": fsdp, "error": error}, out)
+        dist.barrier()  # both ranks leave together (see tests/test_ddp.py)
     finally:
         dist.destroy_process_group()
 
