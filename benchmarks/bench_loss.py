@@ -114,7 +114,7 @@ def dense_topk(s, t, values, index, lse, labels):
 
 
 HIDDEN = 768  # the triple loss's hidden size (BERT-base)
-_TRIPLE = DistillationLoss(alpha_kl=KL_WEIGHT, alpha_mlm=CE_WEIGHT, alpha_cos=1.0, temperature=T)
+_TRIPLE = DistillationLoss(kl_weight=KL_WEIGHT, ce_weight=CE_WEIGHT, cos_weight=1.0, temperature=T)
 
 
 def ours_triple(s, t, labels, sh, th, mask):
@@ -133,7 +133,7 @@ LINEAR_HIDDEN = {30522: 768, 128256: 4096, 8192: 256, 4096: 64}
 
 
 def ours_linear(hs, w, b, ht, wt, bt, labels):
-    kl, ce = linear_kl_ce_loss(hs, w, b, labels, teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt,
+    kl, ce = linear_kl_ce_loss(hs, w, b, labels, teacher_head_input=ht, teacher_weight=wt, teacher_bias=bt,
                                temperature=T, kl_weight=KL_WEIGHT, ce_weight=CE_WEIGHT)
     return KL_WEIGHT * kl + CE_WEIGHT * ce
 

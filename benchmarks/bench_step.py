@@ -111,7 +111,7 @@ def make_step(variant, inputs):
         heads = {}
         if variant == "fused-head":
             heads = dict(student_head=student.get_output_embeddings(), teacher_head=teacher.get_output_embeddings())
-        loss_fn = DistillationLoss(alpha_kl=ALPHA_KL, alpha_mlm=ALPHA_MLM, alpha_cos=ALPHA_COS, temperature=T,
+        loss_fn = DistillationLoss(kl_weight=ALPHA_KL, ce_weight=ALPHA_MLM, cos_weight=ALPHA_COS, temperature=T,
                                    **heads)
         step_fn = DistillationStep(StudentRows(student), None if variant == "cached" else teacher, loss_fn,
                                    restrict_kl_to_mask=restrict, autocast_dtype=dtype)

@@ -22,12 +22,12 @@ IGNORE_INDEX = -100  # distiller.py's "not masked" label
 
 
 class DistillationLossOutput(NamedTuple):
-    """``total = alpha_kl·kl + alpha_mlm·mlm + alpha_cos·cos``; the parts are unweighted (for logging),
-    fp32 scalars, exactly 0 for a part whose alpha is 0 or that has no rows."""
+    """``total = kl_weight·kl + ce_weight·ce + cos_weight·cos``; the parts are unweighted (for logging),
+    fp32 scalars, exactly 0 for a part whose weight is 0 or that has no rows."""
 
     total: torch.Tensor
     kl: torch.Tensor
-    mlm: torch.Tensor
+    ce: torch.Tensor
     cos: torch.Tensor
 
 
@@ -40,7 +40,7 @@ class DistillationLoss(nn.Module):
     - ``kl`` (its ``loss_ce``): ``nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s/T), F.softmax(t/T)) * T**2``
       over every non-pad token, or only the masked ones (``labels != -100``, its ``labels > -1``, with or
       without the attention mask, as there) with ``restrict_kl_to_mask=True`` (its ``--restrict_ce_to_mask``);
-    - ``mlm``: ``nn.CrossEntropyLoss(ignore_index=-100)(s.view(-1, V), labels.view(-1))``;
+    - ``ce``: ``nn.CrossEntropyLoss(ignore_index=-100)(s.view(-1, V), labels.view(-1))``;
     - ``cos``: ``nn.CosineEmbeddingLoss(reduction="mean")`` with target +1 between the student's and
       the teacher's last hidden states over the non-pad tokens.
 
@@ -54,20 +54,22 @@ class DistillationLoss(nn.Module):
     The rows are selected in the kernels (no ``masked_select`` copies), and each part's gradient is
     prepared in the forward for exactly ``total.backward()``, or for ``(total * grad_scale).backward()``
     when ``forward`` is given ``grad_scale`` (a loss scale and/or 1/grad_accum, as a number or a 0-d device
-    tensor such as ``scaler.scale(torch.ones((), device=...))``: no host sync).  A zero alpha skips its part entirely:
-    ``alpha_kl=0`` never reads the teacher's logits (pass ``None``), ``alpha_cos=0`` never reads the
+    tensor such as ``scaler.scale(torch.ones((), device=...))``: no host sync).  A zero weight skips its part entirely:
+    ``kl_weight=0`` never reads the teacher's logits (pass ``None``), ``cos_weight=0`` never reads the
     hidden states.  Unlike PyTorch, a part with no rows is 0 (not NaN).  The defaults are the
-    DistilBERT README recipe (``--alpha_ce 5.0 --alpha_mlm 2.0 --alpha_cos 1.0``, temperature 2).
+    DistilBERT README recipe (``--alpha_ce 5.0 --alpha_mlm 2.0 --alpha_cos 1.0``, temperature 2): ``kl_weight`` is
+    distiller.py's ``alpha_ce``, ``ce_weight`` its ``alpha_mlm`` (``alpha_clm`` for causal LMs), ``cos_weight``
+    its ``alpha_cos``.
     """
 
-    def __init__(self, alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, restrict_kl_to_mask=False,
+    def __init__(self, kl_weight=5.0, ce_weight=2.0, cos_weight=1.0, temperature=2.0, restrict_kl_to_mask=False,
                  student_head=None, teacher_head=None, chunk_rows=None):
         super().__init__()
-        self.alpha_kl = check_non_negative_finite("alpha_kl", alpha_kl)
-        self.alpha_mlm = check_non_negative_finite("alpha_mlm", alpha_mlm)
-        self.alpha_cos = check_non_negative_finite("alpha_cos", alpha_cos)
-        if self.alpha_kl == self.alpha_mlm == self.alpha_cos == 0.0:
-            raise ValueError("at least one of alpha_kl, alpha_mlm, alpha_cos must be > 0")
+        self.kl_weight = check_non_negative_finite("kl_weight", kl_weight)
+        self.ce_weight = check_non_negative_finite("ce_weight", ce_weight)
+        self.cos_weight = check_non_negative_finite("cos_weight", cos_weight)
+        if self.kl_weight == self.ce_weight == self.cos_weight == 0.0:
+            raise ValueError("at least one of kl_weight, ce_weight, cos_weight must be > 0")
         self.temperature = check_temperature("temperature", temperature)
         if not isinstance(restrict_kl_to_mask, bool):
             raise TypeError(f"restrict_kl_to_mask must be a bool, got {type(restrict_kl_to_mask).__name__}")
@@ -77,10 +79,10 @@ class DistillationLoss(nn.Module):
         # The heads' loss is a submodule, so FSDP2 can shard it (its forward gathers the heads).
         self.head_loss = None if student_head is None else LinearKLCELoss(
             student_head, teacher_head, temperature=self.temperature, ignore_index=IGNORE_INDEX,
-            kl_weight=self.alpha_kl, ce_weight=self.alpha_mlm, chunk_rows=chunk_rows)
+            kl_weight=self.kl_weight, ce_weight=self.ce_weight, chunk_rows=chunk_rows)
 
     def extra_repr(self):
-        return (f"alpha_kl={self.alpha_kl}, alpha_mlm={self.alpha_mlm}, alpha_cos={self.alpha_cos}, "
+        return (f"kl_weight={self.kl_weight}, ce_weight={self.ce_weight}, cos_weight={self.cos_weight}, "
                 f"temperature={self.temperature}, restrict_kl_to_mask={self.restrict_kl_to_mask}")
 
     def forward(self, student_logits=None, teacher_logits=None, labels=None, student_hidden=None,
@@ -102,7 +104,7 @@ class DistillationLoss(nn.Module):
             student_head_input, teacher_head_input: with heads, the rows each projection multiplies
                 (``[B, S, Hs]`` / ``[M, Hs]`` and ``[.., Ht]``; Hs and Ht may differ).
         Returns:
-            :class:`DistillationLossOutput` ``(total, kl, mlm, cos)``.
+            :class:`DistillationLossOutput` ``(total, kl, ce, cos)``.
         """
         if self.head_loss is None:
             lead_name, lead = "student_logits", student_logits
@@ -123,14 +125,14 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"labels must have shape {rows} (the {lead_name} row dims), got {tuple(labels.shape)}")
         attention_mask = check_row_mask("attention_mask", attention_mask, rows, device)
         if grad_scale is None:
-            kl_weight, mlm_weight, cos_weight = self.alpha_kl, self.alpha_mlm, self.alpha_cos
+            kl_grad_weight, ce_grad_weight, cos_grad_weight = self.kl_weight, self.ce_weight, self.cos_weight
         else:
             # Formed as autograd forms each part's upstream gradient of total * grad_scale (fp32).
             grad_scale = check_weight("grad_scale", grad_scale, device)
             if not isinstance(grad_scale, torch.Tensor):
                 grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=device)
-            kl_weight, mlm_weight, cos_weight = (grad_scale * a for a in (self.alpha_kl, self.alpha_mlm,
-                                                                          self.alpha_cos))
+            kl_grad_weight, ce_grad_weight, cos_grad_weight = (
+                grad_scale * w for w in (self.kl_weight, self.ce_weight, self.cos_weight))
         # Pre-gathered rows ([M, .], no attention_mask) may gather the hidden states with another mask
         # than the logits (e.g. masked-only KL rows, non-pad cosine rows): then only the two hidden
         # tensors must agree, which cosine_loss checks.
@@ -138,7 +140,7 @@ class DistillationLoss(nn.Module):
         topk = isinstance(teacher_logits, TopKLogits)
         if topk and self.head_loss is not None:
             raise ValueError("teacher_logits as TopKLogits needs a DistillationLoss without heads (logits)")
-        for name, t in (("teacher_logits", teacher_logits.values if topk else teacher_logits),
+        for name, t in (("teacher_logits", teacher_logits.logits if topk else teacher_logits),
                         ("teacher_head_input", teacher_head_input),
                         ("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
             if t is None or (own_hidden_rows and name in ("student_hidden", "teacher_hidden")):
@@ -147,48 +149,48 @@ class DistillationLoss(nn.Module):
                 raise ValueError(f"{name} must have the row dims {rows} of {lead_name}, got shape {tuple(t.shape)}")
 
         zero = torch.zeros((), dtype=torch.float32, device=device)
-        kl = mlm = cos = zero
+        kl = ce = cos = zero
         # distiller.py's restricted rows are labels > -1 alone (= labels != -100 once labels are valid).
         kl_mask = labels != IGNORE_INDEX if self.restrict_kl_to_mask else attention_mask
-        if self.head_loss is not None and (self.alpha_kl > 0 or self.alpha_mlm > 0):
-            if self.alpha_kl > 0 and teacher_logits is None and teacher_head_input is None:
-                raise ValueError("teacher_head_input (or teacher_logits) is required when alpha_kl > 0")
-            use_kl = self.alpha_kl > 0
-            kl, mlm = self.head_loss(student_head_input, labels if self.alpha_mlm > 0 else None,
+        if self.head_loss is not None and (self.kl_weight > 0 or self.ce_weight > 0):
+            if self.kl_weight > 0 and teacher_logits is None and teacher_head_input is None:
+                raise ValueError("teacher_head_input (or teacher_logits) is required when kl_weight > 0")
+            use_kl = self.kl_weight > 0
+            kl, ce = self.head_loss(student_head_input, labels if self.ce_weight > 0 else None,
                                      teacher_head_input if use_kl else None,
                                      teacher_logits=teacher_logits if use_kl else None, kl_mask=kl_mask,
-                                     kl_weight=kl_weight, ce_weight=mlm_weight)
-        elif self.alpha_kl > 0:
+                                     kl_weight=kl_grad_weight, ce_weight=ce_grad_weight)
+        elif self.kl_weight > 0:
             if teacher_logits is None:
-                raise ValueError("teacher_logits is required when alpha_kl > 0")
+                raise ValueError("teacher_logits is required when kl_weight > 0")
             if topk:
                 # Without the MLM term no row has a label, so the CE part costs nothing.
-                loss_labels = labels if self.alpha_mlm > 0 else torch.full_like(labels, IGNORE_INDEX)
+                loss_labels = labels if self.ce_weight > 0 else torch.full_like(labels, IGNORE_INDEX)
                 if teacher_logits.lse is not None and teacher_logits.temperature is None:
                     raise ValueError("teacher_logits: a TopKLogits with an lse needs the temperature it was taken "
                                      f"at (TopKLogits(..., temperature=T)); this loss uses T = {self.temperature}")
-                kl, mlm = topk_kl_ce_loss(
-                    student_logits, teacher_logits.values, teacher_logits.index, loss_labels,
+                kl, ce = topk_kl_ce_loss(
+                    student_logits, teacher_logits.logits, teacher_logits.index, loss_labels,
                     teacher_lse=teacher_logits.lse, teacher_lse_temperature=teacher_logits.temperature,
                     temperature=self.temperature, kl_mask=kl_mask,
-                    ignore_index=IGNORE_INDEX, kl_weight=kl_weight, ce_weight=mlm_weight,
+                    ignore_index=IGNORE_INDEX, kl_weight=kl_grad_weight, ce_weight=ce_grad_weight,
                 )
-            elif self.alpha_mlm > 0:
-                kl, mlm = kl_ce_loss(
+            elif self.ce_weight > 0:
+                kl, ce = kl_ce_loss(
                     student_logits, teacher_logits, labels, temperature=self.temperature, kl_mask=kl_mask,
-                    ignore_index=IGNORE_INDEX, kl_weight=kl_weight, ce_weight=mlm_weight,
+                    ignore_index=IGNORE_INDEX, kl_weight=kl_grad_weight, ce_weight=ce_grad_weight,
                 )
             else:
                 kl = kl_div_loss(student_logits, teacher_logits, temperature=self.temperature, mask=kl_mask,
-                                 reduction="batchmean", weight=kl_weight)
-        elif self.alpha_mlm > 0:
-            mlm = _masked_lm_loss(student_logits, labels)
-        if self.alpha_cos > 0:
+                                 reduction="batchmean", weight=kl_grad_weight)
+        elif self.ce_weight > 0:
+            ce = _masked_lm_loss(student_logits, labels)
+        if self.cos_weight > 0:
             if student_hidden is None or teacher_hidden is None:
-                raise ValueError("student_hidden and teacher_hidden are required when alpha_cos > 0")
-            cos = cosine_loss(student_hidden, teacher_hidden, mask=attention_mask, weight=cos_weight)
-        total = self.alpha_kl * kl + self.alpha_mlm * mlm + self.alpha_cos * cos
-        return DistillationLossOutput(total, kl, mlm, cos)
+                raise ValueError("student_hidden and teacher_hidden are required when cos_weight > 0")
+            cos = cosine_loss(student_hidden, teacher_hidden, mask=attention_mask, weight=cos_grad_weight)
+        total = self.kl_weight * kl + self.ce_weight * ce + self.cos_weight * cos
+        return DistillationLossOutput(total, kl, ce, cos)
 
 
 def _masked_lm_loss(student_logits, labels):

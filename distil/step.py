@@ -128,7 +128,7 @@ class DistillationStep:
         built with ``teacher=None`` reads the teacher from ``cached``, the ``[B, S, ...]`` tensors of
         :meth:`distil.teacher_cache.TeacherCache.batch` (top-k logits, their indices, lse, and the hidden
         states when the cosine is on), at the rows the live teacher would compute."""
-        with_kl, with_cos = self.loss_fn.alpha_kl > 0, self.loss_fn.alpha_cos > 0
+        with_kl, with_cos = self.loss_fn.kl_weight > 0, self.loss_fn.cos_weight > 0
         non_pad = attention_mask.bool()
         # KL rows: non-pad (default) or masked; without KL only the MLM rows (masked) need logits.
         # The cosine reads the non-pad rows: the KL rows' own gather when those are the non-pad rows.

@@ -236,7 +236,7 @@ class Trainer:
         vocab_size = self._vocab_size(student)
         self.student = student.to(device=self.device, dtype=torch.float32).train()
         rows = StudentRows(self.student, vocab_size)
-        loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_lm, alpha_cos=config.alpha_cos,
+        loss_fn = DistillationLoss(kl_weight=config.alpha_kl, ce_weight=config.alpha_lm, cos_weight=config.alpha_cos,
                                    temperature=config.temperature)
         # Validation runs on rank 0 alone, outside DDP (whose forward would wait for the other ranks).
         self.eval_step = DistillationStep(rows, self.teacher, loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
@@ -252,8 +252,8 @@ class Trainer:
         if config.fused_head and self.teacher is not None:
             heads = dict(student_head=self.eval_step.student_rows.adapter.projection,
                          teacher_head=self.eval_step.teacher_adapter.projection)
-        train_loss_fn = DistillationLoss(alpha_kl=config.alpha_kl, alpha_mlm=config.alpha_lm,
-                                         alpha_cos=config.alpha_cos, temperature=config.temperature, **heads)
+        train_loss_fn = DistillationLoss(kl_weight=config.alpha_kl, ce_weight=config.alpha_lm,
+                                         cos_weight=config.alpha_cos, temperature=config.temperature, **heads)
         self.step_fn = DistillationStep(rows, self.teacher, train_loss_fn,
                                         restrict_kl_to_mask=config.restrict_kl_to_mask,
                                         autocast_dtype=self.autocast_dtype,
@@ -455,7 +455,7 @@ class Trainer:
                 loss_scale = self.scaler.scale(torch.full((), weight / cfg.grad_accum, device=self.device))
                 out = self.step_fn(ids, attn, labels, cached, grad_scale=loss_scale)
                 (out.total * loss_scale).backward()
-            parts += weight * torch.stack([out.total, out.kl, out.mlm, out.cos]).detach().float()
+            parts += weight * torch.stack([out.total, out.kl, out.ce, out.cos]).detach().float()
             tokens += int(weight) * attn.sum()
         parts /= cfg.grad_accum
         if self.world_size > 1:
@@ -521,11 +521,11 @@ class Trainer:
         result = {"step": self.step}
         for name, total in sums.items():
             count = counts[name.removeprefix("teacher_").removesuffix("_accuracy")]
-            if name.startswith("teacher") and self.eval_step.loss_fn.alpha_kl == 0:
+            if name.startswith("teacher") and self.eval_step.loss_fn.kl_weight == 0:
                 continue  # the teacher's logits were not computed
             result["eval_" + name] = total / max(count, 1)
-        result["eval_loss"] = (loss_fn.alpha_kl * result["eval_kl"] + loss_fn.alpha_mlm * result[f"eval_{lm}"]
-                               + loss_fn.alpha_cos * result["eval_cos"])
+        result["eval_loss"] = (loss_fn.kl_weight * result["eval_kl"] + loss_fn.ce_weight * result[f"eval_{lm}"]
+                               + loss_fn.cos_weight * result["eval_cos"])
         return result
 
     # -- checkpoints ----------------------------------------------------------------------------

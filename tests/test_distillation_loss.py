@@ -75,7 +75,7 @@ def test_restrict_kl_to_mask_changes_the_rows():
 @pytest.mark.parametrize("device", API_DEVICES)
 def test_pre_gathered_rows_equal_the_batch(device):
     batch = make_batch(device=device)
-    module = DistillationLoss(alpha_kl=3.0, alpha_mlm=0.5, alpha_cos=2.0, temperature=1.5)
+    module = DistillationLoss(kl_weight=3.0, ce_weight=0.5, cos_weight=2.0, temperature=1.5)
     full = module(*batch)
     attention_mask = batch[-1]
     rows = [t[attention_mask] for t in batch[:-1]]
@@ -89,7 +89,7 @@ def test_pre_gathered_rows_equal_the_batch(device):
 def test_zero_alphas_skip_their_part(alphas):
     batch = make_batch()
     alpha_kl, alpha_mlm, alpha_cos = alphas
-    module = DistillationLoss(alpha_kl=alpha_kl, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos)
+    module = DistillationLoss(kl_weight=alpha_kl, ce_weight=alpha_mlm, cos_weight=alpha_cos)
     s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask = batch
     # A skipped part never touches its inputs: pass None for them.
     skipped = (s_logits, None if alpha_kl == 0 else t_logits, labels, None if alpha_cos == 0 else s_hidden,
@@ -133,12 +133,12 @@ def test_no_selected_rows_gives_exact_zeros(device):
 def test_bad_inputs_name_the_argument():
     s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask = make_batch()
     module = DistillationLoss()
-    with pytest.raises(ValueError, match="alpha_kl"):
-        DistillationLoss(alpha_kl=-1.0)
-    with pytest.raises(ValueError, match="alpha_cos"):
-        DistillationLoss(alpha_cos=float("nan"))
+    with pytest.raises(ValueError, match="kl_weight"):
+        DistillationLoss(kl_weight=-1.0)
+    with pytest.raises(ValueError, match="cos_weight"):
+        DistillationLoss(cos_weight=float("nan"))
     with pytest.raises(ValueError, match="at least one"):
-        DistillationLoss(alpha_kl=0.0, alpha_mlm=0.0, alpha_cos=0.0)
+        DistillationLoss(kl_weight=0.0, ce_weight=0.0, cos_weight=0.0)
     with pytest.raises(ValueError, match="temperature"):
         DistillationLoss(temperature=0.0)
     with pytest.raises(TypeError, match="restrict_kl_to_mask"):
@@ -185,7 +185,7 @@ def test_pre_gathered_hidden_rows_may_differ_from_logit_rows():
     out = DistillationLoss()(s, t, labels, sh, th)
     kl, mlm = kl_ce_loss(s.detach(), t, labels)
     cos = cosine_loss(sh.detach(), th)
-    assert relative_error(out.kl, kl) <= 1e-6 and relative_error(out.mlm, mlm) <= 1e-6
+    assert relative_error(out.kl, kl) <= 1e-6 and relative_error(out.ce, mlm) <= 1e-6
     assert relative_error(out.cos, cos) <= 1e-6
     assert relative_error(out.total, 5 * kl + 2 * mlm + cos) <= 1e-6
     with pytest.raises(ValueError, match="student_hidden"):
@@ -201,7 +201,7 @@ def test_heads_instead_of_logits_equal_the_logits_path(restrict, alphas, teacher
     student_head, teacher_head = torch.nn.Linear(24, 37), torch.nn.Linear(16, 37).requires_grad_(False)
     s_rows = s_hidden.clone().requires_grad_()
     t_rows = torch.randn(*t_hidden.shape[:-1], 16)
-    kwargs = dict(alpha_kl=alphas[0], alpha_mlm=alphas[1], alpha_cos=alphas[2], restrict_kl_to_mask=restrict)
+    kwargs = dict(kl_weight=alphas[0], ce_weight=alphas[1], cos_weight=alphas[2], restrict_kl_to_mask=restrict)
     plain = DistillationLoss(**kwargs)
     out = plain(student_head(s_rows), teacher_head(t_rows), labels, s_rows, t_hidden, attention_mask)
     out.total.backward()
@@ -247,14 +247,14 @@ def test_grad_scale_reaches_the_heads_and_the_topk_teacher(dtype, grad_scale):
         head.weight.copy_(weight)
         with RecordOps() as rec:
             if kind == "heads":
-                out = DistillationLoss(alpha_cos=0.0, student_head=head)(
+                out = DistillationLoss(cos_weight=0.0, student_head=head)(
                     None, t_logits, labels, student_head_input=x, grad_scale=scale)
             elif kind == "logits":
-                out = DistillationLoss(alpha_cos=0.0)(head(x), t_logits, labels, grad_scale=scale)
+                out = DistillationLoss(cos_weight=0.0)(head(x), t_logits, labels, grad_scale=scale)
             else:
                 values, index = t_logits.float().topk(vocab, dim=-1)
                 teacher = TopKLogits(values, index, torch.logsumexp(t_logits.float() / 2.0, -1), temperature=2.0)
-                out = DistillationLoss(alpha_cos=0.0)(head(x), teacher, labels, grad_scale=scale)
+                out = DistillationLoss(cos_weight=0.0)(head(x), teacher, labels, grad_scale=scale)
         (out.total * scale).backward()
         op = {"heads": torch.ops.distil.linear_kl_ce.default, "logits": torch.ops.distil.kl_ce_rows.default,
               "topk": torch.ops.distil.topk_kl_ce_rows.default}[kind]

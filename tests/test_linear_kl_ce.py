@@ -25,9 +25,9 @@ def sample_inputs(rows=23, hs=16, ht=24, vocab=V, dtype=torch.float32, device="c
     shape = (rows // 2, 2) if three_d else (rows,)
     def make(*size, scale=1.0, grad=False):
         return (torch.randn(*size, device=device) * scale).to(dtype).requires_grad_(grad)
-    student = dict(student_hidden=make(*shape, hs, grad=True), student_weight=make(vocab, hs, scale=0.5, grad=True),
+    student = dict(student_head_input=make(*shape, hs, grad=True), student_weight=make(vocab, hs, scale=0.5, grad=True),
                    student_bias=make(vocab, grad=True) if bias else None)
-    teacher = dict(teacher_hidden=make(*shape, ht), teacher_weight=make(vocab, ht, scale=0.5),
+    teacher = dict(teacher_head_input=make(*shape, ht), teacher_weight=make(vocab, ht, scale=0.5),
                    teacher_bias=make(vocab) if bias else None)
     labels = torch.randint(0, vocab, shape, device=device)
     labels[torch.rand(shape, device=device) > label_frac] = -100
@@ -42,7 +42,7 @@ def _reference(student, teacher, labels, kl_mask, temperature=2.0, kl_weight=1.0
     t = teacher.get("teacher_logits")
     if t is None:
         t = F.linear(*(None if v is None else v.double() for v in teacher.values()))
-    kl, ce = linear_distiller_losses(leaves["student_hidden"], leaves["student_weight"], leaves["student_bias"],
+    kl, ce = linear_distiller_losses(leaves["student_head_input"], leaves["student_weight"], leaves["student_bias"],
                                      t.double(), labels, kl_mask, temperature=temperature)
     (kl_weight * kl + ce_weight * ce).backward()
     return kl.detach(), ce.detach(), {k: None if v is None else v.grad for k, v in leaves.items()}
@@ -52,8 +52,7 @@ def _fused(student, teacher, labels, kl_mask, **kwargs):
     for v in student.values():
         if v is not None:
             v.grad = None
-    kl, ce = linear_kl_ce_loss(student["student_hidden"], student["student_weight"], student["student_bias"], labels,
-                               kl_mask=kl_mask, **teacher, **kwargs)
+    kl, ce = linear_kl_ce_loss(*student.values(), labels, kl_mask=kl_mask, **teacher, **kwargs)
     return kl, ce
 
 
@@ -131,7 +130,7 @@ def test_masks_all_ignored_and_empty_give_exact_zeros():
     (kl + ce).backward()
     assert kl.item() == 0.0 and ce.item() == 0.0
     grads = _grads(student)
-    assert grads["student_hidden"].shape == (0, 16) and torch.count_nonzero(grads["student_weight"]) == 0
+    assert grads["student_head_input"].shape == (0, 16) and torch.count_nonzero(grads["student_weight"]) == 0
 
 
 def test_nan_input_gives_nan():

@@ -124,8 +124,8 @@ def test_nan_student_makes_the_triple_loss_nan(device):
     """What the trainer's non-finite check relies on (distil-train --alpha-cos 0 used to log 0.0)."""
     s = torch.full((4, 30), NAN, device=device)
     labels = torch.tensor([3, -100, 7, -100], device=device)
-    out = DistillationLoss(alpha_cos=0.0)(s, logits(4, 30, device), labels)
-    assert out.total.isnan() and out.kl.isnan() and out.mlm.isnan()
+    out = DistillationLoss(cos_weight=0.0)(s, logits(4, 30, device), labels)
+    assert out.total.isnan() and out.kl.isnan() and out.ce.isnan()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_create_graph_raises(loss):
 def test_compile_with_changing_floats(dynamic):
     s, t = logits(6, 40, "cpu"), logits(6, 40, "cpu")
     labels = torch.randint(0, 40, (6,))
-    loss_fn = DistillationLoss(alpha_cos=0.0)
+    loss_fn = DistillationLoss(cos_weight=0.0)
 
     @torch.compile(fullgraph=True, backend="aot_eager", dynamic=dynamic)
     def module_step(s):
@@ -347,9 +347,9 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
                                               ce_weight=np.float64(2))),
                        torch.stack(kl_ce_loss(s, t, labels, kl_weight=5.0, ce_weight=2.0)))
     assert torch.equal(cosine_loss(s, t, weight=np.float32(1.0)), cosine_loss(s, t))
-    loss_fn = DistillationLoss(alpha_kl=np.float32(5.0), alpha_mlm=np.int64(2), alpha_cos=np.float16(0.0),
+    loss_fn = DistillationLoss(kl_weight=np.float32(5.0), ce_weight=np.int64(2), cos_weight=np.float16(0.0),
                                temperature=np.float32(2.0))
-    assert torch.equal(loss_fn(s, t, labels).total, DistillationLoss(alpha_cos=0.0)(s, t, labels).total)
+    assert torch.equal(loss_fn(s, t, labels).total, DistillationLoss(cos_weight=0.0)(s, t, labels).total)
     with pytest.raises(TypeError, match="temperature"):
         kl_div_loss(s, t, temperature=np.bool_(True))
 
@@ -357,7 +357,7 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
 def test_out_of_range_label_without_kl_is_the_same_value_error():
     s = logits(3, 50, "cpu")
     labels = torch.tensor([50, 1, -100])
-    for loss_fn in (DistillationLoss(alpha_kl=0.0, alpha_cos=0.0), DistillationLoss(alpha_cos=0.0)):
+    for loss_fn in (DistillationLoss(kl_weight=0.0, cos_weight=0.0), DistillationLoss(cos_weight=0.0)):
         with pytest.raises(ValueError, match="labels"):
             loss_fn(s, logits(3, 50, "cpu"), labels)
 

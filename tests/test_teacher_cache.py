@@ -147,7 +147,7 @@ def test_training_from_a_full_cache_reproduces_the_live_teacher(setup):
     vocab = teacher.config.vocab_size
     cache = TC.TeacherCache(TC.build_cache(root / "teacher", [root / "data"], root / "full",
                                            **dict(OPTIONS, top_k=vocab, passes=2, dtype="float32")))
-    loss_fn = DistillationLoss(alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=0.0, temperature=2.0)
+    loss_fn = DistillationLoss(kl_weight=5.0, ce_weight=2.0, cos_weight=0.0, temperature=2.0)
     runs = {}
     for name in ("live", "cached"):
         torch.manual_seed(0)
@@ -165,7 +165,7 @@ def test_training_from_a_full_cache_reproduces_the_live_teacher(setup):
             out.total.backward()
             optimizer.step()
             optimizer.zero_grad()
-            losses.append(torch.stack([out.total, out.kl, out.mlm]).detach())
+            losses.append(torch.stack([out.total, out.kl, out.ce]).detach())
         runs[name] = torch.stack(losses)
     # Per step: the total to 1e-5 relative, each part to 1e-5 of the total (a small KL is a difference
     # of sums whose fp32 rounding differs between the dense and the top-k kernels).

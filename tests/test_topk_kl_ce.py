@@ -482,7 +482,7 @@ def test_lse_of_another_temperature_is_refused():
     with pytest.raises(ValueError, match="teacher_lse_temperature"):
         fused_loss.topk_kl_ce_loss(s, values, index, labels, teacher_lse=lse, teacher_lse_temperature=-1.0)
     fused_loss.topk_kl_ce_loss(s, values, index, labels, teacher_lse=lse, teacher_lse_temperature=2.0)
-    loss = DistillationLoss(alpha_cos=0.0, temperature=2.0)
+    loss = DistillationLoss(cos_weight=0.0, temperature=2.0)
     with pytest.raises(ValueError, match="temperature it was taken at"):
         loss(s, TopKLogits(values, index, lse), labels)
     with pytest.raises(ValueError, match="T = 1.0"):

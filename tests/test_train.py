@@ -81,7 +81,7 @@ def test_step_matches_distiller_eager_step_in_float64(restrict, as_distilbert, f
     out = DistillationStep(StudentRows(student), teacher, loss_fn, restrict_kl_to_mask=restrict)(masked, attn, labels)
     out.total.backward()
     assert ref[1] > 0.1
-    for got, want in zip((out.total, out.kl, out.mlm, out.cos), ref):
+    for got, want in zip((out.total, out.kl, out.ce, out.cos), ref):
         assert relative_error(got, want) <= 1e-5
     ours = dict(student.named_parameters())
     pairs = [(ours[name].grad, p.grad) for name, p in ref_student.named_parameters()]
@@ -134,11 +134,11 @@ def test_step_skips_the_teacher_work_that_zero_weights_switch_off(alphas):
     calls = {"body": 0, "head": 0}
     for part, module in (("body", teacher.bert), ("head", teacher.get_output_embeddings())):
         module.register_forward_hook(lambda *_, part=part: calls.__setitem__(part, calls[part] + 1))
-    loss_fn = DistillationLoss(alpha_kl=alpha_kl, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos)
+    loss_fn = DistillationLoss(kl_weight=alpha_kl, ce_weight=alpha_mlm, cos_weight=alpha_cos)
     step = DistillationStep(StudentRows(student), teacher, loss_fn)
     rows = step.rows(masked, attn, labels)
     out = step(masked, attn, labels)
-    for got, want, alpha in zip((out.total, out.kl, out.mlm, out.cos), ref, (1.0, *alphas)):
+    for got, want, alpha in zip((out.total, out.kl, out.ce, out.cos), ref, (1.0, *alphas)):
         if alpha > 0:  # the reference reports switched-off parts too; ours are not computed (0)
             assert relative_error(got, want) <= 1e-5
     assert calls == {"body": 2 * (alpha_kl > 0 or alpha_cos > 0), "head": 2 * (alpha_kl > 0)}

@@ -87,37 +87,37 @@ def _accumulate_mm(acc, a, b):
         acc.addmm_(a.float(), b.float())
 
 
-def _run_chunks(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+def _run_chunks(student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias,
                 teacher_logits, labels, kl_mask, coef, temperature, ignore_index, chunk_rows, grads):
     """The loss sums ``(kl_sum, ce_sum)``; with ``grads = (grad_hidden, grad_weight_fp32, grad_bias_fp32)``
     (each None when not wanted) also the gradients of ``coef[0]·kl_sum + coef[1]·ce_sum``, written into
     them (the weight and bias ones accumulated, so they must start at zero)."""
-    n, vocab = student_hidden.shape[0], student_weight.shape[0]
-    device = student_hidden.device
+    n, vocab = student_head_input.shape[0], student_weight.shape[0]
+    device = student_head_input.device
     kl_sum = torch.zeros((), dtype=torch.float32, device=device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=device)
     if n == 0:
         return kl_sum, ce_sum
     rows = min(chunk_rows, n)
     # The student's logits, then (written in place by the kernel) their gradient.
-    logits_buf = student_hidden.new_empty(rows, vocab)
+    logits_buf = student_head_input.new_empty(rows, vocab)
     kl_buf = torch.empty(rows, dtype=torch.float32, device=device)
     ce_buf = torch.empty(rows, dtype=torch.float32, device=device)
     has_teacher = teacher_logits is not None or teacher_weight is not None
     if teacher_weight is not None:
-        teacher_buf = teacher_hidden.new_empty(rows, vocab)
+        teacher_buf = teacher_head_input.new_empty(rows, vocab)
     if not has_teacher:  # no KL part: the kernel gets the student's logits as the teacher, on no row
         no_kl_rows = torch.zeros(rows, dtype=torch.bool, device=device)
     grad_hidden, grad_weight, grad_bias = grads if grads is not None else (None, None, None)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         m = stop - start
-        hidden = student_hidden[start:stop]
+        hidden = student_head_input[start:stop]
         student = _linear_into(logits_buf[:m], hidden, student_weight, student_bias)
         if teacher_logits is not None:
             teacher = teacher_logits[start:stop]
         elif teacher_weight is not None:
-            teacher = _linear_into(teacher_buf[:m], teacher_hidden[start:stop], teacher_weight, teacher_bias)
+            teacher = _linear_into(teacher_buf[:m], teacher_head_input[start:stop], teacher_weight, teacher_bias)
         else:
             teacher = student
         if not has_teacher:
@@ -140,11 +140,11 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_hidden, te
     return kl_sum, ce_sum
 
 
-def _gradient_buffers(student_hidden, student_weight, student_bias, grad_inputs):
+def _gradient_buffers(student_head_input, student_weight, student_bias, grad_inputs):
     """Zeroed fp32 accumulators for the weight and bias, the hidden gradient uninitialised (every row is
     written); None where ``grad_inputs`` says no gradient is wanted."""
     want_hidden, want_weight, want_bias = grad_inputs
-    grad_hidden = torch.empty_like(student_hidden) if want_hidden else None
+    grad_hidden = torch.empty_like(student_head_input) if want_hidden else None
     grad_weight = (torch.zeros(student_weight.shape, dtype=torch.float32, device=student_weight.device)
                    if want_weight else None)
     grad_bias = (torch.zeros(student_bias.shape, dtype=torch.float32, device=student_bias.device)
@@ -153,8 +153,8 @@ def _gradient_buffers(student_hidden, student_weight, student_bias, grad_inputs)
 
 
 @torch.library.custom_op("distil::linear_kl_ce", mutates_args=())
-def _linear_kl_ce(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
-                  teacher_hidden: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
+def _linear_kl_ce(student_head_input: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
+                  teacher_head_input: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
                   teacher_bias: Optional[torch.Tensor], teacher_logits: Optional[torch.Tensor],
                   labels: Optional[torch.Tensor], kl_mask: Optional[torch.Tensor], coef: torch.Tensor,
                   temperature: float, ignore_index: int, chunk_rows: int, grad_inputs: List[bool],
@@ -163,38 +163,38 @@ def _linear_kl_ce(student_hidden: torch.Tensor, student_weight: torch.Tensor, st
     by ``grad_inputs`` (hidden, weight, bias) is an empty tensor. ``sync_free`` is for the backward."""
     grads = None
     if any(grad_inputs):
-        grads = _gradient_buffers(student_hidden, student_weight, student_bias, grad_inputs)
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        kl_sum, ce_sum = _run_chunks(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                     teacher_bias, teacher_logits, labels, kl_mask, coef, temperature,
+        grads = _gradient_buffers(student_head_input, student_weight, student_bias, grad_inputs)
+    with torch.autocast(student_head_input.device.type, enabled=False):
+        kl_sum, ce_sum = _run_chunks(student_head_input, student_weight, student_bias, teacher_head_input,
+                                     teacher_weight, teacher_bias, teacher_logits, labels, kl_mask, coef, temperature,
                                      ignore_index, chunk_rows, grads)
     grad_hidden, grad_weight, grad_bias = grads if grads is not None else (None, None, None)
     return (
         kl_sum, ce_sum,
-        student_hidden.new_empty(0) if grad_hidden is None else grad_hidden,
-        student_hidden.new_empty(0) if grad_weight is None else grad_weight.to(student_weight.dtype),
-        student_hidden.new_empty(0) if grad_bias is None else grad_bias.to(student_bias.dtype),
+        student_head_input.new_empty(0) if grad_hidden is None else grad_hidden,
+        student_head_input.new_empty(0) if grad_weight is None else grad_weight.to(student_weight.dtype),
+        student_head_input.new_empty(0) if grad_bias is None else grad_bias.to(student_bias.dtype),
     )
 
 
 @_linear_kl_ce.register_fake
-def _linear_kl_ce_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                       teacher_logits, labels, kl_mask, coef, temperature, ignore_index, chunk_rows, grad_inputs,
-                       sync_free):
+def _linear_kl_ce_fake(student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight,
+                       teacher_bias, teacher_logits, labels, kl_mask, coef, temperature, ignore_index, chunk_rows,
+                       grad_inputs, sync_free):
     want_hidden, want_weight, want_bias = grad_inputs
     return (
-        student_hidden.new_empty((), dtype=torch.float32), student_hidden.new_empty((), dtype=torch.float32),
-        torch.empty_like(student_hidden) if want_hidden else student_hidden.new_empty(0),
-        torch.empty_like(student_weight) if want_weight else student_hidden.new_empty(0),
-        torch.empty_like(student_bias) if want_bias and student_bias is not None else student_hidden.new_empty(0),
+        student_head_input.new_empty((), dtype=torch.float32), student_head_input.new_empty((), dtype=torch.float32),
+        torch.empty_like(student_head_input) if want_hidden else student_head_input.new_empty(0),
+        torch.empty_like(student_weight) if want_weight else student_head_input.new_empty(0),
+        torch.empty_like(student_bias) if want_bias and student_bias is not None else student_head_input.new_empty(0),
     )
 
 
 @torch.library.custom_op("distil::linear_kl_ce_backward",
                          mutates_args=("grad_hidden", "grad_weight", "grad_bias"))
 def _linear_kl_ce_backward(grad_hidden: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor,
-                           grad_sums: torch.Tensor, student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                           student_bias: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
+                           grad_sums: torch.Tensor, student_head_input: torch.Tensor, student_weight: torch.Tensor,
+                           student_bias: Optional[torch.Tensor], teacher_head_input: Optional[torch.Tensor],
                            teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
                            teacher_logits: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                            kl_mask: Optional[torch.Tensor], coef: torch.Tensor, temperature: float,
@@ -204,7 +204,7 @@ def _linear_kl_ce_backward(grad_hidden: torch.Tensor, grad_weight: torch.Tensor,
     else the chunks run again (exact). ``sync_free`` on CUDA: decided on the device (see the module
     docstring), no recomputation."""
     buffers = [b for b in (grad_hidden, grad_weight, grad_bias) if b.numel() > 0]
-    narrow = student_hidden.dtype != torch.float32  # the logits' gradient was written in 16 bits
+    narrow = student_head_input.dtype != torch.float32  # the logits' gradient was written in 16 bits
     if sync_free and grad_sums.is_cuda:
         _triton_gated_scale.gated_scale_(buffers, _device_factor(grad_sums, coef, narrow))
         return
@@ -216,9 +216,9 @@ def _linear_kl_ce_backward(grad_hidden: torch.Tensor, grad_weight: torch.Tensor,
                 b.mul_(scale)
         return
     want = (grad_hidden.numel() > 0, grad_weight.numel() > 0, grad_bias.numel() > 0)
-    grads = _gradient_buffers(student_hidden, student_weight, student_bias, want)
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        _run_chunks(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+    grads = _gradient_buffers(student_head_input, student_weight, student_bias, want)
+    with torch.autocast(student_head_input.device.type, enabled=False):
+        _run_chunks(student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias,
                     teacher_logits, labels, kl_mask, grad_sums.float().contiguous(), temperature, ignore_index,
                     chunk_rows, grads)
     for out, new in zip((grad_hidden, grad_weight, grad_bias), grads):
@@ -268,7 +268,7 @@ def _device_factor(incoming, announced, narrow):
 
 
 def _setup_context(ctx, inputs, output):
-    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+    (student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias, teacher_logits,
      labels, kl_mask, coef, temperature, ignore_index, chunk_rows, grad_inputs, sync_free) = inputs
     ctx.temperature, ctx.ignore_index, ctx.chunk_rows, ctx.sync_free = temperature, ignore_index, chunk_rows, sync_free
     ctx.compute_grad = any(grad_inputs)
@@ -277,14 +277,14 @@ def _setup_context(ctx, inputs, output):
     # never builds zero "gradients of the gradients" for them.
     ctx.mark_non_differentiable(*output[2:])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*output[2:], student_hidden, student_weight, student_bias, teacher_hidden,
+    ctx.save_for_backward(*output[2:], student_head_input, student_weight, student_bias, teacher_head_input,
                           teacher_weight, teacher_bias, teacher_logits, labels, kl_mask, coef)
 
 
 def _backward(ctx, grad_kl_sum, grad_ce_sum, *_grads_of_buffers):
     grad_hidden, grad_weight, grad_bias, *inputs = take_gradient_buffer(ctx, "linear_kl_ce")
-    student_hidden = inputs[0]
-    zero = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    student_head_input = inputs[0]
+    zero = torch.zeros((), dtype=torch.float32, device=student_head_input.device)
     grad_sums = torch.stack([zero if g is None else g.float() for g in (grad_kl_sum, grad_ce_sum)])
     torch.ops.distil.linear_kl_ce_backward(grad_hidden, grad_weight, grad_bias, grad_sums, *inputs,
                                            ctx.temperature, ctx.ignore_index, ctx.chunk_rows, ctx.sync_free)
@@ -312,7 +312,7 @@ def _check_head(prefix, hidden, weight, bias, rows_shape, device, vocab=None):
         raise TypeError(f"{prefix}_weight has dtype {weight.dtype} but {prefix}_hidden has {hidden.dtype}")
     for name, t in ((f"{prefix}_hidden", hidden), (f"{prefix}_weight", weight)):
         if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but student_hidden is on {device}")
+            raise ValueError(f"{name} is on {t.device} but student_head_input is on {device}")
     if bias is not None:
         check_tensor(f"{prefix}_bias", bias, dtypes=(weight.dtype,), ndims=(1,))
         if bias.shape[0] != weight.shape[0] or bias.device != device:
@@ -328,13 +328,13 @@ def _autocast(device, *tensors):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
-def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, teacher_hidden=None,
+def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, *, teacher_head_input=None,
                       teacher_weight=None, teacher_bias=None, teacher_logits=None, temperature=2.0, kl_mask=None,
                       ignore_index=-100, kl_weight=1.0, ce_weight=1.0, chunk_rows=None):
     """:func:`distil.fused_loss.kl_ce_loss` of the LM heads' logits, without materialising them.
 
-    Returns ``(kl, ce)`` = ``kl_ce_loss(F.linear(student_hidden, student_weight, student_bias),
-    F.linear(teacher_hidden, teacher_weight, teacher_bias), labels, ...)`` (or with the precomputed
+    Returns ``(kl, ce)`` = ``kl_ce_loss(F.linear(student_head_input, student_weight, student_bias),
+    F.linear(teacher_head_input, teacher_weight, teacher_bias), labels, ...)`` (or with the precomputed
     ``teacher_logits``): the ``nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T), F.softmax(t / T))
     * T**2`` over the ``kl_mask`` rows (distiller.py's ``loss_ce``) and
     ``nn.CrossEntropyLoss(ignore_index=ignore_index)(s, labels)`` (its ``loss_mlm``). The rows are
@@ -352,11 +352,11 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
     combination within the rescale rule above, or the gradients come out NaN on CUDA (CPU recomputes).
 
     Args:
-        student_hidden: ``[N, Hs]`` or ``[B, S, Hs]`` rows after the student head's transform, fp32/bf16/fp16.
+        student_head_input: ``[N, Hs]`` or ``[B, S, Hs]`` rows after the student head's transform, fp32/bf16/fp16.
         student_weight, student_bias: the student's output projection ``[V, Hs]`` and ``[V]`` (bias may be
-            None), in ``student_hidden``'s dtype (under autocast all run in the autocast dtype).
+            None), in ``student_head_input``'s dtype (under autocast all run in the autocast dtype).
         labels: int64/int32 over the row dims, ``[0, V)`` or ``ignore_index``; None computes no CE (ce = 0).
-        teacher_hidden, teacher_weight, teacher_bias: the teacher's rows ``[.., Ht]`` (Ht may differ from
+        teacher_head_input, teacher_weight, teacher_bias: the teacher's rows ``[.., Ht]`` (Ht may differ from
             Hs) and projection ``[V, Ht]``, ``[V]``; or instead ``teacher_logits`` ``[.., V]``. Without a
             teacher no KL is computed (kl = 0).
         temperature, kl_mask, ignore_index: as in ``kl_ce_loss``.
@@ -367,19 +367,20 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
     Returns:
         ``(kl, ce)`` fp32 scalars; each is exactly 0 when it has no rows.
     """
-    check_tensor("student_hidden", student_hidden, dtypes=FLOAT_DTYPES, ndims=(2, 3))
-    rows_shape, device = student_hidden.shape[:-1], student_hidden.device
-    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = _autocast(
-        device, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-    _check_head("student", student_hidden, student_weight, student_bias, rows_shape, device)
+    check_tensor("student_head_input", student_head_input, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    rows_shape, device = student_head_input.shape[:-1], student_head_input.device
+    student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias = _autocast(
+        device, student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias)
+    _check_head("student", student_head_input, student_weight, student_bias, rows_shape, device)
     vocab = student_weight.shape[0]
-    if teacher_logits is not None and (teacher_hidden is not None or teacher_weight is not None):
-        raise ValueError("pass either teacher_logits or teacher_hidden + teacher_weight, not both")
-    if (teacher_hidden is None) != (teacher_weight is None) or (teacher_bias is not None and teacher_weight is None):
-        raise ValueError("teacher_hidden and teacher_weight (and teacher_bias) go together")
+    if teacher_logits is not None and (teacher_head_input is not None or teacher_weight is not None):
+        raise ValueError("pass either teacher_logits or teacher_head_input + teacher_weight, not both")
+    if (teacher_head_input is None) != (teacher_weight is None) or (
+            teacher_bias is not None and teacher_weight is None):
+        raise ValueError("teacher_head_input and teacher_weight (and teacher_bias) go together")
     if teacher_weight is not None:
-        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, rows_shape, device, vocab)
-        teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        _check_head("teacher", teacher_head_input, teacher_weight, teacher_bias, rows_shape, device, vocab)
+        teacher_head_input = teacher_head_input.detach().reshape(-1, teacher_head_input.shape[-1])
         teacher_weight = teacher_weight.detach()
         teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     if teacher_logits is not None:
@@ -409,12 +410,12 @@ def linear_kl_ce_loss(student_hidden, student_weight, student_bias, labels, *, t
                         announced_coef(ce_weight if labels is not None else 0.0, ce_count, device)])
     n_rows = rows_shape.numel()
     if chunk_rows is None:
-        chunk_rows = auto_chunk_rows(n_rows, vocab, student_hidden.element_size())
+        chunk_rows = auto_chunk_rows(n_rows, vocab, student_head_input.element_size())
     grad_on = torch.is_grad_enabled()
     grad_inputs = [grad_on and t is not None and t.requires_grad
-                   for t in (student_hidden, student_weight, student_bias)]
+                   for t in (student_head_input, student_weight, student_bias)]
     kl_sum, ce_sum, *_ = torch.ops.distil.linear_kl_ce(
-        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, teacher_hidden,
+        student_head_input.reshape(-1, student_head_input.shape[-1]), student_weight, student_bias, teacher_head_input,
         teacher_weight, teacher_bias, teacher_logits, labels, None if kl_mask is None else kl_mask.reshape(-1),
         coef, temperature, ignore_index, chunk_rows, grad_inputs, sync_free,
     )
@@ -469,20 +470,20 @@ class LinearKLCELoss(nn.Module):
         return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, kl_weight={self.kl_weight}, "
                 f"ce_weight={self.ce_weight}, chunk_rows={self.chunk_rows}")
 
-    def forward(self, student_hidden, labels, teacher_hidden=None, *, teacher_logits=None, kl_mask=None,
+    def forward(self, student_head_input, labels, teacher_head_input=None, *, teacher_logits=None, kl_mask=None,
                 kl_weight=None, ce_weight=None):
         """``(kl, ce)`` of ``linear_kl_ce_loss`` with this module's heads and settings; ``kl_weight`` /
         ``ce_weight`` (numbers or 0-d device tensors, e.g. with a loss scale) replace the module's for
         this call."""
         weight, bias = _head_params("student_head", self.student_head)
         teacher = {"teacher_logits": teacher_logits}
-        if teacher_hidden is not None:
+        if teacher_head_input is not None:
             if self.teacher_head is None:
-                raise ValueError("teacher_hidden needs a teacher_head (or pass teacher_logits)")
+                raise ValueError("teacher_head_input needs a teacher_head (or pass teacher_logits)")
             t_weight, t_bias = _head_params("teacher_head", self.teacher_head)
-            teacher.update(teacher_hidden=teacher_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
-        return linear_kl_ce_loss(student_hidden, weight, bias, labels, temperature=self.temperature, kl_mask=kl_mask,
-                                 ignore_index=self.ignore_index,
+            teacher.update(teacher_head_input=teacher_head_input, teacher_weight=t_weight, teacher_bias=t_bias)
+        return linear_kl_ce_loss(student_head_input, weight, bias, labels, temperature=self.temperature,
+                                 kl_mask=kl_mask, ignore_index=self.ignore_index,
                                  kl_weight=self.kl_weight if kl_weight is None else kl_weight,
                                  ce_weight=self.ce_weight if ce_weight is None else ce_weight,
                                  chunk_rows=self.chunk_rows, **teacher)

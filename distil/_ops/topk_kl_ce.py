@@ -34,14 +34,14 @@ INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 
 
 class TopKLogits(NamedTuple):
-    """A teacher's logits known by their top k (e.g. from :mod:`distil.teacher_cache`): ``values`` and
+    """A teacher's logits known by their top k (e.g. from :mod:`distil.teacher_cache`): ``logits`` and
     their vocabulary ``index`` ``[..., k]``, and ``lse`` (the full-vocabulary ``logsumexp(t / T)``) for
     the exact mode or ``None`` for the renormalised one, with the ``temperature`` T it was taken at
     (required with ``lse``: the loss refuses another T, since an lse cannot be carried from one T to
     another without the full logits). :class:`distil.fused_loss.DistillationLoss` takes it in place of
     the teacher's full logits and then uses :func:`topk_kl_ce_loss`."""
 
-    values: torch.Tensor
+    logits: torch.Tensor
     index: torch.Tensor
     lse: Optional[torch.Tensor] = None
     temperature: Optional[float] = None
