@@ -84,6 +84,17 @@ def test_causal_and_masked_options_are_refused_where_they_do_not_apply(setup):
     assert not (root / "bad").exists()
 
 
+def test_cli_builds_a_causal_cache_and_refuses_masking_passes(setup, capsys):
+    root, _, _ = setup
+    argv = ["--teacher", str(root / "teacher"), "--data", str(root / "data"), "--output", str(root / "cli"),
+            "--top-k", "4", "--block-size", "32", "--max-length", "64", "--no-progress"]
+    assert TC.main(argv + ["--passes", "3"]) == 1
+    assert "causal LM: nothing is masked" in capsys.readouterr().err
+    assert TC.main(argv) == 0
+    cache = TC.TeacherCache(root / "cli")
+    assert cache.passes == 1 and cache.index["block_size"] == 32 and (cache.lengths == 32).all()
+
+
 @CPU_ONLY
 def test_training_from_a_full_causal_cache_reproduces_the_live_teacher(setup):
     """k = V, float32 logits: the exact top-k KL is the dense KL, so optimizer steps from the cache give
