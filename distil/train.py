@@ -404,7 +404,8 @@ class Trainer:
         near-equal slices (sizes as ``torch.tensor_split``) and micro-batch ``a`` of rank ``r`` is slice
         ``a * world_size + r``.
         A slice left empty by a short last batch reuses slice 0 with weight 0, so that every rank
-        still runs the same forward/backward collectives."""
+        still runs the same forward/backward collectives. With a teacher cache the slices are read from it
+        one by one, so a rank reads only its own rows of the cache."""
         batch = self._next_global_batch()
         ids, attn = batch["input_ids"], batch["attention_mask"]
         if self.cache is None:
