@@ -34,8 +34,9 @@ when V <= 32767, else int32), the full-vocabulary ``logsumexp(logits / T)`` at t
 Layout of CACHE/ (format ``distil-teacher-cache`` version 2)::
 
     index.json                     metadata (teacher: config and weights sha256; tokenizer: sha256 of
-                                   its vocabulary and special tokens; k, T, passes, dtypes, masking,
-                                   corpus files with sizes and sha256) and the shard table; "complete"
+                                   its vocabulary and special tokens; k, T, passes, dtypes, causal,
+                                   masking, block_size, corpus files with sizes and sha256) and the
+                                   shard table; "complete"
                                    is true once every shard is written; "checksum" is the sha256 of
                                    all the rest, so an edit (of T, passes, k...) is detected
     lengths.npy                    int32 [sequences]: tokens per sequence (pass-independent)
