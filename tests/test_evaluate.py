@@ -225,6 +225,7 @@ def test_config_validation(models, tmp_path):
         ({"mlm_prop": 0.0}, "mlm_prop"),
         ({"lm_text": str(tmp_path / "none.txt")}, "lm_text"),
         ({"train": None}, "train is required unless lm_text is given"),
+        ({"train": None, "lm_text": __file__, "eval": __file__}, "given without train"),
         ({"generate_tokens": -1}, "generate_tokens must be an int >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
