@@ -386,7 +386,7 @@ def run(budget_name, budget, sources, cache, results_dir, *, eval_args=()):
         "--names", "teacher", *students.keys(),
         "--train", str(data["train"]), "--eval", str(data["test"]),
         "--seeds", *map(str, budget.seeds), "--epochs", str(budget.finetune_epochs), "--lr", str(budget.finetune_lr),
-        "--mlm-text", str(data["heldout"]), "--mlm-max-length", str(budget.max_length), "--output", str(json_path),
+        "--lm-text", str(data["heldout"]), "--lm-max-length", str(budget.max_length), "--output", str(json_path),
         *(["--max-train-rows", str(budget.finetune_rows)] if budget.finetune_rows else []),
         *eval_args,
     ]

@@ -59,7 +59,8 @@ class TrainConfig:
                                         "tokenizer (default: build one from the teacher)")
     teacher_cache: str | None = _option(None, "train from this teacher cache (distil-cache-teacher) instead of running "
                                               "the teacher: its masked passes replace --mask-* / --word-* / "
-                                              "--smoothing, --teacher only gives the tokenizer and (without "
+                                              "--smoothing (a causal teacher's cache: --block-size must be the "
+                                              "cache's), --teacher only gives the tokenizer and (without "
                                               "--student) the student's first weights, --temperature must be the "
                                               "cache's, --alpha-cos must be 0 unless the cache was built with "
                                               "--hidden, and there is no validation split")
@@ -134,9 +135,9 @@ class TrainConfig:
             raise ValueError(f"student must be a local model directory, got {self.student!r}")
         if not self.data:
             raise ValueError("data must name at least one text file or folder")
-        self._validate_model_kind()
+        causal = self._validate_model_kind()
         if self.teacher_cache is not None:
-            self._validate_cache()
+            self._validate_cache(causal)
         if self.resume and self.overwrite_output_dir:
             raise ValueError("resume and overwrite_output_dir exclude each other: continue the run or replace it")
 
@@ -151,20 +152,15 @@ class TrainConfig:
         return "alpha_clm" if self.alpha_clm is not None else "alpha_mlm"
 
     def causal_teacher(self):
-        """Whether the teacher is a causal LM: its config.json's architecture is an ``AutoModelForCausalLM``
-        class (e.g. GPT2LMHeadModel; BertForMaskedLM is not). Reads the config only, no weights."""
-        from transformers import AutoConfig
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        """Whether the teacher is a causal LM (:func:`distil.student.causal_lm_directory`: its config.json alone)."""
+        from distil.student import causal_lm_directory
 
-        if not (Path(self.teacher) / "config.json").is_file():
-            raise ValueError(f"teacher: {Path(self.teacher) / 'config.json'} not found; teacher must be a Hugging Face "
-                             "model directory")
-        architectures = AutoConfig.from_pretrained(self.teacher, trust_remote_code=False).architectures or []
-        return bool(architectures) and architectures[0] in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        return causal_lm_directory("teacher", self.teacher)
 
     def _validate_model_kind(self):
         """The flags that belong to the other kind of teacher, soft-capped logits and a cosine between
-        hidden states of different sizes, from the models' config.json files alone."""
+        hidden states of different sizes, from the models' config.json files alone. Returns whether the
+        teacher is a causal LM."""
         from transformers import AutoConfig
 
         from distil.student import check_no_softcapping
@@ -174,14 +170,13 @@ class TrainConfig:
         wrong = (("alpha_mlm", self.alpha_mlm is not None, "use --alpha-clm"),
                  ("restrict_kl_to_mask", self.restrict_kl_to_mask, "a causal step masks nothing"),
                  ("as_distilbert", self.as_distilbert, "DistilBERT students come from BERT teachers"),
-                 ("teacher_cache", self.teacher_cache is not None, "the cache holds masked-LM passes"),
                  ) if causal else (("alpha_clm", self.alpha_clm is not None, "use --alpha-mlm"),
                                    ("block_size", self.block_size is not None, "masked LMs take one document per row"))
         for name, given, hint in wrong:
             if given:
                 raise ValueError(f"{name} is not for {kind} teacher ({self.teacher}): {hint}")
         if not causal:
-            return
+            return False
         configs = {"teacher": AutoConfig.from_pretrained(self.teacher, trust_remote_code=False)}
         if self.student is not None and (Path(self.student) / "config.json").is_file():
             configs["student"] = AutoConfig.from_pretrained(self.student, trust_remote_code=False)
@@ -198,13 +193,22 @@ class TrainConfig:
         if self.alpha_cos > 0 and len(set(sizes.values())) > 1:
             raise ValueError(f"alpha_cos is {self.alpha_cos} but the student's hidden size {sizes['student']} differs "
                              f"from the teacher's {sizes['teacher']}: the cosine needs equal sizes; pass --alpha-cos 0")
+        return True
 
-    def _validate_cache(self):
+    def _validate_cache(self, causal):
         """What training from ``teacher_cache`` needs, from the cache's files alone (its index checked,
-        every shard's header and size: distil.teacher_cache.TeacherCache), before any model loads."""
+        every shard's header and size: distil.teacher_cache.TeacherCache), before any model loads:
+        a cache of the teacher's kind (causal or masked) and, for a causal one, of this --block-size."""
         from distil.teacher_cache import read_index
 
         index = read_index(self.teacher_cache)
+        if index.get("causal", False) != causal:
+            kinds = ("a causal LM", "a masked LM")
+            raise ValueError(f"teacher_cache {self.teacher_cache} was built from {kinds[not index.get('causal')]} but "
+                             f"the teacher ({self.teacher}) is {kinds[not causal]}")
+        if causal and index.get("block_size") != self.block_size:
+            raise ValueError(f"block_size is {self.block_size} but the teacher cache {self.teacher_cache} was built "
+                             f"with --block-size {index.get('block_size')}: the teacher saw those rows; pass the same")
         if index.get("temperature") != self.temperature:
             raise ValueError(f"temperature is {self.temperature} but the teacher cache stores the teacher's logsumexp "
                              f"at T = {index.get('temperature')}: pass --temperature {index.get('temperature')}")

@@ -370,6 +370,20 @@ def is_causal_lm(model):
     return isinstance(model, _CAUSAL)
 
 
+def causal_lm_directory(name, path):
+    """Whether the model directory ``path`` holds a causal LM: its config.json's architecture is an
+    ``AutoModelForCausalLM`` class (e.g. GPT2LMHeadModel; BertForMaskedLM is not). Reads the config only,
+    no weights; a missing config.json is a ValueError naming ``name`` (the flag or argument)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"{name}: {Path(path) / 'config.json'} not found; {name} must be a Hugging Face "
+                         "model directory")
+    architectures = AutoConfig.from_pretrained(path, trust_remote_code=False).architectures or []
+    return bool(architectures) and architectures[0] in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
 def check_no_softcapping(name, config):
     """Refuse a config with Gemma's ``final_logit_softcapping`` (``cap · tanh(logits / cap)``): the fused
     LM head computes plain ``F.linear`` logits."""

@@ -1,7 +1,7 @@
 """Offline teacher: run the teacher once over the corpus, store its top-k logits, train students from them.
 
 ``distil-cache-teacher --teacher DIR --data PATH... --output CACHE [--top-k 64] [--passes 3]
-[--temperature 2.0] [--hidden]`` (also ``python -m distil.teacher_cache``) builds a cache;
+[--temperature 2.0] [--hidden] [--block-size N]`` (also ``python -m distil.teacher_cache``) builds a cache;
 ``distil-train --teacher-cache CACHE`` trains from it without loading the teacher, with
 :func:`distil.fused_loss.topk_kl_ce_loss` in exact mode (the cached lse at the cache temperature).
 
@@ -11,22 +11,36 @@ with the corpus' token counts, the paper's 15% / 80-10-10 / smoothing 0.7), shar
 generator seeded from (seed, p, shard), and stores the masked ids and labels beside the teacher's
 outputs; training epoch ``e`` replays pass ``e mod passes``.
 
+Causal teachers (config.json names an ``AutoModelForCausalLM`` class): nothing is masked, so there is
+one pass of the token ids as the trainer feeds them (one document per row, or with ``--block-size N``
+the documents packed into N-token blocks, :func:`distil.data.pack_blocks`) and the teacher's outputs at
+every position (its next-token distribution); the trainer derives the next-token labels
+(:func:`distil.step.causal_labels`). The index records ``causal`` and ``block_size`` and the trainer
+refuses a cache of the other kind or block size.
+
+At scale: under ``torchrun`` (``WORLD_SIZE`` > 1, any number of nodes sharing the output directory)
+rank ``r`` of ``W`` builds the shards whose position in the shard table is ``r mod W``; rank 0 writes
+the index first and, after every rank has written and hashed its shards, the final one. Every shard
+depends only on its own sequences, so the cache is byte-identical to a one-process build, and an
+interrupted build resumes with any number of ranks.
+
 Per token the cache holds: the masked id and label (int16 when the tokenizer has <= 32767 ids, else
-int32; label -100 where not masked), the teacher's k largest logits at T = 1 (``--dtype``: float16 by
-default, bfloat16, or float32) and their vocabulary indices (int16 when V <= 32767, else int32), the
-full-vocabulary ``logsumexp(logits / T)`` at the cache temperature (float32), and with ``--hidden``
-the last hidden state (float16). At k = 64, float16, int16 that is 2 + 2 + 64 * (2 + 2) + 4 = 264
-bytes per token per pass.
+int32; label -100 where not masked; a causal cache: the id alone), the teacher's k largest logits at
+T = 1 (``--dtype``: float16 by default, bfloat16, or float32) and their vocabulary indices (int16
+when V <= 32767, else int32), the full-vocabulary ``logsumexp(logits / T)`` at the cache temperature
+(float32), and with ``--hidden`` the last hidden state (float16). At k = 64, float16, int16 that is
+2 + 2 + 64 * (2 + 2) + 4 = 264 bytes per token per pass (262 for a causal cache, which has no labels).
 
 Layout of CACHE/ (format ``distil-teacher-cache`` version 2)::
 
     index.json                     metadata (teacher: config and weights sha256; tokenizer: sha256 of
-                                   its vocabulary and special tokens; k, T, passes, dtypes, masking,
-                                   corpus files with sizes and sha256) and the shard table; "complete"
+                                   its vocabulary and special tokens; k, T, passes, dtypes, causal,
+                                   masking, block_size, corpus files with sizes and sha256) and the
+                                   shard table; "complete"
                                    is true once every shard is written; "checksum" is the sha256 of
                                    all the rest, so an edit (of T, passes, k...) is detected
     lengths.npy                    int32 [sequences]: tokens per sequence (pass-independent)
-    pass{p}/shard{s:05d}/{input_ids,labels,topk_logits,topk_index,lse[,hidden]}.npy
+    pass{p}/shard{s:05d}/{input_ids[,labels],topk_logits,topk_index,lse[,hidden]}.npy
                                    the tokens of sequences [s * shard_sequences, ...) of pass p,
                                    concatenated without padding; [tokens] or [tokens, k] / [tokens, H]
 
@@ -59,13 +73,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from distil._ops.common import check_positive_finite
-from distil.data import load_corpus, text_files
+from distil.data import load_corpus, pack_blocks, text_files
 from distil.masking import MLMMasker, token_counts
 from distil.ops import masked_gather
-from distil.student import lm_adapter
+from distil.student import causal_lm_directory, lm_adapter
 
 FORMAT = "distil-teacher-cache"
 VERSION = 2
@@ -82,16 +97,17 @@ def _int_dtype(size):
     return "int16" if size <= INT16_MAX + 1 else "int32"
 
 
-def field_dtypes(tokenizer_size, vocab_size, logits_dtype="float16", hidden=False):
-    """{field: stored dtype name} of a cache (see the module docstring)."""
-    return {"input_ids": _int_dtype(tokenizer_size), "labels": _int_dtype(tokenizer_size),
+def field_dtypes(tokenizer_size, vocab_size, logits_dtype="float16", hidden=False, causal=False):
+    """{field: stored dtype name} of a cache (see the module docstring); a causal cache has no labels."""
+    return {"input_ids": _int_dtype(tokenizer_size), **({} if causal else {"labels": _int_dtype(tokenizer_size)}),
             "topk_logits": logits_dtype, "topk_index": _int_dtype(vocab_size), "lse": "float32",
             **({"hidden": "float16"} if hidden else {})}
 
 
-def bytes_per_token(top_k, tokenizer_size, vocab_size, logits_dtype="float16", hidden_size=None):
-    """Cache bytes per token and pass (the .npy headers aside): 264 at k = 64, float16, V <= 32767."""
-    dtypes = field_dtypes(tokenizer_size, vocab_size, logits_dtype, hidden_size is not None)
+def bytes_per_token(top_k, tokenizer_size, vocab_size, logits_dtype="float16", hidden_size=None, causal=False):
+    """Cache bytes per token and pass (the .npy headers aside): 264 at k = 64, float16, V <= 32767
+    (262 for a causal cache)."""
+    dtypes = field_dtypes(tokenizer_size, vocab_size, logits_dtype, hidden_size is not None, causal)
     width = {"topk_logits": top_k, "topk_index": top_k, "hidden": hidden_size or 0}
     return sum(width.get(name, 1) * getattr(torch, dtype).itemsize for name, dtype in dtypes.items())
 
@@ -179,29 +195,44 @@ def _mask_seed(seed, pass_index, shard):
 class CacheBuilder:
     """Builds (or resumes) a cache; :func:`build_cache` is the function form, ``main`` the CLI."""
 
-    def __init__(self, teacher, data, output, *, top_k=64, passes=3, temperature=2.0, hidden=False,
-                 dtype="float16", max_length=512, batch_size=32, shard_sequences=1024, seed=56, device=None,
-                 progress=True):
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
+    def __init__(self, teacher, data, output, *, top_k=64, passes=None, temperature=2.0, hidden=False,
+                 dtype="float16", max_length=512, block_size=None, batch_size=32, shard_sequences=1024, seed=56,
+                 device=None, progress=True):
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+        if not Path(teacher).is_dir():
+            raise ValueError(f"teacher must be a local model directory, got {str(teacher)!r}")
+        self.causal = causal_lm_directory("teacher", teacher)
+        if passes is None:
+            passes = 1 if self.causal else 3
         for name, value, low in (("top_k", top_k, 1), ("passes", passes, 1), ("batch_size", batch_size, 1),
                                  ("shard_sequences", shard_sequences, 1), ("seed", seed, 0),
-                                 ("max_length", max_length, 3)):
+                                 ("max_length", max_length, 3), ("block_size", block_size, 2)):
+            if name == "block_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if passes >= 1 << 16 or seed >= 1 << 23:
             raise ValueError("passes must be < 65536 and seed < 2**23")
+        if self.causal and passes != 1:
+            raise ValueError(f"passes is {passes} but the teacher {teacher} is a causal LM: nothing is masked, so its "
+                             "cache has one pass (every epoch replays it)")
+        if not self.causal and block_size is not None:
+            raise ValueError(f"block_size is for causal-LM teachers; {teacher} is a masked LM (one document per row)")
         self.temperature = check_positive_finite("temperature", temperature)
         if dtype not in LOGIT_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(LOGIT_DTYPES)}, got {dtype!r}")
-        if not Path(teacher).is_dir():
-            raise ValueError(f"teacher must be a local model directory, got {str(teacher)!r}")
         self.output = Path(output)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if device is None:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.batch_size, self.shard_sequences, self.seed = batch_size, shard_sequences, seed
-        self.progress = progress
+        self.progress = progress and self.rank == 0
         self.tokenizer = AutoTokenizer.from_pretrained(teacher, trust_remote_code=False)
-        model = AutoModelForMaskedLM.from_pretrained(teacher, use_safetensors=True, trust_remote_code=False)
+        auto_class = AutoModelForCausalLM if self.causal else AutoModelForMaskedLM
+        model = auto_class.from_pretrained(teacher, use_safetensors=True, trust_remote_code=False)
         self.teacher = model.requires_grad_(False).eval().to(self.device)
         self.adapter = lm_adapter(self.teacher)
         vocab_out = self.teacher.config.vocab_size
@@ -209,12 +240,15 @@ class CacheBuilder:
             raise ValueError(f"top_k must be <= the teacher's vocabulary size {vocab_out}, got {top_k}")
         files = text_files(data)
         self.sequences = load_corpus(files, self.tokenizer, max_length=max_length)
+        if block_size is not None:  # the trainer's --block-size blocks: the teacher sees what the student will
+            self.sequences = pack_blocks(self.sequences, block_size)
         if not self.sequences:
-            raise ValueError("data: no sequence survived tokenisation and filtering")
+            raise ValueError("data: no sequence survived tokenisation and filtering"
+                             + (f" (or fewer tokens than one block of {block_size})" if block_size else ""))
         vocab = len(self.tokenizer)
-        self.masker = MLMMasker(vocab, special_ids=self.tokenizer.all_special_ids,
-                                mask_id=self.tokenizer.mask_token_id, counts=token_counts(self.sequences, vocab),
-                                **MASKING)
+        self.masker = None if self.causal else MLMMasker(
+            vocab, special_ids=self.tokenizer.all_special_ids, mask_id=self.tokenizer.mask_token_id,
+            counts=token_counts(self.sequences, vocab), **MASKING)
         self.lengths = np.array([len(s) for s in self.sequences], dtype=np.int32)
         num_shards = -(-len(self.sequences) // shard_sequences)
         config_sha256, weights_sha256 = teacher_sha256(teacher)
@@ -229,9 +263,11 @@ class CacheBuilder:
             "top_k": top_k,
             "temperature": self.temperature,
             "passes": passes,
-            "dtypes": field_dtypes(vocab, vocab_out, dtype, hidden),
-            "masking": {"seed": seed, **MASKING},
+            "dtypes": field_dtypes(vocab, vocab_out, dtype, hidden, self.causal),
+            "causal": self.causal,
+            "masking": None if self.causal else {"seed": seed, **MASKING},
             "max_length": max_length,
+            "block_size": block_size,
             "corpus": [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size, "sha256": _sha256(f)}
                        for f in files],
             "num_sequences": len(self.sequences),
@@ -282,15 +318,19 @@ class CacheBuilder:
         ids = torch.zeros(count, width, dtype=torch.int64)
         attn = (torch.arange(width) < lengths[:, None]).long()
         ids[attn.bool()] = torch.cat(seqs)
-        generator = torch.Generator().manual_seed(_mask_seed(self.seed, pass_index, shard["first_sequence"]
-                                                             // self.shard_sequences))
-        masked, labels = self.masker(ids, attn, generator)
+        out = {}
+        if self.causal:
+            masked = ids
+        else:
+            generator = torch.Generator().manual_seed(_mask_seed(self.seed, pass_index, shard["first_sequence"]
+                                                                 // self.shard_sequences))
+            masked, labels = self.masker(ids, attn, generator)
+            out["labels"] = labels[attn.bool()]
         starts = torch.cumsum(lengths, 0) - lengths
         tokens = int(lengths.sum())
         k, dtypes = self.index["top_k"], self.index["dtypes"]
-        out = {"input_ids": masked[attn.bool()], "labels": labels[attn.bool()],
-               "topk_logits": torch.empty(tokens, k), "topk_index": torch.empty(tokens, k, dtype=torch.int64),
-               "lse": torch.empty(tokens)}
+        out.update(input_ids=masked[attn.bool()], topk_logits=torch.empty(tokens, k),
+                   topk_index=torch.empty(tokens, k, dtype=torch.int64), lse=torch.empty(tokens))
         if "hidden" in dtypes:
             out["hidden"] = torch.empty(tokens, self.index["teacher"]["hidden_size"])
         # Longest first, so each batch pads little; the order is fixed, so the bytes are too.
@@ -311,8 +351,8 @@ class CacheBuilder:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name, value in out.items():
-            _write_npy(tmp / f"{name}.npy", _to_numpy(value, dtypes[name]))
+        for name, dtype_name in dtypes.items():
+            _write_npy(tmp / f"{name}.npy", _to_numpy(out[name], dtype_name))
         os.replace(tmp, final)
 
     def _shard_ok(self, shard):
@@ -328,22 +368,56 @@ class CacheBuilder:
             return False
 
     def run(self):
-        """Build the missing (or damaged) shards; returns the cache directory."""
-        if self._prepare_output():
-            return self.output
+        """Build the missing (or damaged) shards; returns the cache directory. Under ``torchrun`` each
+        rank builds its share (see the module docstring) and joins a gloo group for the handshakes
+        (created here, and destroyed here, unless the caller had one)."""
+        joined = self.world_size > 1 and not dist.is_initialized()
+        if joined:
+            dist.init_process_group("gloo")
+        try:
+            self._run()
+            if joined:
+                dist.barrier()  # every rank leaves together (a group destroyed under a working peer can hang it)
+        finally:
+            if joined:
+                dist.destroy_process_group()
+        return self.output
+
+    def _run(self):
+        # Rank 0 creates the directory (or checks the one there) and tells the others what it found.
+        status = [None]
+        if self.rank == 0:
+            try:
+                status = ["complete" if self._prepare_output() else "todo"]
+            except ValueError as err:
+                status = [err]
+        if self.world_size > 1:
+            dist.broadcast_object_list(status, src=0)
+        if isinstance(status[0], ValueError):
+            raise status[0]
+        if status[0] == "complete":
+            return
+        mine = self.index["shards"][self.rank::self.world_size]  # shard i of the table: rank i mod W
         lengths = torch.from_numpy(self.lengths)
-        todo = [s for s in self.index["shards"] if not self._shard_ok(s)]
-        total = self.index["num_tokens"] * self.index["passes"]
-        done = total - sum(int(lengths[s["first_sequence"]:s["first_sequence"] + s["num_sequences"]].sum())
-                           for s in todo)
-        with tqdm(total=total, initial=done, unit="tok", unit_scale=True, disable=not self.progress,
-                  desc="distil-cache-teacher") as bar:
+        todo = [s for s in mine if not self._shard_ok(s)]
+
+        def tokens(shards):
+            return sum(int(lengths[s["first_sequence"]:s["first_sequence"] + s["num_sequences"]].sum()) for s in shards)
+
+        total = tokens(mine)
+        desc = "distil-cache-teacher" + (f" (rank 0 of {self.world_size})" if self.world_size > 1 else "")
+        with tqdm(total=total, initial=total - tokens(todo), unit="tok", unit_scale=True, disable=not self.progress,
+                  desc=desc) as bar:
             for shard in todo:
                 self._build_shard(shard, bar)
         files = {str(p.relative_to(self.output)): _sha256(p)
-                 for s in self.index["shards"] for p in sorted((self.output / s["name"]).glob("*.npy"))}
-        _write_json(self.output / INDEX, dict(self.index, complete=True, files=files))
-        return self.output
+                 for s in mine for p in sorted((self.output / s["name"]).glob("*.npy"))}
+        if self.world_size > 1:
+            every = [None] * self.world_size
+            dist.all_gather_object(every, files)
+            files = {name: digest for part in every for name, digest in part.items()}
+        if self.rank == 0:
+            _write_json(self.output / INDEX, dict(self.index, complete=True, files=files))
 
 
 def build_cache(teacher, data, output, **options):
@@ -475,7 +549,7 @@ class TeacherCache:
 
     def sequences(self, pass_index=0):
         """The original token ids of every sequence (lists of ints): the masked ids of ``pass_index``
-        with the labels put back."""
+        with the labels put back (a causal cache: its ids, packed into blocks if it was built so)."""
         out = []
         per_shard = self.index["shard_sequences"]
         for shard_entry in self.index["shards"]:
@@ -483,9 +557,10 @@ class TeacherCache:
                 continue
             shard = shard_entry["first_sequence"] // per_shard
             arrays = self._arrays(pass_index, shard)
-            ids = torch.from_numpy(np.asarray(arrays["input_ids"], dtype=np.int64))
-            labels = torch.from_numpy(np.asarray(arrays["labels"], dtype=np.int64))
-            original = torch.where(labels != -100, labels, ids)
+            original = torch.from_numpy(np.asarray(arrays["input_ids"], dtype=np.int64))
+            if "labels" in arrays:
+                labels = torch.from_numpy(np.asarray(arrays["labels"], dtype=np.int64))
+                original = torch.where(labels != -100, labels, original)
             first = shard_entry["first_sequence"]
             sizes = self.lengths[first:first + shard_entry["num_sequences"]].tolist()
             out.extend(part.tolist() for part in original.split(sizes))
@@ -493,7 +568,8 @@ class TeacherCache:
 
     def batch(self, pass_index, sequence_index, width, pad_id):
         """Padded ``[b, width]`` tensors of sequences ``sequence_index`` in pass ``pass_index % passes``:
-        ``input_ids`` (masked, ``pad_id`` at padding), ``attention_mask``, ``labels`` (-100 at padding),
+        ``input_ids`` (masked, ``pad_id`` at padding), ``attention_mask``, ``labels`` (-100 at padding;
+        none in a causal cache: :func:`distil.step.causal_labels` derives them),
         ``topk_logits`` / ``topk_index`` ``[b, width, k]``, ``lse`` ``[b, width]``, and ``hidden``
         ``[b, width, H]`` when cached. Padding rows of the teacher tensors are zeros / index 0."""
         pass_index %= self.passes
@@ -519,7 +595,8 @@ class TeacherCache:
             padded[mask] = flat
             out[name] = padded
         out["input_ids"] = out["input_ids"].long()
-        out["labels"] = out["labels"].long()
+        if "labels" in out:
+            out["labels"] = out["labels"].long()
         return out
 
 
@@ -533,13 +610,17 @@ def build_parser():
     parser.add_argument("--data", nargs="+", help="text files or folders of *.txt (required)")
     parser.add_argument("--output", help="cache directory (created; an unfinished one resumes) (required)")
     parser.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token")
-    parser.add_argument("--passes", type=int, default=3,
-                        help="maskings of the corpus; epoch e replays pass e mod passes")
+    parser.add_argument("--passes", type=int, default=None,
+                        help="maskings of the corpus; epoch e replays pass e mod passes (default: 3; causal "
+                             "teachers: 1, the only value, as nothing is masked)")
     parser.add_argument("--temperature", type=float, default=2.0,
                         help="T of the stored logsumexp; train with the same --temperature")
     parser.add_argument("--hidden", action="store_true", help="also store the last hidden states (for alpha_cos > 0)")
     parser.add_argument("--dtype", default="float16", choices=sorted(LOGIT_DTYPES), help="dtype of the stored logits")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence, as distil-train's")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="causal teachers: pack the documents into blocks of this many tokens, as distil-train's "
+                             "--block-size (default: one document per row)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per teacher forward")
     parser.add_argument("--shard-sequences", type=int, default=1024, help="sequences per shard (the resume unit)")
     parser.add_argument("--seed", type=int, default=56, help="masking seed")

@@ -265,7 +265,7 @@ class Trainer:
         if not sequences:
             raise ValueError("data: no sequence survived tokenisation and filtering (lines of at least 12 tokens "
                              "with under 50% unknown tokens are kept)")
-        if config.block_size is not None:
+        if config.block_size is not None and self.cache is None:  # a causal cache holds its blocks
             sequences = pack_blocks(sequences, config.block_size)
             if not sequences:
                 raise ValueError(f"data: the corpus has fewer tokens than one block (--block-size {config.block_size})")
@@ -404,19 +404,13 @@ class Trainer:
         near-equal slices (sizes as ``torch.tensor_split``) and micro-batch ``a`` of rank ``r`` is slice
         ``a * world_size + r``.
         A slice left empty by a short last batch reuses slice 0 with weight 0, so that every rank
-        still runs the same forward/backward collectives."""
+        still runs the same forward/backward collectives. With a teacher cache the slices are read from it
+        one by one, so a rank reads only its own rows of the cache."""
         batch = self._next_global_batch()
         ids, attn = batch["input_ids"], batch["attention_mask"]
-        cached = {}
-        if self.causal:
-            masked, labels = ids, causal_labels(ids, attn)
-        elif self.cache is None:
-            masked, labels = self.masker(ids, attn, self.mask_generator)
-        else:  # epoch e replays the cache's pass e mod passes: its masks and the teacher on them
-            cached = self.cache.batch(batch["epoch"], batch["sequence_index"], ids.shape[1],
-                                      self.tokenizer.pad_token_id)
-            masked, labels = cached.pop("input_ids"), cached.pop("labels")
-            del cached["attention_mask"]
+        if self.cache is None:
+            masked, labels = (ids, causal_labels(ids, attn)) if self.causal else self.masker(ids, attn,
+                                                                                              self.mask_generator)
         n, k = ids.shape[0], self.micro_batches
         starts = [i * (n // k) + min(i, n % k) for i in range(k + 1)]
         for a in range(self.config.grad_accum):
@@ -424,8 +418,16 @@ class Trainer:
             weight = 1.0 if starts[c + 1] > starts[c] else 0.0
             sl = slice(starts[c], starts[c + 1]) if weight else slice(0, starts[1])
             width = int(attn[sl].sum(1).max())  # trim the global batch's padding to this slice's longest
-            yield (*(t[sl, :width].to(self.device, non_blocking=True) for t in (masked, attn, labels)),
-                   {k: t[sl, :width].to(self.device, non_blocking=True) for k, t in cached.items()} or None, weight)
+            cached = None
+            if self.cache is None:
+                rows = masked[sl, :width], attn[sl, :width], labels[sl, :width]
+            else:  # this rank reads its own slices only; epoch e replays the cache's pass e mod passes
+                cached = self.cache.batch(batch["epoch"], batch["sequence_index"][sl], width, self.pad_id)
+                slice_ids, slice_attn = cached.pop("input_ids"), cached.pop("attention_mask")
+                slice_labels = cached.pop("labels") if not self.causal else causal_labels(slice_ids, slice_attn)
+                rows = slice_ids, slice_attn, slice_labels
+                cached = {name: t.to(self.device, non_blocking=True) for name, t in cached.items()}
+            yield (*(t.to(self.device, non_blocking=True) for t in rows), cached, weight)
 
     # -- one optimizer step ---------------------------------------------------------------------
     def _diverged(self, what, values):

@@ -1,5 +1,7 @@
 """distil.evaluate (distil-eval): labelled-data readers, metrics against scikit-learn's definitions,
-parameter counts, the held-out masked-LM score, and the whole comparison on tiny models."""
+parameter counts, the held-out masked-LM and causal-LM scores (the latter against Hugging Face's own
+loss), and the whole comparison on tiny models: masked LMs, and decoders (fine-tuned with a pad token
+they lack, or scored on --lm-text alone with forward and generation throughput)."""
 import importlib.util
 import json
 
@@ -9,6 +11,7 @@ from transformers import BertModel
 
 from distil.evaluate import (
     EvalConfig,
+    causal_lm_metrics,
     classification_metrics,
     count_parameters,
     evaluate,
@@ -20,7 +23,7 @@ from distil.evaluate import (
 )
 from distil.student import build_student, save_student
 
-from tiny import bert_tokenizer, corpus_lines, tiny_bert
+from tiny import bert_tokenizer, corpus_lines, gpt2_tokenizer, tiny_bert, tiny_causal
 
 CLASSES = ("neg", "neu", "pos")
 
@@ -57,6 +60,10 @@ def models(tmp_path_factory):
     save_student(build_student(teacher), root / "student", tokenizer)
     encoder = BertModel(teacher.config)  # an encoder without a masked-LM head
     save_student(encoder, root / "encoder", tokenizer)
+    gpt2_tok = gpt2_tokenizer()  # no pad token, as GPT-2's
+    decoder = tiny_causal("gpt2", len(gpt2_tok), max_positions=64)
+    save_student(decoder, root / "decoder", gpt2_tok)
+    save_student(build_student(decoder), root / "decoder_student", gpt2_tok)
     return root
 
 
@@ -166,7 +173,7 @@ def test_evaluate_end_to_end(models, tmp_path, capsys):
         "--models", str(models / "teacher"), str(models / "student"), "--names", "T", "S",
         "--train", str(train), "--eval", str(test), "--text-column", "sentence", "--label-column", "y",
         "--seeds", "0", "1", "--epochs", "1", "--batch-size", "8", "--max-length", "32",
-        "--mlm-text", str(held), "--mlm-max-length", "32",
+        "--lm-text", str(held), "--lm-max-length", "32",
         "--throughput-sequences", "8", "--throughput-rounds", "2", "--output", str(out),
     ]
     assert main(argv) == 0
@@ -216,7 +223,10 @@ def test_config_validation(models, tmp_path):
         ({"epochs": 0}, "epochs"),
         ({"warmup": 1.0}, "warmup"),
         ({"mlm_prop": 0.0}, "mlm_prop"),
-        ({"mlm_text": str(tmp_path / "none.txt")}, "mlm_text"),
+        ({"lm_text": str(tmp_path / "none.txt")}, "lm_text"),
+        ({"train": None}, "train is required unless lm_text is given"),
+        ({"train": None, "lm_text": __file__, "eval": __file__}, "given without train"),
+        ({"generate_tokens": -1}, "generate_tokens must be an int >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             EvalConfig(**{**base, **change}).validate()
@@ -298,3 +308,85 @@ def test_flags_accumulate_and_help_explains_every_flag(capsys):
         assert len(words) == 2 and len(words[1].split()) >= 3, entry
     assert "(default: 3.0)" in text and "(required)" in text
     assert "exit codes:" in text and "  1    error" in text
+
+
+# ------------------------------------------------------------------ decoders
+def _held_out(tmp_path, n=12):
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(corpus_lines(n, seed=7, min_words=15)) + "\n")
+    return held
+
+
+def test_causal_lm_metrics_are_hugging_faces_next_token_loss(models, tmp_path):
+    """One batch holding every sequence: the loss is HF's ``model(..., labels=ids, -100 at padding).loss``
+    (the shifted mean CE), the perplexity its exp, the accuracy the argmax's against the next token."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from distil.data import load_corpus
+    from distil.evaluate.lm_metrics import padded_batches
+
+    held = _held_out(tmp_path)
+    scores = causal_lm_metrics(models / "decoder", held, max_length=32, batch_size=64)
+    tok = gpt2_tokenizer()
+    sequences = load_corpus([held], tok, max_length=32)
+    (ids, mask), = padded_batches(sequences, 64, pad_id=0)
+    model = AutoModelForCausalLM.from_pretrained(models / "decoder").eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    predicted = out.logits[:, :-1].argmax(-1)
+    real_next = (mask[:, 1:] == 1)
+    assert scores["tokens"] == int(real_next.sum()) == sum(len(s) - 1 for s in sequences)
+    assert scores["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert scores["perplexity"] == pytest.approx(math.exp(out.loss.item()), rel=1e-5)
+    assert scores["accuracy"] == pytest.approx(float((predicted == ids[:, 1:])[real_next].float().mean()))
+    # summed over tokens, not averaged per batch: the batching does not change it
+    assert causal_lm_metrics(models / "decoder", held, max_length=32, batch_size=5)["loss"] == pytest.approx(
+        scores["loss"], rel=1e-5)
+
+
+def test_distil_eval_on_decoders_with_lm_text_alone(models, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    argv = ["--models", str(models / "decoder"), str(models / "decoder_student"), "--names", "T", "S",
+            "--lm-text", str(_held_out(tmp_path)), "--lm-max-length", "32", "--generate-tokens", "4",
+            "--throughput-batch-size", "4", "--throughput-sequences", "8", "--throughput-rounds", "2",
+            "--output", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    header = table.splitlines()[0]
+    for column in ("params (M)", "perplexity", "next-token acc. %", "forward tok/s", "forward speed-up",
+                   "generate tok/s", "generate speed-up"):
+        assert f"| {column} |" in header
+    assert "accuracy % (mean ± std)" not in header and "MLM loss" not in header
+    results = json.loads(out.read_text())
+    teacher, student = results["models"]
+    assert student["params"] < teacher["params"] and teacher["params_ratio"] == 1.0
+    assert teacher["clm"]["tokens"] == student["clm"]["tokens"] > 0 and student["clm"]["perplexity"] > 1
+    assert teacher["forward_speedup"] == teacher["generate_speedup"] == 1.0
+    assert student["forward_tokens_s"] > 0 and student["generate_tokens_s"] > 0
+    assert results["generate_prompts"] == 4 and 12 <= results["generate_prompt_tokens"] <= 16
+
+
+@NEEDS_DATASETS
+def test_a_decoder_without_a_pad_token_fine_tunes_as_a_classifier(models, tmp_path):
+    from distil.evaluate.models import load_classifier, load_tokenizer
+
+    tokenizer = load_tokenizer(models / "decoder")
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    classifier = load_classifier(models / "decoder", list(CLASSES), tokenizer)
+    assert classifier.config.pad_token_id == tokenizer.eos_token_id
+    # The classifier reads each row's last real token: padding a row more does not change its logits.
+    short = tokenizer(["the model"], return_tensors="pt")
+    padded = tokenizer(["the model", "the model was a kernel of the paper"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(**short).logits[0], classifier(**padded).logits[0])
+    train = _write_jsonl(tmp_path / "train.jsonl", _rows(24, seed=1))
+    config = EvalConfig(models=[str(models / "decoder")], train=str(train), eval=str(train), text_column="sentence",
+                        label_column="y", seeds=[0], epochs=1.0, batch_size=8, max_length=32,
+                        lm_text=str(_held_out(tmp_path)), lm_max_length=32, generate_tokens=0,
+                        throughput_sequences=4, throughput_rounds=1)
+    result = evaluate(config)
+    model = result["models"][0]
+    assert 0.0 <= model["accuracy"]["mean"] <= 1.0 and model["throughput_seq_s"] > 0 and model["clm"]["tokens"] > 0
+    assert "generate_tokens_s" not in model and "| perplexity |" in markdown_table(result)

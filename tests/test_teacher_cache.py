@@ -385,3 +385,49 @@ def test_an_error_mid_run_writes_a_checkpoint_first(setup, built, monkeypatch):
     with pytest.raises(StepError, match=r"step 3 failed \(OSError: Input/output error.*checkpoint-2 written"):
         trainer.fit()
     assert [step for step, _ in checkpoints(root / "midrun")] == [2]
+
+
+# ------------------------------------------------------------------ a build under torchrun
+def _rank_builder(rank, root, port):
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # 2 processes on a 2-core runner
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    for output in ("ranks", "interrupted"):  # a fresh build, then the resumption of an interrupted one
+        TC.build_cache(root / "teacher", [root / "data"], root / output, **OPTIONS)
+    assert not dist.is_initialized()  # the builder's own group, left
+
+
+@pytest.mark.skipif(GPU_RUN, reason="CPU semantics: gloo ranks and a CPU teacher")
+def test_two_ranks_build_a_cache_byte_identical_to_one_process_and_resume_an_interrupted_one(setup, built):
+    """Shards by rank (table position mod 2), the index by rank 0 after both hashed theirs: the same bytes
+    as the one-process build. The interrupted build (a shard missing, one cut short, one left as .tmp,
+    the index unfinished) is finished by the two ranks, byte-identical too."""
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    from helpers import free_port
+
+    root, _, _ = setup
+    for name in ("ranks", "interrupted"):
+        shutil.rmtree(root / name, ignore_errors=True)
+    shutil.copytree(built, root / "interrupted")
+    copy = root / "interrupted"
+    shutil.rmtree(copy / "pass0/shard00001")
+    shutil.copytree(copy / "pass1/shard00002", copy / "pass1/shard00002.tmp")
+    shutil.rmtree(copy / "pass1/shard00002")
+    _truncate(copy / "pass1/shard00003/topk_index.npy", lambda n: n - 2)
+    index = {k: v for k, v in json.loads((copy / TC.INDEX).read_text()).items() if k not in ("checksum", "files")}
+    TC._write_json(copy / TC.INDEX, dict(index, complete=False))
+    kept = (copy / "pass0/shard00000/lse.npy").stat().st_mtime_ns
+
+    mp.spawn(_rank_builder, args=(root, free_port()), nprocs=2, join=True)
+    assert len(TC.read_index(built)["shards"]) > 4  # both ranks had several shards
+    for output in ("ranks", "interrupted"):
+        assert _tree(built) == _tree(root / output), output
+        assert filecmp.cmpfiles(built, root / output, [str(p) for p in _tree(built)], shallow=False)[1:] == ([], [])
+    assert (copy / "pass0/shard00000/lse.npy").stat().st_mtime_ns == kept  # a whole shard is kept, not redone

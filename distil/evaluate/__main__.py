@@ -1,0 +1,5 @@
+import sys
+
+from distil.evaluate.report import main
+
+sys.exit(main())
