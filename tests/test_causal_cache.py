@@ -108,7 +108,7 @@ def test_training_from_a_full_causal_cache_reproduces_the_live_teacher(setup):
     vocab = teacher.config.vocab_size
     cache = TC.TeacherCache(TC.build_cache(root / "teacher", [root / "data"], root / "full", block_size=24,
                                            **dict(OPTIONS, top_k=vocab, dtype="float32")))
-    loss_fn = DistillationLoss(alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=0.0, temperature=2.0)
+    loss_fn = DistillationLoss(kl_weight=5.0, ce_weight=2.0, cos_weight=0.0, temperature=2.0)
     runs = {}
     for name in ("live", "cached"):
         torch.manual_seed(0)
@@ -127,7 +127,7 @@ def test_training_from_a_full_causal_cache_reproduces_the_live_teacher(setup):
             out.total.backward()
             optimizer.step()
             optimizer.zero_grad()
-            losses.append(torch.stack([out.total, out.kl, out.mlm]).detach())
+            losses.append(torch.stack([out.total, out.kl, out.ce]).detach())
         runs[name] = torch.stack(losses)
     scale = runs["live"][:, :1].abs()
     assert ((runs["cached"] - runs["live"]).abs() <= 1e-5 * scale).all(), (runs["cached"] - runs["live"]) / scale
