@@ -20,7 +20,6 @@ import contextlib
 import csv
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -31,7 +30,14 @@ from pathlib import Path
 
 import torch
 
-from distil.cli import _add_flag, _option
+from distil.checks import (
+    check_fraction,
+    check_int,
+    check_mask_prop,
+    check_model_dir,
+    check_positive_finite,
+)
+from distil.config import _add_flag, _option
 from distil.data import load_corpus
 from distil.masking import MLMMasker
 
@@ -366,8 +372,6 @@ class EvalConfig:
 
     def validate(self):
         """Every value and path checked before any model loads; errors name the flag (and file)."""
-        from distil.train import check_model_dir
-
         if not self.models:
             raise ValueError("models must name at least one model directory")
         for path in self.models:
@@ -380,19 +384,13 @@ class EvalConfig:
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
         for name in ("batch_size", "max_length", "mlm_max_length", "throughput_batch_size",
                      "throughput_sequences", "throughput_rounds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.max_train_rows is not None and self.max_train_rows < 2:
-            raise ValueError(f"max_train_rows must be >= 2 or None, got {self.max_train_rows}")
-        if not (isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0):
-            raise ValueError(f"epochs must be a positive number, got {self.epochs!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be positive and finite, got {self.lr}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
-        if not 0.0 < self.mlm_prop <= 1.0:
-            raise ValueError(f"mlm_prop must be in (0, 1], got {self.mlm_prop}")
+            check_int(name, getattr(self, name), 1)
+        if self.max_train_rows is not None:
+            check_int("max_train_rows", self.max_train_rows, 2)
+        check_positive_finite("epochs", self.epochs)
+        check_positive_finite("lr", self.lr)
+        check_fraction("warmup", self.warmup)
+        check_mask_prop("mlm_prop", self.mlm_prop)
         if self.mlm_text is not None and not Path(self.mlm_text).is_file():
             raise ValueError(f"mlm_text {self.mlm_text!r} is not a file")
         for name in ("train", "eval"):

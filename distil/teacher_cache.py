@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distil._ops.common import check_positive_finite
+from distil.checks import check_int, check_temperature
 from distil.data import load_corpus, text_files
 from distil.masking import MLMMasker, token_counts
 from distil.ops import masked_gather
@@ -184,14 +184,12 @@ class CacheBuilder:
                  progress=True):
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-        for name, value, low in (("top_k", top_k, 1), ("passes", passes, 1), ("batch_size", batch_size, 1),
-                                 ("shard_sequences", shard_sequences, 1), ("seed", seed, 0),
-                                 ("max_length", max_length, 3)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if passes >= 1 << 16 or seed >= 1 << 23:
-            raise ValueError("passes must be < 65536 and seed < 2**23")
-        self.temperature = check_positive_finite("temperature", temperature)
+        for name, value, low, high in (("top_k", top_k, 1, None), ("passes", passes, 1, (1 << 16) - 1),
+                                       ("batch_size", batch_size, 1, None),
+                                       ("shard_sequences", shard_sequences, 1, None), ("seed", seed, 0, (1 << 23) - 1),
+                                       ("max_length", max_length, 3, None)):
+            check_int(name, value, low, high)
+        self.temperature = check_temperature("temperature", temperature)
         if dtype not in LOGIT_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(LOGIT_DTYPES)}, got {dtype!r}")
         if not Path(teacher).is_dir():

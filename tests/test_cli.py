@@ -15,8 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertModel
 
+from distil.checkpoint import TRAINING_STATE
 from distil.cli import EXIT_DIVERGED, EXIT_ERROR, EXIT_INTERRUPTED, TrainConfig, main, parse_args
-from distil.train import METRICS, STUDENT, TRAINING_STATE, checkpoints
+from distil.train import METRICS, STUDENT, checkpoints
 
 from helpers import one_error_line
 from tiny import bert_tokenizer, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
@@ -101,7 +102,7 @@ def test_help_imports_nothing_heavy():
 
 @pytest.mark.parametrize("field, value, error, match", [
     ("batch_size", 0, ValueError, "batch_size"),
-    ("grad_accum", 1.5, ValueError, "grad_accum"),
+    ("grad_accum", 1.5, TypeError, "grad_accum"),
     ("lr", -1.0, ValueError, "lr"),
     ("lr", "big", TypeError, "lr"),
     ("warmup", 1.0, ValueError, "warmup"),
@@ -205,7 +206,7 @@ def test_cli_end_to_end_gives_a_student_that_transformers_loads(workdir, teacher
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_writes_a_checkpoint_and_exits_with_the_interrupted_code(workdir, signum):
     out = workdir / f"signal_{signum.name}"
-    cmd = [sys.executable, "-m", "distil.train", *argv(workdir, out.name), "--max-steps", "100000",
+    cmd = [sys.executable, "-m", "distil.cli", *argv(workdir, out.name), "--max-steps", "100000",
            "--save-every", "100000", "--eval-every", "100000", "--batch-size", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -27,17 +27,15 @@ from distil._ops import kl_ce  # noqa: F401  (the kl_ce_rows kernels, fake impl 
 from distil._ops.common import (
     FLOAT_DTYPES,
     announced_coef,
-    check_int,
     check_labels,
-    check_non_negative_finite,
     check_row_mask,
-    check_temperature,
     check_tensor,
     check_weight,
     divisor,
     row_count,
     take_gradient_buffer,
 )
+from distil.checks import check_int, check_non_negative_finite, check_temperature
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
     from distil.kernels import gated_scale as _triton_gated_scale
