@@ -129,6 +129,29 @@ def test_bad_value_is_one_line_before_the_teacher_loads(workdir, capsys):
     assert not (workdir / "bad_t").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    # The library's own messages (distil.checks), which used to come only after the models had loaded.
+    (("--temperature", "1e19"), "temperature must be in [2**-126, 2**63)"),
+    (("--seed", "-1"), "seed must be an int >= 0"),
+    (("--max-length", "2"), "max_length must be an int >= 3"),
+    (("--mask-prop", "0"), "mask_prop must be in (0, 1]"),
+    (("--word-mask", "0.5"), "word_mask + word_keep + word_rand must be 1"),
+    (("--smoothing", "-1"), "smoothing must be finite in float32 and >= 0"),
+    (("--student-layers", "5"), "student_layers must be an int in [1, 4]"),
+])
+def test_library_range_errors_come_before_any_model_loads(workdir, capsys, monkeypatch, flags, message):
+    import transformers
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the flags were checked")
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForMaskedLM, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", no_load)
+    assert main(argv(workdir, "fail_fast", "bert", *flags)) == EXIT_ERROR
+    one_error_line(capsys, message)
+    assert not (workdir / "fail_fast").exists()
+
+
 def test_non_empty_output_dir_is_refused_unless_resume_or_overwrite(workdir, capsys):
     assert main(argv(workdir, "twice")) == 0
     first = (workdir / "twice" / STUDENT / "model.safetensors").read_bytes()
