@@ -7,7 +7,7 @@ once, gradient written once) and the share of the copy bandwidth measured in the
     python benchmarks/bench_vector_access.py
 
 A one-off comparison for issue 14: remove it, and DISTIL_SCALAR_ROWS, once the GPU figures are in
-docs/benchmarks.md.
+the README.
 """
 import os
 import sys
