@@ -122,12 +122,14 @@ class TrainConfig:
             check_model_dir("student", self.student)
         if not self.data:
             raise ValueError("data must name at least one text file or folder")
+        from distil.data import text_files
+
+        text_files(self.data)
         self._validate_model_kind()
         if self.teacher_cache is not None:
             self._validate_cache()
         if self.resume and self.overwrite_output_dir:
             raise ValueError("resume and overwrite_output_dir exclude each other: continue the run or replace it")
-
 
     @property
     def alpha_lm(self):

@@ -138,6 +138,7 @@ def test_bad_value_is_one_line_before_the_teacher_loads(workdir, capsys):
     (("--word-mask", "0.5"), "word_mask + word_keep + word_rand must be 1"),
     (("--smoothing", "-1"), "smoothing must be finite in float32 and >= 0"),
     (("--student-layers", "5"), "student_layers must be an int in [1, 4]"),
+    (("--data", "/nonexistent"), "data path '/nonexistent' is neither a file nor a folder"),
 ])
 def test_library_range_errors_come_before_any_model_loads(workdir, capsys, monkeypatch, flags, message):
     import transformers
