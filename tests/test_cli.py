@@ -1,6 +1,7 @@
 """distil.cli (distil-train) as users run it: every flag parsed and documented, --help without heavy
 imports, errors as one line with exit code 1, refused overwrite, SIGINT/SIGTERM checkpoint + exit code 3,
 the end-to-end run (BERT, RoBERTa, DistilBERT students), teacher and data checks that name the file."""
+import ast
 import dataclasses
 import json
 import os
@@ -98,6 +99,19 @@ def test_help_imports_nothing_heavy():
     code = ("import sys\nfrom distil.cli import build_parser\nbuild_parser().format_help()\n"
             "heavy = sorted({'torch', 'transformers', 'triton'} & set(sys.modules))\nassert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_cli_is_imported_by_nothing_in_the_package():
+    # distil.cli imports config and train; a module importing it back would be a cycle.
+    package = Path(__file__).resolve().parent.parent / "distil"
+    for path in package.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        assert path.name == "cli.py" or "distil.cli" not in imported, path.name
 
 
 @pytest.mark.parametrize("field, value, error, match", [
