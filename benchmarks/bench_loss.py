@@ -297,7 +297,7 @@ CPU_FULL_ONLY += [("linear_kl_ce", "fp32", 128, 128256, ("fwd+bwd",))]
 
 
 def cpu_plan(quick, ops, full=False, explicit_ops=()):
-    """The CPU cells of ``ops``: the default set (the README's CPU table, top-k beside kl_ce), plus
+    """The CPU cells of ``ops``: the default set (docs/benchmarks.md's CPU table, top-k beside kl_ce), plus
     CPU_FULL_ONLY with ``full`` or for an op named in ``explicit_ops`` that has no default cell."""
     if quick:
         cells = [(op, "fp32", 64, 256 if op == "cos" else 4096, MODES) for op in ops]

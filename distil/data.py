@@ -17,18 +17,12 @@ from pathlib import Path
 
 import torch
 
+from distil.checks import check_int
+
 MIN_KEPT_LENGTH = 12  # the paper drops sequences of <= 11 tokens
 MAX_UNK_FRACTION = 0.5  # ... and those with >= 50% unknown tokens
 _ENCODE_CHUNK = 2048  # lines per batch-encoding call: bounded memory, full tokenizer parallelism
 GROUP_BATCHES = 50  # batches per mega-chunk sorted by length
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 def _frame_ids(tokenizer):
@@ -87,7 +81,7 @@ def load_corpus(paths, tokenizer, max_length=512):
             raise ValueError(f"paths: {str(p)!r} is not a file")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"tokenizer must be a fast Hugging Face tokenizer, got {type(tokenizer).__name__}")
-    _check_int("max_length", max_length, 3)
+    check_int("max_length", max_length, 3)
     first, last = _frame_ids(tokenizer)
     unk_id = tokenizer.unk_token_id
 
@@ -119,7 +113,7 @@ def pack_blocks(sequences, block_size):
     Equivalent of ``group_texts`` in Hugging Face's ``run_clm.py`` (over the whole corpus rather than
     per map batch): every block is all real tokens, so its attention mask is all ones and its positions
     are ``0..block_size-1``, attention crossing document boundaries as there."""
-    _check_int("block_size", block_size, 2)
+    check_int("block_size", block_size, 2)
     flat = [token for seq in sequences for token in seq]
     usable = len(flat) - len(flat) % block_size
     return [flat[start : start + block_size] for start in range(0, usable, block_size)]
@@ -146,9 +140,9 @@ class LengthGroupedBatches:
     def __init__(self, sequences, batch_size, seed, pad_id):
         if isinstance(sequences, (str, bytes)) or not hasattr(sequences, "__len__"):
             raise TypeError(f"sequences must be a list of token-id lists, got {type(sequences).__name__}")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.pad_id = _check_int("pad_id", pad_id, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.pad_id = check_int("pad_id", pad_id, 0)
         for i, seq in enumerate(sequences):
             if isinstance(seq, (str, bytes)) or not hasattr(seq, "__len__") or len(seq) == 0:
                 raise ValueError(f"sequences[{i}] must be a non-empty sequence of token ids")
@@ -215,8 +209,8 @@ class LengthGroupedBatches:
         for key in ("seed", "batch_size", "num_sequences"):
             if state[key] != mine[key]:
                 raise ValueError(f"state[{key!r}] is {state[key]} but this reader has {mine[key]}")
-        epoch = _check_int("state['epoch']", state["epoch"], 0)
-        position = _check_int("state['position']", state["position"], 0)
+        epoch = check_int("state['epoch']", state["epoch"], 0)
+        position = check_int("state['position']", state["position"], 0)
         if position > len(self):
             raise ValueError(f"state['position'] is {position} but an epoch has {len(self)} batches")
         self.epoch, self.position = epoch, position

@@ -7,9 +7,7 @@ from torch import nn
 
 from distil._ops.common import (
     check_labels,
-    check_non_negative_finite,
     check_row_mask,
-    check_temperature,
     check_tensor,
     check_weight,
 )
@@ -17,6 +15,7 @@ from distil._ops.cosine import cosine_loss
 from distil._ops.kl_ce import kl_ce_loss, kl_div_loss
 from distil._ops.linear_kl_ce import LinearKLCELoss
 from distil._ops.topk_kl_ce import TopKLogits, topk_kl_ce_loss
+from distil.checks import check_non_negative_finite, check_temperature
 
 IGNORE_INDEX = -100  # distiller.py's "not masked" label
 

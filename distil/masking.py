@@ -11,30 +11,15 @@ import math
 
 import torch
 
-from distil._ops.common import check_non_negative_finite, check_tensor
-
-
-def _check_vocab_size(vocab_size):
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    return vocab_size
-
-
-def _check_token_id(name, token_id, vocab_size):
-    if isinstance(token_id, bool) or not isinstance(token_id, int):
-        raise TypeError(f"{name} must be an int, got {type(token_id).__name__}")
-    if not 0 <= token_id < vocab_size:
-        raise ValueError(f"{name} must be in [0, {vocab_size}), got {token_id}")
-    return token_id
+from distil._ops.common import check_tensor
+from distil.checks import check_int, check_masking
 
 
 def token_counts(sequences, vocab_size):
     """Occurrences of each token id over ``sequences`` (lists of ints or 1-D integer tensors):
     an int64 tensor ``[vocab_size]``.  Equivalent of the paper's ``scripts/token_counts.py``
     (``collections.Counter`` over the binarized corpus, as a dense array)."""
-    _check_vocab_size(vocab_size)
+    check_int("vocab_size", vocab_size, 1)
     if isinstance(sequences, (str, bytes)) or not hasattr(sequences, "__iter__"):
         raise TypeError(f"sequences must be an iterable of token-id sequences, got {type(sequences).__name__}")
     flat = []
@@ -82,20 +67,14 @@ class MLMMasker:
         word_rand=0.1,
         smoothing=0.7,
     ):
-        self.vocab_size = _check_vocab_size(vocab_size)
-        self.mask_id = _check_token_id("mask_id", mask_id, vocab_size)
+        self.vocab_size = check_int("vocab_size", vocab_size, 1)
+        self.mask_id = check_int("mask_id", mask_id, 0, vocab_size - 1)
         if isinstance(special_ids, (str, bytes)) or not hasattr(special_ids, "__iter__"):
             raise TypeError(f"special_ids must be an iterable of ints, got {type(special_ids).__name__}")
-        special_ids = [_check_token_id(f"special_ids[{i}]", t, vocab_size) for i, t in enumerate(special_ids)]
-        mask_prop = check_non_negative_finite("mask_prop", mask_prop)
-        if not 0 < mask_prop <= 1:
-            raise ValueError(f"mask_prop must be in (0, 1], got {mask_prop}")
-        named = (("word_mask", word_mask), ("word_keep", word_keep), ("word_rand", word_rand))
-        probs = [check_non_negative_finite(name, value) for name, value in named]
-        if not math.isclose(sum(probs), 1.0, rel_tol=0, abs_tol=1e-6):
-            raise ValueError(f"word_mask + word_keep + word_rand must be 1, got {sum(probs)}")
+        special_ids = [check_int(f"special_ids[{i}]", t, 0, vocab_size - 1) for i, t in enumerate(special_ids)]
+        mask_prop, word_mask, word_keep, word_rand, smoothing = check_masking(
+            mask_prop, word_mask, word_keep, word_rand, smoothing)
         self.mask_prop = mask_prop
-        smoothing = check_non_negative_finite("smoothing", smoothing)
         if counts is None:
             counts = torch.ones(vocab_size, dtype=torch.int64)
         check_tensor("counts", counts, ndims=(1,))
@@ -109,7 +88,7 @@ class MLMMasker:
         weights[special_ids] = 0.0
         self.token_weights = weights.float()
         # order of the outcomes drawn per chosen token: [MASK], keep, random
-        self.outcome_probs = torch.tensor(probs, dtype=torch.float32)
+        self.outcome_probs = torch.tensor([word_mask, word_keep, word_rand], dtype=torch.float32)
 
     def __call__(self, input_ids, attention_mask, generator):
         check_tensor("input_ids", input_ids, dtypes=(torch.int64,), ndims=(2,))

@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from distil._ops.common import check_tensor
+from distil.checks import check_int
 
 # teacher class -> the state-dict prefix of its ModuleList of layers (the only part the student thins)
 _LAYER_LISTS = {
@@ -64,14 +65,6 @@ _BERT_TO_DISTILBERT_LAYER = {
 _DISTILBERT_LN_EPS = 1e-12  # hard-coded in DistilBERT's modules
 
 
-def _check_int(name, value, low, high):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
-
-
 def layer_map(teacher_layers, student_layers=None):
     """Teacher layer index that initialises each student layer.
 
@@ -81,10 +74,10 @@ def layer_map(teacher_layers, student_layers=None):
     in integers.  For 12 -> 6 this is exactly the paper's ``[0, 2, 4, 7, 9, 11]``
     (``scripts/extract_distilbert.py``); the result is strictly increasing for any ``n <= L``.
     """
-    _check_int("teacher_layers", teacher_layers, 1, 10**6)
+    check_int("teacher_layers", teacher_layers, 1, 10**6)
     if student_layers is None:
         student_layers = max(1, teacher_layers // 2)
-    _check_int("student_layers", student_layers, 1, teacher_layers)
+    check_int("student_layers", student_layers, 1, teacher_layers)
     if student_layers == 1:
         return [0]
     span, steps = teacher_layers - 1, student_layers - 1
@@ -109,7 +102,7 @@ def _resolve_layers(teacher_layers, num_layers, layers):
     if not isinstance(layers, (list, tuple)) or not layers:
         raise TypeError(f"layers must be a non-empty list of ints, got {layers!r}")
     for i, t in enumerate(layers):
-        _check_int(f"layers[{i}]", t, 0, teacher_layers - 1)
+        check_int(f"layers[{i}]", t, 0, teacher_layers - 1)
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not repeat a teacher layer, got {list(layers)}")
     return list(layers)
@@ -243,6 +236,13 @@ def _distilbert_student(teacher, chosen, source):
     return DistilBertForMaskedLM(config), state
 
 
+def auto_model_class(causal):
+    """The Auto class that loads a causal-LM (``causal``) or masked-LM model directory."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForCausalLM if causal else AutoModelForMaskedLM
+
+
 def save_student(student, path, tokenizer=None):
     """Write ``student`` (and ``tokenizer`` if given) as a normal Hugging Face model directory.
 
@@ -322,7 +322,7 @@ class LMAdapter:
         head = model.get_output_embeddings()
         rows = head.weight.shape[0]
         if vocab_size is not None:
-            _check_int("vocab_size", vocab_size, 1, rows)
+            check_int("vocab_size", vocab_size, 1, rows)
         self._projection = head if vocab_size in (None, rows) else HeadRows(head, vocab_size)
 
     @property

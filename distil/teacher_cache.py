@@ -76,7 +76,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from distil._ops.common import check_positive_finite
+from distil.checks import check_int, check_temperature
 from distil.data import load_corpus, pack_blocks, text_files
 from distil.masking import MLMMasker, token_counts
 from distil.ops import masked_gather
@@ -205,21 +205,19 @@ class CacheBuilder:
         self.causal = causal_lm_directory("teacher", teacher)
         if passes is None:
             passes = 1 if self.causal else 3
-        for name, value, low in (("top_k", top_k, 1), ("passes", passes, 1), ("batch_size", batch_size, 1),
-                                 ("shard_sequences", shard_sequences, 1), ("seed", seed, 0),
-                                 ("max_length", max_length, 3), ("block_size", block_size, 2)):
-            if name == "block_size" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if passes >= 1 << 16 or seed >= 1 << 23:
-            raise ValueError("passes must be < 65536 and seed < 2**23")
+        for name, value, low, high in (("top_k", top_k, 1, None), ("passes", passes, 1, (1 << 16) - 1),
+                                       ("batch_size", batch_size, 1, None),
+                                       ("shard_sequences", shard_sequences, 1, None), ("seed", seed, 0, (1 << 23) - 1),
+                                       ("max_length", max_length, 3, None)):
+            check_int(name, value, low, high)
+        if block_size is not None:
+            check_int("block_size", block_size, 2)
         if self.causal and passes != 1:
             raise ValueError(f"passes is {passes} but the teacher {teacher} is a causal LM: nothing is masked, so its "
                              "cache has one pass (every epoch replays it)")
         if not self.causal and block_size is not None:
             raise ValueError(f"block_size is for causal-LM teachers; {teacher} is a masked LM (one document per row)")
-        self.temperature = check_positive_finite("temperature", temperature)
+        self.temperature = check_temperature("temperature", temperature)
         if dtype not in LOGIT_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(LOGIT_DTYPES)}, got {dtype!r}")
         self.output = Path(output)

@@ -1,5 +1,4 @@
-"""The DistilBERT recipe's training loop: :class:`Trainer` (run by ``distil-train``, see :mod:`distil.cli`;
-``python -m distil.train`` runs the same CLI).
+"""The DistilBERT recipe's training loop: :class:`Trainer` (run by ``distil-train``, see :mod:`distil.cli`).
 
 Equivalent of the paper's ``train.py`` + ``Distiller`` (Hugging Face
 ``examples/research_projects/distillation``) with the MLM objective, or with ``--mlm`` off for causal-LM
@@ -17,9 +16,9 @@ masking, documents padded per batch or packed into ``--block-size`` blocks), on 
   clipping at 5.0, bf16/fp16 autocast on GPU;
 - DDP under ``torchrun`` (NCCL on GPU, gloo on CPU).
 
-Around it, what a run needs: ``checkpoint-<step>/`` folders (a student model directory plus
-``training_state.pt``: optimizer, scheduler, RNG states, reader position, the flags), written atomically;
-``--resume`` continues bit-exactly from the newest readable one; SIGINT/SIGTERM finish the current step,
+Around it, what a run needs: ``checkpoint-<step>/`` folders (:mod:`distil.checkpoint`: a student model
+directory plus ``training_state.pt``), written atomically; ``--resume`` continues bit-exactly from the
+newest readable one; SIGINT/SIGTERM finish the current step,
 write a checkpoint and stop; a non-finite loss, gradient norm or parameter stops the run before it
 writes anything non-finite; ``metrics.jsonl`` holds the training metrics averaged over ``--log-every``
 steps and the validation metrics (strict JSON); a held-out split is evaluated with uniform 15% masking
@@ -32,12 +31,10 @@ with accumulation A·K computes (the mean over micro-batches of each micro-batch
 ``distiller.py`` does).
 """
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -51,22 +48,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from distil.checkpoint import METRICS, RUN_FILES, STUDENT, TENSORBOARD, checkpoints, load_checkpoint, save_checkpoint
+from distil.checks import TOKENIZER_FILES
 from distil.data import LengthGroupedBatches, load_corpus, pack_blocks, text_files
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker, token_counts
 from distil.step import DistillationStep, StudentRows, causal_labels
-from distil.student import build_student, save_student
+from distil.student import auto_model_class, build_student, save_student
 from distil.teacher_cache import TeacherCache
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINING_STATE = "training_state.pt"
-METRICS = "metrics.jsonl"
-STUDENT = "student"
-TENSORBOARD = "runs"
-RUN_FILES = (METRICS, STUDENT, TENSORBOARD)  # with the checkpoint folders: what --overwrite-output-dir removes
-# Flags that may differ on --resume: they change how a run is watched and saved, not what it computes.
-RESUMABLE_CHANGES = ("output_dir", "resume", "overwrite_output_dir", "progress", "save_every", "save_total_limit",
-                     "log_every", "eval_every", "report_to")
 EVAL_SEED = 0  # the held-out split and its masking: the same for every run on the same data
 EVAL_MASK_PROP = 0.15
 
@@ -81,15 +71,9 @@ class NonFiniteError(RuntimeError):
     written, and the checkpoints on disk are untouched."""
 
 
-def _auto_class(causal):
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-    return AutoModelForCausalLM if causal else AutoModelForMaskedLM
-
-
 def _load_teacher(path, device, dtype, causal):
     # safetensors only, and never remote code: a teacher directory is data, not a program.
-    teacher, info = _auto_class(causal).from_pretrained(path, use_safetensors=True, trust_remote_code=False,
+    teacher, info = auto_model_class(causal).from_pretrained(path, use_safetensors=True, trust_remote_code=False,
                                                         output_loading_info=True)
     missing = info["missing_keys"]
     if missing:
@@ -103,39 +87,12 @@ def _load_teacher(path, device, dtype, causal):
     return teacher.to(device=device, dtype=dtype)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
-
-
-def check_model_dir(name, path, *, tokenizer=False):
-    """A local model directory distil can load: ``config.json``, safetensors weights and (with
-    ``tokenizer``) tokenizer files; raises ValueError naming the missing file. Without tokenizer files
-    transformers would build an empty tokenizer that maps every word to [UNK]."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{name}: {path / 'config.json'} not found; {name} must be a Hugging Face model directory")
-    if not any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-        other = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (path / f).is_file()]
-        hint = (f" (it has {other[0]}: distil loads safetensors only; convert with "
-                "AutoModelForMaskedLM.from_pretrained(dir).save_pretrained(dir))") if other else ""
-        raise ValueError(f"{name}: {path / 'model.safetensors'} not found{hint}")
-    if tokenizer and not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise ValueError(f"{name}: no tokenizer files in {path} (looked for {', '.join(_TOKENIZER_FILES)}); "
-                         "save the tokenizer there (tokenizer.save_pretrained)")
-
-
 def _autocast_dtype(precision, device):
     if device.type != "cuda":
         if precision in ("bf16", "fp16"):
             raise ValueError(f"precision {precision} needs a CUDA device; use fp32 (or auto) on {device}")
         return None
     return {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-def _save_durably(obj, path):
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def json_record(record):
@@ -147,32 +104,12 @@ def json_record(record):
     return json.dumps(clean, allow_nan=False)
 
 
-def _run_flags(config):
-    """The flags a checkpoint records, with paths made absolute so that a resume from another folder matches."""
-    flags = dataclasses.asdict(config)
-    flags["teacher"] = str(Path(config.teacher).resolve())
-    flags["data"] = [str(Path(p).resolve()) for p in config.data]
-    if config.student is not None:
-        flags["student"] = str(Path(config.student).resolve())
-    return flags
-
-
-def checkpoints(output_dir):
-    """The ``checkpoint-<step>`` folders of ``output_dir``, newest first, as (step, path)."""
-    found = []
-    for path in Path(output_dir).glob(CHECKPOINT_PREFIX + "*"):
-        match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return sorted(found, reverse=True)
-
-
 def _console(message):
     tqdm.write(message, file=sys.stderr)
 
 
 class Trainer:
-    """Builds everything from a :class:`distil.cli.TrainConfig` and runs :meth:`fit`. Under ``torchrun``
+    """Builds everything from a :class:`distil.config.TrainConfig` and runs :meth:`fit`. Under ``torchrun``
     (the ``WORLD_SIZE`` environment variable > 1) it joins the process group itself. With
     ``config.resume`` it continues from the newest readable checkpoint of ``output_dir``."""
 
@@ -198,9 +135,6 @@ class Trainer:
                 raise ValueError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)")
         torch.manual_seed(config.seed + self.rank)  # dropout differs per rank, as in distiller.py
 
-        check_model_dir("teacher", config.teacher, tokenizer=True)
-        if config.student is not None:
-            check_model_dir("student", config.student)
         self.causal = config.causal_teacher()
         self.lm = "clm" if self.causal else "mlm"  # the name of the CE part in the metrics
         self.parts = ("loss", "kl", self.lm, "cos")
@@ -228,7 +162,7 @@ class Trainer:
                 raise ValueError(f"teacher: the tokenizer in {config.teacher} has {len(self.tokenizer)} tokens but the "
                                  f"model's vocab_size is {teacher.config.vocab_size}")
         if config.student is not None:
-            student = _auto_class(self.causal).from_pretrained(config.student, use_safetensors=True,
+            student = auto_model_class(self.causal).from_pretrained(config.student, use_safetensors=True,
                                                                trust_remote_code=False)
         else:
             student = build_student(teacher, num_layers=config.student_layers, as_distilbert=config.as_distilbert)
@@ -302,7 +236,7 @@ class Trainer:
         self.step = 0
         self._batch_iter = None
         self._stop_requested = False
-        self.resumed_from = self.load_checkpoint() if config.resume else None
+        self.resumed_from = load_checkpoint(self) if config.resume else None
 
     def _check_student_tokenizer(self):
         """A ``--student`` with tokenizer files must have the teacher's tokenizer (the same token → id map):
@@ -310,7 +244,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         cfg = self.config
-        if cfg.student is None or not any((Path(cfg.student) / f).is_file() for f in _TOKENIZER_FILES):
+        if cfg.student is None or not any((Path(cfg.student) / f).is_file() for f in TOKENIZER_FILES):
             return
         theirs = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=False)
         if theirs.get_vocab() != self.tokenizer.get_vocab():
@@ -530,118 +464,6 @@ class Trainer:
                                + loss_fn.cos_weight * result["eval_cos"])
         return result
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def _rng_state(self):
-        state = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.world_size == 1:
-            return [state]
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, state)
-        return gathered
-
-    def save_checkpoint(self):
-        """Write ``checkpoint-<step>/`` (rank 0): the student as a model directory that
-        ``from_pretrained`` loads, plus ``training_state.pt``; built under a temporary name, then renamed.
-        Then removes the oldest checkpoints beyond ``save_total_limit``."""
-        rng = self._rng_state()  # collective: every rank takes part
-        if self.rank == 0:
-            final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
-            tmp = self.output_dir / f".{final.name}.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            save_student(self.student, tmp, self.tokenizer)
-            _save_durably(
-                {
-                    "step": self.step,
-                    "total_steps": self.total_steps,
-                    "flags": _run_flags(self.config),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "rng": rng,
-                    "mask_generator": self.mask_generator.get_state(),
-                    "data": self.batches.state_dict(),
-                    "world_size": self.world_size,
-                },
-                tmp / TRAINING_STATE,
-            )
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            limit = self.config.save_total_limit
-            if limit is not None:
-                for _, old in checkpoints(self.output_dir)[limit:]:
-                    shutil.rmtree(old)
-        if self.world_size > 1:
-            dist.barrier()
-
-    def _check_flags(self, path, state):
-        saved, now = state["flags"], _run_flags(self.config)
-        for name, value in now.items():
-            if name not in RESUMABLE_CHANGES and saved.get(name) != value:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(
-                    f"resume: {flag} is {value!r} but {path} was written with {saved.get(name)!r}; resume with the "
-                    f"same value, or start a new run in another --output-dir from this student (--student {path})")
-        if state["world_size"] != self.world_size:
-            raise ValueError(
-                f"resume: {path} was written by {state['world_size']} processes, this run has "
-                f"{self.world_size}; a bit-exact resume needs the same world size")
-
-    def load_checkpoint(self):
-        """Continue from the newest checkpoint that reads back (a damaged one is skipped with a warning);
-        metrics logged after it are dropped. Returns its path."""
-        found = checkpoints(self.output_dir)
-        if not found:
-            raise ValueError(f"resume: no checkpoint in {self.output_dir} (no {CHECKPOINT_PREFIX}<step> folder); "
-                             "drop --resume to start a new run")
-        for step, path in found:
-            try:
-                state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
-                saved = _auto_class(self.causal).from_pretrained(path, use_safetensors=True, trust_remote_code=False)
-            except Exception as err:  # any damage: a truncated file, a missing one, a bad header
-                if self.rank == 0:
-                    _console(f"distil-train: warning: skipping unreadable checkpoint {path}: "
-                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-                continue
-            self._check_flags(path, state)
-            self.student.load_state_dict(saved.state_dict())
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
-            rng = state["rng"][self.rank]
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-            self.mask_generator.set_state(state["mask_generator"])
-            self.batches.load_state_dict(state["data"])
-            self._batch_iter = None
-            self.step = step
-            if self.rank == 0:
-                self._truncate_metrics()
-            return path
-        raise ValueError(f"resume: none of the {len(found)} checkpoints in {self.output_dir} could be read")
-
-    def _truncate_metrics(self):
-        """Drop the metrics rows after the resumed step (and a torn last line), so a resumed run's
-        ``metrics.jsonl`` has every step once."""
-        path = self.output_dir / METRICS
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step", math.inf) <= self.step:
-                kept.append(line)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-
     # -- the run --------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
         if self._stop_requested and signum == signal.SIGINT:
@@ -718,7 +540,7 @@ class Trainer:
                         self._log(record, bar, writer, metrics_file)
                     window = []
                 if stop or self.step % cfg.save_every == 0 or self.step == end:
-                    self.save_checkpoint()
+                    save_checkpoint(self)
                 if stop:
                     return "interrupted"
                 if main_rank and (self.step % cfg.eval_every == 0 or self.step == end):
@@ -745,7 +567,7 @@ class Trainer:
         optimizer untouched) and return a :class:`StepError` saying where it is and what went wrong."""
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            self.save_checkpoint()
+            save_checkpoint(self)
             where = f"checkpoint-{self.step} written in {self.output_dir}; fix the cause, then --resume"
         except Exception as save_err:  # noqa: BLE001 (the first error is the one to report)
             where = f"and no checkpoint could be written ({type(save_err).__name__}: {save_err})"
@@ -758,7 +580,6 @@ class Trainer:
             self._log(record, bar, writer, metrics_file)
 
 
-if __name__ == "__main__":
-    from distil.cli import main
-
-    sys.exit(main())
+if __name__ == "__main__":  # the CLI lives in distil.cli, which imports this module
+    sys.exit("distil.train is the training loop, not a command: run distil-train, or python -m distil.cli "
+             "(e.g. torchrun --nproc_per_node=8 -m distil.cli ...)")

@@ -1,6 +1,7 @@
 """distil.cli (distil-train) as users run it: every flag parsed and documented, --help without heavy
 imports, errors as one line with exit code 1, refused overwrite, SIGINT/SIGTERM checkpoint + exit code 3,
 the end-to-end run (BERT, RoBERTa, DistilBERT students), teacher and data checks that name the file."""
+import ast
 import dataclasses
 import json
 import os
@@ -15,8 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertModel
 
+from distil.checkpoint import TRAINING_STATE
 from distil.cli import EXIT_DIVERGED, EXIT_ERROR, EXIT_INTERRUPTED, TrainConfig, main, parse_args
-from distil.train import METRICS, STUDENT, TRAINING_STATE, checkpoints
+from distil.train import METRICS, STUDENT, checkpoints
 
 from helpers import one_error_line
 from tiny import bert_tokenizer, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus
@@ -99,9 +101,22 @@ def test_help_imports_nothing_heavy():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_cli_is_imported_by_nothing_in_the_package():
+    # distil.cli imports config and train; a module importing it back would be a cycle.
+    package = Path(__file__).resolve().parent.parent / "distil"
+    for path in package.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        assert path.name == "cli.py" or "distil.cli" not in imported, path.name
+
+
 @pytest.mark.parametrize("field, value, error, match", [
     ("batch_size", 0, ValueError, "batch_size"),
-    ("grad_accum", 1.5, ValueError, "grad_accum"),
+    ("grad_accum", 1.5, TypeError, "grad_accum"),
     ("lr", -1.0, ValueError, "lr"),
     ("lr", "big", TypeError, "lr"),
     ("warmup", 1.0, ValueError, "warmup"),
@@ -126,6 +141,30 @@ def test_bad_value_is_one_line_before_the_teacher_loads(workdir, capsys):
     assert main(argv(workdir, "bad_t", "bert", "--temperature", "0")) == EXIT_ERROR
     one_error_line(capsys, "temperature")
     assert not (workdir / "bad_t").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    # The library's own messages (distil.checks), which used to come only after the models had loaded.
+    (("--temperature", "1e19"), "temperature must be in [2**-126, 2**63)"),
+    (("--seed", "-1"), "seed must be an int >= 0"),
+    (("--max-length", "2"), "max_length must be an int >= 3"),
+    (("--mask-prop", "0"), "mask_prop must be in (0, 1]"),
+    (("--word-mask", "0.5"), "word_mask + word_keep + word_rand must be 1"),
+    (("--smoothing", "-1"), "smoothing must be finite in float32 and >= 0"),
+    (("--student-layers", "5"), "student_layers must be an int in [1, 4]"),
+    (("--data", "/nonexistent"), "data path '/nonexistent' is neither a file nor a folder"),
+])
+def test_library_range_errors_come_before_any_model_loads(workdir, capsys, monkeypatch, flags, message):
+    import transformers
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the flags were checked")
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForMaskedLM, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", no_load)
+    assert main(argv(workdir, "fail_fast", "bert", *flags)) == EXIT_ERROR
+    one_error_line(capsys, message)
+    assert not (workdir / "fail_fast").exists()
 
 
 def test_non_empty_output_dir_is_refused_unless_resume_or_overwrite(workdir, capsys):
@@ -205,7 +244,7 @@ def test_cli_end_to_end_gives_a_student_that_transformers_loads(workdir, teacher
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_writes_a_checkpoint_and_exits_with_the_interrupted_code(workdir, signum):
     out = workdir / f"signal_{signum.name}"
-    cmd = [sys.executable, "-m", "distil.train", *argv(workdir, out.name), "--max-steps", "100000",
+    cmd = [sys.executable, "-m", "distil.cli", *argv(workdir, out.name), "--max-steps", "100000",
            "--save-every", "100000", "--eval-every", "100000", "--batch-size", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distil.checkpoint import TRAINING_STATE
 from distil.cli import TrainConfig
-from distil.train import METRICS, TRAINING_STATE, Trainer
+from distil.train import METRICS, Trainer
 
 from helpers import GPU_RUN, free_port
 from tiny import bert_tokenizer, tiny_bert, write_corpus

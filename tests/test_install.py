@@ -67,8 +67,8 @@ def test_transformers_imports_from_repository_root():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_train_module_help_from_repository_root():
-    out = run_in(ROOT, sys.executable, "-m", "distil.train", "--help")
+def test_cli_module_help_from_repository_root():
+    out = run_in(ROOT, sys.executable, "-m", "distil.cli", "--help")
     assert out.returncode == 0, out.stderr
     assert "--teacher" in out.stdout
 

@@ -11,13 +11,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForMaskedLM
 
+from distil.checkpoint import TRAINING_STATE
 from distil.cli import TrainConfig
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker
 from distil.reference import distiller_step
 from distil.step import DistillationStep, StudentRows
 from distil.student import build_student
-from distil.train import METRICS, STUDENT, TRAINING_STATE, NonFiniteError, Trainer, checkpoints, json_record
+from distil.train import METRICS, STUDENT, NonFiniteError, Trainer, checkpoints, json_record
 
 from helpers import GPU_RUN, relative_error
 from tiny import bert_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_roberta, write_corpus

@@ -1,11 +1,13 @@
-"""What every op shares: the input checks of the public functions (each raises a clear TypeError or
-ValueError naming the argument), and the "gradient in the forward" plumbing (ARCHITECTURE.md): the
-coefficients the forward prepares its gradient for, and the autograd side, where the forward's
-gradient buffer is saved and the backward rewrites it in place (once) into the gradient."""
+"""What every op shares: the tensor checks of the public functions (each raises a clear TypeError or
+ValueError naming the argument; the scalar checks are :mod:`distil.checks`), and the "gradient in the
+forward" plumbing (ARCHITECTURE.md): the coefficients the forward prepares its gradient for, and the
+autograd side, where the forward's gradient buffer is saved and the backward rewrites it in place
+(once) into the gradient."""
 import contextlib
-import numbers
 
 import torch
+
+from distil.checks import check_int, check_non_negative_finite
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -80,34 +82,6 @@ def check_row_mask(name, mask, rows_shape, device):
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-# The kernels compute in float32: a temperature T must have a normal float32 1/T and a finite T².
-TEMPERATURE_RANGE = (2.0**-126, 2.0**63)
-FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _check_real(name, value):
-    """A real number (Python or NumPy int/float, not bool) as a float. Only comparisons follow, so a value
-    torch.compile traces symbolically passes through (math.isfinite would break the graph)."""
-    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return float(value)
-
-
-def check_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
-
-
-def check_temperature(name, value):
-    lo, hi = TEMPERATURE_RANGE
-    number = _check_real(name, value)
-    if not lo <= number < hi:  # also rejects NaN
-        raise ValueError(f"{name} must be in [2**-126, 2**63) (1/T and T² finite in float32, the kernels' "
-                         f"precision), got {value}")
-    return number
-
-
 def check_labels(labels, rows_shape, vocab, device, ignore_index):
     """int64/int32 ``labels`` over the row dims, each in ``[0, vocab)`` or ``ignore_index``. Returns
     ``(labels as int64, labelled mask)``. Out-of-range labels raise on CPU; on CUDA (and under
@@ -129,20 +103,6 @@ def check_labels(labels, rows_shape, vocab, device, ignore_index):
         first = labels[bad][0].item()
         raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
     return labels, labelled
-
-
-def check_positive_finite(name, value):
-    number = _check_real(name, value)
-    if not 0 < number <= FLOAT32_MAX:  # also rejects NaN
-        raise ValueError(f"{name} must be finite in float32 and > 0, got {value}")
-    return number
-
-
-def check_non_negative_finite(name, value):
-    number = _check_real(name, value)
-    if not 0 <= number <= FLOAT32_MAX:  # also rejects NaN
-        raise ValueError(f"{name} must be finite in float32 and >= 0, got {value}")
-    return number
 
 
 def check_weight(name, value, device):

@@ -6,12 +6,10 @@ import torch
 
 from distil._ops.common import (
     announced_coef,
-    check_int,
     check_labels,
     check_op_rows,
     check_pair,
     check_row_mask,
-    check_temperature,
     check_unit_last_stride,
     check_weight,
     device_guard,
@@ -21,6 +19,7 @@ from distil._ops.common import (
     save_gradient_buffer,
     take_gradient_buffer,
 )
+from distil.checks import check_int, check_temperature
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
     from distil.kernels import kl_ce as _triton_kl_ce

@@ -27,17 +27,15 @@ from distil._ops import kl_ce  # noqa: F401  (the kl_ce_rows kernels, fake impl 
 from distil._ops.common import (
     FLOAT_DTYPES,
     announced_coef,
-    check_int,
     check_labels,
-    check_non_negative_finite,
     check_row_mask,
-    check_temperature,
     check_tensor,
     check_weight,
     divisor,
     row_count,
     take_gradient_buffer,
 )
+from distil.checks import check_int, check_non_negative_finite, check_temperature
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
     from distil.kernels import gated_scale as _triton_gated_scale
@@ -396,8 +394,8 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
     kl_weight = check_weight("kl_weight", kl_weight, device)
     ce_weight = check_weight("ce_weight", ce_weight, device)
     sync_free = isinstance(kl_weight, torch.Tensor) or isinstance(ce_weight, torch.Tensor)
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    if chunk_rows is not None:
+        chunk_rows = check_int("chunk_rows", chunk_rows, 1)
     has_teacher = teacher_weight is not None or teacher_logits is not None
     kl_count = row_count(kl_mask, rows_shape) if has_teacher else 0
     ce_count = 0

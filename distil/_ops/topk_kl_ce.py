@@ -8,11 +8,9 @@ import torch
 
 from distil._ops.common import (
     FLOAT_DTYPES,
-    check_int,
     check_labels,
     check_row_mask,
     check_same_device,
-    check_temperature,
     check_tensor,
     check_unit_last_stride,
     check_weight,
@@ -24,6 +22,7 @@ from distil._ops.common import (
     take_gradient_buffer,
 )
 from distil._ops.kl_ce import _contiguous, loss_coef
+from distil.checks import check_int, check_temperature
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
     from distil.kernels import topk_kl_ce as _triton_topk

@@ -4,7 +4,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -13,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from distil.cli import _add_flag, _option
+from distil.checks import (
+    check_fraction,
+    check_int,
+    check_mask_prop,
+    check_model_dir,
+    check_positive_finite,
+)
+from distil.config import _add_flag, _option
 from distil.evaluate.finetune import fine_tune
 from distil.evaluate.labelled import label_names, load_labelled
 from distil.evaluate.lm_metrics import causal_lm_metrics, lm_sequences, masked_lm_metrics
@@ -70,8 +76,6 @@ class EvalConfig:
 
     def validate(self):
         """Every value and path checked before any model loads; errors name the flag (and file)."""
-        from distil.train import check_model_dir
-
         if not self.models:
             raise ValueError("models must name at least one model directory")
         for path in self.models:
@@ -84,19 +88,13 @@ class EvalConfig:
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
         for name in ("batch_size", "max_length", "lm_max_length", "throughput_batch_size",
                      "throughput_sequences", "throughput_rounds", "generate_tokens"):
-            value, low = getattr(self, name), int(name != "generate_tokens")
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if self.max_train_rows is not None and self.max_train_rows < 2:
-            raise ValueError(f"max_train_rows must be >= 2 or None, got {self.max_train_rows}")
-        if not (isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0):
-            raise ValueError(f"epochs must be a positive number, got {self.epochs!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be positive and finite, got {self.lr}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
-        if not 0.0 < self.mlm_prop <= 1.0:
-            raise ValueError(f"mlm_prop must be in (0, 1], got {self.mlm_prop}")
+            check_int(name, getattr(self, name), int(name != "generate_tokens"))
+        if self.max_train_rows is not None:
+            check_int("max_train_rows", self.max_train_rows, 2)
+        check_positive_finite("epochs", self.epochs)
+        check_positive_finite("lr", self.lr)
+        check_fraction("warmup", self.warmup)
+        check_mask_prop("mlm_prop", self.mlm_prop)
         if self.lm_text is not None and not Path(self.lm_text).is_file():
             raise ValueError(f"lm_text {self.lm_text!r} is not a file")
         if self.train is None:
