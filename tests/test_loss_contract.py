@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from distil import reference
-from distil._ops import cosine as cosine_op
-from distil._ops import kl_ce as kl_ce_op
+from distil._ops.registry import TRITON_IMPLS
 from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss
 from distil.ops import masked_gather
 
@@ -34,10 +33,7 @@ def device(request, backend):
     if GPU_RUN:
         return "cuda"
     lib = torch.library.Library("distil", "IMPL")
-    for name, impl in (("kl_ce_rows", kl_ce_op.kl_ce_rows_triton),
-                       ("kl_ce_rows_backward", kl_ce_op.kl_ce_rows_backward_triton),
-                       ("cosine_rows", cosine_op.cosine_rows_triton),
-                       ("cosine_rows_backward", cosine_op.cosine_rows_backward_triton)):
+    for name, impl in TRITON_IMPLS.items():
         lib.impl(name, impl, "CPU")
     request.addfinalizer(lib._destroy)
     return "cpu"
