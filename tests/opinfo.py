@@ -9,18 +9,19 @@ Triton launchers ``launch(*args, coef, *scalars, *loss_rows, grad)`` / ``launch_
 backward op's arguments.
 """
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from distil import fused_loss, reference
+from distil._ops.registry import row_inputs_contiguous
 from distil.kernels import cosine as cosine_kernels
 from distil.kernels import kl_ce as kl_ce_kernels
 from distil.kernels import topk_kl_ce as topk_kernels
 
 from aot import launch_spec
-from helpers import TOL, relative_error
+from helpers import TOL, nan_empty, poison_heap, relative_error
 
 NEG_INF = float("-inf")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -68,7 +69,6 @@ class OpInfo:
     empty_shapes: tuple = ((0, 13), (2, 0, 13))
     compile_backends: tuple = ("aot_eager",)
     scalar_edges: bool = True  # AOT: the masked head / tail accesses show outside the loops
-    extra: dict = field(default_factory=dict)
 
     def __repr__(self):
         return self.name
@@ -81,6 +81,51 @@ def _meta(*shape, dtype=F32):
 def _specs(module, kernels, launches, cc):
     return [launch_spec(kernel, module, args, cc=cc, **options)
             for kernel, (_, args, options) in zip(kernels, launches)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running an op on a sample, on either backend
+# ------------------------------------------------------------------------------------------------
+def impl_device(impl, triton_device):
+    return "cpu" if impl == "cpu" else triton_device
+
+
+def forward(op, impl, sample, coef, compute_grad=True):
+    """(*loss_rows, grad): the C++ op, or the Triton launcher into NaN-filled outputs (every element must
+    be written); "triton_chunked" forces the streamed paths."""
+    s = sample.student
+    rows = s.shape[:-1]
+    if impl == "cpu":
+        poison_heap(s, *(s[..., 0].float() for _ in coef))
+        return op.op(*sample.args, coef, *sample.scalars, compute_grad)
+    loss_rows = [nan_empty(rows, torch.float32, s.device) for _ in coef]
+    grad = nan_empty(s.shape, s.dtype, s.device) if compute_grad else None
+    blocks = op.chunked(sample) if impl == "triton_chunked" else {}
+    op.launch(*row_inputs_contiguous(sample.args, rows), coef, *sample.scalars, *loss_rows, grad, **blocks)
+    return (*loss_rows, grad)
+
+
+def backward(op, impl, sample, grad, grad_rows, coef):
+    rows = sample.student.shape[:-1]
+    if impl == "cpu":
+        op.backward_op(grad, *grad_rows, *sample.args, coef, *sample.scalars)
+    else:
+        blocks = op.chunked(sample) if impl == "triton_chunked" else {}
+        op.launch_backward(grad, *(g.contiguous() for g in grad_rows), *row_inputs_contiguous(sample.args, rows), coef,
+                           *sample.scalars, **blocks)
+
+
+def expected(op, sample, grad_rows):
+    """float64 per-row losses and the gradient of sum(Σ_i grad_rows[i] * loss_rows[i]) w.r.t. the student."""
+    s = sample.student.detach().double().requires_grad_()
+    loss_rows = op.reference(s, sample)
+    sum((rows * torch.as_tensor(g).double()).sum() for rows, g in zip(loss_rows, grad_rows)).backward()
+    return [rows.detach() for rows in loss_rows], s.grad
+
+
+def grad_error(op, grad, ref, sample, g):
+    """The gradient's error against float64; ``g``: the per-row gradient (or coef) of the first loss."""
+    return op.grad_error(grad, ref, sample, g) if op.grad_error else relative_error(grad, ref)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,7 +201,8 @@ def _kl_ce_inactive(sample):
 
 
 def _kl_ce_selected(rows, vocab, device):
-    return [kl_ce_sample("selected", *kl_ce_inputs(rows, vocab, device=device, label_frac=1.0, mask_frac=1.0))]
+    s, t, labels, mask = kl_ce_inputs(rows, vocab, device=device, label_frac=1.0 if vocab else 0.0, mask_frac=1.0)
+    return [kl_ce_sample("selected", s, t, labels, mask)]
 
 
 def _kl_ce_compile_case():

@@ -5,19 +5,15 @@ and empty-input policies, torch.compile of the public function, and the sm_80 / 
 import pytest
 import torch
 
-from distil._ops.registry import TRITON_IMPLS, row_inputs_contiguous
+from distil._ops.registry import TRITON_IMPLS
 
 from aot import compile_reports, main_loop_widths
-from helpers import GPU_RUN, nan_empty, poison_heap, relative_error, upstream_row_grads
-from opinfo import OPS
+from helpers import GPU_RUN, relative_error, upstream_row_grads
+from opinfo import OPS, backward, expected, forward, grad_error, impl_device
 
 NAN = float("nan")
 CASES = [(op, i) for op in OPS for i in range(len(op.sample_inputs()))]
 CASE_IDS = [f"{op.name}-{sample.name}" for op in OPS for sample in op.sample_inputs()]
-
-
-def impl_device(impl, triton_device):
-    return "cpu" if impl == "cpu" else triton_device
 
 
 def with_impls(cases, ids):
@@ -25,43 +21,6 @@ def with_impls(cases, ids):
     impl the op has."""
     return dict(argvalues=[(case[0], impl, *case[1:]) for case in cases for impl in case[0].impls],
                 ids=[f"{name}-{impl}" for case, name in zip(cases, ids) for impl in case[0].impls])
-
-
-def forward(op, impl, sample, coef, compute_grad=True):
-    """(*loss_rows, grad): the C++ op, or the Triton launcher into NaN-filled outputs (every element must
-    be written); "triton_chunked" forces the streamed paths."""
-    s = sample.student
-    rows = s.shape[:-1]
-    if impl == "cpu":
-        poison_heap(s, *(s[..., 0].float() for _ in coef))
-        return op.op(*sample.args, coef, *sample.scalars, compute_grad)
-    loss_rows = [nan_empty(rows, torch.float32, s.device) for _ in coef]
-    grad = nan_empty(s.shape, s.dtype, s.device) if compute_grad else None
-    blocks = op.chunked(sample) if impl == "triton_chunked" else {}
-    op.launch(*row_inputs_contiguous(sample.args, rows), coef, *sample.scalars, *loss_rows, grad, **blocks)
-    return (*loss_rows, grad)
-
-
-def backward(op, impl, sample, grad, grad_rows, coef):
-    rows = sample.student.shape[:-1]
-    if impl == "cpu":
-        op.backward_op(grad, *grad_rows, *sample.args, coef, *sample.scalars)
-    else:
-        blocks = op.chunked(sample) if impl == "triton_chunked" else {}
-        op.launch_backward(grad, *(g.contiguous() for g in grad_rows), *row_inputs_contiguous(sample.args, rows), coef,
-                           *sample.scalars, **blocks)
-
-
-def expected(op, sample, grad_rows):
-    """float64 per-row losses and the gradient of sum(Σ_i grad_rows[i] * loss_rows[i]) w.r.t. the student."""
-    s = sample.student.detach().double().requires_grad_()
-    loss_rows = op.reference(s, sample)
-    sum((rows * torch.as_tensor(g).double()).sum() for rows, g in zip(loss_rows, grad_rows)).backward()
-    return [rows.detach() for rows in loss_rows], s.grad
-
-
-def grad_error(op, grad, ref, sample, grad_rows):
-    return op.grad_error(grad, ref, sample, grad_rows) if op.grad_error else relative_error(grad, ref)
 
 
 # ----------------------------------------------------------------------------------------------
