@@ -96,7 +96,7 @@ def forward(op, impl, sample, coef, compute_grad=True):
     s = sample.student
     rows = s.shape[:-1]
     if impl == "cpu":
-        poison_heap(s, *(s[..., 0].float() for _ in coef))
+        poison_heap(s, *(s.new_empty(rows, dtype=torch.float32) for _ in coef))
         return op.op(*sample.args, coef, *sample.scalars, compute_grad)
     loss_rows = [nan_empty(rows, torch.float32, s.device) for _ in coef]
     grad = nan_empty(s.shape, s.dtype, s.device) if compute_grad else None

@@ -380,7 +380,7 @@ def test_aot_dispatch_of_the_exposed_gradient_buffer_is_unsupported():
     in place (it becomes the gradient, at no cost). A traced graph that returns the buffer as an
     output would have to return a value the backward changes afterwards: AOTAutograd cannot split
     such a graph ("Node ... was invalid, but is output"). The public functions never return the
-    buffer, so their compiled graphs partition (tests/test_kl_ce.py, test_cosine.py compile them)."""
+    buffer, so their compiled graphs partition (tests/test_ops.py compiles them)."""
     s, t = logits(4, 24, "cpu"), logits(4, 24, "cpu")
     args = (s.requires_grad_(), t, torch.tensor([1, -100, 3, 4]), None, torch.tensor([0.5, 0.5]), 2.0, -100, True)
     with pytest.raises(Exception, match="invalid, but is output"):
