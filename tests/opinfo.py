@@ -8,6 +8,7 @@ compute_grad) -> (*loss_rows, grad)``, ``op_backward(grad, *grad_rows, *args, co
 Triton launchers ``launch(*args, coef, *scalars, *loss_rows, grad)`` / ``launch_backward(...)`` with the
 backward op's arguments.
 """
+import importlib
 import itertools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
@@ -47,11 +48,7 @@ class Sample(NamedTuple):
 
 @dataclass
 class OpInfo:
-    name: str
-    op: object  # torch.ops.distil.<op>
-    backward_op: object
-    launch: Callable  # the Triton launchers (kernels/<op>.py)
-    launch_backward: Callable
+    name: str  # the op is distil::<name>_rows, its Triton launchers kernels/<name>.py's <name>_rows(_backward)
     sample_inputs: Callable  # device -> [Sample]
     reference: Callable  # (student float64, Sample) -> the per-row losses, float64
     inactive: Callable  # Sample -> per loss output, the rows that must be exactly 0
@@ -69,6 +66,13 @@ class OpInfo:
     empty_shapes: tuple = ((0, 13), (2, 0, 13))
     compile_backends: tuple = ("aot_eager",)
     scalar_edges: bool = True  # AOT: the masked head / tail accesses show outside the loops
+
+    def __post_init__(self):
+        self.op = getattr(torch.ops.distil, f"{self.name}_rows")
+        self.backward_op = getattr(torch.ops.distil, f"{self.name}_rows_backward")
+        kernels = importlib.import_module(f"distil.kernels.{self.name}")
+        self.launch = getattr(kernels, f"{self.name}_rows")
+        self.launch_backward = getattr(kernels, f"{self.name}_rows_backward")
 
     def __repr__(self):
         return self.name
@@ -256,9 +260,7 @@ def _short_rows_in_chunks(sample):
 
 
 KL_CE = OpInfo(
-    name="kl_ce", op=torch.ops.distil.kl_ce_rows, backward_op=torch.ops.distil.kl_ce_rows_backward,
-    launch=kl_ce_kernels.kl_ce_rows, launch_backward=kl_ce_kernels.kl_ce_rows_backward,
-    sample_inputs=kl_ce_samples, reference=_kl_ce_reference, inactive=_kl_ce_inactive,
+    name="kl_ce", sample_inputs=kl_ce_samples, reference=_kl_ce_reference, inactive=_kl_ce_inactive,
     coef=(0.7, 1.3), backward_coef=(0.25, 4.0), upstreams=("coef", "proportional", "arbitrary"),
     selected_samples=_kl_ce_selected, compile_case=_kl_ce_compile_case, aot_specs=_kl_ce_aot_specs,
     chunked=_short_rows_in_chunks, empty_shapes=((0, 13), (2, 0, 13), (4, 0)),
@@ -402,9 +404,7 @@ def _topk_skip_backward(impl, upstream, sample):
 
 
 TOPK_KL_CE = OpInfo(
-    name="topk_kl_ce", op=torch.ops.distil.topk_kl_ce_rows, backward_op=torch.ops.distil.topk_kl_ce_rows_backward,
-    launch=topk_kernels.topk_kl_ce_rows, launch_backward=topk_kernels.topk_kl_ce_rows_backward,
-    sample_inputs=topk_samples, reference=_topk_reference, inactive=_kl_ce_inactive,
+    name="topk_kl_ce", sample_inputs=topk_samples, reference=_topk_reference, inactive=_kl_ce_inactive,
     coef=(0.7, 1.3), backward_coef=(0.25, 4.0), upstreams=("coef", "proportional", "arbitrary"),
     selected_samples=_topk_selected, compile_case=_topk_compile_case, aot_specs=_topk_aot_specs,
     chunked=lambda sample: {**_short_rows_in_chunks(sample), "block_k": 16},
@@ -498,9 +498,7 @@ def _cosine_aot_specs():
 
 
 COSINE = OpInfo(
-    name="cosine", op=torch.ops.distil.cosine_rows, backward_op=torch.ops.distil.cosine_rows_backward,
-    launch=cosine_kernels.cosine_rows, launch_backward=cosine_kernels.cosine_rows_backward,
-    sample_inputs=cosine_samples,
+    name="cosine", sample_inputs=cosine_samples,
     reference=lambda x, sample: (reference.cosine_rows(x, sample.args[1].double(), sample.args[2]),),
     inactive=_cosine_inactive, coef=(0.7,), backward_coef=(0.25,), upstreams=("coef", "arbitrary", "zero coef"),
     selected_samples=lambda rows, h, device: [cosine_sample("selected", *make_hidden(rows, h, device=device)[:2],

@@ -134,8 +134,7 @@ def test_empty_inputs(triton_device, op, impl, shape):
 def test_triton_impls_are_registered_by_name(op):
     """The CUDA kernels are named functions in one table, so that the contract tests
     (test_loss_contract.py) can register the same ones for CPU tensors."""
-    name = op.op._qualified_op_name.split("::")[1]
-    for op_name in (name, f"{name}_backward"):
+    for op_name in (f"{op.name}_rows", f"{op.name}_rows_backward"):
         assert TRITON_IMPLS[op_name].__name__ == f"{op_name}_triton"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"distil::{op_name}", "CUDA")
 
