@@ -39,7 +39,7 @@ _kernels = triton_kernels("kl_ce")
 register_gradient_op("kl_ce_rows", 2, _check_op_args, _kernels)
 
 
-def _kl_ce_rows_into(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad):
+def kl_ce_rows_into_triton(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad):
     """kl_ce_rows into the caller's buffers (the fused LM heads' chunks), on the Triton kernel."""
     _check_op_args(student, teacher, labels, kl_mask, coef)
     rows = student.shape[:-1]
@@ -55,7 +55,7 @@ def _kl_ce_rows_into(student, teacher, labels, kl_mask, coef, temperature, ignor
 
 
 if _kernels is not None:
-    register_triton("kl_ce_rows_into", _kl_ce_rows_into)
+    register_triton("kl_ce_rows_into", kl_ce_rows_into_triton)
 torch.library.register_fake("distil::kl_ce_rows_into", lambda *args: None)
 
 

@@ -47,7 +47,7 @@ def row_inputs_contiguous(args, rows):
     return [x.contiguous() if isinstance(x, torch.Tensor) and x.shape == rows else x for x in args]
 
 
-def check_gradient_buffer(op, grad, student):
+def _check_gradient_buffer(op, grad, student):
     if grad.shape != student.shape or not grad.is_contiguous():
         raise ValueError(f"{op}_backward: grad must be contiguous with the student's shape")
 
@@ -85,7 +85,7 @@ def register_gradient_op(op, n_loss_rows, check_args, kernels):
             grad_rows, args = args[:n_loss_rows], args[n_loss_rows:]
             check_args(*args)
             student = args[0]
-            check_gradient_buffer(op, grad, student)
+            _check_gradient_buffer(op, grad, student)
             rows = student.shape[:-1]
             with device_guard(student):
                 launch_backward(grad, *(g.float().contiguous() for g in grad_rows),
