@@ -121,6 +121,19 @@ inline void check_rows_tensor(const char* op, const char* name, const at::Tensor
   TORCH_CHECK_VALUE(x.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", x.sizes());
 }
 
+// A float32 / bfloat16 / float16 CPU tensor of rows ([N, D] or [B, S, D]) with a unit stride along D.
+inline void check_float_rows(const char* op, const char* name, const at::Tensor& x) {
+  check_cpu(op, name, x);
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                   op, ": ", name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, op, ": ", name, " must be [N, D] or [B, S, D], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(-1) <= 1 || x.stride(-1) == 1, op, ": ", name,
+                    " must have a unit stride in its last dim, got strides ", x.strides());
+}
+
+// Rows of D elements per at::parallel_for task: about 32K elements, so that a task outweighs its cost.
+inline int64_t grain_rows(int64_t D) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)); }
+
 // e^x for x <= 0 (always a logit minus its row maximum): Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2/2, a degree-6 Taylor polynomial (error ~1e-7 relative)
 // and 2^n built in the exponent bits.  Results below e^-87 (~1.6e-38, where 2^n

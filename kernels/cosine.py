@@ -20,9 +20,8 @@ Instruction model (memory instructions per thread, per row and tensor): the whol
 8192 in the forward) is one masked access per element group; it is 128-bit exactly when H and the
 row strides are multiples of 16 (H = 768, 1024, 4096: the usual hidden sizes), scalar otherwise. The
 streamed rows (CHUNK_H = 4096 x 8 warps: 16 elements per thread and chunk) are cut at 16-byte
-boundaries (kernels/rows.py): before, 16 * ceil(H / 4096) scalar accesses at an odd H or stride (128
-at H = 30522); after, 48 scalar ones in the masked head and two tail chunks plus
-(H // 4096 - 1) * 16 * e / 16 128-bit ones (H = 30522: 60 in bf16, 72 in fp32). tests/test_cosine.py
+boundaries (kernels/rows.py): 48 scalar accesses in the masked head and two tail chunks plus
+(H // 4096 - 1) * 16 * e / 16 128-bit ones (H = 30522: 60 in bf16, 72 in fp32). tests/test_ops.py
 asserts 128-bit main loops from the sm_80 / sm_90 PTX at H in {30522, 50257, 32000, 128256}.
 
 Rows follow the convention of kernels/rows.py (a ``[B, S, H]`` view with padding or a transposed

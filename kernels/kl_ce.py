@@ -28,14 +28,11 @@ Traffic model (bytes through DRAM per row, e = element size):
 
 Instruction model (memory instructions per thread, per row and tensor, BLOCK_V = 2048 x 8 warps, so
 8 elements per thread and chunk; n = ceil((V + h) / 2048) chunks, h < 16 / e the row's 16-byte phase):
-- before (every chunk masked with `cols < V`): 8 * ceil(V / 2048) scalar accesses whenever V or the
-  row stride is not a multiple of 16, which is what Triton's launch specialisation can prove; that is
-  120 at V = 30522 (33 ld.global.b16 / 35 ld.global.b32 per pass in the PTX) and 504 at V = 128256.
-- after (rows cut at 16-byte boundaries, kernels/rows.py): 16 scalar accesses in the masked head and
-  tail chunks plus (n - 2) * 8 * e / 16 128-bit ones in the unmasked interior, at any V and stride:
-  V = 30522: 29 (bf16/fp16) or 42 (fp32) instead of 120; V = 128256: 77 or 138 instead of 504. The
-  bytes do not change. tests/test_kl_ce.py asserts from the sm_80 / sm_90 PTX that every global access
-  in the main loops is 128-bit at V in {30522, 50257, 32000, 128256} for fp32, bf16 and fp16.
+rows are cut at 16-byte boundaries (kernels/rows.py): 16 scalar accesses in the masked head and tail
+chunks plus (n - 2) * 8 * e / 16 128-bit ones in the unmasked interior, at any V and stride (V = 30522:
+29 in bf16 / fp16, 42 in fp32). tests/test_ops.py asserts from the sm_80 / sm_90 PTX that every global
+access in the main loops is 128-bit at V in {30522, 50257, 32000, 128256} for fp32, bf16 and fp16
+(the masked-chunk kernel this replaced, and its measured difference: benchmarks/NOTES_rows.md).
 
 -inf policy: a -inf logit is a token of probability exactly 0; q_j = 0 terms contribute 0 (xlogy), a
 row that is -inf everywhere in s or t has loss 0 and gradient 0, and a -inf student entry where

@@ -9,8 +9,6 @@ folds away). Strided views (padded D, a transposed batch) are read in place, nev
 Outputs written by the kernels (per-row values, gradients) are contiguous: row ``r`` of an
 ``[n, D]`` output starts at ``r * D``.
 """
-import os
-
 import triton
 import triton.language as tl
 
@@ -92,8 +90,6 @@ def vector_width(*tensors):
     """ALIGN for tensors whose row r a program reads / writes at the same columns: the elements in 16
     bytes of the narrowest dtype, when every tensor's rows start at the same offset modulo that
     (row strides congruent modulo it, as for contiguous tensors of one shape); else 1."""
-    if os.environ.get("DISTIL_SCALAR_ROWS") == "1":  # benchmarks/bench_vector_access.py's "before"
-        return 1
     align = 16 // min(t.element_size() for t in tensors)
     _, ref_b, ref_s = row_geometry(tensors[0])
     for t in tensors[1:]:

@@ -1,5 +1,5 @@
 """What every test file shares: the device lists, the ONE tolerance table, error measures and
-poisoned outputs. Each tests/test_<op>.py has its own ``sample_inputs()``."""
+poisoned outputs. The ops' samples are declared once, in tests/opinfo.py."""
 import os
 import socket
 
@@ -78,11 +78,11 @@ def free_port():
 
 
 def upstream_row_grads(upstream, coef, rows):
-    """Incoming per-row gradients (g_kl, g_ce) of the two-part (KL, CE) ops' backward tests: equal to
-    ``coef`` ("coef": the backward must leave the buffer as it is), proportional to it (a per-row
-    rescale), or "arbitrary" (a recomputation)."""
+    """Incoming per-row gradients, one per loss output of an op, for its backward tests: equal to ``coef``
+    ("coef": the backward must leave the buffer as it is), proportional to it (a per-row rescale), or
+    "arbitrary" / "zero coef" (random, a recomputation; the caller makes coef 0 for the latter)."""
     device = coef.device
-    if upstream == "arbitrary":
-        return torch.randn(rows, device=device), torch.randn(rows, device=device)
+    if upstream in ("arbitrary", "zero coef"):
+        return tuple(torch.randn(rows, device=device) for _ in coef)
     factor = torch.ones(rows, device=device) if upstream == "coef" else torch.rand(rows, device=device) + 0.5
-    return coef[0] * factor, coef[1] * factor
+    return tuple(c * factor for c in coef)

@@ -1,217 +1,34 @@
-"""distil::kl_ce_rows: the C++ CPU kernel and the Triton kernel (interpreter here, CUDA on a GPU run)
-against the float64 reference (distil.reference.kl_ce_rows) on one set of ``sample_inputs()``, feeding
-the forward, gradient and opcheck tests; then kernel-specific cases, the public functions in
-distil.fused_loss, torch.compile, and sm_80/sm_90 builds."""
-import itertools
-from typing import NamedTuple, Optional
-
+"""distil::kl_ce_rows beyond the generic families of tests/test_ops.py (samples in tests/opinfo.py): a -inf
+student under a finite teacher, large vocabularies, int64 row offsets, the caller-buffer entry
+kl_ce_rows_into, the C++ backward's branches row by row, the op entries' checks; then the public
+kl_div_loss / kl_ce_loss against distiller.py."""
 import pytest
 import torch
 
 from distil import fused_loss, reference
-from distil._ops.kl_ce import loss_coef
+from distil._ops.common import loss_coef
 from distil.kernels import kl_ce as K
 
-from aot import compile_reports, launch_spec, main_loop_widths
-from helpers import (
-    API_DEVICES,
-    GPU_RUN,
-    TOL,
-    RecordOps,
-    nan_empty,
-    poison_heap,
-    relative_error,
-    rows_past_int32,
-    upstream_row_grads,
-)
+from helpers import API_DEVICES, GPU_RUN, TOL, RecordOps, nan_empty, relative_error, rows_past_int32
+from opinfo import KL_CE, impl_device, kl_ce_sample, kl_ce_samples
+from opinfo import expected as op_expected
+from opinfo import forward as op_forward
+from opinfo import kl_ce_inputs as make_inputs
 
 NEG_INF = float("-inf")
 kl_ce_rows = torch.ops.distil.kl_ce_rows
 kl_ce_rows_backward = torch.ops.distil.kl_ce_rows_backward
+SAMPLE_NAMES = [x.name for x in kl_ce_samples()]
 
 
-class Sample(NamedTuple):
-    name: str
-    s: torch.Tensor
-    t: torch.Tensor
-    labels: Optional[torch.Tensor]
-    kl_mask: Optional[torch.Tensor]
-    temperature: float = 2.0
-    ignore_index: int = -100
-
-    def args(self):
-        return self.s, self.t, self.labels, self.kl_mask
-
-
-def make_inputs(shape, vocab, s_dtype=torch.float32, t_dtype=torch.float32, device="cpu", label_frac=0.6,
-                mask_frac=0.7, scale=3.0, pad=0):
-    """Random logits over the row shape ``shape``; ``pad`` > 0 makes them strided views of wider rows."""
-    s = (torch.randn(*shape, vocab + pad, device=device) * scale).to(s_dtype)[..., :vocab]
-    t = (torch.randn(*shape, vocab + pad, device=device) * scale).to(t_dtype)[..., :vocab]
-    labels = torch.randint(0, max(vocab, 1), shape, device=device)
-    labels[torch.rand(shape, device=device) > label_frac] = -100
-    mask = torch.rand(shape, device=device) < mask_frac
-    return s, t, labels, mask
-
-
-def sample_inputs(device="cpu"):
-    """Every case the op must get right: the dtype pairs, V from 1 to a chunked 30522, [B, S, V] views
-    of bigger tensors (padded V, transposed batch) with non-contiguous labels / mask, optional labels
-    and mask, an in-range ignore_index, the -inf policy and +-1e4 logits."""
-    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    out = [Sample(f"V={v} {str(a)[6:]}/{str(b)[6:]}", *make_inputs((6,), v, a, b, device), temperature=temp)
-           for v, a, b, temp in ((1, f32, f32, 2.0), (7, bf16, f32, 1.0), (100, f16, bf16, 2.0),
-                                 (300, f32, f16, 2.0), (300, bf16, bf16, 0.5))]
-    s, t, labels, mask = make_inputs((2,), 30522, bf16, bf16, device)
-    labels[:] = torch.tensor([5, 30521])
-    out.append(Sample("V=30522 bf16", s, t, labels, mask))
-    B, S, V = 2, 3, 37
-    s = torch.randn(S * 2, B, V + 9, device=device)[::2, :, :V].transpose(0, 1)
-    t = torch.randn(B, S, V + 3, device=device).to(f16)[..., :V]
-    labels = torch.randint(0, V, (B, 2 * S), device=device)[:, 1::2]
-    labels[0, 1] = -100
-    mask = (torch.rand(S, B, device=device) < 0.6).t()
-    out.append(Sample("3-D strided", s, t, labels, mask))
-    # Rows 8 elements apart beyond V: odd row starts that still share their 16-byte phase with the
-    # gradient's, so the rows are cut at a different column each (kernels/rows.py).
-    s, t, labels, mask = make_inputs((6,), 301, f32, bf16, device, pad=8)
-    out.append(Sample("V=301 stride 309", s, t, labels, mask))
-    s, t, labels, mask = make_inputs((5,), 33, device=device)
-    out.append(Sample("no labels, no mask", s, t, None, None, 1.5))
-    labels[labels == -100] = 3
-    out.append(Sample("ignore_index=3", s, t, labels, mask, ignore_index=3))
-    s, t, labels, mask = make_inputs((7,), 40, device=device, label_frac=1.0, mask_frac=1.0)
-    labels[:] = 7  # a finite student logit in every row: finite CE
-    s[0, :5] = t[0, :5] = NEG_INF  # excluded in both: finite
-    t[1, 10:] = NEG_INF  # teacher-only: q = 0 there
-    s[2, 20:30] = NEG_INF  # student -inf only where q = 0
-    t[2, 20:] = NEG_INF
-    s[3] = NEG_INF  # whole student row: KL, CE and gradient 0
-    t[4] = NEG_INF  # whole teacher row: KL 0, CE still counts
-    out.append(Sample("-inf policy", s, t, labels, mask))
-    s, t, labels, mask = make_inputs((6,), 50, device=device, scale=1.0)
-    s = torch.where(torch.rand(s.shape, device=device) < 0.5, 1e4, -1e4) + s
-    t = torch.where(torch.rand(t.shape, device=device) < 0.5, 1e4, -1e4) + t
-    out.append(Sample("+-1e4 logits", s.bfloat16(), t.half(), labels, mask))
-    return out
-
-
-SAMPLE_NAMES = [x.name for x in sample_inputs()]
+def forward(impl, sample, coef):
+    return op_forward(KL_CE, impl, sample, coef)
 
 
 def expected(sample, g_kl, g_ce):
     """float64 per-row (kl, ce) and the gradient of sum(g_kl * kl + g_ce * ce) w.r.t. the student."""
-    s = sample.s.detach().double().requires_grad_()
-    kl, ce = reference.kl_ce_rows(s, sample.t.double(), sample.labels, sample.kl_mask, sample.temperature,
-                                  sample.ignore_index)
-    (kl * torch.as_tensor(g_kl).double() + ce * torch.as_tensor(g_ce).double()).sum().backward()
-    return kl.detach(), ce.detach(), s.grad
-
-
-def _contiguous(x):
-    return None if x is None else x.contiguous()
-
-
-def triton_forward(sample, coef, compute_grad=True, block_v=None):
-    """The Triton launcher into NaN-filled outputs (every element must be written)."""
-    s = sample.s
-    kl, ce = nan_empty(s.shape[:-1], torch.float32, s.device), nan_empty(s.shape[:-1], torch.float32, s.device)
-    grad = nan_empty(s.shape, s.dtype, s.device) if compute_grad else None
-    K.kl_ce_rows(s, sample.t, _contiguous(sample.labels), _contiguous(sample.kl_mask), coef, sample.temperature,
-                 sample.ignore_index, kl, ce, grad, block_v=block_v)
+    (kl, ce), grad = op_expected(KL_CE, sample, (g_kl, g_ce))
     return kl, ce, grad
-
-
-def forward(impl, sample, coef, compute_grad=True):
-    if impl == "cpu":
-        poison_heap(sample.s, sample.s[..., 0].float(), sample.s[..., 0].float())
-        return kl_ce_rows(*sample.args(), coef, sample.temperature, sample.ignore_index, compute_grad)
-    # "triton_chunked": small chunks, so that short rows take the streamed multi-chunk path.
-    block_v = 16 if impl == "triton_chunked" and sample.s.shape[-1] <= 512 else None
-    return triton_forward(sample, coef, compute_grad, block_v)
-
-
-def backward(impl, sample, grad, g_kl, g_ce, coef):
-    s, t, labels, kl_mask = sample.args()
-    if impl == "cpu":
-        kl_ce_rows_backward(grad, g_kl, g_ce, s, t, labels, kl_mask, coef, sample.temperature, sample.ignore_index)
-    else:
-        block_v = 16 if impl == "triton_chunked" and s.shape[-1] <= 512 else None
-        K.kl_ce_rows_backward(grad, g_kl.contiguous(), g_ce.contiguous(), s, t, _contiguous(labels),
-                              _contiguous(kl_mask), coef, sample.temperature, sample.ignore_index, block_v=block_v)
-
-
-def impl_device(impl, triton_device):
-    return "cpu" if impl == "cpu" else triton_device
-
-
-IMPLS = ["cpu", "triton", "triton_chunked"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Every sample through both kernels: forward (with the gradient it writes), backward, opcheck
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("index", range(len(SAMPLE_NAMES)), ids=SAMPLE_NAMES)
-def test_forward_matches_float64(triton_device, impl, index):
-    sample = sample_inputs(impl_device(impl, triton_device))[index]
-    s = sample.s
-    coef = torch.tensor([0.7, 1.3], device=s.device)
-    kl, ce, grad = forward(impl, sample, coef)
-    ref_kl, ref_ce, ref_grad = expected(sample, 0.7, 1.3)
-    assert kl.dtype == ce.dtype == torch.float32 and kl.shape == ce.shape == s.shape[:-1]
-    assert grad.dtype == s.dtype and grad.shape == s.shape and grad.is_contiguous()
-    tol = TOL[s.dtype]
-    assert relative_error(kl, ref_kl) <= tol and relative_error(ce, ref_ce) <= tol
-    assert relative_error(grad, ref_grad) <= tol
-    assert torch.isfinite(kl).all() and torch.isfinite(ce).all() and torch.isfinite(grad).all()
-    # Rows with neither term are exact zeros.
-    mask, labels = sample.kl_mask, sample.labels
-    no_kl = torch.zeros(kl.shape, dtype=torch.bool, device=s.device) if mask is None else ~mask
-    off = no_kl if labels is None else no_kl & (labels == sample.ignore_index)
-    assert (kl[no_kl] == 0).all() and (grad[off] == 0).all()
-    if labels is not None:
-        assert (ce[labels == sample.ignore_index] == 0).all()
-    _, _, no_grad = forward(impl, sample, coef, compute_grad=False)
-    assert no_grad is None or no_grad.numel() == 0
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("upstream", ["coef", "proportional", "arbitrary"])
-@pytest.mark.parametrize("index", range(len(SAMPLE_NAMES)), ids=SAMPLE_NAMES)
-def test_backward_matches_float64(triton_device, impl, upstream, index):
-    """The backward turns the forward's gradient (made for coef) into the gradient for the incoming
-    per-row gradients: untouched when they equal coef, scaled when proportional, else recomputed."""
-    sample = sample_inputs(impl_device(impl, triton_device))[index]
-    device, rows = sample.s.device, sample.s.shape[:-1]
-    coef = torch.tensor([0.25, 4.0], device=device)
-    _, _, grad = forward(impl, sample, coef)
-    g_kl, g_ce = upstream_row_grads(upstream, coef, rows)
-    before = grad.clone()
-    backward(impl, sample, grad, g_kl, g_ce, coef)
-    if upstream == "coef":
-        assert torch.equal(grad, before)
-    *_, ref = expected(sample, g_kl, g_ce)
-    assert relative_error(grad, ref) <= TOL[sample.s.dtype]
-
-
-@pytest.mark.parametrize("index", range(len(SAMPLE_NAMES)), ids=SAMPLE_NAMES)
-def test_opcheck(index):
-    sample = sample_inputs()[index]
-    coef = torch.tensor([0.5, 0.5])
-    rest = (coef, sample.temperature, sample.ignore_index)
-    torch.library.opcheck(kl_ce_rows.default, (*sample.args(), *rest, False))
-    # With a gradient, the backward rewrites the op's third output in place (that buffer is the
-    # gradient), and opcheck's test_aot_dispatch_dynamic returns that output from the traced graph, which
-    # AOTAutograd cannot partition ("Node ... was invalid, but is output";
-    # test_loss_contract.py pins it). The public functions never return the buffer: the traced backward
-    # is covered by test_torch_compile_fullgraph instead.
-    s, t, labels, mask = sample.args()
-    torch.library.opcheck(kl_ce_rows.default, (s.clone().requires_grad_(), t, labels, mask, *rest, True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    grad = kl_ce_rows(*sample.args(), *rest, True)[2]
-    g = torch.rand(s.shape[:-1])
-    torch.library.opcheck(kl_ce_rows_backward.default, (grad, g, g, *sample.args(), *rest))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,17 +37,17 @@ def test_opcheck(index):
 @pytest.mark.parametrize("impl", ["cpu", "triton"])
 def test_student_neg_inf_where_the_teacher_is_not_gives_inf(triton_device, impl):
     """KL = +inf, as in PyTorch, with a finite gradient."""
-    sample = sample_inputs(impl_device(impl, triton_device))[SAMPLE_NAMES.index("-inf policy")]
-    sample.s[5, 30] = NEG_INF
-    kl, ce, grad = forward(impl, sample, torch.tensor([0.5, 2.0], device=sample.s.device))
+    sample = kl_ce_samples(impl_device(impl, triton_device))[SAMPLE_NAMES.index("-inf policy")]
+    sample.student[5, 30] = NEG_INF
+    kl, ce, grad = forward(impl, sample, torch.tensor([0.5, 2.0], device=sample.student.device))
     assert kl[5] == float("inf") and torch.isfinite(grad).all() and torch.isfinite(ce).all()
 
 
 @pytest.mark.parametrize("vocab", [50257, 131073])
 def test_triton_large_vocabularies(triton_device, vocab):
     s, t, labels, mask = make_inputs((2,), vocab, torch.bfloat16, torch.float32, triton_device, label_frac=1.0)
-    sample = Sample("large", s, t, labels, mask)
-    kl, ce, grad = triton_forward(sample, torch.tensor([0.5, 2.0], device=triton_device))
+    sample = kl_ce_sample("large", s, t, labels, mask)
+    kl, ce, grad = forward("triton", sample, torch.tensor([0.5, 2.0], device=triton_device))
     ref_kl, ref_ce, ref_grad = expected(sample, 0.5, 2.0)
     assert relative_error(kl, ref_kl) <= 1e-2 and relative_error(ce, ref_ce) <= 1e-2
     assert relative_error(grad, ref_grad) <= 1e-2
@@ -239,9 +56,9 @@ def test_triton_large_vocabularies(triton_device, vocab):
 def test_triton_int64_row_offsets(triton_device):
     """Row 1 starts past element 2**31 (int64 offsets)."""
     s = rows_past_int32(64, torch.bfloat16, triton_device)
-    sample = Sample("past 2**31", s, torch.randn(2, 64, device=triton_device),
-                    torch.tensor([3, 60], device=triton_device), None)
-    kl, ce, grad = triton_forward(sample, torch.tensor([1.0, 1.0], device=triton_device))
+    sample = kl_ce_sample("past 2**31", s, torch.randn(2, 64, device=triton_device),
+                          torch.tensor([3, 60], device=triton_device), None)
+    kl, ce, grad = forward("triton", sample, torch.tensor([1.0, 1.0], device=triton_device))
     ref_kl, ref_ce, ref_grad = expected(sample, 1.0, 1.0)
     assert relative_error(kl, ref_kl) <= 1e-2 and relative_error(ce, ref_ce) <= 1e-2
     assert relative_error(grad, ref_grad) <= 1e-2
@@ -257,7 +74,7 @@ def test_triton_writes_row_slices_of_caller_buffers(triton_device):
     for lo, hi in ((0, 4), (4, 6)):
         K.kl_ce_rows(s[lo:hi], t[lo:hi], labels[lo:hi], mask[lo:hi], coef, 2.0, -100, kl[lo:hi], ce[lo:hi],
                      grad[lo:hi])
-    ref_kl, ref_ce, ref_grad = expected(Sample("", s, t, labels, mask), 0.7, 1.3)
+    ref_kl, ref_ce, ref_grad = expected(kl_ce_sample("", s, t, labels, mask), 0.7, 1.3)
     assert relative_error(kl, ref_kl) <= 1e-5 and relative_error(ce, ref_ce) <= 1e-5
     assert relative_error(grad, ref_grad) <= 1e-5
 
@@ -267,32 +84,32 @@ def test_triton_writes_row_slices_of_caller_buffers(triton_device):
 def test_into_writes_the_callers_buffers_and_may_overwrite_the_student(triton_device, impl, index):
     """kl_ce_rows_into (C++ op on CPU; its CUDA entry is the Triton launcher) equals kl_ce_rows, also with
     grad = the student itself, as the fused LM-head loss calls it (one [rows, V] buffer per chunk)."""
-    sample = sample_inputs(impl_device(impl, triton_device))[index]
-    coef = torch.tensor([0.7, 1.3], device=sample.s.device)
-    s = sample.s.contiguous()
-    sample = sample._replace(s=s)
+    sample = kl_ce_samples(impl_device(impl, triton_device))[index]
+    coef = torch.tensor([0.7, 1.3], device=sample.student.device)
+    s = sample.student.contiguous()
+    sample = sample.replace_student(s)
     want = forward(impl, sample, coef)
+    _, t, labels, kl_mask = sample.args
     rows = s.shape[:-1]
     for aliased in (False, True):
         kl, ce = nan_empty(rows, torch.float32, s.device), nan_empty(rows, torch.float32, s.device)
         student = s.clone()
         grad = student if aliased else nan_empty(s.shape, s.dtype, s.device)
-        args = (student, sample.t, _contiguous(sample.labels), _contiguous(sample.kl_mask), coef,
-                sample.temperature, sample.ignore_index, kl, ce, grad)
+        args = (student, t, None if labels is None else labels.contiguous(),
+                None if kl_mask is None else kl_mask.contiguous(), coef, *sample.scalars, kl, ce, grad)
         if impl == "cpu":
             torch.ops.distil.kl_ce_rows_into(*args)
         else:
-            K.kl_ce_rows(*args, block_v=16 if impl == "triton_chunked" and s.shape[-1] <= 512 else None)
+            K.kl_ce_rows(*args, **(KL_CE.chunked(sample) if impl == "triton_chunked" else {}))
         for got, ref in zip((kl, ce, grad), want):
             torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
 
 
 def test_into_opcheck():
-    sample = sample_inputs()[1]
-    s = sample.s.contiguous()
+    sample = kl_ce_samples()[1]
+    s = sample.student.contiguous()
     rows = s.shape[:-1]
-    args = (s, sample.t, sample.labels, sample.kl_mask, torch.tensor([0.5, 0.5]), sample.temperature,
-            sample.ignore_index, torch.empty(rows), torch.empty(rows))
+    args = (s, *sample.args[1:], torch.tensor([0.5, 0.5]), *sample.scalars, torch.empty(rows), torch.empty(rows))
     torch.library.opcheck(torch.ops.distil.kl_ce_rows_into.default, (*args, torch.empty_like(s)))
     torch.library.opcheck(torch.ops.distil.kl_ce_rows_into.default, (*args, None))
 
@@ -300,7 +117,7 @@ def test_into_opcheck():
 def test_cpu_forward_many_rows_across_threads():
     # 32K logits per task at V=7: several parallel_for tasks, each with several rows.
     s, t, labels, mask = make_inputs((12000,), 7)
-    sample = Sample("many rows", s, t, labels, mask)
+    sample = kl_ce_sample("many rows", s, t, labels, mask)
     kl, ce, grad = forward("cpu", sample, torch.tensor([0.7, 1.3]))
     ref_kl, ref_ce, ref_grad = expected(sample, 0.7, 1.3)
     assert relative_error(kl, ref_kl) <= 1e-5 and relative_error(ce, ref_ce) <= 1e-5
@@ -310,18 +127,8 @@ def test_cpu_forward_many_rows_across_threads():
 
 
 def cpu_reference(s, t, labels, mask, temperature, w_kl, w_ce):
-    *_, grad = expected(Sample("", s, t, labels, mask, temperature), w_kl, w_ce)
+    *_, grad = expected(kl_ce_sample("", s, t, labels, mask, temperature), w_kl, w_ce)
     return None, None, grad
-
-
-@pytest.mark.parametrize("shape", [(0, 13), (2, 0, 13), (4, 0)])
-def test_cpu_empty(shape):
-    s, t = torch.randn(shape), torch.randn(shape)
-    labels = torch.full(shape[:-1], -100)
-    kl, ce, grad = kl_ce_rows(s, t, labels, None, torch.tensor([1.0, 1.0]), 2.0, -100, True)
-    assert kl.shape == ce.shape == shape[:-1] and grad.shape == shape
-    assert (kl == 0).all() and (ce == 0).all()
-    kl_ce_rows_backward(grad, kl, ce, s, t, labels, None, torch.tensor([1.0, 1.0]), 2.0, -100)
 
 
 # Backward: the forward's grad is turned into Σ g_kl·dKL + g_ce·dCE in place.  The student passed to
@@ -603,81 +410,3 @@ def test_bad_inputs_name_the_argument():
         fused_loss.kl_ce_loss(s, t, labels, kl_weight=-1.0)
     with pytest.raises(ValueError, match="contiguous"):
         fused_loss.kl_div_loss(s.t().contiguous().t(), t)
-
-
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend):
-    s, t, labels, mask = make_inputs((6,), 40)
-
-    @torch.compile(fullgraph=True, backend=backend)
-    def step(s, t, labels, mask):
-        kl, ce = fused_loss.kl_ce_loss(s, t, labels, kl_mask=mask, kl_weight=5.0, ce_weight=2.0)
-        return 5.0 * kl + 2.0 * ce
-
-    s1 = s.clone().requires_grad_()
-    step(s1, t, labels, mask).backward()
-    s2 = s.clone().requires_grad_()
-    kl, ce = fused_loss.kl_ce_loss(s2, t, labels, kl_mask=mask)
-    (5.0 * kl + 2.0 * ce).backward()
-    assert relative_error(s1.grad, s2.grad) <= 1e-6
-
-
-# ----------------------------------------------------------------------------------------------
-# Real GPU builds, specialised as Triton specialises a real launch (tests/aot.py): every tuning entry
-# and specialisation without spills on sm_80 and sm_90; 128-bit accesses in the main loops at the
-# vocabularies users have (odd ones included), for every dtype.
-# ----------------------------------------------------------------------------------------------
-VOCABS = (30522, 50257, 32000, 128256)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISE_T = 2 * K.PRECISE_KL_ABOVE
-
-
-def _meta(*shape, dtype=torch.float32):
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
-
-def _launch_specs(vocab, s_dtype, t_dtype, cc, has_labels=True, has_mask=True, write_grad=True, temperature=2.0,
-                  rows=8192):
-    """(forward, backward) specs of a launch on [rows, vocab] logits, from the launchers themselves
-    (temperature > K.PRECISE_KL_ABOVE: the forward is the large-temperature KL in its own chunks)."""
-    s, t = _meta(rows, vocab, dtype=s_dtype), _meta(rows, vocab, dtype=t_dtype)
-    labels = _meta(rows, dtype=torch.int64) if has_labels else None
-    mask = _meta(rows, dtype=torch.bool) if has_mask else None
-    coef, kl, ce, grad = _meta(2), _meta(rows), _meta(rows), _meta(rows, vocab, dtype=s_dtype)
-    fwd = K.fwd_launch(s, t, labels, mask, coef, temperature, -100, kl, ce, grad if write_grad else None)
-    bwd = K.bwd_launch(grad, kl, ce, s, t, labels, mask, coef, temperature, -100)
-    return [launch_spec(kernel, "distil.kernels.kl_ce", args, cc=cc, **options)
-            for kernel, (_, args, options) in ((K.kl_ce_fwd_kernel, fwd), (K.kl_ce_bwd_kernel, bwd))]
-
-
-@pytest.mark.skipif(GPU_RUN, reason="ahead-of-time builds are checked on the CPU machine")
-def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
-    # 128-bit main loops: every vocabulary above, every dtype, both architectures.
-    vector_specs = [spec for vocab in VOCABS for dt in DTYPES.values() for cc in (80, 90)
-                    for spec in _launch_specs(vocab, dt, dt, cc)]
-    # The same for the large-temperature KL (PRECISE_KL, fp32 rows in chunks of PRECISE_KL_BLOCK_V); its
-    # backward is the one above.
-    vector_specs += [_launch_specs(vocab, dt, dt, cc, temperature=PRECISE_T)[0]
-                     for vocab in VOCABS for dt in DTYPES.values() for cc in (80, 90)]
-    # The rest of the specialisations: the single-block row, mixed dtypes, the optional inputs.
-    other_specs = [spec for vocab in (300, 1000) for cc in (80, 90)
-                   for spec in _launch_specs(vocab, torch.float32, torch.float32, cc)]
-    other_specs += [spec for s_dt, t_dt in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16))
-                    for spec in _launch_specs(30522, s_dt, t_dt, 90)]
-    other_specs += [_launch_specs(30522, torch.bfloat16, torch.bfloat16, 90, *flags, temperature=temperature)[0]
-                    for flags in itertools.product((False, True), repeat=3) if flags != (True, True, True)
-                    for temperature in (2.0, PRECISE_T)]
-    other_specs += [_launch_specs(vocab, torch.float32, torch.float32, cc, temperature=PRECISE_T)[0]
-                    for vocab in (300, 1000) for cc in (80, 90)]
-    other_specs += [_launch_specs(30522, s_dt, t_dt, 90, temperature=PRECISE_T)[0]
-                    for s_dt, t_dt in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16))]
-    reports = compile_reports(vector_specs + other_specs)
-    spilled = [(s["kernel"], s["signature"]["s_ptr"], s["constexprs"], s["cc"], r["spill_stores"])
-               for s, r in zip(vector_specs + other_specs, reports) if r["spill_stores"] or r["spill_loads"]]
-    assert not spilled, spilled
-    assert {r["arch"] for r in reports} == {"sm_80", "sm_90a"}
-    for spec, report in zip(vector_specs, reports):
-        in_loop, outside = main_loop_widths(report)
-        where = (spec["kernel"], spec["signature"]["s_ptr"], spec["signature"]["V"], spec["cc"])
-        assert in_loop and set(in_loop) == {128}, (where, in_loop)
-        assert set(outside) - {128}, where  # the head / tail chunks: masked, scalar

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from distil import reference
-from distil._ops import cosine as cosine_op
-from distil._ops import kl_ce as kl_ce_op
-from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss
+from distil._ops.registry import TRITON_IMPLS
+from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss, topk_kl_ce_loss
 from distil.ops import masked_gather
 
 from helpers import GPU_RUN, relative_error
@@ -34,13 +33,22 @@ def device(request, backend):
     if GPU_RUN:
         return "cuda"
     lib = torch.library.Library("distil", "IMPL")
-    for name, impl in (("kl_ce_rows", kl_ce_op.kl_ce_rows_triton),
-                       ("kl_ce_rows_backward", kl_ce_op.kl_ce_rows_backward_triton),
-                       ("cosine_rows", cosine_op.cosine_rows_triton),
-                       ("cosine_rows_backward", cosine_op.cosine_rows_backward_triton)):
+    for name, impl in TRITON_IMPLS.items():
         lib.impl(name, impl, "CPU")
     request.addfinalizer(lib._destroy)
     return "cpu"
+
+
+def topk_kl_ce_as_dense(s, t, labels, *, temperature=2.0, **kwargs):
+    """topk_kl_ce_loss with k = V in exact mode, which is the dense kl_ce_loss: every contract of kl_ce_loss
+    below holds for it as well."""
+    values, index = t.topk(t.shape[-1], dim=-1)
+    lse = torch.logsumexp(t.float() / temperature, -1)
+    return topk_kl_ce_loss(s, values, index, labels, teacher_lse=lse, temperature=temperature, **kwargs)
+
+
+TWO_PART_LOSSES = {"kl_ce": kl_ce_loss, "topk_kl_ce": topk_kl_ce_as_dense}
+two_part_losses = pytest.mark.parametrize("two_part", TWO_PART_LOSSES.values(), ids=TWO_PART_LOSSES.keys())
 
 
 def logits(rows, vocab, device, scale=3.0, dtype=torch.float32):
@@ -95,16 +103,18 @@ def test_nan_in_a_selected_row_is_nan_on_every_backend(device):
     assert relative_error(rows[6:], ref) <= 1e-5 and torch.isfinite(s.grad[6]).all()
 
 
-def test_nan_student_row_makes_kl_and_ce_nan(device):
+@two_part_losses
+def test_nan_student_row_makes_kl_and_ce_nan(device, two_part):
     """The issue's case: kl_ce_loss(torch.full((3, 8), nan), t, labels) returned (0, 0)."""
     s = torch.full((3, 8), NAN, device=device)
-    kl, ce = kl_ce_loss(s, logits(3, 8, device), torch.tensor([1, 2, -100], device=device))
+    kl, ce = two_part(s, logits(3, 8, device), torch.tensor([1, 2, -100], device=device))
     assert kl.isnan() and ce.isnan()
-    # A NaN teacher row spoils only the KL: the cross-entropy reads the student alone.
-    t = logits(3, 8, device)
-    t[0] = NAN
-    kl, ce = kl_ce_loss(logits(3, 8, device), t, torch.tensor([1, 2, -100], device=device))
-    assert kl.isnan() and torch.isfinite(ce)
+    if two_part is kl_ce_loss:  # (a NaN top-k teacher is refused by its lse check instead)
+        # A NaN teacher row spoils only the KL: the cross-entropy reads the student alone.
+        t = logits(3, 8, device)
+        t[0] = NAN
+        kl, ce = two_part(logits(3, 8, device), t, torch.tensor([1, 2, -100], device=device))
+        assert kl.isnan() and torch.isfinite(ce)
 
 
 def test_nan_hidden_row_makes_cosine_nan(device):
@@ -131,9 +141,10 @@ def test_nan_student_makes_the_triple_loss_nan(device):
 # ------------------------------------------------------------------------------------------------
 # 2. 16-bit gradients under an upstream scale (GradScaler, 1 / grad_accum)
 # ------------------------------------------------------------------------------------------------
+@two_part_losses
 @pytest.mark.parametrize("dtype,scale", [(torch.float16, 65536.0), (torch.float16, 1 / 64),
                                          (torch.bfloat16, 65536.0)])
-def test_16bit_gradient_under_an_unannounced_scale(backend, device, dtype, scale):
+def test_16bit_gradient_under_an_unannounced_scale(backend, device, dtype, scale, two_part):
     """kl_weight / ce_weight announced, then the loss multiplied by a loss scale the forward was not
     told about: the gradient must be as accurate as one rounding to the dtype (eager's autocast
     result), not the forward's tiny fp16 values rescaled (16% zeros, 8% median error before)."""
@@ -142,7 +153,7 @@ def test_16bit_gradient_under_an_unannounced_scale(backend, device, dtype, scale
     labels = torch.randint(0, vocab, (n,), device=device)
     labels[torch.rand(n, device=device) > 0.15] = -100
     s16 = s.to(dtype).requires_grad_()
-    kl, ce = kl_ce_loss(s16, t.to(dtype), labels, kl_weight=5.0, ce_weight=2.0)
+    kl, ce = two_part(s16, t.to(dtype), labels, kl_weight=5.0, ce_weight=2.0)
     (scale * (5.0 * kl + 2.0 * ce)).backward()
     ref = reference_grad(s.to(dtype), t.to(dtype), labels, None, 2.0, 5.0, 2.0, scale)
     zeros, median = element_errors(s16.grad, ref)
@@ -164,7 +175,8 @@ def test_16bit_cosine_gradient_under_an_unannounced_scale(backend, device, dtype
     assert median <= 1.5 * one_rounding[1], (median, one_rounding)
 
 
-def test_announced_weights_may_be_device_tensors(device):
+@two_part_losses
+def test_announced_weights_may_be_device_tensors(device, two_part):
     """GradScaler's scale and 1/grad_accum as 0-d device tensors (no host sync): announced exactly,
     the backward leaves the forward's gradient as it is, and it equals the Python-float announcement."""
     s, t = logits(16, 50, device, dtype=torch.float16), logits(16, 50, device, dtype=torch.float16)
@@ -173,7 +185,7 @@ def test_announced_weights_may_be_device_tensors(device):
     grads = []
     for kl_w, ce_w in ((scale * 5.0, scale * 2.0), (65536.0 / 4 * 5.0, 65536.0 / 4 * 2.0)):
         x = s.clone().requires_grad_()
-        kl, ce = kl_ce_loss(x, t, labels, kl_weight=kl_w, ce_weight=ce_w)
+        kl, ce = two_part(x, t, labels, kl_weight=kl_w, ce_weight=ce_w)
         (scale * (5.0 * kl + 2.0 * ce)).backward()
         grads.append(x.grad)
     assert torch.equal(grads[0], grads[1])
@@ -181,7 +193,7 @@ def test_announced_weights_may_be_device_tensors(device):
     assert element_errors(grads[0], ref)[1] <= 1.5 * element_errors(ref.half(), ref)[1]
     for bad in (torch.ones(2, device=device), torch.ones((), dtype=torch.int64, device=device)):
         with pytest.raises((TypeError, ValueError), match="kl_weight"):
-            kl_ce_loss(s, t, labels, kl_weight=bad)
+            two_part(s, t, labels, kl_weight=bad)
 
 
 def test_distillation_loss_announces_a_grad_scale(device):
@@ -205,13 +217,14 @@ def test_distillation_loss_announces_a_grad_scale(device):
 # ------------------------------------------------------------------------------------------------
 # 3. create_graph=True: no silent first-order-only gradient
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("loss", ["kl_div", "kl_ce", "cosine", "triple"])
+@pytest.mark.parametrize("loss", ["kl_div", "kl_ce", "topk_kl_ce", "cosine", "triple"])
 def test_create_graph_raises(loss):
     s = logits(4, 12, "cpu").requires_grad_()
     t = logits(4, 12, "cpu")
     labels = torch.tensor([1, -100, 3, 4])
     value = {"kl_div": lambda: kl_div_loss(s, t),
              "kl_ce": lambda: sum(kl_ce_loss(s, t, labels)),
+             "topk_kl_ce": lambda: sum(topk_kl_ce_as_dense(s, t, labels)),
              "cosine": lambda: cosine_loss(s, t),
              "triple": lambda: DistillationLoss()(s, t, labels, s, t).total}[loss]()
     with pytest.raises(RuntimeError, match="create_graph"):
@@ -236,11 +249,17 @@ def test_compile_with_changing_floats(dynamic):
         kl, ce = kl_ce_loss(s, t, labels, temperature=temperature, kl_weight=kl_weight, ce_weight=2.0)
         return kl_weight * kl + 2.0 * ce
 
+    @torch.compile(fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    def topk_step(s, kl_weight, temperature):
+        kl, ce = topk_kl_ce_as_dense(s, t, labels, temperature=temperature, kl_weight=kl_weight, ce_weight=2.0)
+        return kl_weight * kl + 2.0 * ce
+
     for temperature, kl_weight in ((2.0, 5.0), (3.0, 5.0), (3.0, 4.0)):
         loss_fn.temperature = temperature
-        x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
+        x, y, z = s.clone().requires_grad_(), s.clone().requires_grad_(), s.clone().requires_grad_()
         module_step(x).backward()
         function_step(y, kl_weight, temperature).backward()
+        topk_step(z, kl_weight, temperature).backward()
         sd = s.double().requires_grad_()
         kl, ce = reference.kl_ce_rows(sd, t.double(), labels, None, temperature)
         (5.0 * kl.mean() + 2.0 * ce.mean()).backward()
@@ -249,18 +268,27 @@ def test_compile_with_changing_floats(dynamic):
         kl, ce = reference.kl_ce_rows(sd, t.double(), labels, None, temperature)
         (kl_weight * kl.mean() + 2.0 * ce.mean()).backward()
         assert relative_error(y.grad, sd.grad) <= 1e-5
+        assert relative_error(z.grad, sd.grad) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
 # 5. Cross-entropy (and KL) at large logits
 # ------------------------------------------------------------------------------------------------
+LARGE_LOGITS_DEFECT = (
+    "top-k KL at large logits: kernels/topk_kl_ce.py scales t / T before it takes differences (1.8e-4 relative at "
+    "offset 1e4, 8e-3 at 1e6, renormalised and exact mode alike), and exact mode's fp32 lse is an absolute value "
+    "(one ulp at |t / T| = 5e3 is 5e-4); the dense kernel is exact to 2e-7")
+
+
+@pytest.mark.parametrize("two_part", [kl_ce_loss, pytest.param(topk_kl_ce_as_dense, marks=pytest.mark.xfail(
+    strict=True, reason=LARGE_LOGITS_DEFECT))], ids=TWO_PART_LOSSES.keys())
 @pytest.mark.parametrize("offset", [1e4, 1e6])
-def test_large_logits_are_exact(device, offset):
+def test_large_logits_are_exact(device, offset, two_part):
     """log z + (max - s[y]), and the KL from logit differences: as exact as eager fp32 (3e-7)."""
     s = logits(8, 100, device, scale=1.0) + offset
     t = logits(8, 100, device, scale=1.0) + offset
     labels = torch.randint(0, 100, (8,), device=device)
-    kl, ce = kl_ce_loss(s, t, labels)
+    kl, ce = two_part(s, t, labels)
     ref_kl, ref_ce = reference.kl_ce_rows(s.double(), t.double(), labels, None, 2.0)
     assert abs(ce.item() - ref_ce.mean().item()) <= 2e-6
     assert abs(kl.item() - ref_kl.mean().item()) <= 2e-6 * max(ref_kl.mean().item(), 1.0)
@@ -289,6 +317,21 @@ def test_huge_temperatures_never_give_a_negative_kl(device, temperature):
     assert (rows >= 0).all() and torch.isfinite(rows).all(), rows
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "top-k KL at large temperatures: kernels/topk_kl_ce.py has no cancellation-free form (the dense kernel's "
+    "PRECISE_KL): at k = V, T = 1e4 it gives 40 (exact) / 207 (renormalised) for a dense 9.0, at T = 1e6 "
+    "negative values; at k = 64, T = 1e6, exact mode is negative"))
+@pytest.mark.parametrize("temperature", [1e4, 1e6])
+def test_huge_temperatures_top_k_at_k_equal_v_is_the_dense_kl(device, temperature):
+    s, t = logits(4, 4096, device), logits(4, 4096, device)
+    dense = kl_div_loss(s, t, temperature=temperature)
+    labels = torch.full((4,), -100, device=device)
+    values, index = t.topk(4096, dim=-1)
+    for lse in (None, torch.logsumexp(t.double() / temperature, -1).float()):
+        kl, _ = topk_kl_ce_loss(s, values, index, labels, teacher_lse=lse, temperature=temperature)
+        assert kl >= 0 and abs(kl - dense) <= 1e-2 * dense, (lse is None, kl, dense)
+
+
 # ------------------------------------------------------------------------------------------------
 # 7. Temperatures outside float32 (the kernels' precision) are rejected
 # ------------------------------------------------------------------------------------------------
@@ -297,6 +340,8 @@ def test_temperature_outside_float32_is_rejected(temperature):
     s, t = logits(2, 8, "cpu"), logits(2, 8, "cpu")
     with pytest.raises(ValueError, match="temperature"):
         kl_div_loss(s, t, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature"):
+        topk_kl_ce_loss(s, *t.topk(3, dim=-1), torch.tensor([1, 2]), temperature=temperature)
     with pytest.raises(ValueError, match="temperature"):
         DistillationLoss(temperature=temperature)
 
@@ -314,8 +359,9 @@ def test_integer_masks_select_like_bool(device, mask_dtype):
     attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], device=device)
     as_int, as_bool = attention.to(mask_dtype), attention.bool()
     assert torch.equal(kl_div_loss(s, t, mask=as_int), kl_div_loss(s, t, mask=as_bool))
-    assert torch.equal(torch.stack(kl_ce_loss(s, t, labels, kl_mask=as_int)),
-                       torch.stack(kl_ce_loss(s, t, labels, kl_mask=as_bool)))
+    for two_part in TWO_PART_LOSSES.values():
+        assert torch.equal(torch.stack(two_part(s, t, labels, kl_mask=as_int)),
+                           torch.stack(two_part(s, t, labels, kl_mask=as_bool)))
     assert torch.equal(cosine_loss(h, ht, mask=as_int), cosine_loss(h, ht, mask=as_bool))
     loss_fn = DistillationLoss()
     assert torch.equal(torch.stack(loss_fn(s, t, labels, h, ht, as_int)),
@@ -331,6 +377,7 @@ def test_float_masks_are_rejected():
     mask = torch.ones(4)
     for call, name in ((lambda: kl_div_loss(s, t, mask=mask), "mask"),
                        (lambda: kl_ce_loss(s, t, torch.zeros(4, dtype=torch.long), kl_mask=mask), "kl_mask"),
+                       (lambda: topk_kl_ce_as_dense(s, t, torch.zeros(4, dtype=torch.long), kl_mask=mask), "kl_mask"),
                        (lambda: cosine_loss(h, h, mask=mask), "mask"),
                        (lambda: masked_gather(h, mask), "mask"),
                        (lambda: DistillationLoss()(s, t, torch.zeros(4, dtype=torch.long), h, h, mask),
@@ -343,9 +390,10 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
     s, t = logits(4, 10, "cpu"), logits(4, 10, "cpu")
     labels = torch.tensor([1, -100, 3, 4])
     assert torch.equal(kl_div_loss(s, t, temperature=np.float32(2.0)), kl_div_loss(s, t, temperature=2.0))
-    assert torch.equal(torch.stack(kl_ce_loss(s, t, labels, ignore_index=np.int64(-100), kl_weight=np.float32(5),
-                                              ce_weight=np.float64(2))),
-                       torch.stack(kl_ce_loss(s, t, labels, kl_weight=5.0, ce_weight=2.0)))
+    for two_part in TWO_PART_LOSSES.values():
+        assert torch.equal(torch.stack(two_part(s, t, labels, ignore_index=np.int64(-100), kl_weight=np.float32(5),
+                                                ce_weight=np.float64(2), temperature=np.float32(2.0))),
+                           torch.stack(two_part(s, t, labels, kl_weight=5.0, ce_weight=2.0)))
     assert torch.equal(cosine_loss(s, t, weight=np.float32(1.0)), cosine_loss(s, t))
     loss_fn = DistillationLoss(kl_weight=np.float32(5.0), ce_weight=np.int64(2), cos_weight=np.float16(0.0),
                                temperature=np.float32(2.0))
@@ -384,7 +432,7 @@ def test_aot_dispatch_of_the_exposed_gradient_buffer_is_unsupported():
     in place (it becomes the gradient, at no cost). A traced graph that returns the buffer as an
     output would have to return a value the backward changes afterwards: AOTAutograd cannot split
     such a graph ("Node ... was invalid, but is output"). The public functions never return the
-    buffer, so their compiled graphs partition (tests/test_kl_ce.py, test_cosine.py compile them)."""
+    buffer, so their compiled graphs partition (tests/test_ops.py compiles them)."""
     s, t = logits(4, 24, "cpu"), logits(4, 24, "cpu")
     args = (s.requires_grad_(), t, torch.tensor([1, -100, 3, 4]), None, torch.tensor([0.5, 0.5]), 2.0, -100, True)
     with pytest.raises(Exception, match="invalid, but is output"):

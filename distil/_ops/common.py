@@ -143,6 +143,12 @@ def announced_coef(weight, count, device):
     return torch.full((), weight, dtype=torch.float32, device=device) / divisor(count)
 
 
+def loss_coef(kl_weight, kl_count, ce_weight, ce_count, device):
+    """``coef = [kl_weight / n_kl, ce_weight / n_ce]``, the fp32 device tensor the forward prepares the
+    gradient for (no host sync; bit-equal to autograd's per-row gradients, see announced_coef)."""
+    return torch.stack([announced_coef(kl_weight, kl_count, device), announced_coef(ce_weight, ce_count, device)])
+
+
 def save_gradient_buffer(ctx, buffer, compute_grad, *tensors):
     """setup_context part: save ``buffer`` (an op output) and ``tensors`` for the backward.
 

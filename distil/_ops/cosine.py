@@ -13,18 +13,11 @@ from distil._ops.common import (
     check_tensor,
     check_unit_last_stride,
     check_weight,
-    device_guard,
     divisor,
     needs_grad,
     row_count,
-    save_gradient_buffer,
-    take_gradient_buffer,
 )
-
-try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
-    from distil.kernels import cosine as _triton_cosine
-except ImportError:  # pragma: no cover
-    _triton_cosine = None
+from distil._ops.registry import register_gradient_op, triton_kernels
 
 
 def _check_op_args(student, teacher, mask, coef):
@@ -35,58 +28,7 @@ def _check_op_args(student, teacher, mask, coef):
         raise ValueError("cosine_rows: coef must be one float32 value")
 
 
-def cosine_rows_triton(student, teacher, mask, coef, compute_grad):
-    """The op on the Triton kernel: its CUDA implementation (the tests also run it on CPU tensors,
-    through the Triton interpreter)."""
-    _check_op_args(student, teacher, mask, coef)
-    loss_rows = student.new_empty(student.shape[:-1], dtype=torch.float32)
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
-    with device_guard(student):
-        _triton_cosine.cosine_rows(student, teacher, None if mask is None else mask.contiguous(), coef,
-                                   loss_rows, grad)
-    return loss_rows, student.new_empty(0) if grad is None else grad
-
-
-def cosine_rows_backward_triton(grad, grad_rows, student, teacher, mask, coef):
-    _check_op_args(student, teacher, mask, coef)
-    if grad.shape != student.shape or not grad.is_contiguous():
-        raise ValueError("cosine_rows_backward: grad must be contiguous with the student's shape")
-    with device_guard(student):
-        _triton_cosine.cosine_rows_backward(grad, grad_rows.float().contiguous(), student, teacher,
-                                            None if mask is None else mask.contiguous(), coef)
-
-
-if _triton_cosine is not None:
-    torch.library.register_kernel("distil::cosine_rows", "cuda", cosine_rows_triton)
-    torch.library.register_kernel("distil::cosine_rows_backward", "cuda", cosine_rows_backward_triton)
-
-
-@torch.library.register_fake("distil::cosine_rows")
-def _cosine_rows_fake(student, teacher, mask, coef, compute_grad):
-    loss_rows = student.new_empty(student.shape[:-1], dtype=torch.float32)
-    grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
-    return loss_rows, grad
-
-
-@torch.library.register_fake("distil::cosine_rows_backward")
-def _cosine_rows_backward_fake(grad, grad_rows, student, teacher, mask, coef):
-    return None
-
-
-def _setup_context(ctx, inputs, output):
-    student, teacher, mask, coef, compute_grad = inputs
-    save_gradient_buffer(ctx, output[1], compute_grad, student, teacher, mask, coef)
-
-
-def _backward(ctx, grad_rows, _grad_of_grad):
-    grad, student, teacher, mask, coef = take_gradient_buffer(ctx, "cosine_rows")
-    if grad_rows is None:
-        grad_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
-    torch.ops.distil.cosine_rows_backward(grad, grad_rows.float(), student, teacher, mask, coef)
-    return grad, None, None, None, None
-
-
-torch.library.register_autograd("distil::cosine_rows", _backward, setup_context=_setup_context)
+register_gradient_op("cosine_rows", 1, _check_op_args, triton_kernels("cosine"))
 
 
 def cosine_loss(student_hidden, teacher_hidden, *, mask=None, weight=1.0):

@@ -5,7 +5,6 @@ autograd) and the public :func:`kl_div_loss` and :func:`kl_ce_loss` (re-exported
 import torch
 
 from distil._ops.common import (
-    announced_coef,
     check_labels,
     check_op_rows,
     check_pair,
@@ -14,22 +13,17 @@ from distil._ops.common import (
     check_weight,
     device_guard,
     divisor,
+    loss_coef,
     needs_grad,
     row_count,
-    save_gradient_buffer,
-    take_gradient_buffer,
 )
+from distil._ops.registry import register_gradient_op, register_triton, triton_kernels
 from distil.checks import check_int, check_temperature
-
-try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
-    from distil.kernels import kl_ce as _triton_kl_ce
-except ImportError:  # pragma: no cover
-    _triton_kl_ce = None
 
 _KL_REDUCTIONS = ("batchmean", "sum", "none")
 
 
-def _check_op_args(student, teacher, labels, kl_mask, coef):
+def _check_op_args(student, teacher, labels, kl_mask, coef, *_scalars):
     check_op_rows("kl_ce_rows", student, teacher)
     rows = student.shape[:-1]
     if labels is not None and (labels.shape != rows or labels.dtype != torch.int64):
@@ -40,99 +34,28 @@ def _check_op_args(student, teacher, labels, kl_mask, coef):
         raise ValueError("kl_ce_rows: coef must be a float32 tensor of shape [2]")
 
 
-def _contiguous(x):
-    return None if x is None else x.contiguous()
+_kernels = triton_kernels("kl_ce")
+register_gradient_op("kl_ce_rows", 2, _check_op_args, _kernels)
 
 
-def kl_ce_rows_triton(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad):
-    """The op on the Triton kernel: its CUDA implementation (the tests also run it on CPU tensors,
-    through the Triton interpreter)."""
+def kl_ce_rows_into_triton(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad):
+    """kl_ce_rows into the caller's buffers (the fused LM heads' chunks), on the Triton kernel."""
     _check_op_args(student, teacher, labels, kl_mask, coef)
     rows = student.shape[:-1]
-    kl_rows = student.new_empty(rows, dtype=torch.float32)
-    ce_rows = student.new_empty(rows, dtype=torch.float32)
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+    for name, x in (("kl_rows", kl_rows), ("ce_rows", ce_rows)):
+        if x.shape != rows or x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"kl_ce_rows_into: {name} must be contiguous float32 of shape {tuple(rows)}")
+    if grad is not None and (grad.shape != student.shape or grad.dtype != student.dtype or not grad.is_contiguous()):
+        raise ValueError("kl_ce_rows_into: grad must be contiguous with the student's shape and dtype")
     with device_guard(student):
-        _triton_kl_ce.kl_ce_rows(student, teacher, _contiguous(labels), _contiguous(kl_mask), coef,
-                                 temperature, ignore_index, kl_rows, ce_rows, grad)
-    return kl_rows, ce_rows, student.new_empty(0) if grad is None else grad
+        _kernels.kl_ce_rows(student, teacher, None if labels is None else labels.contiguous(),
+                            None if kl_mask is None else kl_mask.contiguous(), coef, temperature, ignore_index,
+                            kl_rows, ce_rows, grad)
 
 
-def kl_ce_rows_backward_triton(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
-                               temperature, ignore_index):
-    _check_op_args(student, teacher, labels, kl_mask, coef)
-    if grad.shape != student.shape or not grad.is_contiguous():
-        raise ValueError("kl_ce_rows_backward: grad must be contiguous with the student's shape")
-    with device_guard(student):
-        _triton_kl_ce.kl_ce_rows_backward(
-            grad, grad_kl_rows.float().contiguous(), grad_ce_rows.float().contiguous(), student, teacher,
-            _contiguous(labels), _contiguous(kl_mask), coef, temperature, ignore_index,
-        )
-
-
-if _triton_kl_ce is not None:
-    torch.library.register_kernel("distil::kl_ce_rows", "cuda", kl_ce_rows_triton)
-    torch.library.register_kernel("distil::kl_ce_rows_backward", "cuda", kl_ce_rows_backward_triton)
-
-    @torch.library.register_kernel("distil::kl_ce_rows_into", "cuda")
-    def _kl_ce_rows_into_cuda(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
-                              grad):
-        _check_op_args(student, teacher, labels, kl_mask, coef)
-        rows = student.shape[:-1]
-        for name, x in (("kl_rows", kl_rows), ("ce_rows", ce_rows)):
-            if x.shape != rows or x.dtype != torch.float32 or not x.is_contiguous():
-                raise ValueError(f"kl_ce_rows_into: {name} must be contiguous float32 of shape {tuple(rows)}")
-        if grad is not None and (grad.shape != student.shape or grad.dtype != student.dtype
-                                 or not grad.is_contiguous()):
-            raise ValueError("kl_ce_rows_into: grad must be contiguous with the student's shape and dtype")
-        with device_guard(student):
-            _triton_kl_ce.kl_ce_rows(student, teacher, _contiguous(labels), _contiguous(kl_mask), coef,
-                                     temperature, ignore_index, kl_rows, ce_rows, grad)
-
-
-
-@torch.library.register_fake("distil::kl_ce_rows")
-def _kl_ce_rows_fake(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad):
-    rows = student.shape[:-1]
-    kl = student.new_empty(rows, dtype=torch.float32)
-    ce = student.new_empty(rows, dtype=torch.float32)
-    grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
-    return kl, ce, grad
-
-
-@torch.library.register_fake("distil::kl_ce_rows_into")
-def _kl_ce_rows_into_fake(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
-                          grad):
-    return None
-
-
-@torch.library.register_fake("distil::kl_ce_rows_backward")
-def _kl_ce_rows_backward_fake(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
-                              temperature, ignore_index):
-    return None
-
-
-def _setup_context(ctx, inputs, output):
-    student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad = inputs
-    ctx.temperature = temperature
-    ctx.ignore_index = ignore_index
-    save_gradient_buffer(ctx, output[2], compute_grad, student, teacher, labels, kl_mask, coef)
-
-
-def _backward(ctx, grad_kl_rows, grad_ce_rows, _grad_of_grad):
-    grad, student, teacher, labels, kl_mask, coef = take_gradient_buffer(ctx, "kl_ce_rows")
-    if grad_kl_rows is None:
-        grad_kl_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
-    if grad_ce_rows is None:
-        grad_ce_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
-    torch.ops.distil.kl_ce_rows_backward(
-        grad, grad_kl_rows.float(), grad_ce_rows.float(), student, teacher, labels, kl_mask, coef,
-        ctx.temperature, ctx.ignore_index,
-    )
-    return grad, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("distil::kl_ce_rows", _backward, setup_context=_setup_context)
+if _kernels is not None:
+    register_triton("kl_ce_rows_into", kl_ce_rows_into_triton)
+torch.library.register_fake("distil::kl_ce_rows_into", lambda *args: None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,12 +69,6 @@ def _check_logits(student_logits, teacher_logits):
         # The teacher gets no gradient; a trainer that forgot torch.no_grad() would silently get None.
         teacher_logits = teacher_logits.detach()
     return teacher_logits
-
-
-def loss_coef(kl_weight, kl_count, ce_weight, ce_count, device):
-    """``coef = [kl_weight / n_kl, ce_weight / n_ce]``, the fp32 device tensor the forward prepares the
-    gradient for (no host sync; bit-equal to autograd's per-row gradients, see announced_coef)."""
-    return torch.stack([announced_coef(kl_weight, kl_count, device), announced_coef(ce_weight, ce_count, device)])
 
 
 def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, reduction="batchmean", weight=1.0):

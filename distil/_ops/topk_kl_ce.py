@@ -14,20 +14,13 @@ from distil._ops.common import (
     check_tensor,
     check_unit_last_stride,
     check_weight,
-    device_guard,
     divisor,
+    loss_coef,
     needs_grad,
     row_count,
-    save_gradient_buffer,
-    take_gradient_buffer,
 )
-from distil._ops.kl_ce import _contiguous, loss_coef
+from distil._ops.registry import register_gradient_op, triton_kernels
 from distil.checks import check_int, check_temperature
-
-try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
-    from distil.kernels import topk_kl_ce as _triton_topk
-except ImportError:  # pragma: no cover
-    _triton_topk = None
 
 INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 
@@ -46,7 +39,7 @@ class TopKLogits(NamedTuple):
     temperature: Optional[float] = None
 
 
-def _check_op_args(student, values, index, lse, labels, kl_mask, coef):
+def _check_op_args(student, values, index, lse, labels, kl_mask, coef, *_scalars):
     """What the Triton kernel assumes, for direct calls of the op (the public function validates more)."""
     op = "topk_kl_ce_rows"
     if student.dim() not in (2, 3) or values.dim() != student.dim() or values.shape[:-1] != student.shape[:-1]:
@@ -66,70 +59,7 @@ def _check_op_args(student, values, index, lse, labels, kl_mask, coef):
         raise ValueError(f"{op}: coef must be a float32 tensor of shape [2]")
 
 
-if _triton_topk is not None:
-
-    @torch.library.register_kernel("distil::topk_kl_ce_rows", "cuda")
-    def _topk_kl_ce_rows_cuda(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
-                              compute_grad):
-        _check_op_args(student, values, index, lse, labels, kl_mask, coef)
-        rows = student.shape[:-1]
-        kl_rows = student.new_empty(rows, dtype=torch.float32)
-        ce_rows = student.new_empty(rows, dtype=torch.float32)
-        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
-        with device_guard(student):
-            _triton_topk.topk_kl_ce_rows(student, values, index, _contiguous(lse), _contiguous(labels),
-                                         _contiguous(kl_mask), coef, temperature, ignore_index, kl_rows, ce_rows,
-                                         grad)
-        return kl_rows, ce_rows, student.new_empty(0) if grad is None else grad
-
-    @torch.library.register_kernel("distil::topk_kl_ce_rows_backward", "cuda")
-    def _topk_kl_ce_rows_backward_cuda(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels,
-                                       kl_mask, coef, temperature, ignore_index):
-        _check_op_args(student, values, index, lse, labels, kl_mask, coef)
-        if grad.shape != student.shape or not grad.is_contiguous():
-            raise ValueError("topk_kl_ce_rows_backward: grad must be contiguous with the student's shape")
-        with device_guard(student):
-            _triton_topk.topk_kl_ce_rows_backward(
-                grad, grad_kl_rows.float().contiguous(), grad_ce_rows.float().contiguous(), student, values, index,
-                _contiguous(lse), _contiguous(labels), _contiguous(kl_mask), coef, temperature, ignore_index,
-            )
-
-
-@torch.library.register_fake("distil::topk_kl_ce_rows")
-def _topk_kl_ce_rows_fake(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
-                          compute_grad):
-    rows = student.shape[:-1]
-    kl = student.new_empty(rows, dtype=torch.float32)
-    ce = student.new_empty(rows, dtype=torch.float32)
-    grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
-    return kl, ce, grad
-
-
-@torch.library.register_fake("distil::topk_kl_ce_rows_backward")
-def _topk_kl_ce_rows_backward_fake(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels, kl_mask,
-                                   coef, temperature, ignore_index):
-    return None
-
-
-def _setup_context(ctx, inputs, output):
-    student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, compute_grad = inputs
-    ctx.temperature = temperature
-    ctx.ignore_index = ignore_index
-    save_gradient_buffer(ctx, output[2], compute_grad, student, values, index, lse, labels, kl_mask, coef)
-
-
-def _backward(ctx, grad_kl_rows, grad_ce_rows, _grad_of_grad):
-    grad, student, values, index, lse, labels, kl_mask, coef = take_gradient_buffer(ctx, "topk_kl_ce_rows")
-    zeros = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
-    torch.ops.distil.topk_kl_ce_rows_backward(
-        grad, zeros if grad_kl_rows is None else grad_kl_rows.float(),
-        zeros if grad_ce_rows is None else grad_ce_rows.float(), student, values, index, lse, labels, kl_mask,
-        coef, ctx.temperature, ctx.ignore_index,
-    )
-    return (grad,) + (None,) * 9
-
-
-torch.library.register_autograd("distil::topk_kl_ce_rows", _backward, setup_context=_setup_context)
+register_gradient_op("topk_kl_ce_rows", 2, _check_op_args, triton_kernels("topk_kl_ce"))
 
 
 # ------------------------------------------------------------------------------------------------
