@@ -229,7 +229,10 @@ def test_opcheck():
     student, teacher, labels, kl_mask = sample_inputs(rows=9)
     plain = [v.detach() for v in student.values()]
     coef = torch.tensor([0.5, 0.25])
-    args = (*plain, *teacher.values(), None, labels, kl_mask, coef, 2.0, -100, 4)
+    # the row tensors (no precomputed or top-k teacher), the transforms (a scale and a student cap), then
+    # coef, temperature, ignore_index, chunk_rows
+    args = (*plain, *teacher.values(), None, None, None, None, labels, kl_mask, 1.5, 4.0, 1.0, None, coef, 2.0, -100,
+            4)
     torch.library.opcheck(torch.ops.distil.linear_kl_ce.default, (*args, [False, False, False], False))
     # With gradients, eager backward rewrites the op's buffer outputs in place, which opcheck's AOT
     # comparison after backward cannot model; the traced backward is covered by the compile test.
