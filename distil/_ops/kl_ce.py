@@ -75,9 +75,9 @@ if _triton_kl_ce is not None:
     torch.library.register_kernel("distil::kl_ce_rows", "cuda", kl_ce_rows_triton)
     torch.library.register_kernel("distil::kl_ce_rows_backward", "cuda", kl_ce_rows_backward_triton)
 
-    @torch.library.register_kernel("distil::kl_ce_rows_into", "cuda")
-    def _kl_ce_rows_into_cuda(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
-                              grad):
+    def kl_ce_rows_into_triton(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows,
+                               ce_rows, grad):
+        """``distil::kl_ce_rows_into`` on the Triton kernel (CUDA; CPU tensors through the interpreter)."""
         _check_op_args(student, teacher, labels, kl_mask, coef)
         rows = student.shape[:-1]
         for name, x in (("kl_rows", kl_rows), ("ce_rows", ce_rows)):
@@ -90,6 +90,7 @@ if _triton_kl_ce is not None:
             _triton_kl_ce.kl_ce_rows(student, teacher, _contiguous(labels), _contiguous(kl_mask), coef,
                                      temperature, ignore_index, kl_rows, ce_rows, grad)
 
+    torch.library.register_kernel("distil::kl_ce_rows_into", "cuda", kl_ce_rows_into_triton)
 
 
 @torch.library.register_fake("distil::kl_ce_rows")

@@ -68,9 +68,9 @@ def _check_op_args(student, values, index, lse, labels, kl_mask, coef):
 
 if _triton_topk is not None:
 
-    @torch.library.register_kernel("distil::topk_kl_ce_rows", "cuda")
-    def _topk_kl_ce_rows_cuda(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
-                              compute_grad):
+    def topk_kl_ce_rows_triton(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
+                               compute_grad):
+        """``distil::topk_kl_ce_rows`` on the Triton kernel (CUDA; CPU tensors through the interpreter)."""
         _check_op_args(student, values, index, lse, labels, kl_mask, coef)
         rows = student.shape[:-1]
         kl_rows = student.new_empty(rows, dtype=torch.float32)
@@ -81,6 +81,8 @@ if _triton_topk is not None:
                                          _contiguous(kl_mask), coef, temperature, ignore_index, kl_rows, ce_rows,
                                          grad)
         return kl_rows, ce_rows, student.new_empty(0) if grad is None else grad
+
+    torch.library.register_kernel("distil::topk_kl_ce_rows", "cuda", topk_kl_ce_rows_triton)
 
     @torch.library.register_kernel("distil::topk_kl_ce_rows_backward", "cuda")
     def _topk_kl_ce_rows_backward_cuda(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels,
