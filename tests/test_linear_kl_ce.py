@@ -252,6 +252,14 @@ def test_opcheck():
     out = torch.ops.distil.linear_kl_ce(*args, [True, True, True], False)
     torch.library.opcheck(torch.ops.distil.linear_kl_ce_backward.default,
                           (*out[2:], torch.tensor([0.3, 0.1]), *args, False))
+    # a top-k teacher (exact mode) in place of the teacher head, the student soft-capped
+    topk = _topk_teacher(teacher, 4, exact=True)
+    args = (*plain, None, None, None, None, topk["teacher_topk_logits"], topk["teacher_topk_index"],
+            topk["teacher_lse"], labels, kl_mask, 1.0, 4.0, 1.0, None, coef, 2.0, -100, 4)
+    torch.library.opcheck(torch.ops.distil.linear_kl_ce.default, (*args, [False, False, False], False))
+    torch.library.opcheck(torch.ops.distil.linear_kl_ce.default,
+                          (*student.values(), *args[3:], [True, True, True], False),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -504,6 +512,51 @@ def test_module_at_the_documented_head_input_equals_the_models_logits(family):
     assert relative_error(fused_kl, kl) < 1e-5 and relative_error(fused_ce, ce) < 1e-5
     for p, g in zip(student.parameters(), expected):
         assert relative_error(p.grad, g) < 1e-4
+
+
+def _transformed(family, seed):
+    """A tiny model whose forward transforms its logits: Gemma2's soft cap (small, so that it bites on a
+    random init's small logits), Cohere's scale."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=64, max_position_embeddings=32)
+    if family == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(**sizes, head_dim=16, final_logit_softcapping=0.05)).eval()
+    return CohereForCausalLM(CohereConfig(**sizes, logit_scale=0.25)).eval()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_module_with_the_models_logit_transforms_equals_their_logits(family):
+    """transformers applies the cap in Gemma2ForCausalLM.forward and the scale in CohereForCausalLM.forward:
+    the module with the transforms read from their configs gives the losses and gradients of those logits."""
+    from distil.student import logit_transform
+
+    student, teacher = _transformed(family, 0), _transformed(family, 1)
+    ids = torch.randint(3, V, (2, 12))
+    labels = torch.where(torch.rand(2, 12) < 0.5, ids, -100)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids).logits
+        teacher_rows = teacher.model(input_ids=ids)[0]
+    kl, ce = kl_ce_loss(student(input_ids=ids).logits, teacher_logits, labels)
+    (kl + ce).backward()
+    expected = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    scale, softcap = logit_transform(student.config)
+    teacher_scale, teacher_softcap = logit_transform(teacher.config)
+    assert (scale, softcap) == {"gemma2": (1.0, 0.05), "cohere": (0.25, None)}[family]
+    loss = LinearKLCELoss(student.lm_head, teacher.lm_head, chunk_rows=5, logit_scale=scale, logit_softcap=softcap,
+                          teacher_logit_scale=teacher_scale, teacher_logit_softcap=teacher_softcap)
+    fused_kl, fused_ce = loss(student.model(input_ids=ids)[0], labels, teacher_rows)
+    (fused_kl + fused_ce).backward()
+    assert relative_error(fused_kl, kl) < 1e-5 and relative_error(fused_ce, ce) < 1e-5
+    for p, g in zip(student.parameters(), expected):
+        assert relative_error(p.grad, g) < 1e-4
+    with torch.no_grad():  # the transforms matter: the test can fail
+        plain_kl, _ = LinearKLCELoss(student.lm_head, teacher.lm_head)(student.model(input_ids=ids)[0], labels,
+                                                                       teacher_rows)
+    assert relative_error(plain_kl, kl) > 1e-2
 
 
 # ----------------------------------------------------------------------------------------------
