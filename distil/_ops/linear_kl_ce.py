@@ -208,9 +208,10 @@ def _run_chunks(x, coef, temperature, ignore_index, chunk_rows, want):
     compute_grad = any(want)
     kl_sum = torch.zeros((), dtype=torch.float32, device=device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=device)
+    want_bias = want_bias and bias is not None
     grad_hidden = torch.empty_like(hidden_rows) if want_hidden else None  # every row is written
-    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if want_bias and bias is not None else None
-    grad_weight = None  # made by the first chunk's weight GEMM, once only that chunk's gradient is alive
+    # made by the first chunk's GEMM / sum, once only that chunk's gradient is alive (no zeroed accumulators)
+    grad_weight = grad_bias = None
     scale, softcap = x.logit_scale, x.logit_softcap
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
@@ -247,11 +248,15 @@ def _run_chunks(x, coef, temperature, ignore_index, chunk_rows, want):
                 grad_weight = _fp32_mm(grad.t(), scaled_hidden)
             else:
                 _accumulate_mm(grad_weight, grad.t(), scaled_hidden)
-        if grad_bias is not None:
-            grad_bias.add_(grad.sum(0, dtype=torch.float32), alpha=scale)
+        if want_bias:
+            bias_sum = grad.sum(0, dtype=torch.float32)
+            if scale != 1.0:
+                bias_sum.mul_(scale)
+            grad_bias = bias_sum if grad_bias is None else grad_bias.add_(bias_sum)
         del grad
-    if want_weight and grad_weight is None:  # no rows
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+    if n == 0:
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if want_weight else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if want_bias else None
     return kl_sum, ce_sum, grad_hidden, grad_weight, grad_bias
 
 
