@@ -278,6 +278,24 @@ def test_torch_compile_fullgraph(backend):
         assert relative_error(grad, ref_grads[name]) < TOL[torch.float32], name
 
 
+def test_torch_compile_fullgraph_with_a_top_k_teacher_and_a_soft_cap():
+    student, teacher, labels, kl_mask = sample_inputs()
+    topk = _topk_teacher(teacher, 8, exact=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(student, topk, labels, kl_mask):
+        kl, ce = linear_kl_ce_loss(*student.values(), labels, kl_mask=kl_mask, kl_weight=5.0, ce_weight=2.0,
+                                   chunk_rows=8, logit_softcap=4.0, **topk)
+        return 5.0 * kl + 2.0 * ce
+
+    step(student, topk, labels, kl_mask).backward()
+    values, index, lse = (topk[k] for k in ("teacher_topk_logits", "teacher_topk_index", "teacher_lse"))
+    _, _, ref_grads = _reference_on_logits(student, labels, kl_mask, lambda s: reference.topk_kl_ce_rows(
+        s, values.double(), index, lse.double(), labels, kl_mask, 2.0), 5.0, 2.0, logit_softcap=4.0)
+    for name, grad in _grads(student).items():
+        assert relative_error(grad, ref_grads[name]) < TOL[torch.float32], name
+
+
 # ----------------------------------------------------------------------------------------------
 # A top-k teacher, logit transforms, precomputed teacher logits read in place: on both row kernels
 # ----------------------------------------------------------------------------------------------
