@@ -29,7 +29,7 @@ Memory beyond the inputs and the parameter gradients: two ``[chunk_rows, V]`` bu
 kernel, one (``g``) during its grad GEMMs, and ``[N, H]`` for the hidden gradient
 (:func:`auto_chunk_rows`). The fp32 weight gradient is created by the first chunk's weight GEMM, once that
 chunk's second buffer is freed: with one chunk the peak is the unfused path's (``g`` beside the weight
-gradient), with more the chunk buffers are smaller than the unfused ``[N, V]`` logits.
+gradient), with c chunks two buffers of N / c rows.
 
 Autograd: the forward returns the two loss sums and the three gradient buffers; the backward
 (``distil::linear_kl_ce_backward``) compares the two incoming scalars with the announced coefficients and
