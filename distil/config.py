@@ -70,8 +70,8 @@ class TrainConfig:
     alpha_cos: float = _option(1.0, "weight of the cosine loss between last hidden states")
     temperature: float = _option(2.0, "softmax temperature of the KL loss")
     restrict_kl_to_mask: bool = _option(False, "KL on masked tokens only (default: every non-pad token)")
-    fused_head: bool = _option(True, "both LM heads' projections fused into the KL+CE loss (linear_kl_ce_loss): "
-                                     "the [rows, V] logits are never built")
+    fused_head: bool = _option(True, "the LM heads' projections fused into the KL+CE loss (linear_kl_ce_loss), the "
+                                     "student's with a --teacher-cache: the [rows, V] logits are never built")
     block_size: int | None = _option(None, "causal LMs: pack the documents into blocks of this many tokens "
                                            "(default: one document per row, padded per batch)")
     mask_prop: float = _option(0.15, "fraction of tokens masked")
@@ -148,12 +148,10 @@ class TrainConfig:
         return causal_lm_directory("teacher", self.teacher)
 
     def _validate_model_kind(self):
-        """The flags that belong to the other kind of teacher, soft-capped logits and a cosine between
-        hidden states of different sizes, from the models' config.json files alone. Returns whether the
+        """The flags that belong to the other kind of teacher and a cosine between hidden states of
+        different sizes, from the models' config.json files alone. Returns whether the
         teacher is a causal LM."""
         from transformers import AutoConfig
-
-        from distil.student import check_no_softcapping
 
         causal = self.causal_teacher()
         kind = "a causal LM" if causal else "a masked LM"
@@ -173,8 +171,6 @@ class TrainConfig:
             return False
         if self.student is not None and (Path(self.student) / "config.json").is_file():
             configs["student"] = AutoConfig.from_pretrained(self.student, trust_remote_code=False)
-        for name, config in configs.items():
-            check_no_softcapping(f"{name} {getattr(self, name)}", config)
         # A row longer than the position table would fail inside the first step.
         length, flag = ((self.block_size, "block_size") if self.block_size is not None
                         else (self.max_length, "max_length"))

@@ -48,7 +48,10 @@ class DistillationLoss(nn.Module):
     (``student_head_input`` / ``teacher_head_input``, after each head's transform; see
     :class:`~distil.fused_loss.LinearKLCELoss` for where that is in BERT, DistilBERT, RoBERTa and LLaMA)
     instead of logits, and runs :func:`~distil.fused_loss.linear_kl_ce_loss`: the ``[rows, V]`` logits
-    never exist. The teacher may instead give ``teacher_logits`` (e.g. cached).
+    never exist. The teacher may instead give ``teacher_logits``, or a :class:`~distil.fused_loss.TopKLogits`
+    (the teacher cache's: the student's fused head against a cached teacher). The heads' logit transforms
+    (``logit_scale``, ``logit_softcap`` and the teacher's: Cohere's scale, Gemma 2/3's
+    ``final_logit_softcapping``) are applied inside the fused head, as ``linear_kl_ce_loss`` documents.
 
     The rows are selected in the kernels (no ``masked_select`` copies), and each part's gradient is
     prepared in the forward for exactly ``total.backward()``, or for ``(total * grad_scale).backward()``
@@ -62,7 +65,8 @@ class DistillationLoss(nn.Module):
     """
 
     def __init__(self, kl_weight=5.0, ce_weight=2.0, cos_weight=1.0, temperature=2.0, restrict_kl_to_mask=False,
-                 student_head=None, teacher_head=None, chunk_rows=None):
+                 student_head=None, teacher_head=None, chunk_rows=None, *, logit_scale=1.0, logit_softcap=None,
+                 teacher_logit_scale=1.0, teacher_logit_softcap=None):
         super().__init__()
         self.kl_weight = check_non_negative_finite("kl_weight", kl_weight)
         self.ce_weight = check_non_negative_finite("ce_weight", ce_weight)
@@ -75,10 +79,17 @@ class DistillationLoss(nn.Module):
         self.restrict_kl_to_mask = restrict_kl_to_mask
         if student_head is None and teacher_head is not None:
             raise ValueError("teacher_head needs a student_head")
+        transformed = (logit_scale != 1.0 or logit_softcap is not None or teacher_logit_scale != 1.0
+                       or teacher_logit_softcap is not None)
+        if student_head is None and transformed:
+            raise ValueError("logit_scale / logit_softcap (and the teacher's) transform the fused heads' logits: "
+                             "they need a student_head (logits passed in are already transformed)")
         # The heads' loss is a submodule, so FSDP2 can shard it (its forward gathers the heads).
         self.head_loss = None if student_head is None else LinearKLCELoss(
             student_head, teacher_head, temperature=self.temperature, ignore_index=IGNORE_INDEX,
-            kl_weight=self.kl_weight, ce_weight=self.ce_weight, chunk_rows=chunk_rows)
+            kl_weight=self.kl_weight, ce_weight=self.ce_weight, chunk_rows=chunk_rows, logit_scale=logit_scale,
+            logit_softcap=logit_softcap, teacher_logit_scale=teacher_logit_scale,
+            teacher_logit_softcap=teacher_logit_softcap)
 
     def extra_repr(self):
         return (f"kl_weight={self.kl_weight}, ce_weight={self.ce_weight}, cos_weight={self.cos_weight}, "
@@ -91,7 +102,8 @@ class DistillationLoss(nn.Module):
             student_logits, teacher_logits: ``[B, S, V]``, or ``[M, V]`` rows already gathered. With heads,
                 ``student_logits`` is None and ``teacher_logits`` optional (instead of ``teacher_head_input``).
                 The teacher may be a :class:`distil.fused_loss.TopKLogits` (its top-k logits, e.g. from a
-                teacher cache; without heads): the KL is then :func:`distil.fused_loss.topk_kl_ce_loss`'s.
+                teacher cache): the KL is then :func:`distil.fused_loss.topk_kl_ce_loss`'s (with heads, on
+                the student's fused head).
             labels: int64/int32 ``[B, S]`` / ``[M]``, the masked-LM targets, -100 where not masked.
             student_hidden, teacher_hidden: last hidden states ``[B, S, H]`` / ``[M, H]`` (equal H). Rows
                 gathered beforehand may be a different set than the logits' rows (``[M', H]``).
@@ -137,8 +149,9 @@ class DistillationLoss(nn.Module):
         # tensors must agree, which cosine_loss checks.
         own_hidden_rows = attention_mask is None and lead.dim() == 2
         topk = isinstance(teacher_logits, TopKLogits)
-        if topk and self.head_loss is not None:
-            raise ValueError("teacher_logits as TopKLogits needs a DistillationLoss without heads (logits)")
+        if topk and teacher_logits.lse is not None and teacher_logits.temperature is None:
+            raise ValueError("teacher_logits: a TopKLogits with an lse needs the temperature it was taken "
+                             f"at (TopKLogits(..., temperature=T)); this loss uses T = {self.temperature}")
         for name, t in (("teacher_logits", teacher_logits.logits if topk else teacher_logits),
                         ("teacher_head_input", teacher_head_input),
                         ("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
@@ -155,19 +168,20 @@ class DistillationLoss(nn.Module):
             if self.kl_weight > 0 and teacher_logits is None and teacher_head_input is None:
                 raise ValueError("teacher_head_input (or teacher_logits) is required when kl_weight > 0")
             use_kl = self.kl_weight > 0
-            kl, ce = self.head_loss(student_head_input, labels if self.ce_weight > 0 else None,
-                                     teacher_head_input if use_kl else None,
-                                     teacher_logits=teacher_logits if use_kl else None, kl_mask=kl_mask,
-                                     kl_weight=kl_grad_weight, ce_weight=ce_grad_weight)
+            teacher = {}
+            if use_kl and topk:
+                teacher = dict(teacher_topk_logits=teacher_logits.logits, teacher_topk_index=teacher_logits.index,
+                               teacher_lse=teacher_logits.lse, teacher_lse_temperature=teacher_logits.temperature)
+            elif use_kl:
+                teacher = dict(teacher_head_input=teacher_head_input, teacher_logits=teacher_logits)
+            kl, ce = self.head_loss(student_head_input, labels if self.ce_weight > 0 else None, kl_mask=kl_mask,
+                                     kl_weight=kl_grad_weight, ce_weight=ce_grad_weight, **teacher)
         elif self.kl_weight > 0:
             if teacher_logits is None:
                 raise ValueError("teacher_logits is required when kl_weight > 0")
             if topk:
                 # Without the MLM term no row has a label, so the CE part costs nothing.
                 loss_labels = labels if self.ce_weight > 0 else torch.full_like(labels, IGNORE_INDEX)
-                if teacher_logits.lse is not None and teacher_logits.temperature is None:
-                    raise ValueError("teacher_logits: a TopKLogits with an lse needs the temperature it was taken "
-                                     f"at (TopKLogits(..., temperature=T)); this loss uses T = {self.temperature}")
                 kl, ce = topk_kl_ce_loss(
                     student_logits, teacher_logits.logits, teacher_logits.index, loss_labels,
                     teacher_lse=teacher_logits.lse, teacher_lse_temperature=teacher_logits.temperature,

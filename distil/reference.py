@@ -6,8 +6,9 @@ and what the benchmarks time as "eager" (in the inputs' dtype). Not fast, by des
 - distiller.py's losses (Hugging Face ``examples/research_projects/distillation/distiller.py``,
   ``Distiller.step`` in MLM mode, restated from its definition): :func:`distiller_kl`,
   :func:`distiller_mlm`, :func:`distiller_cos` and the weighted step :func:`distiller_loss`, with its
-  row selection by ``masked_select`` on full-size expanded masks, and the same on LM heads' logits,
-  :func:`linear_distiller_losses` (what ``linear_kl_ce_loss`` fuses);
+  row selection by ``masked_select`` on full-size expanded masks, and the same on LM heads' logits
+  (:func:`head_logits`, with the models' logit scale and soft cap), :func:`linear_distiller_losses` (what
+  ``linear_kl_ce_loss`` fuses);
 - its causal branch (``--mlm`` off, DistilGPT2): :func:`distiller_causal_loss` and the step of two
   causal LMs, :func:`distiller_causal_step`.
 """
@@ -143,12 +144,20 @@ def distiller_loss(student_logits, teacher_logits, labels, student_hidden, teach
     return alpha_kl * kl + alpha_mlm * mlm + alpha_cos * cos, kl, mlm, cos
 
 
-def linear_distiller_losses(student_hidden, student_weight, student_bias, teacher_logits, labels, kl_mask, *,
-                            temperature=2.0):
-    """``(kl, mlm)`` of :func:`distiller_loss` on the student head's logits ``F.linear(student_hidden,
-    student_weight, student_bias)`` (what ``linear_kl_ce_loss`` fuses): the KL over the ``kl_mask`` rows
-    (None = all), the cross-entropy over the labelled rows."""
-    student_logits = F.linear(student_hidden, student_weight, student_bias)
+def head_logits(head_input, weight, bias, logit_scale=1.0, logit_softcap=None):
+    """An LM head's logits with the models' transforms: ``F.linear(...) * logit_scale`` (Cohere's
+    ``logit_scale``), then ``c * tanh(logits / c)`` for ``logit_softcap`` c (Gemma 2/3's
+    ``final_logit_softcapping``, as ``Gemma2ForCausalLM.forward`` applies it)."""
+    logits = F.linear(head_input, weight, bias) * logit_scale
+    return logits if logit_softcap is None else logit_softcap * torch.tanh(logits / logit_softcap)
+
+
+def linear_distiller_losses(student_head_input, student_weight, student_bias, teacher_logits, labels, kl_mask, *,
+                            temperature=2.0, logit_scale=1.0, logit_softcap=None):
+    """``(kl, mlm)`` of :func:`distiller_loss` on the student head's logits :func:`head_logits`
+    (what ``linear_kl_ce_loss`` fuses): the KL over the ``kl_mask`` rows (None = all), the cross-entropy
+    over the labelled rows."""
+    student_logits = head_logits(student_head_input, student_weight, student_bias, logit_scale, logit_softcap)
     _, kl, mlm, _ = distiller_loss(student_logits, teacher_logits, labels, None, None, kl_mask, alpha_cos=0.0,
                                    temperature=temperature)
     return kl, mlm

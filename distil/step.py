@@ -38,13 +38,26 @@ def causal_labels(input_ids, attention_mask):
     return labels
 
 
+def fused_heads(student_adapter, teacher_adapter=None):
+    """:class:`DistillationLoss`'s fused-head arguments from the models' adapters: each output projection
+    with its logit transform (:func:`distil.student.logit_transform`); no teacher head for a cached teacher,
+    whose logits are final."""
+    heads = dict(student_head=student_adapter.projection, logit_scale=student_adapter.logit_scale,
+                 logit_softcap=student_adapter.logit_softcap)
+    if teacher_adapter is not None:
+        heads.update(teacher_head=teacher_adapter.projection, teacher_logit_scale=teacher_adapter.logit_scale,
+                     teacher_logit_softcap=teacher_adapter.logit_softcap)
+    return heads
+
+
 def select_rows(adapter, input_ids, attention_mask, logit_mask, hidden_mask, project=True):
     """Body on the whole batch, LM head on the ``logit_mask`` rows only. Returns (logits [M, V] of the
     ``logit_mask`` rows, last hidden rows [M', H] of the ``hidden_mask`` rows); either mask may be None
     (that output is None, and no head runs without ``logit_mask``), and ``hidden_mask is logit_mask``
     reuses one gather. The eager equivalent is ``model(...).logits[logit_mask]`` and
     ``hidden_states[-1][hidden_mask]``. With ``project=False`` the first output is the head's transform
-    of those rows (what the output projection multiplies), for the fused head loss."""
+    of those rows (what the output projection multiplies), for the fused head loss (whose logit transforms
+    then are the loss's: :func:`fused_heads`)."""
     hidden = adapter.body(input_ids, attention_mask)
     logit_rows = None if logit_mask is None else masked_gather(hidden, logit_mask)[0]
     if hidden_mask is None:
@@ -106,7 +119,8 @@ class DistillationStep:
     gets the heads' transformed rows instead of logits: the fused head, no ``[M, V]`` logits at all.
     With ``teacher=None`` the teacher comes from a teacher cache instead (``__call__(..., cached)``, see
     :meth:`rows`), and ``cache_temperature`` is the T of its lse (``TeacherCache.temperature``, checked
-    against the loss's); a cached teacher has no head to fuse, so its loss takes logits.
+    against the loss's); with a student head in the loss, the student's head is fused with the cached
+    top-k teacher.
     """
 
     def __init__(self, student_rows, teacher, loss_fn, *, restrict_kl_to_mask=False, autocast_dtype=None,
@@ -159,7 +173,8 @@ class DistillationStep:
             return self.loss_fn(*rows, None, grad_scale=grad_scale)
         # The fused heads are the models' output projections: under the models' autocast, as F.linear
         # would be (a 16-bit teacher's LayerNorm hands them fp32 rows beside its 16-bit weight).
+        cached = isinstance(rows.teacher_logits, TopKLogits)
         with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.loss_fn(None, None, rows.labels, rows.student_hidden, rows.teacher_hidden, None,
-                                student_head_input=rows.student_logits, teacher_head_input=rows.teacher_logits,
-                                grad_scale=grad_scale)
+            return self.loss_fn(None, rows.teacher_logits if cached else None, rows.labels, rows.student_hidden,
+                                rows.teacher_hidden, None, student_head_input=rows.student_logits,
+                                teacher_head_input=None if cached else rows.teacher_logits, grad_scale=grad_scale)

@@ -311,7 +311,8 @@ class LMAdapter:
     ``model.distilbert``, then ``vocab_transform`` -> activation -> ``vocab_layer_norm`` and
     ``vocab_projector``; decoders: ``model.transformer`` (GPT-2) or ``model.model``, whose output is
     already final-normed, then the identity and ``lm_head``). ``projection`` is
-    ``model.get_output_embeddings()``, or its first ``vocab_size`` rows (:class:`HeadRows`).
+    ``model.get_output_embeddings()``, or its first ``vocab_size`` rows (:class:`HeadRows`); the logits are
+    then transformed as the model's forward transforms them (:func:`logit_transform`: Gemma 2/3's soft cap).
     A causal body gets explicit ``position_ids`` (see :meth:`body`)."""
 
     def __init__(self, model, body_module, transform_fn, *, causal=False, vocab_size=None):
@@ -324,6 +325,7 @@ class LMAdapter:
         if vocab_size is not None:
             check_int("vocab_size", vocab_size, 1, rows)
         self._projection = head if vocab_size in (None, rows) else HeadRows(head, vocab_size)
+        self.logit_scale, self.logit_softcap = logit_transform(model.config)
 
     @property
     def projection(self):
@@ -358,8 +360,14 @@ class LMAdapter:
         return self._transform_fn(hidden_rows)
 
     def head(self, hidden_rows):
-        """Vocabulary logits ``[..., V]`` for hidden states ``[..., H]`` (any leading shape)."""
-        return self.projection(self.transform(hidden_rows))
+        """Vocabulary logits ``[..., V]`` for hidden states ``[..., H]`` (any leading shape): the projection's,
+        times ``logit_scale``, soft-capped by ``logit_softcap`` (``reference.head_logits``)."""
+        logits = self.projection(self.transform(hidden_rows))
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.logit_softcap is not None:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return logits
 
 
 _CAUSAL = tuple(cls for cls in _LAYER_LISTS if cls not in (BertForMaskedLM, RobertaForMaskedLM))
@@ -384,20 +392,21 @@ def causal_lm_directory(name, path):
     return bool(architectures) and architectures[0] in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
-def check_no_softcapping(name, config):
-    """Refuse a config with Gemma's ``final_logit_softcapping`` (``cap · tanh(logits / cap)``): the fused
-    LM head computes plain ``F.linear`` logits."""
+def logit_transform(config):
+    """``(logit_scale, logit_softcap)`` of a model's config: what its forward does to the projection's
+    logits, as :func:`distil.fused_loss.linear_kl_ce_loss` takes it. Cohere multiplies them by
+    ``config.logit_scale``; Gemma 2/3 soft-cap them, ``c · tanh(logits / c)`` with
+    ``c = config.final_logit_softcapping`` (None: no cap); other models do neither, ``(1.0, None)``."""
+    scale = getattr(config, "logit_scale", None)
     cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        raise ValueError(f"{name} has final_logit_softcapping={cap} (soft-capped logits), which the fused LM head "
-                         "does not support yet")
+    return (1.0 if scale is None else float(scale)), (None if cap is None else float(cap))
 
 
 def lm_adapter(model, vocab_size=None):
     """The :class:`LMAdapter` of a ``BertForMaskedLM``, ``RobertaForMaskedLM``, ``DistilBertForMaskedLM``
     or a causal LM :func:`build_student` supports; ``vocab_size`` cuts the projection to its first rows
-    (the tokenizer's real vocabulary). Soft-capped logits (Gemma2's ``final_logit_softcapping``) are
-    refused: the fused head computes plain ``F.linear`` logits."""
+    (the tokenizer's real vocabulary). The adapter's logits are the model's, soft cap included (Gemma 2/3's
+    ``final_logit_softcapping``, :func:`logit_transform`)."""
     if isinstance(model, BertForMaskedLM):
         return LMAdapter(model, model.bert, model.cls.predictions.transform, vocab_size=vocab_size)
     if isinstance(model, RobertaForMaskedLM):
@@ -409,7 +418,6 @@ def lm_adapter(model, vocab_size=None):
                          lambda hidden: model.vocab_layer_norm(model.activation(model.vocab_transform(hidden))),
                          vocab_size=vocab_size)
     if is_causal_lm(model):
-        check_no_softcapping(f"model {type(model).__name__}", model.config)
         body = model.transformer if isinstance(model, GPT2LMHeadModel) else model.model
         return LMAdapter(model, body, lambda hidden: hidden, causal=True, vocab_size=vocab_size)
     raise TypeError(

@@ -53,7 +53,7 @@ from distil.checks import TOKENIZER_FILES
 from distil.data import LengthGroupedBatches, load_corpus, pack_blocks, text_files
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker, token_counts
-from distil.step import DistillationStep, StudentRows, causal_labels
+from distil.step import DistillationStep, StudentRows, causal_labels, fused_heads
 from distil.student import auto_model_class, build_student, save_student
 from distil.teacher_cache import TeacherCache
 
@@ -180,12 +180,11 @@ class Trainer:
             rows = nn.parallel.DistributedDataParallel(rows, device_ids=ids)
         self.rows = rows
         heads = {}
-        # The output projections fused into the KL+CE loss: no [rows, V] logits. A cached teacher has
-        # no head to fuse, so the student's logits are built for its top-k loss.
+        # The output projections fused into the KL+CE loss, with the models' logit transforms: no [rows, V]
+        # logits. A cached teacher has no head to fuse: the student's head meets its top-k logits.
         # (Their first vocab_size rows when the two pad the vocabulary differently: the adapters' projections.)
-        if config.fused_head and self.teacher is not None:
-            heads = dict(student_head=self.eval_step.student_rows.adapter.projection,
-                         teacher_head=self.eval_step.teacher_adapter.projection)
+        if config.fused_head:
+            heads = fused_heads(self.eval_step.student_rows.adapter, self.eval_step.teacher_adapter)
         train_loss_fn = DistillationLoss(kl_weight=config.alpha_kl, ce_weight=config.alpha_lm,
                                          cos_weight=config.alpha_cos, temperature=config.temperature, **heads)
         self.step_fn = DistillationStep(rows, self.teacher, train_loss_fn,

@@ -1,7 +1,8 @@
 """The causal step (issue 21, items 2 and 3): distil.step on decoders against the float64 restatement of
 distiller.py's causal branch (fused heads and logits), next-token labels, packed blocks and padded rows
-(attention mask, position ids), a student you bring with a differently padded vocabulary, distil-train
-end to end on tiny GPT-2 and LLaMA teachers, and the refusals (one line, before any model loads)."""
+(attention mask, position ids), a student you bring with a differently padded vocabulary, Gemma2's
+soft-capped logits, distil-train end to end on tiny GPT-2, LLaMA and Gemma2 teachers, and the refusals
+(one line, before any model loads)."""
 import copy
 import json
 
@@ -13,8 +14,8 @@ from distil.cli import EXIT_ERROR, main
 from distil.data import pack_blocks
 from distil.fused_loss import DistillationLoss
 from distil.reference import distiller_causal_step
-from distil.step import DistillationStep, StudentRows, causal_labels
-from distil.student import build_student, lm_adapter
+from distil.step import DistillationStep, StudentRows, causal_labels, fused_heads
+from distil.student import build_student, lm_adapter, logit_transform
 from distil.train import METRICS, STUDENT
 
 from helpers import one_error_line, relative_error
@@ -133,16 +134,47 @@ def test_a_student_with_a_differently_padded_vocabulary_uses_the_real_one(fused_
     assert (student.lm_head.weight.grad[V:] == 0).all()  # the padding rows are never predicted
 
 
-def test_soft_capped_logits_are_refused_by_the_adapter():
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        lm_adapter(tiny_causal("gemma2", V, final_logit_softcapping=30.0))
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_gemma2_soft_capped_logits_on_both_paths_match_distiller_causal_branch(fused_head):
+    """Gemma2's final_logit_softcapping (c · tanh(s / c), in Gemma2ForCausalLM.forward, which the reference
+    runs): the fused heads apply it per chunk, the logits path in the adapter's head; a cap of 5 on peaked
+    logits, so that it matters."""
+    teacher = tiny_causal("gemma2", V, final_logit_softcapping=5.0)
+    student = build_student(teacher, num_layers=2).train()
+    teacher = _peaked(teacher)
+    ref_student = copy.deepcopy(student).double()
+    ids, attn = random_batch(V, 4, 12, cls_id=1, sep_id=2, pad_id=0, seed=4)
+    ref = distiller_causal_step(ref_student, copy.deepcopy(teacher).double(), ids, attn)
+    ref[0].backward()
+    rows = StudentRows(student)
+    step = DistillationStep(rows, teacher, DistillationLoss())
+    if fused_head:
+        step.loss_fn = DistillationLoss(**fused_heads(rows.adapter, step.teacher_adapter))
+        assert step.loss_fn.head_loss.logit_softcap == step.loss_fn.head_loss.teacher_logit_softcap == 5.0
+    out = step(ids, attn, causal_labels(ids, attn))
+    out.total.backward()
+    for got, want in zip(out, ref):
+        assert relative_error(got, want) <= 1e-5
+    _grads_match(student, ref_student)
+    uncapped = DistillationStep(StudentRows(student), teacher, DistillationLoss(
+        student_head=student.lm_head, teacher_head=teacher.lm_head))(ids, attn, causal_labels(ids, attn))
+    assert relative_error(uncapped.kl, ref[1]) > 1e-2  # the cap matters here: the test can fail
+
+
+def test_logit_transform_reads_gemmas_cap_and_coheres_scale():
+    from transformers import CohereConfig, Gemma2Config, LlamaConfig
+
+    assert logit_transform(Gemma2Config(final_logit_softcapping=30.0)) == (1.0, 30.0)
+    assert logit_transform(Gemma2Config(final_logit_softcapping=None)) == (1.0, None)
+    assert logit_transform(CohereConfig(logit_scale=0.0625)) == (0.0625, None)
+    assert logit_transform(LlamaConfig()) == (1.0, None)
 
 
 # ------------------------------------------------------------------ distil-train end to end
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """GPT-2 (GPT-2's tokenizer: no pad token) and LLaMA teachers, a bigger student you bring (its own
-    padded vocabulary), a Gemma2 teacher (soft-capped), a BERT teacher, and a corpus."""
+    padded vocabulary), a Gemma2 teacher (soft-capped logits), a BERT teacher, and a corpus."""
     root = tmp_path_factory.mktemp("causal")
     gpt2_tok, bpe = gpt2_tokenizer(), roberta_tokenizer()
     models = {
@@ -174,6 +206,7 @@ def _rows(workdir, out):
 @pytest.mark.parametrize("teacher, flags", [
     ("gpt2", ["--block-size", "32"]),  # DistilGPT2's recipe: packed blocks, fused heads
     ("llama", ["--alpha-clm", "1.0", "--no-fused-head"]),  # padded per batch, logits
+    ("gemma2", []),  # soft-capped logits, in the fused heads
 ])
 def test_distil_train_on_a_causal_teacher(workdir, teacher, flags):
     out = f"run_{teacher}"
@@ -202,7 +235,6 @@ def test_distil_train_with_a_student_you_bring_and_a_padded_vocabulary(workdir):
     ("gpt2", ["--as-distilbert"], ["as_distilbert"]),
     ("bert", ["--alpha-clm", "2"], ["alpha_clm", "masked LM", "--alpha-mlm"]),
     ("bert", ["--block-size", "32"], ["block_size", "masked LM"]),
-    ("gemma2", [], ["teacher", "final_logit_softcapping"]),
     ("gpt2", ["--block-size", "256"], ["block_size", "256", "128 positions"]),
     ("llama", ["--student", "{workdir}/llama_student_wide"], ["alpha_cos", "48", "32", "--alpha-cos 0"]),
 ])

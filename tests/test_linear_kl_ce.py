@@ -10,11 +10,21 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from distil.fused_loss import LinearKLCELoss, kl_ce_loss, linear_kl_ce_loss
+from distil import reference
+from distil._ops import kl_ce as kl_ce_op
+from distil._ops import topk_kl_ce as topk_kl_ce_op
+from distil.fused_loss import (
+    DistillationLoss,
+    LinearKLCELoss,
+    TopKLogits,
+    kl_ce_loss,
+    linear_kl_ce_loss,
+    topk_kl_ce_loss,
+)
 from distil.reference import linear_distiller_losses
 
 from aot import compile_reports, launch_spec
-from helpers import API_DEVICES, GPU_RUN, TOL, free_port, relative_error
+from helpers import API_DEVICES, GPU_RUN, TOL, RecordOps, free_port, relative_error
 
 V = 97  # prime
 
@@ -229,7 +239,10 @@ def test_opcheck():
     student, teacher, labels, kl_mask = sample_inputs(rows=9)
     plain = [v.detach() for v in student.values()]
     coef = torch.tensor([0.5, 0.25])
-    args = (*plain, *teacher.values(), None, labels, kl_mask, coef, 2.0, -100, 4)
+    # the row tensors (no precomputed or top-k teacher), the transforms (a scale and a student cap), then
+    # coef, temperature, ignore_index, chunk_rows
+    args = (*plain, *teacher.values(), None, None, None, None, labels, kl_mask, 1.5, 4.0, 1.0, None, coef, 2.0, -100,
+            4)
     torch.library.opcheck(torch.ops.distil.linear_kl_ce.default, (*args, [False, False, False], False))
     # With gradients, eager backward rewrites the op's buffer outputs in place, which opcheck's AOT
     # comparison after backward cannot model; the traced backward is covered by the compile test.
@@ -239,6 +252,14 @@ def test_opcheck():
     out = torch.ops.distil.linear_kl_ce(*args, [True, True, True], False)
     torch.library.opcheck(torch.ops.distil.linear_kl_ce_backward.default,
                           (*out[2:], torch.tensor([0.3, 0.1]), *args, False))
+    # a top-k teacher (exact mode) in place of the teacher head, the student soft-capped
+    topk = _topk_teacher(teacher, 4, exact=True)
+    args = (*plain, None, None, None, None, topk["teacher_topk_logits"], topk["teacher_topk_index"],
+            topk["teacher_lse"], labels, kl_mask, 1.0, 4.0, 1.0, None, coef, 2.0, -100, 4)
+    torch.library.opcheck(torch.ops.distil.linear_kl_ce.default, (*args, [False, False, False], False))
+    torch.library.opcheck(torch.ops.distil.linear_kl_ce.default,
+                          (*student.values(), *args[3:], [True, True, True], False),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -255,6 +276,202 @@ def test_torch_compile_fullgraph(backend):
     _, _, ref_grads = _reference(student, teacher, labels, kl_mask, kl_weight=5.0, ce_weight=2.0)
     for name, grad in _grads(student).items():
         assert relative_error(grad, ref_grads[name]) < TOL[torch.float32], name
+
+
+def test_torch_compile_fullgraph_with_a_top_k_teacher_and_a_soft_cap():
+    student, teacher, labels, kl_mask = sample_inputs()
+    topk = _topk_teacher(teacher, 8, exact=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(student, topk, labels, kl_mask):
+        kl, ce = linear_kl_ce_loss(*student.values(), labels, kl_mask=kl_mask, kl_weight=5.0, ce_weight=2.0,
+                                   chunk_rows=8, logit_softcap=4.0, **topk)
+        return 5.0 * kl + 2.0 * ce
+
+    step(student, topk, labels, kl_mask).backward()
+    values, index, lse = (topk[k] for k in ("teacher_topk_logits", "teacher_topk_index", "teacher_lse"))
+    _, _, ref_grads = _reference_on_logits(student, labels, kl_mask, lambda s: reference.topk_kl_ce_rows(
+        s, values.double(), index, lse.double(), labels, kl_mask, 2.0), 5.0, 2.0, logit_softcap=4.0)
+    for name, grad in _grads(student).items():
+        assert relative_error(grad, ref_grads[name]) < TOL[torch.float32], name
+
+
+# ----------------------------------------------------------------------------------------------
+# A top-k teacher, logit transforms, precomputed teacher logits read in place: on both row kernels
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(params=["C++", "Triton"])
+def backend(request):
+    """The row kernels the composite calls: C++ on CPU tensors, or Triton (CUDA in a GPU run, else on CPU
+    tensors through the interpreter, registered for CPU for this test)."""
+    if request.param == "C++":
+        return "cpu"
+    if GPU_RUN:
+        return "cuda"
+    lib = torch.library.Library("distil", "IMPL")
+    lib.impl("kl_ce_rows_into", kl_ce_op.kl_ce_rows_into_triton, "CPU")
+    lib.impl("topk_kl_ce_rows", topk_kl_ce_op.topk_kl_ce_rows_triton, "CPU")
+    request.addfinalizer(lib._destroy)
+    return "cpu"
+
+
+def _topk_teacher(teacher, k, exact, temperature=2.0):
+    """The teacher head's top-k logits in a shuffled order, their indices and (exact mode) the lse at T."""
+    with torch.no_grad():
+        t = F.linear(*(None if v is None else v.float() for v in teacher.values()))
+    values, index = t.topk(k, dim=-1)
+    perm = torch.argsort(torch.rand(values.shape, device=t.device), dim=-1)
+    lse = torch.logsumexp(t.double() / temperature, -1).float() if exact else None
+    return dict(teacher_topk_logits=values.gather(-1, perm), teacher_topk_index=index.gather(-1, perm).int(),
+                teacher_lse=lse, teacher_lse_temperature=temperature if exact else None)
+
+
+def _reference_on_logits(student, labels, kl_mask, loss_rows, kl_weight=1.0, ce_weight=1.0, logit_scale=1.0,
+                         logit_softcap=None):
+    """float64 (kl, ce) of ``loss_rows`` on the student head's transformed logits (batchmean KL, mean CE)
+    and the student's gradients of kl_weight·kl + ce_weight·ce."""
+    leaves = {k: None if v is None else v.detach().double().requires_grad_() for k, v in student.items()}
+    kl_rows, ce_rows = loss_rows(reference.head_logits(*leaves.values(), logit_scale, logit_softcap))
+    n_kl = kl_rows.numel() if kl_mask is None else int(kl_mask.sum())
+    kl, ce = kl_rows.sum() / max(n_kl, 1), ce_rows.sum() / max(int((labels != -100).sum()), 1)
+    (kl_weight * kl + ce_weight * ce).backward()
+    return kl.detach(), ce.detach(), {k: None if v is None else v.grad for k, v in leaves.items()}
+
+
+def _check_against(student, got, want, dtype):
+    kl, ce = got
+    ref_kl, ref_ce, ref_grads = want
+    assert relative_error(kl, ref_kl) < TOL[dtype] and relative_error(ce, ref_ce) < TOL[dtype]
+    for name, grad in _grads(student).items():
+        assert grad.dtype == dtype and relative_error(grad, ref_grads[name]) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["renormalised", "exact"])
+@pytest.mark.parametrize("dtype, three_d", [(torch.float32, False), (torch.bfloat16, True)])
+def test_topk_teacher_matches_float64_and_topk_kl_ce_loss_on_the_logits(backend, exact, dtype, three_d):
+    """The student's fused head against a top-k teacher (the teacher cache's): topk_kl_ce_loss of the
+    student's logits in float64, and (fp32) the unfused topk_kl_ce_loss on materialised logits."""
+    student, teacher, labels, kl_mask = sample_inputs(dtype=dtype, device=backend, three_d=three_d)
+    topk = _topk_teacher(teacher, 8, exact)
+    kl, ce = _fused(student, {}, labels, kl_mask, kl_weight=5.0, ce_weight=2.0, chunk_rows=5, **topk)
+    (5.0 * kl + 2.0 * ce).backward()
+    lse = None if topk["teacher_lse"] is None else topk["teacher_lse"].double()
+    want = _reference_on_logits(student, labels, kl_mask, lambda s: reference.topk_kl_ce_rows(
+        s, topk["teacher_topk_logits"].double(), topk["teacher_topk_index"], lse, labels, kl_mask, 2.0),
+        kl_weight=5.0, ce_weight=2.0)
+    _check_against(student, (kl, ce), want, dtype)
+    if dtype == torch.float32:
+        fused = [kl, ce, *(g.clone() for g in _grads(student).values())]
+        for v in student.values():
+            v.grad = None
+        kl, ce = topk_kl_ce_loss(F.linear(*student.values()), topk["teacher_topk_logits"],
+                                 topk["teacher_topk_index"], labels, teacher_lse=topk["teacher_lse"],
+                                 teacher_lse_temperature=topk["teacher_lse_temperature"], kl_mask=kl_mask,
+                                 kl_weight=5.0, ce_weight=2.0)
+        (5.0 * kl + 2.0 * ce).backward()
+        for got, unfused in zip(fused, [kl, ce, *_grads(student).values()]):
+            assert relative_error(got, unfused) < 1e-5
+
+
+@pytest.mark.parametrize("teacher_kind", ["head", "topk", "none"])
+def test_logit_scale_and_softcap_match_float64(backend, teacher_kind):
+    """``c·tanh(scale·F.linear(...)/c)`` per head (Gemma's soft cap, Cohere's scale), gradients through
+    it: the announced combination, then another one (the backward's recomputation runs the transforms)."""
+    student, teacher, labels, kl_mask = sample_inputs(device=backend)
+    transforms = dict(logit_scale=1.5, logit_softcap=4.0)
+    if teacher_kind == "head":
+        t64 = reference.head_logits(*(v.double() for v in teacher.values()), 0.7, 3.0)
+        fused_teacher = dict(teacher, teacher_logit_scale=0.7, teacher_logit_softcap=3.0)
+
+        def loss_rows(s):
+            return reference.kl_ce_rows(s, t64, labels, kl_mask, 2.0)
+    elif teacher_kind == "topk":
+        fused_teacher = _topk_teacher(teacher, 8, exact=True)
+        values, index, lse = (fused_teacher[k] for k in ("teacher_topk_logits", "teacher_topk_index", "teacher_lse"))
+
+        def loss_rows(s):
+            return reference.topk_kl_ce_rows(s, values.double(), index, lse.double(), labels, kl_mask, 2.0)
+    else:
+        fused_teacher = {}
+
+        def loss_rows(s):
+            ce = F.cross_entropy(s, labels, reduction="none")
+            return torch.zeros_like(ce), ce
+    for kl_weight, ce_weight in ((5.0, 2.0), (1.0, 3.0)):
+        kl, ce = _fused(student, fused_teacher, labels, kl_mask, kl_weight=5.0, ce_weight=2.0, chunk_rows=6,
+                        **transforms)
+        (kl_weight * kl + ce_weight * ce).backward()
+        want = _reference_on_logits(student, labels, kl_mask, loss_rows, kl_weight, ce_weight, **transforms)
+        _check_against(student, (kl, ce), want, torch.float32)
+    plain = _reference_on_logits(student, labels, kl_mask, loss_rows, kl_weight, ce_weight)
+    assert relative_error(ce, plain[1]) > 1e-2  # the transforms change the loss: the test can fail
+
+
+def test_teacher_logits_are_read_in_place_whatever_their_row_strides():
+    """A causal shift, ``logits[:, :-1]``: [B, S, V] rows that do not flatten into one stride are read
+    one sequence at a time, not copied; a V stride other than 1 is refused."""
+    student, teacher, labels, kl_mask = sample_inputs(rows=14, three_d=True)
+    with torch.no_grad():
+        full = F.linear(*teacher.values())
+    shifted = torch.cat([full, full[:, :1]], 1)[:, :-1]  # the same values, row strides of S + 1 rows
+    assert shifted.stride(0) != shifted.shape[1] * shifted.stride(1)
+    results = []
+    for teacher_logits in (full, shifted):
+        with RecordOps() as record:
+            kl, ce = _fused(student, {"teacher_logits": teacher_logits}, labels, kl_mask, chunk_rows=3)
+        (args, _), = record.of(torch.ops.distil.linear_kl_ce.default)
+        assert args[6].data_ptr() == teacher_logits.data_ptr()  # the op reads the caller's tensor
+        (kl + ce).backward()
+        results.append([kl, ce, *(g.clone() for g in _grads(student).values())])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="teacher_logits.*contiguous"):
+        _fused(student, {"teacher_logits": torch.cat([full, full], -1)[..., ::2]}, labels, kl_mask)
+
+
+def test_teacher_and_transform_errors_name_the_argument():
+    student, teacher, labels, kl_mask = sample_inputs()
+    topk = _topk_teacher(teacher, 4, exact=True)
+    with pytest.raises(ValueError, match="one teacher"):
+        _fused(student, dict(teacher, **topk), labels, kl_mask)
+    with pytest.raises(ValueError, match="teacher_topk_logits and teacher_topk_index"):
+        _fused(student, {"teacher_topk_logits": topk["teacher_topk_logits"]}, labels, kl_mask)
+    with pytest.raises(ValueError, match="teacher_topk_index"):
+        _fused(student, dict(topk, teacher_topk_index=topk["teacher_topk_index"][:, :3]), labels, kl_mask)
+    with pytest.raises(ValueError, match="temperature"):
+        _fused(student, topk, labels, kl_mask, temperature=3.0)
+    with pytest.raises(ValueError, match="teacher_logit_softcap"):
+        _fused(student, topk, labels, kl_mask, teacher_logit_softcap=30.0)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        _fused(student, teacher, labels, kl_mask, logit_softcap=0.0)
+    with pytest.raises(TypeError, match="teacher_logit_scale"):
+        _fused(student, teacher, labels, kl_mask, teacher_logit_scale="2")
+    with pytest.raises(ValueError, match="teacher_logit_softcap"):
+        LinearKLCELoss(nn.Linear(16, V), teacher_logit_softcap=30.0)
+
+
+def test_distillation_loss_with_heads_takes_a_top_k_teacher():
+    """DistillationLoss(student_head=...) with TopKLogits: the fused student head, equal to the loss on the
+    student's logits (no heads) with the same TopKLogits."""
+    student, teacher, labels, _ = sample_inputs(rows=20)
+    attention_mask = torch.rand(20) < 0.8
+    topk = _topk_teacher(teacher, 8, exact=True)
+    cached = TopKLogits(topk["teacher_topk_logits"], topk["teacher_topk_index"], topk["teacher_lse"], 2.0)
+    head = nn.Linear(16, V)
+    with torch.no_grad():
+        head.weight.copy_(student["student_weight"])
+        head.bias.copy_(student["student_bias"])
+    hidden = student["student_head_input"]
+    fused = DistillationLoss(cos_weight=0.0, student_head=head, chunk_rows=7)(
+        None, cached, labels, attention_mask=attention_mask, student_head_input=hidden)
+    fused.total.backward()
+    got = [*fused[:3], hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    plain = DistillationLoss(cos_weight=0.0)(head(hidden), cached, labels, attention_mask=attention_mask)
+    plain.total.backward()
+    for a, b in zip(got, [*plain[:3], hidden.grad, head.weight.grad, head.bias.grad]):
+        assert relative_error(a, b) < 1e-5
+    with pytest.raises(ValueError, match="logit_softcap.*student_head"):
+        DistillationLoss(logit_softcap=30.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +530,51 @@ def test_module_at_the_documented_head_input_equals_the_models_logits(family):
     assert relative_error(fused_kl, kl) < 1e-5 and relative_error(fused_ce, ce) < 1e-5
     for p, g in zip(student.parameters(), expected):
         assert relative_error(p.grad, g) < 1e-4
+
+
+def _transformed(family, seed):
+    """A tiny model whose forward transforms its logits: Gemma2's soft cap (small, so that it bites on a
+    random init's small logits), Cohere's scale."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=64, max_position_embeddings=32)
+    if family == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(**sizes, head_dim=16, final_logit_softcapping=0.05)).eval()
+    return CohereForCausalLM(CohereConfig(**sizes, logit_scale=0.25)).eval()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_module_with_the_models_logit_transforms_equals_their_logits(family):
+    """transformers applies the cap in Gemma2ForCausalLM.forward and the scale in CohereForCausalLM.forward:
+    the module with the transforms read from their configs gives the losses and gradients of those logits."""
+    from distil.student import logit_transform
+
+    student, teacher = _transformed(family, 0), _transformed(family, 1)
+    ids = torch.randint(3, V, (2, 12))
+    labels = torch.where(torch.rand(2, 12) < 0.5, ids, -100)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids).logits
+        teacher_rows = teacher.model(input_ids=ids)[0]
+    kl, ce = kl_ce_loss(student(input_ids=ids).logits, teacher_logits, labels)
+    (kl + ce).backward()
+    expected = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    scale, softcap = logit_transform(student.config)
+    teacher_scale, teacher_softcap = logit_transform(teacher.config)
+    assert (scale, softcap) == {"gemma2": (1.0, 0.05), "cohere": (0.25, None)}[family]
+    loss = LinearKLCELoss(student.lm_head, teacher.lm_head, chunk_rows=5, logit_scale=scale, logit_softcap=softcap,
+                          teacher_logit_scale=teacher_scale, teacher_logit_softcap=teacher_softcap)
+    fused_kl, fused_ce = loss(student.model(input_ids=ids)[0], labels, teacher_rows)
+    (fused_kl + fused_ce).backward()
+    assert relative_error(fused_kl, kl) < 1e-5 and relative_error(fused_ce, ce) < 1e-5
+    for p, g in zip(student.parameters(), expected):
+        assert relative_error(p.grad, g) < 1e-4
+    with torch.no_grad():  # the transforms matter: the test can fail
+        plain_kl, _ = LinearKLCELoss(student.lm_head, teacher.lm_head)(student.model(input_ids=ids)[0], labels,
+                                                                       teacher_rows)
+    assert relative_error(plain_kl, kl) > 1e-2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from distil import teacher_cache as TC
 from distil.data import load_corpus
 
 import tiny
-from helpers import GPU_RUN
+from helpers import GPU_RUN, relative_error
 
 OPTIONS = dict(top_k=8, passes=2, temperature=2.0, shard_sequences=16, batch_size=8, progress=False)
 
@@ -173,6 +173,36 @@ def test_training_from_a_full_cache_reproduces_the_live_teacher(setup):
     assert ((runs["cached"] - runs["live"]).abs() <= 1e-5 * scale).all(), (runs["cached"] - runs["live"]) / scale
 
 
+@pytest.mark.skipif(GPU_RUN, reason="CPU semantics: the fp32 CPU student")
+def test_the_students_fused_head_on_a_cache_equals_its_logits(setup):
+    """The student's head fused with the cached top-k teacher (distil-train --teacher-cache's default) gives
+    the loss parts and the student's gradients of the logits path (--no-fused-head: topk_kl_ce_loss)."""
+    from distil.fused_loss import DistillationLoss
+    from distil.step import DistillationStep, StudentRows, fused_heads
+    from distil.student import build_student
+
+    root, teacher, tok = setup
+    cache = TC.TeacherCache(TC.build_cache(root / "teacher", [root / "data"], root / "fused", **OPTIONS))
+    student = build_student(teacher).eval()  # no dropout: both steps see the same student
+    with torch.no_grad():  # away from the teacher: a KL far from zero
+        for p in student.parameters():
+            p.add_(torch.randn_like(p), alpha=0.2)
+    rows = StudentRows(student)
+    index = torch.arange(len(cache))[:12]
+    cached = cache.batch(0, index, int(cache.lengths[index].max()), tok.pad_token_id)
+    results = []
+    for heads in (fused_heads(rows.adapter), {}):
+        step = DistillationStep(rows, None, DistillationLoss(cos_weight=0.0, chunk_rows=16, **heads),
+                                cache_temperature=cache.temperature)
+        out = step(cached["input_ids"], cached["attention_mask"], cached["labels"], cached)
+        out.total.backward()
+        results.append([*out[:3], *(p.grad.clone() for p in student.parameters())])
+        student.zero_grad()
+    assert results[0][1] > 0.05
+    for fused, logits in zip(*results):
+        assert relative_error(fused, logits) <= 1e-5
+
+
 def test_distil_train_from_a_cache_runs_without_the_teacher_and_resumes_bit_exactly(setup):
     from distil.cli import TrainConfig
     from distil.train import Trainer
@@ -187,6 +217,9 @@ def test_distil_train_from_a_cache_runs_without_the_teacher_and_resumes_bit_exac
 
     straight = Trainer(config("straight"))
     assert straight.teacher is None and straight.masker is None
+    # the student's fused head against the cached teacher by default; --no-fused-head: its logits
+    assert straight.step_fn.loss_fn.head_loss.teacher_head is None
+    assert Trainer(config("logits", fused_head=False)).step_fn.loss_fn.head_loss is None
     assert len(straight.batches) < 4  # 4 steps cross an epoch boundary: pass 1 of the cache
     assert straight.fit() == "done"
     first = Trainer(config("split"))

@@ -150,15 +150,17 @@ def loss_coef(kl_weight, kl_count, ce_weight, ce_count, device):
 
 
 def save_gradient_buffer(ctx, buffer, compute_grad, *tensors):
-    """setup_context part: save ``buffer`` (an op output) and ``tensors`` for the backward.
+    """setup_context part: save ``buffer`` (an op output, or a tuple of them) and ``tensors`` for the
+    backward.
 
     The buffer is an output but not a differentiable one: marked so, and with grads not materialised,
     autograd never builds a zero buffer-sized "gradient of the gradient" per backward."""
+    buffers = tuple(buffer) if isinstance(buffer, (tuple, list)) else (buffer,)
     ctx.compute_grad = compute_grad
     ctx.consumed = False
-    ctx.mark_non_differentiable(buffer)
+    ctx.mark_non_differentiable(*buffers)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(buffer, *tensors)
+    ctx.save_for_backward(*buffers, *tensors)
 
 
 def take_gradient_buffer(ctx, op_name):

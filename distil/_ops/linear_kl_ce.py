@@ -1,41 +1,69 @@
-"""``distil::linear_kl_ce``: the distillation KL and the masked-LM cross-entropy straight from the hidden
-rows and the two LM heads (the vocabulary projections), chunked over rows so that the ``[N, V]`` logits
-never exist; plus the public :func:`linear_kl_ce_loss` and its module :class:`LinearKLCELoss`.
+"""``distil::linear_kl_ce``: the distillation KL and the cross-entropy straight from the rows the LM heads
+multiply and the heads' output projections, chunked over rows so that the ``[N, V]`` logits never exist;
+plus the public :func:`linear_kl_ce_loss` and its module :class:`LinearKLCELoss`.
 
 Per chunk of rows the op builds the student's logits (one GEMM, accumulated in fp32 by the backend and
-kept in the student's dtype, as ``F.linear`` does: fp32 inputs give fp32 logits), the teacher's logits for
-the same rows (or reads the precomputed ones), and runs ``distil::kl_ce_rows_into``, which overwrites the
-student's logits with the chunk's logit gradient ``g`` for the announced ``coef``; then ``grad_hidden[chunk] = g @ W``,
-``grad_weight += gᵀ @ h`` and ``grad_bias += g.sum(0)``, the last two accumulated in fp32. The same
-composite serves every device: ``kl_ce_rows_into`` is the C++ kernel on CPU and the Triton kernel on CUDA.
+kept in the student's dtype, as ``F.linear`` does: fp32 inputs give fp32 logits), then takes one of three
+teachers for the same rows:
+
+- a teacher head: its logits (a second GEMM into a second chunk buffer), then ``distil::kl_ce_rows_into``
+  (the ``kl_ce`` kernel into caller buffers), which overwrites the student's logits with their gradient
+  ``g`` for the announced ``coef``;
+- precomputed ``teacher_logits``: read in place (any row strides; a ``[B, S, V]`` tensor whose rows do not
+  flatten into one stride is read one sequence at a time), the same kernel;
+- a top-k teacher (``teacher_topk_logits`` / ``teacher_topk_index`` [/ ``teacher_lse``], e.g. the teacher
+  cache): ``distil::topk_kl_ce_rows``, whose gradient buffer is ``g`` (the logits' buffer is then freed);
+
+then ``grad_hidden[chunk] = g @ W``, ``grad_weight += gᵀ @ h`` and ``grad_bias += g.sum(0)``, the last two in
+fp32. The kernels are C++ on CPU and Triton on CUDA: the same composite serves every device.
+
+Logit transforms, per head: ``logit_scale`` (Cohere: ``s · scale``) lands on the small operands (the
+chunk's hidden rows and the bias before the GEMM, the hidden and bias gradients after it), so it costs no
+pass over a ``[rows, V]`` buffer; ``logit_softcap`` c (Gemma 2/3's ``final_logit_softcapping``:
+``c · tanh(s / c)``) is applied to the chunk buffer right after the GEMM (two elementwise passes, not inside
+the kernels' read), and its derivative ``1 − tanh²`` multiplies ``g`` before the grad GEMMs (two more; with
+a dense teacher, whose kernel has overwritten the capped logits by then, after the student's GEMM is run
+once more into the teacher's freed buffer). Scale first, then the cap: ``s = c · tanh(scale · z / c)``.
+
+Memory beyond the inputs and the parameter gradients: two ``[chunk_rows, V]`` buffers during a chunk's loss
+kernel, one (``g``) during its grad GEMMs, and ``[N, H]`` for the hidden gradient
+(:func:`auto_chunk_rows`). The fp32 weight gradient is created by the first chunk's weight GEMM, once that
+chunk's second buffer is freed: with one chunk the peak is the unfused path's (``g`` beside the weight
+gradient), with c chunks two buffers of N / c rows.
 
 Autograd: the forward returns the two loss sums and the three gradient buffers; the backward
 (``distil::linear_kl_ce_backward``) compares the two incoming scalars with the announced coefficients and
-leaves the buffers as they are when equal (``loss.backward()`` on ``kl_weight·kl + ce_weight·ce``),
-scales them when proportional (16-bit logits: only by a factor in [1/2, 2], the dense ops' rule), and
-otherwise runs the chunks again with the incoming coefficients (exact). With device-tensor weights on
-CUDA (the trainer's loss scale) that decision is taken on the device, with no host sync and, in the
-announced case, no pass over the buffers (``distil.kernels.gated_scale``); a combination a rescale
-cannot reach then gives NaN gradients (a recomputation would need the decision on the host).
+leaves the buffers as they are when they match within ``_UNIT_SCALE_TOLERANCE`` (2.4e-7 relative, two fp32
+ulps: ``loss.backward()`` on ``kl_weight·kl + ce_weight·ce``), scales them when the incoming pair is a
+multiple of the announced one within the same relative tolerance (16-bit logits: only by a factor in
+[1/2, 2], the dense ops' rule), and otherwise runs the chunks again with the incoming coefficients (exact).
+With device-tensor weights on CUDA (the trainer's loss scale) that decision is taken on the device, with
+no host sync and, in the announced case, no pass over the buffers (``distil.kernels.gated_scale``); a
+combination a rescale cannot reach then gives NaN gradients (a recomputation would need the decision on
+the host).
 """
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from distil._ops import kl_ce  # noqa: F401  (the kl_ce_rows kernels, fake impl and autograd)
+from distil._ops import kl_ce  # noqa: F401  (the kl_ce_rows_into kernels and fake impl)
 from distil._ops.common import (
     FLOAT_DTYPES,
     announced_coef,
     check_labels,
     check_row_mask,
     check_tensor,
+    check_unit_last_stride,
     check_weight,
     divisor,
     row_count,
+    save_gradient_buffer,
     take_gradient_buffer,
 )
-from distil.checks import check_int, check_non_negative_finite, check_temperature
+from distil._ops.topk_kl_ce import check_topk_teacher
+from distil.checks import check_int, check_non_negative_finite, check_positive_finite, check_temperature
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
     from distil.kernels import gated_scale as _triton_gated_scale
@@ -68,123 +96,207 @@ def auto_chunk_rows(n_rows, vocab, bytes_per_logit):
     return max(1, min(rows, most, n_rows))
 
 
-def _linear_into(out, hidden, weight, bias):
-    """``out = F.linear(hidden, weight, bias)`` into a preallocated chunk buffer."""
-    if bias is None:
-        return torch.mm(hidden, weight.t(), out=out)
-    return torch.addmm(bias, hidden, weight.t(), out=out)
+class _Rows(NamedTuple):
+    """The op's row tensors: ``[N, .]`` rows (``teacher_logits`` may be ``[B, S, V]``, see :func:`_segments`),
+    the heads' projections, and each head's logit transform (``softcap`` None: no cap)."""
+
+    student_head_input: torch.Tensor
+    student_weight: torch.Tensor
+    student_bias: Optional[torch.Tensor]
+    teacher_head_input: Optional[torch.Tensor]
+    teacher_weight: Optional[torch.Tensor]
+    teacher_bias: Optional[torch.Tensor]
+    teacher_logits: Optional[torch.Tensor]
+    teacher_topk_logits: Optional[torch.Tensor]
+    teacher_topk_index: Optional[torch.Tensor]
+    teacher_lse: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]
+    kl_mask: Optional[torch.Tensor]
+    logit_scale: float
+    logit_softcap: Optional[float]
+    teacher_logit_scale: float
+    teacher_logit_softcap: Optional[float]
+
+
+def _head_logits(hidden, weight, bias, factor):
+    """``factor · F.linear(hidden, weight, bias)``, a new ``[rows, V]`` buffer; the factor is applied to the
+    hidden rows and the bias (small) rather than to the logits (a pass over the buffer)."""
+    if factor != 1.0:
+        hidden, bias = hidden * factor, None if bias is None else bias * factor
+    return F.linear(hidden, weight, bias)
+
+
+def _transformed_logits(hidden, weight, bias, scale, softcap):
+    """A head's logits ``c · tanh(scale · z / c)`` (``scale · z`` without a cap), ``z = F.linear(...)``."""
+    if softcap is None:
+        return _head_logits(hidden, weight, bias, scale)
+    return _head_logits(hidden, weight, bias, scale / softcap).tanh_().mul_(softcap)
+
+
+def _segments(start, stop, seq):
+    """``[start, stop)`` cut where a sequence of ``seq`` rows ends; the whole range when ``seq`` is None."""
+    if seq is None:
+        return [(start, stop)]
+    bounds = [start, *range((start // seq + 1) * seq, stop, seq), stop]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _teacher_rows(teacher_logits, start, stop):
+    """Rows ``[start, stop)`` of ``teacher_logits`` as an ``[m, V]`` view: of ``[N, V]``, or of one sequence
+    of ``[B, S, V]``."""
+    if teacher_logits.dim() == 2:
+        return teacher_logits[start:stop]
+    seq = teacher_logits.shape[1]
+    return teacher_logits[start // seq, start % seq: start % seq + (stop - start)]
+
+
+def _fp32_mm(a, b):
+    """``a @ b`` as a new fp32 tensor, accumulated in fp32 for half inputs too."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:  # cuBLAS: half inputs, fp32 output
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())  # CPU has no half-in, fp32-out GEMM: chunk-sized temporaries
 
 
 def _accumulate_mm(acc, a, b):
     """``acc += a @ b`` with ``acc`` fp32 and fp32 accumulation for half inputs too."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif acc.is_cuda:  # cuBLAS: half inputs, fp32 output (addmm's out_dtype with out=acc is not relied on)
+    elif acc.is_cuda:  # (addmm's out_dtype with out=acc is not relied on)
         acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-    else:  # CPU has no half-in, fp32-out GEMM: upcast the chunk's operands (chunk-sized temporaries).
+    else:
         acc.addmm_(a.float(), b.float())
 
 
-def _run_chunks(student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias,
-                teacher_logits, labels, kl_mask, coef, temperature, ignore_index, chunk_rows, grads):
-    """The loss sums ``(kl_sum, ce_sum)``; with ``grads = (grad_hidden, grad_weight_fp32, grad_bias_fp32)``
-    (each None when not wanted) also the gradients of ``coef[0]·kl_sum + coef[1]·ce_sum``, written into
-    them (the weight and bias ones accumulated, so they must start at zero)."""
-    n, vocab = student_head_input.shape[0], student_weight.shape[0]
-    device = student_head_input.device
+def _dense_chunk(x, start, stop, logits, coef, temperature, ignore_index, compute_grad):
+    """The loss kernel of one chunk against a dense teacher (a head, ``teacher_logits`` or none): per-row
+    ``(kl, ce)``; with ``compute_grad`` the student's ``logits`` become their gradient, in place."""
+    m, device = stop - start, logits.device
+    kl_rows = torch.empty(m, dtype=torch.float32, device=device)
+    ce_rows = torch.empty(m, dtype=torch.float32, device=device)
+    labels = None if x.labels is None else x.labels[start:stop]
+    kl_mask = None if x.kl_mask is None else x.kl_mask[start:stop]
+    teacher, seq = None, None  # teacher_logits: read per segment
+    if x.teacher_weight is not None:
+        teacher = _transformed_logits(x.teacher_head_input[start:stop], x.teacher_weight, x.teacher_bias,
+                                      x.teacher_logit_scale, x.teacher_logit_softcap)
+    elif x.teacher_logits is None:  # no KL part: the kernel gets the student as the teacher, on no row
+        teacher, kl_mask = logits, torch.zeros(m, dtype=torch.bool, device=device)
+    elif x.teacher_logits.dim() == 3:
+        seq = x.teacher_logits.shape[1]
+    for a, b in _segments(start, stop, seq):
+        i, j = a - start, b - start
+        torch.ops.distil.kl_ce_rows_into(
+            logits[i:j], _teacher_rows(x.teacher_logits, a, b) if teacher is None else teacher[i:j],
+            None if labels is None else labels[i:j], None if kl_mask is None else kl_mask[i:j], coef, temperature,
+            ignore_index, kl_rows[i:j], ce_rows[i:j], logits[i:j] if compute_grad else None,
+        )
+    return kl_rows, ce_rows
+
+
+def _run_chunks(x, coef, temperature, ignore_index, chunk_rows, want):
+    """``(kl_sum, ce_sum, grad_hidden, grad_weight, grad_bias)``: the loss sums and, where ``want`` (hidden,
+    weight, bias) asks, the gradients of ``coef[0]·kl_sum + coef[1]·ce_sum`` (weight and bias in fp32;
+    None where not wanted)."""
+    hidden_rows, weight, bias = x.student_head_input, x.student_weight, x.student_bias
+    n, vocab, device = hidden_rows.shape[0], weight.shape[0], hidden_rows.device
+    want_hidden, want_weight, want_bias = want
+    compute_grad = any(want)
     kl_sum = torch.zeros((), dtype=torch.float32, device=device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=device)
-    if n == 0:
-        return kl_sum, ce_sum
-    rows = min(chunk_rows, n)
-    # The student's logits, then (written in place by the kernel) their gradient.
-    logits_buf = student_head_input.new_empty(rows, vocab)
-    kl_buf = torch.empty(rows, dtype=torch.float32, device=device)
-    ce_buf = torch.empty(rows, dtype=torch.float32, device=device)
-    has_teacher = teacher_logits is not None or teacher_weight is not None
-    if teacher_weight is not None:
-        teacher_buf = teacher_head_input.new_empty(rows, vocab)
-    if not has_teacher:  # no KL part: the kernel gets the student's logits as the teacher, on no row
-        no_kl_rows = torch.zeros(rows, dtype=torch.bool, device=device)
-    grad_hidden, grad_weight, grad_bias = grads if grads is not None else (None, None, None)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        m = stop - start
-        hidden = student_head_input[start:stop]
-        student = _linear_into(logits_buf[:m], hidden, student_weight, student_bias)
-        if teacher_logits is not None:
-            teacher = teacher_logits[start:stop]
-        elif teacher_weight is not None:
-            teacher = _linear_into(teacher_buf[:m], teacher_head_input[start:stop], teacher_weight, teacher_bias)
+    want_bias = want_bias and bias is not None
+    grad_hidden = torch.empty_like(hidden_rows) if want_hidden else None  # every row is written
+    # made by the first chunk's GEMM / sum, once only that chunk's gradient is alive (no zeroed accumulators)
+    grad_weight = grad_bias = None
+    scale, softcap = x.logit_scale, x.logit_softcap
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        hidden = hidden_rows[start:stop]
+        logits = _transformed_logits(hidden, weight, bias, scale, softcap)
+        if x.teacher_topk_logits is None:
+            kl_rows, ce_rows = _dense_chunk(x, start, stop, logits, coef, temperature, ignore_index, compute_grad)
+            grad = logits
+            if compute_grad and softcap is not None:  # the capped logits are gone: their GEMM once more
+                tanh = _head_logits(hidden, weight, bias, scale / softcap).tanh_()
+                grad.addcmul_(grad, tanh.square_(), value=-1.0)  # g · (1 − tanh²)
+                del tanh
         else:
-            teacher = student
-        if not has_teacher:
-            mask = no_kl_rows[:m]
-        else:
-            mask = None if kl_mask is None else kl_mask[start:stop]
-        torch.ops.distil.kl_ce_rows_into(
-            student, teacher, None if labels is None else labels[start:stop], mask, coef, temperature,
-            ignore_index, kl_buf[:m], ce_buf[:m], student if grads is not None else None,
-        )
-        kl_sum += kl_buf[:m].sum()
-        ce_sum += ce_buf[:m].sum()
-        grad = student  # now the chunk's logit gradient
+            kl_rows, ce_rows, grad = torch.ops.distil.topk_kl_ce_rows(
+                logits, x.teacher_topk_logits[start:stop], x.teacher_topk_index[start:stop],
+                None if x.teacher_lse is None else x.teacher_lse[start:stop],
+                None if x.labels is None else x.labels[start:stop],
+                None if x.kl_mask is None else x.kl_mask[start:stop], coef, temperature, ignore_index, compute_grad)
+            if compute_grad and softcap is not None:
+                grad.addcmul_(grad, logits.div_(softcap).square_(), value=-1.0)  # g · (1 − tanh²)
+        del logits  # the dense path's g lives on as grad; the top-k path's logits buffer is freed here
+        kl_sum += kl_rows.sum()
+        ce_sum += ce_rows.sum()
+        if not compute_grad:
+            continue
+        # d/dz of c·tanh(scale·z/c) is scale·(1 − tanh²): the scale goes onto the small operands.
         if grad_hidden is not None:
-            torch.mm(grad, student_weight, out=grad_hidden[start:stop])
-        if grad_weight is not None:
-            _accumulate_mm(grad_weight, grad.t(), hidden)
-        if grad_bias is not None:
-            grad_bias += grad.sum(0, dtype=torch.float32)
-    return kl_sum, ce_sum
-
-
-def _gradient_buffers(student_head_input, student_weight, student_bias, grad_inputs):
-    """Zeroed fp32 accumulators for the weight and bias, the hidden gradient uninitialised (every row is
-    written); None where ``grad_inputs`` says no gradient is wanted."""
-    want_hidden, want_weight, want_bias = grad_inputs
-    grad_hidden = torch.empty_like(student_head_input) if want_hidden else None
-    grad_weight = (torch.zeros(student_weight.shape, dtype=torch.float32, device=student_weight.device)
-                   if want_weight else None)
-    grad_bias = (torch.zeros(student_bias.shape, dtype=torch.float32, device=student_bias.device)
-                 if want_bias and student_bias is not None else None)
-    return grad_hidden, grad_weight, grad_bias
+            torch.mm(grad, weight, out=grad_hidden[start:stop])
+            if scale != 1.0:
+                grad_hidden[start:stop].mul_(scale)
+        if want_weight:
+            scaled_hidden = hidden if scale == 1.0 else hidden * scale
+            if grad_weight is None:
+                grad_weight = _fp32_mm(grad.t(), scaled_hidden)
+            else:
+                _accumulate_mm(grad_weight, grad.t(), scaled_hidden)
+        if want_bias:
+            bias_sum = grad.sum(0, dtype=torch.float32)
+            if scale != 1.0:
+                bias_sum.mul_(scale)
+            grad_bias = bias_sum if grad_bias is None else grad_bias.add_(bias_sum)
+        del grad
+    if n == 0:
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if want_weight else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if want_bias else None
+    return kl_sum, ce_sum, grad_hidden, grad_weight, grad_bias
 
 
 @torch.library.custom_op("distil::linear_kl_ce", mutates_args=())
 def _linear_kl_ce(student_head_input: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
                   teacher_head_input: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
                   teacher_bias: Optional[torch.Tensor], teacher_logits: Optional[torch.Tensor],
-                  labels: Optional[torch.Tensor], kl_mask: Optional[torch.Tensor], coef: torch.Tensor,
-                  temperature: float, ignore_index: int, chunk_rows: int, grad_inputs: List[bool],
+                  teacher_topk_logits: Optional[torch.Tensor], teacher_topk_index: Optional[torch.Tensor],
+                  teacher_lse: Optional[torch.Tensor], labels: Optional[torch.Tensor], kl_mask: Optional[torch.Tensor],
+                  logit_scale: float, logit_softcap: Optional[float], teacher_logit_scale: float,
+                  teacher_logit_softcap: Optional[float], coef: torch.Tensor, temperature: float, ignore_index: int,
+                  chunk_rows: int, grad_inputs: List[bool],
                   sync_free: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kl_sum, ce_sum, grad_hidden, grad_weight, grad_bias) for 2-D hidden rows; a gradient not asked for
     by ``grad_inputs`` (hidden, weight, bias) is an empty tensor. ``sync_free`` is for the backward."""
-    grads = None
-    if any(grad_inputs):
-        grads = _gradient_buffers(student_head_input, student_weight, student_bias, grad_inputs)
+    x = _Rows(student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias,
+              teacher_logits, teacher_topk_logits, teacher_topk_index, teacher_lse, labels, kl_mask, logit_scale,
+              logit_softcap, teacher_logit_scale, teacher_logit_softcap)
     with torch.autocast(student_head_input.device.type, enabled=False):
-        kl_sum, ce_sum = _run_chunks(student_head_input, student_weight, student_bias, teacher_head_input,
-                                     teacher_weight, teacher_bias, teacher_logits, labels, kl_mask, coef, temperature,
-                                     ignore_index, chunk_rows, grads)
-    grad_hidden, grad_weight, grad_bias = grads if grads is not None else (None, None, None)
-    return (
-        kl_sum, ce_sum,
-        student_head_input.new_empty(0) if grad_hidden is None else grad_hidden,
-        student_head_input.new_empty(0) if grad_weight is None else grad_weight.to(student_weight.dtype),
-        student_head_input.new_empty(0) if grad_bias is None else grad_bias.to(student_bias.dtype),
-    )
+        kl_sum, ce_sum, grad_hidden, grad_weight, grad_bias = _run_chunks(x, coef, temperature, ignore_index,
+                                                                          chunk_rows, grad_inputs)
+    def none():  # an output each: outputs may not alias
+        return student_head_input.new_empty(0)
+
+    return (kl_sum, ce_sum, none() if grad_hidden is None else grad_hidden,
+            none() if grad_weight is None else grad_weight.to(student_weight.dtype),
+            none() if grad_bias is None else grad_bias.to(student_bias.dtype))
+
+
+_N_ROW_ARGS = len(_Rows._fields)  # the op's arguments before coef: the row tensors, then the transforms
+_N_TENSORS = _Rows._fields.index("logit_scale")
 
 
 @_linear_kl_ce.register_fake
-def _linear_kl_ce_fake(student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight,
-                       teacher_bias, teacher_logits, labels, kl_mask, coef, temperature, ignore_index, chunk_rows,
-                       grad_inputs, sync_free):
-    want_hidden, want_weight, want_bias = grad_inputs
+def _linear_kl_ce_fake(*args):
+    x = _Rows(*args[:_N_ROW_ARGS])
+    want_hidden, want_weight, want_bias = args[-2]
+    hidden = x.student_head_input
     return (
-        student_head_input.new_empty((), dtype=torch.float32), student_head_input.new_empty((), dtype=torch.float32),
-        torch.empty_like(student_head_input) if want_hidden else student_head_input.new_empty(0),
-        torch.empty_like(student_weight) if want_weight else student_head_input.new_empty(0),
-        torch.empty_like(student_bias) if want_bias and student_bias is not None else student_head_input.new_empty(0),
+        hidden.new_empty((), dtype=torch.float32), hidden.new_empty((), dtype=torch.float32),
+        torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
+        torch.empty_like(x.student_weight) if want_weight else hidden.new_empty(0),
+        torch.empty_like(x.student_bias) if want_bias and x.student_bias is not None else hidden.new_empty(0),
     )
 
 
@@ -194,8 +306,11 @@ def _linear_kl_ce_backward(grad_hidden: torch.Tensor, grad_weight: torch.Tensor,
                            grad_sums: torch.Tensor, student_head_input: torch.Tensor, student_weight: torch.Tensor,
                            student_bias: Optional[torch.Tensor], teacher_head_input: Optional[torch.Tensor],
                            teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
-                           teacher_logits: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-                           kl_mask: Optional[torch.Tensor], coef: torch.Tensor, temperature: float,
+                           teacher_logits: Optional[torch.Tensor], teacher_topk_logits: Optional[torch.Tensor],
+                           teacher_topk_index: Optional[torch.Tensor], teacher_lse: Optional[torch.Tensor],
+                           labels: Optional[torch.Tensor], kl_mask: Optional[torch.Tensor], logit_scale: float,
+                           logit_softcap: Optional[float], teacher_logit_scale: float,
+                           teacher_logit_softcap: Optional[float], coef: torch.Tensor, temperature: float,
                            ignore_index: int, chunk_rows: int, sync_free: bool) -> None:
     """Turns the forward's gradients (of ``coef · sums``) into those of ``grad_sums · sums`` in place:
     nothing when they are equal, a scale when proportional and the scale keeps the logits' precision,
@@ -213,13 +328,14 @@ def _linear_kl_ce_backward(grad_hidden: torch.Tensor, grad_weight: torch.Tensor,
             for b in buffers:
                 b.mul_(scale)
         return
+    x = _Rows(student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias,
+              teacher_logits, teacher_topk_logits, teacher_topk_index, teacher_lse, labels, kl_mask, logit_scale,
+              logit_softcap, teacher_logit_scale, teacher_logit_softcap)
     want = (grad_hidden.numel() > 0, grad_weight.numel() > 0, grad_bias.numel() > 0)
-    grads = _gradient_buffers(student_head_input, student_weight, student_bias, want)
     with torch.autocast(student_head_input.device.type, enabled=False):
-        _run_chunks(student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias,
-                    teacher_logits, labels, kl_mask, grad_sums.float().contiguous(), temperature, ignore_index,
-                    chunk_rows, grads)
-    for out, new in zip((grad_hidden, grad_weight, grad_bias), grads):
+        *_, new_hidden, new_weight, new_bias = _run_chunks(x, grad_sums.float().contiguous(), temperature,
+                                                           ignore_index, chunk_rows, want)
+    for out, new in zip((grad_hidden, grad_weight, grad_bias), (new_hidden, new_weight, new_bias)):
         if new is not None:
             out.copy_(new)
 
@@ -266,29 +382,22 @@ def _device_factor(incoming, announced, narrow):
 
 
 def _setup_context(ctx, inputs, output):
-    (student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias, teacher_logits,
-     labels, kl_mask, coef, temperature, ignore_index, chunk_rows, grad_inputs, sync_free) = inputs
-    ctx.temperature, ctx.ignore_index, ctx.chunk_rows, ctx.sync_free = temperature, ignore_index, chunk_rows, sync_free
-    ctx.compute_grad = any(grad_inputs)
-    ctx.consumed = False
-    # The gradient buffers are outputs but not differentiable ones; with grads not materialised autograd
-    # never builds zero "gradients of the gradients" for them.
-    ctx.mark_non_differentiable(*output[2:])
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*output[2:], student_head_input, student_weight, student_bias, teacher_head_input,
-                          teacher_weight, teacher_bias, teacher_logits, labels, kl_mask, coef)
+    rows, (coef, temperature, ignore_index, chunk_rows, grad_inputs, sync_free) = (inputs[:_N_ROW_ARGS],
+                                                                                     inputs[_N_ROW_ARGS:])
+    ctx.transforms = rows[_N_TENSORS:]
+    ctx.settings = (temperature, ignore_index, chunk_rows, sync_free)
+    save_gradient_buffer(ctx, output[2:], any(grad_inputs), *rows[:_N_TENSORS], coef)
 
 
 def _backward(ctx, grad_kl_sum, grad_ce_sum, *_grads_of_buffers):
-    grad_hidden, grad_weight, grad_bias, *inputs = take_gradient_buffer(ctx, "linear_kl_ce")
-    student_head_input = inputs[0]
-    zero = torch.zeros((), dtype=torch.float32, device=student_head_input.device)
+    grad_hidden, grad_weight, grad_bias, *tensors, coef = take_gradient_buffer(ctx, "linear_kl_ce")
+    zero = torch.zeros((), dtype=torch.float32, device=coef.device)
     grad_sums = torch.stack([zero if g is None else g.float() for g in (grad_kl_sum, grad_ce_sum)])
-    torch.ops.distil.linear_kl_ce_backward(grad_hidden, grad_weight, grad_bias, grad_sums, *inputs,
-                                           ctx.temperature, ctx.ignore_index, ctx.chunk_rows, ctx.sync_free)
+    torch.ops.distil.linear_kl_ce_backward(grad_hidden, grad_weight, grad_bias, grad_sums, *tensors, *ctx.transforms,
+                                           coef, *ctx.settings)
     wanted = ctx.needs_input_grad
     return (grad_hidden if wanted[0] else None, grad_weight if wanted[1] else None,
-            grad_bias if wanted[2] else None) + (None,) * 12
+            grad_bias if wanted[2] else None) + (None,) * (len(wanted) - 3)
 
 
 _linear_kl_ce.register_autograd(_backward, setup_context=_setup_context)
@@ -297,18 +406,19 @@ _linear_kl_ce.register_autograd(_backward, setup_context=_setup_context)
 def _check_head(prefix, hidden, weight, bias, rows_shape, device, vocab=None):
     """hidden ``[*rows, H]`` float, weight ``[V, H]`` (V = ``vocab`` when given) and bias ``[V]`` (or None)
     of the same dtype."""
-    check_tensor(f"{prefix}_hidden", hidden, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    check_tensor(f"{prefix}_head_input", hidden, dtypes=FLOAT_DTYPES, ndims=(2, 3))
     check_tensor(f"{prefix}_weight", weight, dtypes=FLOAT_DTYPES, ndims=(2,))
     if vocab is not None and weight.shape[0] != vocab:
         raise ValueError(f"{prefix}_weight has V = {weight.shape[0]} but student_weight has {vocab}")
     if tuple(hidden.shape[:-1]) != tuple(rows_shape):
-        raise ValueError(f"{prefix}_hidden must have the row dims {tuple(rows_shape)}, got shape {tuple(hidden.shape)}")
+        raise ValueError(f"{prefix}_head_input must have the row dims {tuple(rows_shape)}, got shape "
+                         f"{tuple(hidden.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{prefix}_weight must be [V, {hidden.shape[-1]}] ({prefix}_hidden's H), "
+        raise ValueError(f"{prefix}_weight must be [V, {hidden.shape[-1]}] ({prefix}_head_input's H), "
                          f"got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"{prefix}_weight has dtype {weight.dtype} but {prefix}_hidden has {hidden.dtype}")
-    for name, t in ((f"{prefix}_hidden", hidden), (f"{prefix}_weight", weight)):
+        raise TypeError(f"{prefix}_weight has dtype {weight.dtype} but {prefix}_head_input has {hidden.dtype}")
+    for name, t in ((f"{prefix}_head_input", hidden), (f"{prefix}_weight", weight)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but student_head_input is on {device}")
     if bias is not None:
@@ -326,22 +436,53 @@ def _autocast(device, *tensors):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
-def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, *, teacher_head_input=None,
-                      teacher_weight=None, teacher_bias=None, teacher_logits=None, temperature=2.0, kl_mask=None,
-                      ignore_index=-100, kl_weight=1.0, ce_weight=1.0, chunk_rows=None):
-    """:func:`distil.fused_loss.kl_ce_loss` of the LM heads' logits, without materialising them.
+def check_logit_transform(prefix, scale, softcap):
+    """A head's ``(logit_scale, logit_softcap)`` as floats: the scale finite and > 0, the cap None or
+    finite and > 0. ``prefix``: "" or "teacher_"."""
+    scale = check_positive_finite(f"{prefix}logit_scale", scale)
+    return scale, None if softcap is None else check_positive_finite(f"{prefix}logit_softcap", softcap)
 
-    Returns ``(kl, ce)`` = ``kl_ce_loss(F.linear(student_head_input, student_weight, student_bias),
-    F.linear(teacher_head_input, teacher_weight, teacher_bias), labels, ...)`` (or with the precomputed
-    ``teacher_logits``): the ``nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T), F.softmax(t / T))
-    * T**2`` over the ``kl_mask`` rows (distiller.py's ``loss_ce``) and
-    ``nn.CrossEntropyLoss(ignore_index=ignore_index)(s, labels)`` (its ``loss_mlm``). The rows are
-    processed ``chunk_rows`` at a time, so beyond the inputs and the parameter gradients the memory is
-    O(chunk_rows · V), not O(N · V); the gradients w.r.t. the student's hidden rows, weight and bias are
-    computed during the forward for ``kl_weight * kl + ce_weight * ce`` (any other combination is still
-    exact: its backward scales them, or recomputes them for a non-proportional one or, with 16-bit
-    rows, for a factor outside [1/2, 2]). They reach ``.grad`` through autograd, so tied embeddings, DDP
-    hooks and gradient accumulation work. The teacher gets no gradient.
+
+def _rows_view(t):
+    """``t`` ``[B, S, V]`` as an ``[N, V]`` view when its strides allow one (else ``t``, read one sequence at
+    a time); ``[N, V]`` as it is. Nothing is copied."""
+    if t.dim() == 3 and (t.shape[0] == 1 or t.shape[1] == 1 or t.stride(0) == t.shape[1] * t.stride(1)):
+        return t.view(-1, t.shape[-1])
+    return t
+
+
+def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, *, teacher_head_input=None,
+                      teacher_weight=None, teacher_bias=None, teacher_logits=None, teacher_topk_logits=None,
+                      teacher_topk_index=None, teacher_lse=None, teacher_lse_temperature=None, temperature=2.0,
+                      kl_mask=None, ignore_index=-100, kl_weight=1.0, ce_weight=1.0, chunk_rows=None,
+                      logit_scale=1.0, logit_softcap=None, teacher_logit_scale=1.0, teacher_logit_softcap=None):
+    """:func:`distil.fused_loss.kl_ce_loss` (or :func:`~distil.fused_loss.topk_kl_ce_loss`) of the LM heads'
+    logits, without materialising them.
+
+    Returns ``(kl, ce)`` = ``kl_ce_loss(s, t, labels, ...)`` with the student's logits
+    ``s = F.linear(student_head_input, student_weight, student_bias)`` and the teacher's
+    ``t = F.linear(teacher_head_input, teacher_weight, teacher_bias)`` (or the precomputed ``teacher_logits``):
+    the ``nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T), F.softmax(t / T)) * T**2`` over the
+    ``kl_mask`` rows (distiller.py's ``loss_ce``) and ``nn.CrossEntropyLoss(ignore_index=ignore_index)(s,
+    labels)`` (its ``loss_mlm``). With a top-k teacher (``teacher_topk_logits`` and ``teacher_topk_index``,
+    optionally ``teacher_lse``: e.g. :class:`distil.teacher_cache.TeacherCache`'s) it is
+    ``topk_kl_ce_loss(s, teacher_topk_logits, teacher_topk_index, labels, teacher_lse=..., ...)``: the
+    student's head fused with a cached teacher. The rows are processed ``chunk_rows`` at a time, so beyond
+    the inputs and the parameter gradients the memory is O(chunk_rows · V), not O(N · V); the gradients
+    w.r.t. the student's rows, weight and bias are computed during the forward for
+    ``kl_weight * kl + ce_weight * ce`` (any other combination is still exact: its backward scales them, or
+    recomputes them for a non-proportional one or, with 16-bit rows, for a factor outside [1/2, 2]). They
+    reach ``.grad`` through autograd, so tied embeddings, DDP hooks and gradient accumulation work. The
+    teacher gets no gradient.
+
+    Logit transforms, per head, as the models apply them after the projection: ``logit_scale`` multiplies
+    the logits (Cohere's ``logit_scale``), then ``logit_softcap`` c soft-caps them, ``c · tanh(s / c)``
+    (Gemma 2/3's ``final_logit_softcapping``): the student's logits are
+    ``c · tanh(logit_scale · F.linear(...) / c)``, the loss and its gradient are those of these logits, and
+    the teacher head's likewise with ``teacher_logit_scale`` / ``teacher_logit_softcap``. The scale costs no
+    pass over the logits; the cap costs elementwise passes over each chunk buffer (outside the kernels'
+    read) and, with a dense teacher, the student's GEMM a second time (see the module docstring).
+    Precomputed teachers (``teacher_logits``, top-k) are final logits: the teacher transforms are refused.
 
     With a loss scale (GradScaler) or 1/grad_accum, announce the product, as for ``kl_ce_loss``: 16-bit
     gradients are then written at their final scale (not rescaled from underflowing values) and the
@@ -350,33 +491,58 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
     combination within the rescale rule above, or the gradients come out NaN on CUDA (CPU recomputes).
 
     Args:
-        student_head_input: ``[N, Hs]`` or ``[B, S, Hs]`` rows after the student head's transform, fp32/bf16/fp16.
+        student_head_input: ``[N, Hs]`` or ``[B, S, Hs]`` rows the student's projection multiplies (after the
+            head's transform), fp32/bf16/fp16.
         student_weight, student_bias: the student's output projection ``[V, Hs]`` and ``[V]`` (bias may be
             None), in ``student_head_input``'s dtype (under autocast all run in the autocast dtype).
         labels: int64/int32 over the row dims, ``[0, V)`` or ``ignore_index``; None computes no CE (ce = 0).
         teacher_head_input, teacher_weight, teacher_bias: the teacher's rows ``[.., Ht]`` (Ht may differ from
-            Hs) and projection ``[V, Ht]``, ``[V]``; or instead ``teacher_logits`` ``[.., V]``. Without a
-            teacher no KL is computed (kl = 0).
+            Hs) and projection ``[V, Ht]``, ``[V]``. Or instead ``teacher_logits`` ``[.., V]`` (unit stride
+            along V, any row strides: read in place), or the top-k teacher below. Without a teacher no KL is
+            computed (kl = 0).
+        teacher_topk_logits, teacher_topk_index, teacher_lse, teacher_lse_temperature: the teacher's top-k
+            logits ``[.., k]``, their vocabulary indices and the optional full-vocabulary
+            ``logsumexp(t / T)`` with the T it was taken at, as :func:`~distil.fused_loss.topk_kl_ce_loss`
+            takes them (exact mode with ``teacher_lse``, renormalised without).
         temperature, kl_mask, ignore_index: as in ``kl_ce_loss``.
         kl_weight, ce_weight: numbers >= 0 or one-element float tensors on the rows' device, as in
             ``kl_ce_loss``.
         chunk_rows: rows per chunk; None picks :func:`auto_chunk_rows` (a byte budget of the two
             ``[rows, V]`` buffers).
+        logit_scale, logit_softcap: the student head's transform: a float > 0 (1: none) and None (no cap)
+            or a float > 0.
+        teacher_logit_scale, teacher_logit_softcap: the teacher head's, likewise.
     Returns:
         ``(kl, ce)`` fp32 scalars; each is exactly 0 when it has no rows.
     """
     check_tensor("student_head_input", student_head_input, dtypes=FLOAT_DTYPES, ndims=(2, 3))
     rows_shape, device = student_head_input.shape[:-1], student_head_input.device
+    n_rows = rows_shape.numel()
     student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias = _autocast(
         device, student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias)
     _check_head("student", student_head_input, student_weight, student_bias, rows_shape, device)
     vocab = student_weight.shape[0]
-    if teacher_logits is not None and (teacher_head_input is not None or teacher_weight is not None):
-        raise ValueError("pass either teacher_logits or teacher_head_input + teacher_weight, not both")
+    logit_scale, logit_softcap = check_logit_transform("", logit_scale, logit_softcap)
+    teacher_logit_scale, teacher_logit_softcap = check_logit_transform("teacher_", teacher_logit_scale,
+                                                                       teacher_logit_softcap)
+    has_head = teacher_head_input is not None or teacher_weight is not None
+    has_topk = teacher_topk_logits is not None or teacher_topk_index is not None
+    if has_head + (teacher_logits is not None) + has_topk > 1:
+        raise ValueError("pass one teacher: teacher_head_input + teacher_weight, teacher_logits, or "
+                         "teacher_topk_logits + teacher_topk_index")
     if (teacher_head_input is None) != (teacher_weight is None) or (
             teacher_bias is not None and teacher_weight is None):
         raise ValueError("teacher_head_input and teacher_weight (and teacher_bias) go together")
-    if teacher_weight is not None:
+    if (teacher_topk_logits is None) != (teacher_topk_index is None) or (
+            (teacher_lse is not None or teacher_lse_temperature is not None) and not has_topk):
+        raise ValueError("teacher_topk_logits and teacher_topk_index (and teacher_lse, teacher_lse_temperature) "
+                         "go together")
+    if not has_head and (teacher_logit_scale != 1.0 or teacher_logit_softcap is not None):
+        raise ValueError("teacher_logit_scale / teacher_logit_softcap transform the teacher head's logits; "
+                         "teacher_logits and top-k logits are final logits (apply the transform before)")
+    temperature = check_temperature("temperature", temperature)
+    kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
+    if has_head:
         _check_head("teacher", teacher_head_input, teacher_weight, teacher_bias, rows_shape, device, vocab)
         teacher_head_input = teacher_head_input.detach().reshape(-1, teacher_head_input.shape[-1])
         teacher_weight = teacher_weight.detach()
@@ -386,17 +552,24 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
         if tuple(teacher_logits.shape) != (*rows_shape, vocab) or teacher_logits.device != device:
             raise ValueError(f"teacher_logits must be {(*rows_shape, vocab)} on {device}, "
                              f"got {tuple(teacher_logits.shape)} on {teacher_logits.device}")
-        teacher_logits = teacher_logits.detach().reshape(-1, vocab)
-        if vocab > 1 and teacher_logits.stride(-1) != 1:
-            teacher_logits = teacher_logits.contiguous()
-    temperature = check_temperature("temperature", temperature)
-    kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
+        check_unit_last_stride("teacher_logits", teacher_logits)
+        teacher_logits = _rows_view(teacher_logits.detach())
+    poison = None
+    if has_topk:
+        teacher_topk_logits, teacher_topk_index, teacher_lse, poison = check_topk_teacher(
+            rows_shape, device, teacher_topk_logits, teacher_topk_index, teacher_lse, teacher_lse_temperature,
+            temperature, kl_mask)
+        # [N, k] rows: a copy only where [B, S, k] strides do not flatten (k values per row, not V).
+        k = teacher_topk_logits.shape[-1]
+        teacher_topk_logits = teacher_topk_logits.reshape(n_rows, k)
+        teacher_topk_index = teacher_topk_index.reshape(n_rows, k)
+        teacher_lse = None if teacher_lse is None else teacher_lse.reshape(n_rows)
     kl_weight = check_weight("kl_weight", kl_weight, device)
     ce_weight = check_weight("ce_weight", ce_weight, device)
     sync_free = isinstance(kl_weight, torch.Tensor) or isinstance(ce_weight, torch.Tensor)
     if chunk_rows is not None:
         chunk_rows = check_int("chunk_rows", chunk_rows, 1)
-    has_teacher = teacher_weight is not None or teacher_logits is not None
+    has_teacher = has_head or teacher_logits is not None or has_topk
     kl_count = row_count(kl_mask, rows_shape) if has_teacher else 0
     ce_count = 0
     ignore_index = check_int("ignore_index", ignore_index)
@@ -406,7 +579,6 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
         ce_count = labelled.sum()
     coef = torch.stack([announced_coef(kl_weight if has_teacher else 0.0, kl_count, device),
                         announced_coef(ce_weight if labels is not None else 0.0, ce_count, device)])
-    n_rows = rows_shape.numel()
     if chunk_rows is None:
         chunk_rows = auto_chunk_rows(n_rows, vocab, student_head_input.element_size())
     grad_on = torch.is_grad_enabled()
@@ -414,10 +586,14 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
                    for t in (student_head_input, student_weight, student_bias)]
     kl_sum, ce_sum, *_ = torch.ops.distil.linear_kl_ce(
         student_head_input.reshape(-1, student_head_input.shape[-1]), student_weight, student_bias, teacher_head_input,
-        teacher_weight, teacher_bias, teacher_logits, labels, None if kl_mask is None else kl_mask.reshape(-1),
-        coef, temperature, ignore_index, chunk_rows, grad_inputs, sync_free,
+        teacher_weight, teacher_bias, teacher_logits, teacher_topk_logits, teacher_topk_index, teacher_lse, labels,
+        None if kl_mask is None else kl_mask.reshape(-1), logit_scale, logit_softcap, teacher_logit_scale,
+        teacher_logit_softcap, coef, temperature, ignore_index, chunk_rows, grad_inputs, sync_free,
     )
-    return kl_sum / divisor(kl_count), ce_sum / divisor(ce_count)
+    kl = kl_sum / divisor(kl_count)
+    if poison is not None:  # an impossible lse on the device path: a NaN KL, as topk_kl_ce_loss gives
+        kl = kl + poison.sum()
+    return kl, ce_sum / divisor(ce_count)
 
 
 def _head_params(name, head):
@@ -436,22 +612,24 @@ class LinearKLCELoss(nn.Module):
     """:func:`linear_kl_ce_loss` from the models' output projections, for trainers.
 
     ``LinearKLCELoss(student_head, teacher_head)`` with the heads as ``nn.Linear`` (e.g.
-    ``model.get_output_embeddings()``; the teacher's may be None when precomputed teacher logits are
-    passed), called with the rows *after each head's transform*, i.e. what the projection multiplies:
+    ``model.get_output_embeddings()``; the teacher's may be None when the teacher comes as logits or top-k
+    logits), called with the rows *after each head's transform*, i.e. what the projection multiplies:
 
     - BERT (``BertForMaskedLM``): ``cls.predictions.transform(sequence_output)`` (dense → GELU → LayerNorm),
       projection ``cls.predictions.decoder`` (tied to the word embeddings);
     - DistilBERT: ``vocab_layer_norm(gelu(vocab_transform(hidden)))``, projection ``vocab_projector``;
     - RoBERTa: ``lm_head.layer_norm(gelu(lm_head.dense(hidden)))``, projection ``lm_head.decoder``;
     - LLaMA-style decoders: the final norm's output (``model.norm``, i.e. ``outputs.hidden_states[-1]``),
-      projection ``lm_head`` (no bias).
+      projection ``lm_head`` (no bias); Gemma 2/3 add ``logit_softcap=config.final_logit_softcapping``,
+      Cohere ``logit_scale=config.logit_scale`` (and the teacher's likewise).
 
     The heads are submodules, so the module can be sharded with FSDP2: ``fully_shard(loss_module)`` gathers
     the heads' weights in its forward and reduce-scatters their gradients in the backward.
     """
 
     def __init__(self, student_head, teacher_head=None, *, temperature=2.0, ignore_index=-100, kl_weight=1.0,
-                 ce_weight=1.0, chunk_rows=None):
+                 ce_weight=1.0, chunk_rows=None, logit_scale=1.0, logit_softcap=None, teacher_logit_scale=1.0,
+                 teacher_logit_softcap=None):
         super().__init__()
         _head_params("student_head", student_head)
         if teacher_head is not None:
@@ -463,25 +641,40 @@ class LinearKLCELoss(nn.Module):
         self.kl_weight = check_non_negative_finite("kl_weight", kl_weight)
         self.ce_weight = check_non_negative_finite("ce_weight", ce_weight)
         self.chunk_rows = chunk_rows
+        self.logit_scale, self.logit_softcap = check_logit_transform("", logit_scale, logit_softcap)
+        self.teacher_logit_scale, self.teacher_logit_softcap = check_logit_transform(
+            "teacher_", teacher_logit_scale, teacher_logit_softcap)
+        if teacher_head is None and (self.teacher_logit_scale != 1.0 or self.teacher_logit_softcap is not None):
+            raise ValueError("teacher_logit_scale / teacher_logit_softcap need a teacher_head")
 
     def extra_repr(self):
+        transforms = "".join(f", {name}={getattr(self, name)}" for name, off in (
+            ("logit_scale", 1.0), ("logit_softcap", None), ("teacher_logit_scale", 1.0),
+            ("teacher_logit_softcap", None)) if getattr(self, name) != off)
         return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, kl_weight={self.kl_weight}, "
-                f"ce_weight={self.ce_weight}, chunk_rows={self.chunk_rows}")
+                f"ce_weight={self.ce_weight}, chunk_rows={self.chunk_rows}{transforms}")
 
-    def forward(self, student_head_input, labels, teacher_head_input=None, *, teacher_logits=None, kl_mask=None,
-                kl_weight=None, ce_weight=None):
-        """``(kl, ce)`` of ``linear_kl_ce_loss`` with this module's heads and settings; ``kl_weight`` /
-        ``ce_weight`` (numbers or 0-d device tensors, e.g. with a loss scale) replace the module's for
-        this call."""
+    def forward(self, student_head_input, labels, teacher_head_input=None, *, teacher_logits=None,
+                teacher_topk_logits=None, teacher_topk_index=None, teacher_lse=None, teacher_lse_temperature=None,
+                kl_mask=None, kl_weight=None, ce_weight=None):
+        """``(kl, ce)`` of ``linear_kl_ce_loss`` with this module's heads and settings; the teacher is
+        ``teacher_head_input`` (through ``teacher_head``), ``teacher_logits`` or the top-k teacher, as there.
+        ``kl_weight`` / ``ce_weight`` (numbers or 0-d device tensors, e.g. with a loss scale) replace the
+        module's for this call."""
         weight, bias = _head_params("student_head", self.student_head)
-        teacher = {"teacher_logits": teacher_logits}
+        teacher = dict(teacher_logits=teacher_logits, teacher_topk_logits=teacher_topk_logits,
+                       teacher_topk_index=teacher_topk_index, teacher_lse=teacher_lse,
+                       teacher_lse_temperature=teacher_lse_temperature)
         if teacher_head_input is not None:
             if self.teacher_head is None:
                 raise ValueError("teacher_head_input needs a teacher_head (or pass teacher_logits)")
             t_weight, t_bias = _head_params("teacher_head", self.teacher_head)
-            teacher.update(teacher_head_input=teacher_head_input, teacher_weight=t_weight, teacher_bias=t_bias)
+            teacher.update(teacher_head_input=teacher_head_input, teacher_weight=t_weight, teacher_bias=t_bias,
+                           teacher_logit_scale=self.teacher_logit_scale,
+                           teacher_logit_softcap=self.teacher_logit_softcap)
         return linear_kl_ce_loss(student_head_input, weight, bias, labels, temperature=self.temperature,
                                  kl_mask=kl_mask, ignore_index=self.ignore_index,
                                  kl_weight=self.kl_weight if kl_weight is None else kl_weight,
                                  ce_weight=self.ce_weight if ce_weight is None else ce_weight,
-                                 chunk_rows=self.chunk_rows, **teacher)
+                                 chunk_rows=self.chunk_rows, logit_scale=self.logit_scale,
+                                 logit_softcap=self.logit_softcap, **teacher)

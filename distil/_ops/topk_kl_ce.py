@@ -10,7 +10,6 @@ from distil._ops.common import (
     FLOAT_DTYPES,
     check_labels,
     check_row_mask,
-    check_same_device,
     check_tensor,
     check_unit_last_stride,
     check_weight,
@@ -65,11 +64,13 @@ register_gradient_op("topk_kl_ce_rows", 2, _check_op_args, triton_kernels("topk_
 # ------------------------------------------------------------------------------------------------
 # Public function
 # ------------------------------------------------------------------------------------------------
-def _check_teacher(student_logits, values, index, lse):
-    check_tensor("student_logits", student_logits, dtypes=FLOAT_DTYPES, ndims=(2, 3))
-    check_unit_last_stride("student_logits", student_logits)
-    rows = tuple(student_logits.shape[:-1])
-    check_tensor("teacher_topk_logits", values, dtypes=FLOAT_DTYPES, ndims=(student_logits.dim(),))
+def check_topk_teacher(rows, device, values, index, lse, lse_temperature, temperature, kl_mask):
+    """The top-k teacher of a loss over ``rows`` (the row dims) on ``device``, checked for
+    :func:`topk_kl_ce_loss` and :func:`distil.fused_loss.linear_kl_ce_loss` (``temperature`` and the
+    bool ``kl_mask`` already checked). Returns ``(values, index, lse, poison)``: the values detached,
+    the lse as fp32 (or None), and :func:`_refuse_impossible_lse`'s per-row term (or None)."""
+    rows = tuple(rows)
+    check_tensor("teacher_topk_logits", values, dtypes=FLOAT_DTYPES, ndims=(len(rows) + 1,))
     if tuple(values.shape[:-1]) != rows or values.shape[-1] < 1:
         raise ValueError(f"teacher_topk_logits must have shape {rows + ('k',)} with k >= 1 (the student's rows), "
                          f"got {tuple(values.shape)}")
@@ -84,9 +85,13 @@ def _check_teacher(student_logits, values, index, lse):
         if tuple(lse.shape) != rows:
             raise ValueError(f"teacher_lse must have shape {rows} (the student's rows), got {tuple(lse.shape)}")
         lse = lse.detach().float()
-    check_same_device(student_logits=student_logits, teacher_topk_logits=values, teacher_topk_index=index,
-                      teacher_lse=lse)
-    return values.detach(), index, lse
+    for name, t in (("teacher_topk_logits", values), ("teacher_topk_index", index), ("teacher_lse", lse)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the student's rows are on {device}")
+    _check_lse_temperature(lse_temperature, temperature)
+    values = values.detach()
+    poison = None if lse is None else _refuse_impossible_lse(values, lse, temperature, kl_mask)
+    return values, index, lse, poison
 
 
 def _check_lse_temperature(lse_temperature, temperature):
@@ -168,11 +173,13 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
     Returns:
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
-    values, index, lse = _check_teacher(student_logits, teacher_topk_logits, teacher_topk_index, teacher_lse)
+    check_tensor("student_logits", student_logits, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    check_unit_last_stride("student_logits", student_logits)
     temperature = check_temperature("temperature", temperature)
-    _check_lse_temperature(teacher_lse_temperature, temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
-    poison = None if lse is None else _refuse_impossible_lse(values, lse, temperature, kl_mask)
+    values, index, lse, poison = check_topk_teacher(student_logits.shape[:-1], student_logits.device,
+                                                    teacher_topk_logits, teacher_topk_index, teacher_lse,
+                                                    teacher_lse_temperature, temperature, kl_mask)
     ignore_index = check_int("ignore_index", ignore_index)
     labels, labelled = check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1], student_logits.device,
                                     ignore_index)
