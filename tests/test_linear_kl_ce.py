@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distil import reference
-from distil._ops import kl_ce as kl_ce_op
-from distil._ops import topk_kl_ce as topk_kl_ce_op
+from distil._ops.registry import TRITON_IMPLS
 from distil.fused_loss import (
     DistillationLoss,
     LinearKLCELoss,
@@ -308,8 +307,8 @@ def backend(request):
     if GPU_RUN:
         return "cuda"
     lib = torch.library.Library("distil", "IMPL")
-    lib.impl("kl_ce_rows_into", kl_ce_op.kl_ce_rows_into_triton, "CPU")
-    lib.impl("topk_kl_ce_rows", topk_kl_ce_op.topk_kl_ce_rows_triton, "CPU")
+    for op in ("kl_ce_rows_into", "topk_kl_ce_rows"):
+        lib.impl(op, TRITON_IMPLS[op], "CPU")
     request.addfinalizer(lib._destroy)
     return "cpu"
 
