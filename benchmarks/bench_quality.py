@@ -488,7 +488,7 @@ class CausalBudget:
     scratch on ``teacher_batch`` blocks of ``block_size`` tokens per step) trains until its validation
     loss has improved by less than ``min_improvement`` nats over ``patience`` evaluations ``eval_every``
     steps apart, or for ``teacher_max_steps``. Each student trains ``distil_steps`` steps of
-    ``distil_batch`` blocks, once per seed."""
+    ``distil_batch`` blocks, once per seed. Validation and test hold ``heldout_blocks`` blocks each."""
 
     vocab_size: int
     teacher_layers: int
@@ -505,6 +505,7 @@ class CausalBudget:
     distil_batch: int
     distil_lr: float
     seeds: tuple
+    heldout_blocks: int
     throughput_rounds: int
 
 
@@ -514,12 +515,12 @@ CAUSAL_BUDGETS = {
     "quick": CausalBudget(
         vocab_size=512, teacher_layers=4, hidden=64, heads=2, block_size=64, teacher_batch=16, teacher_lr=2e-3,
         teacher_max_steps=30, eval_every=10, patience=2, min_improvement=0.01, distil_steps=10, distil_batch=16,
-        distil_lr=1e-3, seeds=(0, 1, 2), throughput_rounds=3,
+        distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=64, throughput_rounds=3,
     ),
     "full": CausalBudget(
         vocab_size=1024, teacher_layers=6, hidden=128, heads=4, block_size=128, teacher_batch=16, teacher_lr=2e-3,
-        teacher_max_steps=400, eval_every=25, patience=2, min_improvement=0.01, distil_steps=50, distil_batch=16,
-        distil_lr=1e-3, seeds=(0, 1, 2), throughput_rounds=5,
+        teacher_max_steps=250, eval_every=25, patience=2, min_improvement=0.01, distil_steps=30, distil_batch=16,
+        distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=128, throughput_rounds=3,
     ),
 }
 
@@ -554,11 +555,14 @@ def causal_blocks(text_path, tokenizer, block_size):
     return pack_blocks(load_corpus([text_path], tokenizer, max_length=512), block_size)
 
 
-def heldout_split(heldout_path, tokenizer, block_size):
-    """(validation, test) blocks of the held-out documents: alternate blocks, so both hold both books.
-    The teacher stops on the validation blocks; every model is scored on the test blocks."""
-    blocks = causal_blocks(heldout_path, tokenizer, block_size)
-    return blocks[::2], blocks[1::2]
+def heldout_split(heldout_path, tokenizer, budget):
+    """(validation, test): ``budget.heldout_blocks`` blocks each of the held-out documents, taken evenly
+    across them and alternating, so both hold both books. The teacher stops on the validation blocks;
+    every model is scored on the test blocks."""
+    blocks = causal_blocks(heldout_path, tokenizer, budget.block_size)
+    stride = max(1, len(blocks) // (2 * budget.heldout_blocks))
+    pairs = blocks[: 2 * stride * budget.heldout_blocks : stride]
+    return pairs[::2], pairs[1::2]
 
 
 def train_causal_teacher(tokenizer_dir, data, output_dir, budget, seed=0):
@@ -586,7 +590,7 @@ def train_causal_teacher(tokenizer_dir, data, output_dir, budget, seed=0):
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     train = causal_blocks(data["corpus"], tokenizer, budget.block_size)
-    validation, _ = heldout_split(data["heldout"], tokenizer, budget.block_size)
+    validation, _ = heldout_split(data["heldout"], tokenizer, budget)
     set_seed(seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=budget.block_size, n_embd=budget.hidden,
                         n_layer=budget.teacher_layers, n_head=budget.heads, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -729,7 +733,7 @@ def run_causal(budget_name, budget, sources, cache, results_dir):
     tokenizer_dir = train_tokenizer(data["corpus"], cache / f"causal-tokenizer-{budget.vocab_size}", budget.vocab_size)
     teacher_fields = [budget.vocab_size, budget.teacher_layers, budget.hidden, budget.heads, budget.block_size,
                       budget.teacher_batch, budget.teacher_lr, budget.teacher_max_steps, budget.eval_every,
-                      budget.patience, budget.min_improvement]
+                      budget.patience, budget.min_improvement, budget.heldout_blocks]
     teacher_key = hashlib.sha256(json.dumps(teacher_fields).encode()).hexdigest()[:10]
     teacher = train_causal_teacher(tokenizer_dir, data, cache / f"causal-teacher-{teacher_key}", budget)
     phases = {"teacher": time.perf_counter() - start}
@@ -743,7 +747,7 @@ def run_causal(budget_name, budget, sources, cache, results_dir):
     phases["distillation"] = time.perf_counter() - start - phases["teacher"]
 
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    _, test = heldout_split(data["heldout"], tokenizer, budget.block_size)
+    _, test = heldout_split(data["heldout"], tokenizer, budget)
     scored = {"teacher": [teacher], **{k: v for k, v in students.items() if k.endswith("(a)") or k.endswith("(b)")},
               INIT_ONLY: [work / "init-only"], **{k: v for k, v in students.items() if k.endswith("(d)")}}
     models = []
