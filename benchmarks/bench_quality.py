@@ -21,6 +21,14 @@ all five with ``distil-eval``:
 ``--budget`` scales the teacher's adaptation, the distillation tokens and the fine-tuning; sources,
 corpus, teacher and finished students are cached under ``--cache`` between runs. The table lands in
 ``benchmarks/results/quality_<device>_<budget>_<machine>.{json,md}``.
+
+``--track causal`` (budgets ``quick`` and ``full``, CPU-sized) runs the same ablations on decoders, on the same
+corpus: a byte-level BPE tokenizer learnt on it, a GPT-2 teacher trained from scratch with the ``Trainer`` until
+its validation loss stops improving (or a step cap), half-depth students by ``distil-train`` with packed
+blocks, (a) KL + CLM + cosine, (b) CLM only, (c) the initialisation alone, (d) a random initialisation with
+(a)'s loss, each trained student once per seed; every model scored by its held-out perplexity (exp of the mean
+next-token cross-entropy, :func:`heldout_perplexity`) and inference tokens/s. Results:
+``benchmarks/results/quality_causal_cpu_<budget>_<machine>.{json,md}``.
 """
 import argparse
 import dataclasses
@@ -519,7 +527,7 @@ CAUSAL_BUDGETS = {
     ),
     "full": CausalBudget(
         vocab_size=1024, teacher_layers=6, hidden=128, heads=4, block_size=64, teacher_batch=16, teacher_lr=2e-3,
-        teacher_max_steps=150, eval_every=25, patience=2, min_improvement=0.01, distil_steps=25, distil_batch=16,
+        teacher_max_steps=150, eval_every=25, patience=2, min_improvement=0.01, distil_steps=10, distil_batch=16,
         distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=64, throughput_rounds=3,
     ),
 }
