@@ -527,7 +527,7 @@ CAUSAL_BUDGETS = {
     ),
     "full": CausalBudget(
         vocab_size=1024, teacher_layers=6, hidden=128, heads=4, block_size=64, teacher_batch=16, teacher_lr=2e-3,
-        teacher_max_steps=150, eval_every=25, patience=2, min_improvement=0.01, distil_steps=10, distil_batch=16,
+        teacher_max_steps=150, eval_every=25, patience=2, min_improvement=0.01, distil_steps=25, distil_batch=16,
         distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=64, throughput_rounds=3,
     ),
 }
