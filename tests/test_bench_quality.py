@@ -151,3 +151,46 @@ def test_reproduction_plumbing(tiny_sources, tmp_path, monkeypatch):
     # another budget under the same name starts its students afresh
     bq._fresh_run_dir(work, dataclasses.replace(TINY, distil_steps=3))
     assert not (work / "triple").exists()
+
+
+# ------------------------------------------------------------------ the causal track
+TINY_CAUSAL = bq.CausalBudget(
+    vocab_size=300, teacher_layers=2, hidden=32, heads=2, block_size=16, teacher_batch=4, teacher_lr=1e-3,
+    teacher_max_steps=4, eval_every=2, patience=1, min_improvement=0.0, distil_steps=2, distil_batch=4,
+    distil_lr=1e-3, seeds=(0, 1), heldout_blocks=4, throughput_rounds=1,
+)
+
+
+def test_causal_track_plumbing(tiny_sources, tmp_path, monkeypatch):
+    cache, results_dir = tmp_path / "cache", tmp_path / "results"
+    results = bq.run_causal("tiny", TINY_CAUSAL, tiny_sources, cache, results_dir)
+    names = ["teacher", "KL + CLM + cos (a)", "CLM only (b)", "init only (c)", "random init + KL + CLM + cos (d)"]
+    assert [m["name"] for m in results["models"]] == names
+    models = {m["name"]: m for m in results["models"]}
+    assert [len(models[n]["perplexity"]["values"]) for n in names] == [1, 2, 2, 1, 2]  # seeds are distillation runs
+    assert all(1.0 < v < 10 * TINY_CAUSAL.vocab_size for m in models.values() for v in m["perplexity"]["values"])
+    assert models["teacher"]["parameters"] > models["init only (c)"]["parameters"] > 0
+    assert all(m["tokens_per_s"] > 0 for m in models.values())
+    trained = results["teacher_training"]
+    assert 0 < trained["steps"] <= TINY_CAUSAL.teacher_max_steps and trained["curve"]
+    assert trained["stopped"] in ("validation loss stopped improving", "step cap reached")
+    kl_run, clm_only = results["metrics"]["KL + CLM + cos (a)"], results["metrics"]["CLM only (b)"]
+    assert kl_run["step"] == 2 and kl_run["kl"] > 0 and kl_run["clm"] > 0
+    assert clm_only["kl"] == 0.0 and clm_only["cos"] == 0.0 and clm_only["clm"] > 0  # alphas 0: parts skipped
+    (json_file,) = results_dir.glob("quality_causal_cpu_tiny_*.json")
+    assert json.loads(json_file.read_text())["wall_seconds"] > 0
+    report = json_file.with_suffix(".md").read_text()
+    assert "| teacher |" in report and "(a) vs CLM only (b)" in report
+
+    # the tokenizer frames documents as GPT-2's does: <|endoftext|> is bos and eos, no pad token
+    from transformers import AutoTokenizer
+
+    teacher = next(cache.glob("causal-teacher-*"))
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    assert tokenizer.bos_token == tokenizer.eos_token == bq.EOT and tokenizer.pad_token is None
+    # everything is cached: a second pass trains nothing
+    monkeypatch.setattr(bq, "_run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    work = cache / "causal-run-tiny"
+    run_dir = work / "kl-clm-cos-seed0"
+    assert bq.distil_causal(teacher, None, run_dir, TINY_CAUSAL, 0) == run_dir / "student"
+    assert bq.train_causal_teacher(None, None, teacher, TINY_CAUSAL) == teacher

@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distil.cli import EXIT_ERROR, main
+from distil.cli import EXIT_ERROR, TrainConfig, main
 from distil.data import pack_blocks
 from distil.fused_loss import DistillationLoss
 from distil.reference import distiller_causal_step
 from distil.step import DistillationStep, StudentRows, causal_labels, fused_heads
 from distil.student import build_student, lm_adapter, logit_transform
-from distil.train import METRICS, STUDENT
+from distil.train import METRICS, STUDENT, Trainer
 
 from helpers import one_error_line, relative_error
 from tiny import bert_tokenizer, gpt2_tokenizer, random_batch, roberta_tokenizer, tiny_bert, tiny_causal, write_corpus
@@ -256,3 +256,33 @@ def test_a_student_of_another_tokenizer_is_refused_naming_both(workdir, capsys):
     other = workdir / "llama_other_tokenizer"
     assert main(argv(workdir, "other_tok", "llama", "--student", str(other), "--alpha-cos", "0")) == EXIT_ERROR
     one_error_line(capsys, "tokenizer", str(other), str(workdir / "llama"))
+
+
+# ------------------------------------------------------------------ resume (issue 21, item 8)
+def test_causal_resume_is_bit_exact_across_an_epoch_boundary(workdir):
+    """A causal run stopped at step 2 and resumed equals the straight run bit for bit: the packed blocks'
+    order (the epoch's permutation), the dropout RNG (tiny GPT-2 keeps p = 0.1), AdamW and the schedule
+    all travel in the checkpoint."""
+    def config(out, **kw):
+        return TrainConfig(teacher=str(workdir / "gpt2"), data=[str(workdir / "corpus")], output_dir=str(workdir / out),
+                           block_size=64, batch_size=16, grad_accum=2, max_steps=4, save_every=100, log_every=1,
+                           eval_fraction=0.0, progress=False, **kw)
+
+    straight = Trainer(config("resume_straight"))
+    assert len(straight.batches) < 4  # 4 steps cross an epoch boundary
+    before = {k: v.clone() for k, v in straight.student.state_dict().items()}
+    assert straight.fit() == "done"
+    first = Trainer(config("resume_split"))
+    assert first.fit(max_steps=2) == "done"
+    resumed = Trainer(config("resume_split", resume=True))
+    assert resumed.resumed_from == workdir / "resume_split" / "checkpoint-2"
+    assert resumed.fit() == "done" and resumed.step == 4
+
+    a, b = straight.student.state_dict(), resumed.student.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], before[k]) for k in a)  # it trained
+    losses = [[(r["loss"], r["kl"], r["clm"], r["cos"]) for r in _rows(workdir, out) if "loss" in r]
+              for out in ("resume_straight", "resume_split")]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    saved = AutoModelForCausalLM.from_pretrained(workdir / "resume_split" / STUDENT)
+    assert all(torch.equal(v, b[k]) for k, v in saved.state_dict().items())
