@@ -46,7 +46,10 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from _common import RESULTS_DIR, machine_info, machine_tag
+if __package__:  # imported as benchmarks.bench_quality (tests/test_bench_quality.py)
+    from benchmarks._common import RESULTS_DIR, machine_info, machine_tag
+else:  # run as a script: its directory is on sys.path
+    from _common import RESULTS_DIR, machine_info, machine_tag
 
 SOURCES = {  # what the registries serve, fetched with their ordinary clients
     "debian": ("bible-kjv", "bible-kjv-text", "r-cran-janeaustenr"),

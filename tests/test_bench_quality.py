@@ -8,18 +8,15 @@ import sys
 import tarfile
 import zipfile
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from transformers import BertModel
 
+from benchmarks import bench_quality as bq
 from distil.student import save_student
 
 from tiny import bert_tokenizer, corpus_lines, tiny_bert
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_quality as bq  # noqa: E402
 
 rdata = pytest.importorskip("rdata")
 
