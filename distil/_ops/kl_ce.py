@@ -21,6 +21,7 @@ from distil._ops.common import (
     save_gradient_buffer,
     take_gradient_buffer,
 )
+from distil._ops.divergence import JSD_BETA, SKEW_ALPHA, check_divergence
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
     from distil.kernels import kl_ce as _triton_kl_ce
@@ -45,7 +46,8 @@ def _contiguous(x):
     return None if x is None else x.contiguous()
 
 
-def kl_ce_rows_triton(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad):
+def kl_ce_rows_triton(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad,
+                      divergence="forward_kl", divergence_param=0.0):
     """The op on the Triton kernel: its CUDA implementation (the tests also run it on CPU tensors,
     through the Triton interpreter)."""
     _check_op_args(student, teacher, labels, kl_mask, coef)
@@ -55,19 +57,19 @@ def kl_ce_rows_triton(student, teacher, labels, kl_mask, coef, temperature, igno
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
     with device_guard(student):
         _triton_kl_ce.kl_ce_rows(student, teacher, _contiguous(labels), _contiguous(kl_mask), coef,
-                                 temperature, ignore_index, kl_rows, ce_rows, grad)
+                                 temperature, ignore_index, kl_rows, ce_rows, grad, divergence, divergence_param)
     return kl_rows, ce_rows, student.new_empty(0) if grad is None else grad
 
 
 def kl_ce_rows_backward_triton(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
-                               temperature, ignore_index):
+                               temperature, ignore_index, divergence="forward_kl", divergence_param=0.0):
     _check_op_args(student, teacher, labels, kl_mask, coef)
     if grad.shape != student.shape or not grad.is_contiguous():
         raise ValueError("kl_ce_rows_backward: grad must be contiguous with the student's shape")
     with device_guard(student):
         _triton_kl_ce.kl_ce_rows_backward(
             grad, grad_kl_rows.float().contiguous(), grad_ce_rows.float().contiguous(), student, teacher,
-            _contiguous(labels), _contiguous(kl_mask), coef, temperature, ignore_index,
+            _contiguous(labels), _contiguous(kl_mask), coef, temperature, ignore_index, divergence, divergence_param,
         )
 
 
@@ -77,7 +79,7 @@ if _triton_kl_ce is not None:
 
     @torch.library.register_kernel("distil::kl_ce_rows_into", "cuda")
     def _kl_ce_rows_into_cuda(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
-                              grad):
+                              grad, divergence="forward_kl", divergence_param=0.0):
         _check_op_args(student, teacher, labels, kl_mask, coef)
         rows = student.shape[:-1]
         for name, x in (("kl_rows", kl_rows), ("ce_rows", ce_rows)):
@@ -88,12 +90,14 @@ if _triton_kl_ce is not None:
             raise ValueError("kl_ce_rows_into: grad must be contiguous with the student's shape and dtype")
         with device_guard(student):
             _triton_kl_ce.kl_ce_rows(student, teacher, _contiguous(labels), _contiguous(kl_mask), coef,
-                                     temperature, ignore_index, kl_rows, ce_rows, grad)
+                                     temperature, ignore_index, kl_rows, ce_rows, grad, divergence,
+                                     divergence_param)
 
 
 
 @torch.library.register_fake("distil::kl_ce_rows")
-def _kl_ce_rows_fake(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad):
+def _kl_ce_rows_fake(student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad,
+                     divergence="forward_kl", divergence_param=0.0):
     rows = student.shape[:-1]
     kl = student.new_empty(rows, dtype=torch.float32)
     ce = student.new_empty(rows, dtype=torch.float32)
@@ -103,20 +107,21 @@ def _kl_ce_rows_fake(student, teacher, labels, kl_mask, coef, temperature, ignor
 
 @torch.library.register_fake("distil::kl_ce_rows_into")
 def _kl_ce_rows_into_fake(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
-                          grad):
+                          grad, divergence="forward_kl", divergence_param=0.0):
     return None
 
 
 @torch.library.register_fake("distil::kl_ce_rows_backward")
 def _kl_ce_rows_backward_fake(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
-                              temperature, ignore_index):
+                              temperature, ignore_index, divergence="forward_kl", divergence_param=0.0):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad = inputs
+    student, teacher, labels, kl_mask, coef, temperature, ignore_index, compute_grad = inputs[:8]
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
+    ctx.divergence, ctx.divergence_param = inputs[8:]
     save_gradient_buffer(ctx, output[2], compute_grad, student, teacher, labels, kl_mask, coef)
 
 
@@ -128,9 +133,9 @@ def _backward(ctx, grad_kl_rows, grad_ce_rows, _grad_of_grad):
         grad_ce_rows = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
     torch.ops.distil.kl_ce_rows_backward(
         grad, grad_kl_rows.float(), grad_ce_rows.float(), student, teacher, labels, kl_mask, coef,
-        ctx.temperature, ctx.ignore_index,
+        ctx.temperature, ctx.ignore_index, ctx.divergence, ctx.divergence_param,
     )
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("distil::kl_ce_rows", _backward, setup_context=_setup_context)
@@ -155,12 +160,15 @@ def loss_coef(kl_weight, kl_count, ce_weight, ce_count, device):
     return torch.stack([announced_coef(kl_weight, kl_count, device), announced_coef(ce_weight, ce_count, device)])
 
 
-def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, reduction="batchmean", weight=1.0):
-    """Temperature-scaled KL divergence of the student from the teacher, times T².
+def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, reduction="batchmean", weight=1.0,
+                divergence="forward_kl", jsd_beta=JSD_BETA, skew_alpha=SKEW_ALPHA):
+    """Temperature-scaled KL divergence of the student from the teacher (or another divergence), times T².
 
     Exactly ``nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2``
     on the selected rows, as ``loss_ce`` in distiller.py's ``Distiller.step`` (which selects the rows
-    with ``masked_select``); here the rows are selected without copying.
+    with ``masked_select``); here the rows are selected without copying. ``divergence`` replaces the
+    forward KL by the reverse KL, the generalized JSD (TRL's ``generalized_jsd_loss``), a skew KL or the
+    total variation distance, defined in :mod:`distil._ops.divergence`.
 
     Args:
         student_logits, teacher_logits: ``[N, V]`` or ``[B, S, V]``, float32/bfloat16/float16 (may differ),
@@ -175,9 +183,15 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
         weight: the factor you will multiply the loss by before ``backward()`` (a number, or a one-element
             float tensor on the logits' device: no host sync), as ``kl_weight`` of :func:`kl_ce_loss`; it
             does not change the value.
+        divergence: ``"forward_kl"`` (default), ``"reverse_kl"``, ``"jsd"``, ``"skew_kl"``,
+            ``"skew_reverse_kl"`` or ``"tvd"``.
+        jsd_beta: β of ``"jsd"``, in [0, 1] (0: forward KL, 1: reverse KL).
+        skew_alpha: α of ``"skew_kl"`` / ``"skew_reverse_kl"``, in [0, 1) (0: the plain KL). A parameter
+            set for another divergence is refused.
     Returns:
         fp32 tensor: a scalar, or per-row losses for ``"none"``. No selected rows gives 0.
     """
+    divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
     teacher_logits = _check_logits(student_logits, teacher_logits)
     temperature = check_temperature("temperature", temperature)
     mask = check_row_mask("mask", mask, student_logits.shape[:-1], student_logits.device)
@@ -187,7 +201,8 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
     count = row_count(mask, student_logits.shape[:-1]) if reduction == "batchmean" else 1
     coef = loss_coef(weight, count, 0.0, 1, student_logits.device)
     kl_rows, _, _ = torch.ops.distil.kl_ce_rows(
-        student_logits, teacher_logits, None, mask, coef, temperature, -100, needs_grad(student_logits)
+        student_logits, teacher_logits, None, mask, coef, temperature, -100, needs_grad(student_logits),
+        divergence, divergence_param,
     )
     if reduction == "none":
         return kl_rows
@@ -195,13 +210,15 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
 
 
 def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_mask=None, ignore_index=-100,
-               kl_weight=1.0, ce_weight=1.0):
+               kl_weight=1.0, ce_weight=1.0, divergence="forward_kl", jsd_beta=JSD_BETA, skew_alpha=SKEW_ALPHA):
     """The distillation KL and the masked-LM cross-entropy in one kernel launch over the student logits.
 
     Returns ``(kl, ce)`` with
     ``kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2``
     over the ``kl_mask`` rows (all rows by default; distiller.py's ``loss_ce``) and
     ``ce = nn.CrossEntropyLoss(ignore_index=ignore_index)(s, labels)`` at temperature 1 (its ``loss_mlm``).
+    With ``divergence``, ``kl`` is another divergence times T², as in :func:`kl_div_loss` (e.g. TRL's GKD
+    loss: ``divergence="jsd", jsd_beta=β``).
 
     ``kl_weight`` and ``ce_weight`` do not change the values: they name the combination
     ``kl_weight * kl + ce_weight * ce`` that you will backpropagate, for which the gradient is written
@@ -219,9 +236,11 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
             (``--restrict_ce_to_mask`` in distiller.py is ``kl_mask = labels != -100``).
         ignore_index: an int (Python or NumPy).
         kl_weight, ce_weight: numbers >= 0 or one-element float tensors on the logits' device.
+        divergence, jsd_beta, skew_alpha: the divergence in place of the forward KL, as in :func:`kl_div_loss`.
     Returns:
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
+    divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
     teacher_logits = _check_logits(student_logits, teacher_logits)
     temperature = check_temperature("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
@@ -235,6 +254,6 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
     coef = loss_coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)
     kl_rows, ce_rows, _ = torch.ops.distil.kl_ce_rows(
         student_logits, teacher_logits, labels, kl_mask, coef, temperature, ignore_index,
-        needs_grad(student_logits),
+        needs_grad(student_logits), divergence, divergence_param,
     )
     return kl_rows.sum() / divisor(kl_count), ce_rows.sum() / divisor(ce_count)
