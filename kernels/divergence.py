@@ -15,10 +15,10 @@ where both are 0, and where a masked chunk reads outside the row). A term of pro
 0, and so is a_j where q_j = 0; an infinite divergence (the reverse KL where p_j = 0 < q_j) is +inf.
 
 Per divergence (the derivations: csrc/divergence.h):
-- reverse_kl, KL(q‖p): l = −q d, a = −d;
+- reverse_kl, KL(q‖p): term = −q d, a = −d;
 - jsd, β KL(p‖m) + (1 − β) KL(q‖m), m = β p + (1 − β) q: a = (1 − β) log(q/m);
-- skew_kl, KL(p‖r), r = α p + (1 − α) q: l = p log(p/r), a = −(1 − α) p/r;
-- skew_reverse_kl, KL(q‖r), r = α q + (1 − α) p: l = q log(q/r), a = log(q/r) − α q/r;
+- skew_kl, KL(p‖r), r = α p + (1 − α) q: term = p log(p/r), a = −(1 − α) p/r;
+- skew_reverse_kl, KL(q‖r), r = α q + (1 − α) p: term = q log(q/r), a = log(q/r) − α q/r;
 - tvd, ½ Σ|p − q|: a = sign(q − p)/2 with sign(0) = 0 (a subgradient).
 
 Adding a divergence: a branch in :func:`divergence_term` here, its DivergenceTerm in csrc/divergence.h,
@@ -51,22 +51,22 @@ def divergence_term(p, q, d, param, DIVERGENCE: tl.constexpr):
     """(l_j, a_j) of the divergence DIVERGENCE (its parameter ``param``) at elements (p, q, d)."""
     zero = tl.zeros_like(q)
     if DIVERGENCE == "reverse_kl":
-        l = tl.where(q > 0.0, -q * d, zero)
+        term = tl.where(q > 0.0, -q * d, zero)
         a = tl.where(q > 0.0, -d, zero)
     elif DIVERGENCE == "jsd":
         log_pm, log_qm, _, _ = _mixture_ratios(d, param, 1.0 - param)
-        l = tl.where(p > 0.0, param * p * log_pm, zero) + tl.where(q > 0.0, (1.0 - param) * q * log_qm, zero)
+        term = tl.where(p > 0.0, param * p * log_pm, zero) + tl.where(q > 0.0, (1.0 - param) * q * log_qm, zero)
         a = tl.where(q > 0.0, (1.0 - param) * log_qm, zero)
     elif DIVERGENCE == "skew_kl":
         log_pm, _, pm, _ = _mixture_ratios(d, param, 1.0 - param)
-        l = tl.where(p > 0.0, p * log_pm, zero)
+        term = tl.where(p > 0.0, p * log_pm, zero)
         a = tl.where(q > 0.0, -(1.0 - param) * pm, zero)
     elif DIVERGENCE == "skew_reverse_kl":
         _, log_qm, _, qm = _mixture_ratios(d, 1.0 - param, param)
-        l = tl.where(q > 0.0, q * log_qm, zero)
+        term = tl.where(q > 0.0, q * log_qm, zero)
         a = tl.where(q > 0.0, log_qm - param * qm, zero)
     else:
         tl.static_assert(DIVERGENCE == "tvd", "unknown divergence")
-        l = 0.5 * tl.abs(p - q)
+        term = 0.5 * tl.abs(p - q)
         a = tl.where(q > p, 0.5, tl.where(q < p, -0.5, zero))
-    return l, a
+    return term, a

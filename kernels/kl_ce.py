@@ -54,6 +54,7 @@ fused LM-head loss) launches once per chunk into row slices of its preallocated 
 import triton
 import triton.language as tl
 
+from distil.kernels.divergence import divergence_term
 from distil.kernels.rows import (
     LN2,
     LOG2E,
@@ -71,7 +72,6 @@ from distil.kernels.rows import (
     store_chunk,
     vector_width,
 )
-from distil.kernels.divergence import divergence_term
 
 # (max V, BLOCK_V, num_warps, maxnreg) rows: the first row whose max V covers the vocabulary is used.
 # Up to 1024 the row is one block (its second pass re-reads it from L1); above, it is streamed in
@@ -214,8 +214,8 @@ def _divergence_elements(s, t, scale_t, ms, mt, la, lb, param, DIVERGENCE: tl.co
     q = tl.exp2(xs)
     p = tl.exp2(xt)
     d = (((t - mt) - (s - ms)) * scale_t + (la - lb)) * LN2
-    l, a = divergence_term(p, q, d, param, DIVERGENCE)
-    return l, a, q
+    term, a = divergence_term(p, q, d, param, DIVERGENCE)
+    return term, a, q
 
 
 @triton.jit
@@ -223,8 +223,8 @@ def _divergence_chunk(s_row, t_row, k, h, V, scale_t, ms, mt, la, lb, param, los
                       MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
     s = load_chunk(s_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
     t = load_chunk(t_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
-    l, a, q = _divergence_elements(s, t, scale_t, ms, mt, la, lb, param, DIVERGENCE)
-    return loss + tl.sum(l, axis=0), c + tl.sum(q * a, axis=0)
+    term, a, q = _divergence_elements(s, t, scale_t, ms, mt, la, lb, param, DIVERGENCE)
+    return loss + tl.sum(term, axis=0), c + tl.sum(q * a, axis=0)
 
 
 @triton.jit
