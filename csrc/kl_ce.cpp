@@ -4,6 +4,8 @@
 //   ce_rows = F.cross_entropy(s, y, ignore_index=ignore_index, reduction="none")
 // (distiller.py's loss_ce and loss_mlm before their batchmean / mean), with the gradient of
 // coef[0] * kl_rows + coef[1] * ce_rows written in the forward.
+// kl_rows may hold another divergence instead of the forward KL (divergence.h): those take a
+// fourth pass (their loss terms and c = sum_j q_j a_j, over the stored exponentials, before the gradient).
 // One thread handles whole rows (at::parallel_for);
 // a row of V = 30522 logits is 120 KB in fp32, so the three passes below (maxima; the
 // exp-sums, storing the exponentials; the gradient) run out of L2 and DRAM sees each

@@ -41,6 +41,14 @@ Instruction model (memory instructions per thread, per row and tensor, BLOCK_V =
 row that is -inf everywhere in s or t has loss 0 and gradient 0, and a -inf student entry where
 q_j > 0 gives +inf, as PyTorch does.
 
+Divergences: the constexpr DIVERGENCE replaces the forward KL by another divergence of
+kernels/divergence.py (reverse KL, JSD, skew KLs, TVD; ``divergence_param`` their beta / alpha), still
+times T^2 and with the same -inf, NaN, mask and label policies. The forward KL takes the two passes above
+(its loss is an online sum); every other divergence takes three: the statistics (now without the KL's
+sums), the loss and c = sum_j q_j a_j (each term needs both normalised probabilities, so it cannot start
+before the first pass ends), and the gradient T q_j (a_j - c): one more read of s and t per row, from L2
+while the row is resident. The mixture divergences (jsd, skew_*) run under MIXTURE_MAXNREG.
+
 The backward kernel turns the forward's grad (prepared for coef) into the gradient for the incoming
 per-row gradients (g_kl, g_ce), in place: nothing when g equals coef exactly (the usual
 ``loss.backward()``: distil._ops.common.announced_coef forms coef bit-equal to autograd's g), a
@@ -110,11 +118,22 @@ def tuning_for(vocab):
     return block or max(triton.next_power_of_2(vocab), 16), warps
 
 
-def launch_options(vocab, num_warps=None):
-    """Triton launch options for a vocabulary size: TUNING's num_warps and maxnreg, or ``num_warps``
-    without a register cap."""
+# The mixture divergences (kernels/divergence.py) take a log, an exp and a division per element in their
+# second and third passes: under TUNING's 80-register cap skew_kl spills on sm_90 (4-16 registers, and more at
+# 88); 96 (two rows per SM instead of three) builds them all without spills.
+MIXTURE_MAXNREG = 96
+MIXTURES = ("jsd", "skew_kl", "skew_reverse_kl")
+
+
+def launch_options(vocab, num_warps=None, divergence="forward_kl"):
+    """Triton launch options for a vocabulary size: TUNING's num_warps and maxnreg (MIXTURE_MAXNREG for
+    the mixture divergences), or ``num_warps`` without a register cap."""
     _, _, warps, maxnreg = _tuning_row(vocab)
-    return {"num_warps": num_warps, "maxnreg": None} if num_warps else {"num_warps": warps, "maxnreg": maxnreg}
+    if num_warps:
+        return {"num_warps": num_warps, "maxnreg": None}
+    if maxnreg is not None and divergence in MIXTURES:
+        maxnreg = MIXTURE_MAXNREG
+    return {"num_warps": warps, "maxnreg": maxnreg}
 
 
 @triton.jit
@@ -406,7 +425,7 @@ def _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_in
                  block_v, num_warps):
     vocab = student.shape[-1]
     block, _ = tuning_for(vocab)
-    options = launch_options(vocab, num_warps)
+    options = launch_options(vocab, num_warps, divergence)
     S, s_sb, s_ss = row_geometry(student)
     _, t_sb, t_ss = row_geometry(teacher)
     args = dict(
