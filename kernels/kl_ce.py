@@ -330,11 +330,13 @@ def _write_grad(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label
 def _divergence(s_row, t_row, h, n, V, scale_t, ms, mt, la, lb, param, DIVERGENCE: tl.constexpr,
                 BLOCK_V: tl.constexpr):
     """(loss in nats, c) of :func:`_divergence_sums` for the statistics of :func:`_row_stats`; 0 for rows
-    that are -inf everywhere (their loss is 0)."""
+    that are -inf everywhere (their loss is 0), NaN for rows holding a NaN (whose terms' guards would drop it)."""
     dead = (la == float("-inf")) | (lb == float("-inf"))
     loss, c = _divergence_sums(s_row, t_row, h, n, V, scale_t, finite_lse(ms), finite_lse(mt), finite_lse(la),
                                finite_lse(lb), param, DIVERGENCE, BLOCK_V)
-    return tl.where(dead, 0.0, loss), tl.where(dead, 0.0, c)
+    nan = (la != la) | (lb != lb)
+    loss = tl.where(nan, float("nan"), tl.where(dead, 0.0, loss))
+    return loss, tl.where(nan, float("nan"), tl.where(dead, 0.0, c))
 
 
 @triton.jit
