@@ -120,7 +120,7 @@ DISTIL_INLINE void divergence_sums(const float* s, const float* t, int64_t V, fl
                                    float& c) {
   const float inv_zs = 1.0f / zs;
   const float inv_zt = 1.0f / zt;
-  const float log_ratio = std::log(zs) - std::log(zt);  // d_j = log p_j - log q_j = delta_j + log(zs / zt)
+  const float log_ratio = std::log(zs / zt);  // d_j = log p_j - log q_j = delta_j + log(zs / zt), one rounding
   float l_sum = 0.f, c_sum = 0.f;
 #pragma omp simd reduction(+ : l_sum, c_sum)
   for (int64_t j = 0; j < V; ++j) {

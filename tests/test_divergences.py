@@ -87,6 +87,11 @@ def expected(sample, divergence, param, g_kl, g_ce):
     return kl.detach(), ce.detach(), s.grad
 
 
+def close(out, ref, tol):
+    """relative_error within tol, or both zero up to float64 rounding (rows of p = q, V = 1)."""
+    return relative_error(out, ref) <= tol or (out.double().cpu() - ref.double().cpu()).abs().max() <= 1e-12
+
+
 def _contiguous(x):
     return None if x is None else x.contiguous()
 
@@ -138,8 +143,7 @@ def test_forward_matches_float64(triton_device, impl, divergence, param, index):
     kl, ce, grad = forward(impl, sample, coef, divergence, param)
     ref_kl, ref_ce, ref_grad = expected(sample, divergence, param, 0.7, 1.3)
     tol = TOL[s.dtype]
-    assert relative_error(kl, ref_kl) <= tol and relative_error(ce, ref_ce) <= tol
-    assert relative_error(grad, ref_grad) <= tol
+    assert close(kl, ref_kl, tol) and close(ce, ref_ce, tol) and close(grad, ref_grad, tol)
     assert torch.isfinite(kl).all() and torch.isfinite(grad).all() and (kl >= 0).all()
     no_kl = torch.zeros(kl.shape, dtype=torch.bool, device=s.device) if sample.kl_mask is None else ~sample.kl_mask
     assert (kl[no_kl] == 0).all() and (grad[no_kl & (sample.labels == -100)] == 0).all()
@@ -161,7 +165,7 @@ def test_backward_matches_float64(triton_device, impl, upstream, divergence, par
     if upstream == "coef":
         assert torch.equal(grad, before)
     *_, ref = expected(sample, divergence, param, g_kl, g_ce)
-    assert relative_error(grad, ref) <= TOL[sample.s.dtype]
+    assert close(grad, ref, TOL[sample.s.dtype])
 
 
 @pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
