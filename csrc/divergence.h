@@ -1,6 +1,6 @@
 // The divergences of the KL+CE row ops (kl_ce.cpp) other than the forward KL, one per-element place:
-// DivergenceTerm<D>::eval gives the loss term of element j and the derivative a_j of the row's loss
-// with respect to the student's probability q_j. kernels/divergence.py is the Triton twin.
+// DivergenceTerm<D>::loss gives the loss term of element j and DivergenceTerm<D>::dq the derivative a_j
+// of the row's loss with respect to the student's probability q_j. kernels/divergence.py is the Triton twin.
 //
 // With p = softmax(t/T) the teacher's and q = softmax(s/T) the student's probabilities, a row's loss
 // is T^2 * sum_j l_j(p, q), and since dq_i/ds_j = q_i (delta_ij - q_j) / T its gradient is
@@ -15,7 +15,7 @@
 // a_j where q_j = 0 (it is multiplied by q_j). A divergence that is infinite (the reverse KL where
 // p_j = 0 < q_j) gives +inf; its gradient is then not finite.
 //
-// Adding a divergence: a Divergence value, its DivergenceTerm below, its name in parse_divergence,
+// Adding a divergence: a Divergence value, its DivergenceTerm below (loss and dq), its name in parse_divergence,
 // the same in kernels/divergence.py and distil/_ops/divergence.py, and its float64 definition in
 // distil/reference.py.
 #pragma once
@@ -75,33 +75,27 @@ DISTIL_INLINE float log_normal(float x) {
   return static_cast<float>(e) * 0.693147180559945f + 2.0f * z * series;
 }
 
-// log(p/m), log(q/m), p/m, q/m for the mixture m = wp p + wq q (wp, wq in (0, 1], wp + wq = 1) of an
-// element with d = log p - log q. With E = e^-|d|, m/q = wp E + wq where p <= q and m/p = wp + wq E
-// where p > q: a number in [min(wp, wq), 1], whose log is well conditioned at any d (no p/q overflow,
-// no log of an underflowed probability).
-struct MixtureRatios {
-  float log_pm, log_qm, pm, qm;
-};
-
-DISTIL_INLINE MixtureRatios mixture_ratios(float d, float wp, float wq) {
-  const bool p_le_q = d <= 0.0f;
+// m/q where p <= q and m/p where p > q, for the mixture m = wp p + wq q (wp, wq in (0, 1], wp + wq = 1)
+// of an element with d = log p - log q: with E = e^-|d|, wp E + wq or wp + wq E, a number in
+// [min(wp, wq), 1] whose log is well conditioned at any d (no p/q overflow, no log of an underflowed
+// probability). With L = -log(den): log(p/m) = L + min(d, 0), log(q/m) = L - max(d, 0),
+// p/m = e^min(d, 0) / den, q/m = e^-max(d, 0) / den.
+DISTIL_INLINE float mixture_den(float d, float wp, float wq) {
   const float E = exp_nonpos(-std::abs(d));
-  const float den = std::max(p_le_q ? wp * E + wq : wp + wq * E, std::numeric_limits<float>::min());
-  const float L = -log_normal(den);
-  return {p_le_q ? d + L : L, p_le_q ? L : L - d, (p_le_q ? E : 1.0f) / den, (p_le_q ? 1.0f : E) / den};
+  return std::max(d <= 0.0f ? wp * E + wq : wp + wq * E, std::numeric_limits<float>::min());
 }
 
+// Per divergence: loss(p, q, d, param), the element's loss term, and dq(p, q, d, param), its a_j. Plain
+// scalar functions (no out-parameters or aggregates, which GCC's omp simd would not vectorise); the
+// compiler shares what the two compute alike.
 template <Divergence D>
 struct DivergenceTerm;
 
 // KL(q || p) = sum q log(q/p): l = -q d, a = log(q/p) + 1 (the 1 cancels in a_j - sum q a) = -d.
 template <>
 struct DivergenceTerm<Divergence::ReverseKL> {
-  DISTIL_INLINE static void eval(float p, float q, float d, float, float& l, float& a) {
-    (void)p;
-    l = q > 0.0f ? -q * d : 0.0f;
-    a = q > 0.0f ? -d : 0.0f;
-  }
+  DISTIL_INLINE static float loss(float, float q, float d, float) { return q > 0.0f ? -q * d : 0.0f; }
+  DISTIL_INLINE static float dq(float, float q, float d, float) { return q > 0.0f ? -d : 0.0f; }
 };
 
 // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (TRL's generalized JSD; Liger's
@@ -109,20 +103,27 @@ struct DivergenceTerm<Divergence::ReverseKL> {
 // as beta p + (1 - beta) q = m.
 template <>
 struct DivergenceTerm<Divergence::JSD> {
-  DISTIL_INLINE static void eval(float p, float q, float d, float beta, float& l, float& a) {
-    const MixtureRatios r = mixture_ratios(d, beta, 1.0f - beta);
-    l = (p > 0.0f ? beta * p * r.log_pm : 0.0f) + (q > 0.0f ? (1.0f - beta) * q * r.log_qm : 0.0f);
-    a = q > 0.0f ? (1.0f - beta) * r.log_qm : 0.0f;
+  DISTIL_INLINE static float loss(float p, float q, float d, float beta) {
+    const float L = -log_normal(mixture_den(d, beta, 1.0f - beta));
+    return (p > 0.0f ? beta * p * (L + std::min(d, 0.0f)) : 0.0f) +
+           (q > 0.0f ? (1.0f - beta) * q * (L - std::max(d, 0.0f)) : 0.0f);
+  }
+  DISTIL_INLINE static float dq(float, float q, float d, float beta) {
+    const float L = -log_normal(mixture_den(d, beta, 1.0f - beta));
+    return q > 0.0f ? (1.0f - beta) * (L - std::max(d, 0.0f)) : 0.0f;
   }
 };
 
 // KL(p || r), r = alpha p + (1 - alpha) q (DistiLLM's skew KL): a = -(1 - alpha) p / r.
 template <>
 struct DivergenceTerm<Divergence::SkewKL> {
-  DISTIL_INLINE static void eval(float p, float q, float d, float alpha, float& l, float& a) {
-    const MixtureRatios r = mixture_ratios(d, alpha, 1.0f - alpha);
-    l = p > 0.0f ? p * r.log_pm : 0.0f;
-    a = q > 0.0f ? -(1.0f - alpha) * r.pm : 0.0f;
+  DISTIL_INLINE static float loss(float p, float, float d, float alpha) {
+    const float L = -log_normal(mixture_den(d, alpha, 1.0f - alpha));
+    return p > 0.0f ? p * (L + std::min(d, 0.0f)) : 0.0f;
+  }
+  DISTIL_INLINE static float dq(float, float q, float d, float alpha) {
+    const float den = mixture_den(d, alpha, 1.0f - alpha);
+    return q > 0.0f ? -(1.0f - alpha) * exp_nonpos(std::min(d, 0.0f)) / den : 0.0f;
   }
 };
 
@@ -130,11 +131,14 @@ struct DivergenceTerm<Divergence::SkewKL> {
 // a = log(q/r) + 1 - alpha q/r (the 1 cancels).
 template <>
 struct DivergenceTerm<Divergence::SkewReverseKL> {
-  DISTIL_INLINE static void eval(float p, float q, float d, float alpha, float& l, float& a) {
-    (void)p;
-    const MixtureRatios r = mixture_ratios(d, 1.0f - alpha, alpha);
-    l = q > 0.0f ? q * r.log_qm : 0.0f;
-    a = q > 0.0f ? r.log_qm - alpha * r.qm : 0.0f;
+  DISTIL_INLINE static float loss(float, float q, float d, float alpha) {
+    const float L = -log_normal(mixture_den(d, 1.0f - alpha, alpha));
+    return q > 0.0f ? q * (L - std::max(d, 0.0f)) : 0.0f;
+  }
+  DISTIL_INLINE static float dq(float, float q, float d, float alpha) {
+    const float den = mixture_den(d, 1.0f - alpha, alpha);
+    const float qr = exp_nonpos(-std::max(d, 0.0f)) / den;
+    return q > 0.0f ? (-log_normal(den) - std::max(d, 0.0f)) - alpha * qr : 0.0f;
   }
 };
 
@@ -142,10 +146,8 @@ struct DivergenceTerm<Divergence::SkewReverseKL> {
 // sign(0) = 0 (Liger's TVD takes -1/2 there, on the probabilities).
 template <>
 struct DivergenceTerm<Divergence::TVD> {
-  DISTIL_INLINE static void eval(float p, float q, float, float, float& l, float& a) {
-    l = 0.5f * std::abs(p - q);
-    a = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
-  }
+  DISTIL_INLINE static float loss(float p, float q, float, float) { return 0.5f * std::abs(p - q); }
+  DISTIL_INLINE static float dq(float p, float q, float, float) { return q > p ? 0.5f : (q < p ? -0.5f : 0.0f); }
 };
 
 }  // namespace distil::cpu

@@ -43,6 +43,8 @@ using distil::cpu::rescale_or_recompute_rows;
 using distil::cpu::row_max;
 using distil::cpu::row_offsets;
 using distil::cpu::row_values;
+using distil::cpu::RowJob;
+using distil::cpu::RowLoss;
 using distil::cpu::RowOffsets;
 using distil::cpu::RowValues;
 using distil::cpu::store_row;
@@ -127,9 +129,8 @@ DISTIL_INLINE void divergence_sums(const float* s, const float* t, int64_t V, fl
     const float q = es[j] * inv_zs;
     const float p = et[j] * inv_zt;
     const float d = ((t[j] - mt) - (s[j] - ms)) * inv_t + log_ratio;
-    float l, a;
-    DivergenceTerm<D>::eval(p, q, d, param, l, a);
-    l_sum += l;
+    const float a = DivergenceTerm<D>::dq(p, q, d, param);
+    l_sum += DivergenceTerm<D>::loss(p, q, d, param);
     c_sum += q * a;
     et[j] = a;
   }
@@ -148,21 +149,6 @@ DISTIL_INLINE void divergence_grad(float* g, const float* es, const float* a, co
     g[j] = x;
   }
 }
-
-// What one row needs: KL on or off, the label (or -1), and the coefficients of the KL and
-// CE gradients (coef[0], coef[1] in the forward; the incoming row gradients when the
-// backward recomputes).
-struct RowJob {
-  bool kl;
-  int64_t label;
-  float kl_coef;
-  float ce_coef;
-};
-
-struct RowLoss {
-  float kl = 0.f;
-  float ce = 0.f;
-};
 
 template <bool KL, bool CE, Divergence D>
 DISTIL_INLINE RowLoss kl_ce_row_impl(const float* s, const float* t, int64_t V, float temperature, float param,
