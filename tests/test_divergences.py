@@ -301,7 +301,7 @@ def test_bad_divergence_arguments_name_the_argument():
         fused_loss.kl_ce_loss(s, t, labels, divergence="jsd", jsd_beta=float("nan"))
     with pytest.raises(ValueError, match="skew_alpha must be in"):
         fused_loss.kl_div_loss(s, t, divergence="skew_kl", skew_alpha=1.0)
-    with pytest.raises(TypeError, match="jsd_beta must be a number"):
+    with pytest.raises(TypeError, match="jsd_beta must be a float"):
         fused_loss.kl_div_loss(s, t, divergence="jsd", jsd_beta=True)
     with pytest.raises(ValueError, match="jsd_beta is a parameter of divergence='jsd'"):
         fused_loss.kl_div_loss(s, t, divergence="reverse_kl", jsd_beta=0.2)

@@ -18,40 +18,9 @@ float32 keeps about 1e-7 / β of relative accuracy there (1e-3 at β = 1e-4).
 A token of probability 0 (a -inf logit) contributes exactly 0; a divergence that is infinite (the
 reverse KL where p_j = 0 < q_j, as the forward KL where q_j = 0 < p_j) is +inf.
 The kernels: csrc/divergence.h (CPU) and kernels/divergence.py (Triton); the float64 definitions:
-distil.reference.divergence_rows.
+distil.reference.divergence_rows; the argument check (torch-free, shared with the CLI's config):
+distil.checks.check_divergence.
 """
-import numbers
+from distil.checks import DIVERGENCES, JSD_BETA, SKEW_ALPHA, check_divergence
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
-JSD_BETA = 0.5
-SKEW_ALPHA = 0.1
-_SKEWED = {"skew_kl": "forward_kl", "skew_reverse_kl": "reverse_kl"}
-
-
-def check_divergence(divergence, jsd_beta, skew_alpha):
-    """``(divergence, divergence_param)`` for the ops from the public arguments: ``jsd_beta`` and
-    ``skew_alpha`` are refused for another divergence (unless left at their defaults), and the end
-    points that are plain KLs (β = 0 or 1, α = 0) become those."""
-    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    for name, value in (("jsd_beta", jsd_beta), ("skew_alpha", skew_alpha)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if jsd_beta != JSD_BETA and divergence != "jsd":
-        raise ValueError(f"jsd_beta is a parameter of divergence='jsd', not of {divergence!r}")
-    if skew_alpha != SKEW_ALPHA and divergence not in _SKEWED:
-        raise ValueError(f"skew_alpha is a parameter of divergence='skew_kl' / 'skew_reverse_kl', not of "
-                         f"{divergence!r}")
-    if divergence == "jsd":
-        if not 0 <= jsd_beta <= 1:
-            raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}")
-        if jsd_beta in (0, 1):
-            return ("forward_kl" if jsd_beta == 0 else "reverse_kl"), 0.0
-        return divergence, float(jsd_beta)
-    if divergence in _SKEWED:
-        if not 0 <= skew_alpha < 1:
-            raise ValueError(f"skew_alpha must be in [0, 1), got {skew_alpha}")
-        if skew_alpha == 0:
-            return _SKEWED[divergence], 0.0
-        return divergence, float(skew_alpha)
-    return divergence, 0.0
+__all__ = ["DIVERGENCES", "JSD_BETA", "SKEW_ALPHA", "check_divergence"]
