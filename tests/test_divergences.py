@@ -404,7 +404,7 @@ def test_tvd_is_ligers_tvd():
 
 
 def test_trl_itself_where_it_imports():
-    gkd = pytest.importorskip("trl.trainer.gkd_trainer")
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")  # trl 1.16: experimental
     s, t, labels, _ = make_inputs(6, 40)
     ours = fused_loss.kl_div_loss(s, t, temperature=2.0, mask=labels != -100, divergence="jsd", jsd_beta=0.4)
     theirs = gkd.GKDTrainer.generalized_jsd_loss(s[None].double(), t[None].double(), labels=labels[None], beta=0.4,
