@@ -846,3 +846,20 @@ def test_divergence_arguments_are_checked():
     with pytest.raises(ValueError, match="TopKLogits teacher takes the forward KL only"):
         loss(torch.randn(6, V), TopKLogits(topk["teacher_topk_logits"], topk["teacher_topk_index"]), labels)
     assert "divergence='jsd', jsd_beta=0.3" in repr(LinearKLCELoss(nn.Linear(16, V), divergence="jsd", jsd_beta=0.3))
+
+
+def test_torch_compile_fullgraph_with_a_divergence():
+    student, teacher, labels, kl_mask = sample_inputs()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(student, teacher, labels, kl_mask):
+        kl, ce = linear_kl_ce_loss(*student.values(), labels, kl_mask=kl_mask, kl_weight=5.0, ce_weight=2.0,
+                                   chunk_rows=8, divergence="skew_reverse_kl", skew_alpha=0.3, **teacher)
+        return 5.0 * kl + 2.0 * ce
+
+    step(student, teacher, labels, kl_mask).backward()
+    t64 = F.linear(*(v.double() for v in teacher.values()))
+    _, _, ref_grads = _reference_on_logits(student, labels, kl_mask, lambda s: reference.kl_ce_rows(
+        s, t64, labels, kl_mask, 2.0, divergence="skew_reverse_kl", divergence_param=0.3), 5.0, 2.0)
+    for name, grad in _grads(student).items():
+        assert relative_error(grad, ref_grads[name]) < TOL[torch.float32], name
