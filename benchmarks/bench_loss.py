@@ -26,6 +26,7 @@ ignores them); ``--save`` writes the committed reference
 import argparse
 import functools
 import itertools
+import math
 import os
 import re
 import sys
@@ -66,6 +67,52 @@ def ours_kl(s, t):
 
 def eager_kl(s, t):
     return reference.distiller_kl(s, t, T)
+
+
+# The divergences in place of the forward KL (distil/_ops/divergence.py), at the defaults of the public
+# functions: op name -> (divergence, its keyword arguments).
+DIVERGENCE_OPS = {
+    "reverse_kl": {"divergence": "reverse_kl"},
+    "jsd": {"divergence": "jsd", "jsd_beta": 0.5},
+    "skew_kl": {"divergence": "skew_kl", "skew_alpha": 0.1},
+    "skew_reverse_kl": {"divergence": "skew_reverse_kl", "skew_alpha": 0.1},
+    "tvd": {"divergence": "tvd"},
+}
+
+
+def ours_divergence(name):
+    def ours(s, t):
+        return kl_div_loss(s, t, temperature=T, **DIVERGENCE_OPS[name])
+    return ours
+
+
+def _mixture_log(log_a, log_b, weight_a):
+    return torch.logsumexp(torch.stack([log_a + math.log(weight_a), log_b + math.log(1 - weight_a)]), dim=0)
+
+
+def eager_divergence(name):
+    """The eager formulas users run: TRL's GKDTrainer.generalized_jsd_loss (its beta = 1 branch is the
+    reverse KL; the mixture by logsumexp of shifted log-probabilities, F.kl_div with log_target), DistiLLM's
+    skew KLs in the same form, and ½|p - q| (Liger's TVD), times T² over the rows (batchmean)."""
+    kwargs = DIVERGENCE_OPS[name]
+
+    def eager(s, t):
+        ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+        if name == "reverse_kl":
+            terms = F.kl_div(lt, ls, reduction="none", log_target=True)
+        elif name == "jsd":
+            beta = kwargs["jsd_beta"]
+            m = _mixture_log(lt, ls, beta)
+            terms = (beta * F.kl_div(m, lt, reduction="none", log_target=True)
+                     + (1 - beta) * F.kl_div(m, ls, reduction="none", log_target=True))
+        elif name == "skew_kl":
+            terms = F.kl_div(_mixture_log(lt, ls, kwargs["skew_alpha"]), lt, reduction="none", log_target=True)
+        elif name == "skew_reverse_kl":
+            terms = F.kl_div(_mixture_log(ls, lt, kwargs["skew_alpha"]), ls, reduction="none", log_target=True)
+        else:
+            terms = 0.5 * (ls.exp() - lt.exp()).abs()
+        return terms.sum() / s.shape[0] * T**2
+    return eager
 
 
 @functools.cache
@@ -254,6 +301,8 @@ OPS = {
     "linear_kl_ce": LossOp(ours_linear, eager_linear, make_linear, logits_bytes, unfused=unfused_linear,
                            gemms=gemms_linear, excluded_bytes=linear_param_grad_bytes),
     "topk_kl_ce": LossOp(ours_topk, eager_topk, make_topk, topk_bytes, dense=dense_topk),  # k = TOPK, exact mode
+    **{name: LossOp(ours_divergence(name), eager_divergence(name), make_logits, logits_bytes)
+       for name in DIVERGENCE_OPS},
 }
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -294,6 +343,8 @@ CPU_MAIN = (2048, 30522)
 # with --full, or when --ops names linear_kl_ce.
 CPU_FULL_ONLY = [("linear_kl_ce", "fp32", n, 30522, ("fwd+bwd",)) for n in (1024, 4096)]
 CPU_FULL_ONLY += [("linear_kl_ce", "fp32", 128, 128256, ("fwd+bwd",))]
+# The divergences beside the forward KL at the main shape: with --full, or when --ops names one of them.
+CPU_DIVERGENCE_CELLS = [(op, "fp32", *CPU_MAIN, ("fwd+bwd",)) for op in ("kl", *DIVERGENCE_OPS)]
 
 
 def cpu_plan(quick, ops, full=False, explicit_ops=()):
@@ -309,6 +360,8 @@ def cpu_plan(quick, ops, full=False, explicit_ops=()):
         cells += [("topk_kl_ce", "fp32", *CPU_MAIN, MODES)]
         default_ops = {c[0] for c in cells}
         cells += [c for c in CPU_FULL_ONLY if full or (c[0] in explicit_ops and c[0] not in default_ops)]
+        if full or set(explicit_ops) & set(DIVERGENCE_OPS):
+            cells += CPU_DIVERGENCE_CELLS
     return [c for c in cells if c[0] in ops]
 
 
@@ -736,6 +789,17 @@ def targets(records, device):
             _inverse(ratio("linear_kl_ce", "fp32", linear, "ours", "unfused")), 1.0, False)
         add(f"CPU topk_kl_ce k={TOPK} fp32 2048×30522 fwd+bwd: ≥ 1.3× faster than dense kl_ce_loss",
             ratio("topk_kl_ce", "fp32", shape, "ours", "dense"), 1.3, True)
+        for name in [name for name in DIVERGENCE_OPS if any(r["op"] == name for r in records)]:
+            add(f"CPU {name} fp32 2048×30522 fwd+bwd: ≥ 3× faster than eager",
+                ratio(name, "fp32", shape, "ours", "eager"), 3.0, True)
+            add(f"CPU {name} fp32 2048×30522 fwd+bwd: ≥ 1.5× faster than torch.compile",
+                ratio(name, "fp32", shape, "ours", "compile"), 1.5, True)
+            add(f"CPU {name} fp32 2048×30522 fwd+bwd: ≤ 0.25× eager's peak memory",
+                ratio(name, "fp32", shape, "ours", "eager", key="peak_bytes"), 0.25, False)
+        jsd, kl = _find(records, "jsd", "fp32", shape, "ours"), _find(records, "kl", "fp32", shape, "ours")
+        if any(r["op"] == "jsd" for r in records):
+            add("CPU jsd fp32 2048×30522 fwd+bwd: ≤ 1.5× the forward KL's time (kl_div_loss)",
+                None if jsd is None or kl is None else jsd["ms"] / kl["ms"], 1.5, False)
     else:
         shape = (8192, 30522)
         ours = _find(records, "kl_ce", "bf16", shape, "ours")

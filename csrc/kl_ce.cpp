@@ -4,6 +4,8 @@
 //   ce_rows = F.cross_entropy(s, y, ignore_index=ignore_index, reduction="none")
 // (distiller.py's loss_ce and loss_mlm before their batchmean / mean), with the gradient of
 // coef[0] * kl_rows + coef[1] * ce_rows written in the forward.
+// kl_rows may hold another divergence instead of the forward KL (divergence.h): those take a
+// fourth pass (their loss terms and c = sum_j q_j a_j, over the stored exponentials, before the gradient).
 // One thread handles whole rows (at::parallel_for);
 // a row of V = 30522 logits is 120 KB in fp32, so the three passes below (maxima; the
 // exp-sums, storing the exponentials; the gradient) run out of L2 and DRAM sees each
@@ -15,6 +17,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "divergence.h"
 #include "rows.h"
 
 #include <algorithm>
@@ -31,6 +34,8 @@ namespace {
 using at::Tensor;
 using distil::cpu::check_cpu;
 using distil::cpu::check_rows_tensor;
+using distil::cpu::Divergence;
+using distil::cpu::DivergenceTerm;
 using distil::cpu::dispatch_pair;
 using distil::cpu::exp_nonpos;
 using distil::cpu::load_row;
@@ -38,6 +43,8 @@ using distil::cpu::rescale_or_recompute_rows;
 using distil::cpu::row_max;
 using distil::cpu::row_offsets;
 using distil::cpu::row_values;
+using distil::cpu::RowJob;
+using distil::cpu::RowLoss;
 using distil::cpu::RowOffsets;
 using distil::cpu::RowValues;
 using distil::cpu::store_row;
@@ -107,32 +114,64 @@ DISTIL_INLINE void row_grad(float* g, const float* es, const float* et, const fl
   }
 }
 
-// What one row needs: KL on or off, the label (or -1), and the coefficients of the KL and
-// CE gradients (coef[0], coef[1] in the forward; the incoming row gradients when the
-// backward recomputes).
-struct RowJob {
-  bool kl;
-  int64_t label;
-  float kl_coef;
-  float ce_coef;
-};
+// Pass 3 of the divergences other than the forward KL (divergence.h): from the stored exponentials
+// es, et, the row's sum of loss terms and c = sum_j q_j a_j; a_j replaces et[j] for the gradient.
+template <Divergence D>
+DISTIL_INLINE void divergence_sums(const float* s, const float* t, int64_t V, float inv_t, float ms, float mt,
+                                   float zs, float zt, float param, const float* es, float* et, float& loss,
+                                   float& c) {
+  const float inv_zs = 1.0f / zs;
+  const float inv_zt = 1.0f / zt;
+  const float log_ratio = std::log(zs / zt);  // d_j = log p_j - log q_j = delta_j + log(zs / zt), one rounding
+  float l_sum = 0.f, c_sum = 0.f;
+#pragma omp simd reduction(+ : l_sum, c_sum)
+  for (int64_t j = 0; j < V; ++j) {
+    const float q = es[j] * inv_zs;
+    const float p = et[j] * inv_zt;
+    const float d = ((t[j] - mt) - (s[j] - ms)) * inv_t + log_ratio;
+    const float a = DivergenceTerm<D>::dq(p, q, d, param);
+    l_sum += DivergenceTerm<D>::loss(p, q, d, param);
+    c_sum += q * a;
+    et[j] = a;
+  }
+  loss = l_sum;
+  c = c_sum;
+}
 
-struct RowLoss {
-  float kl = 0.f;
-  float ce = 0.f;
-};
+// Pass 4 of those divergences: g_j = ws e^{(s_j-ms)/T} (a_j - c) + w1 e^{s_j-ms}, a_j in et.
+template <bool CE>
+DISTIL_INLINE void divergence_grad(float* g, const float* es, const float* a, const float* e1, int64_t V, float ws,
+                                   float c, float w1) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    float x = ws * es[j] * (a[j] - c);
+    if constexpr (CE) x += w1 * e1[j];
+    g[j] = x;
+  }
+}
 
-template <bool KL, bool CE>
-DISTIL_INLINE RowLoss kl_ce_row_impl(const float* s, const float* t, int64_t V, float temperature,
+template <bool KL, bool CE, Divergence D>
+DISTIL_INLINE RowLoss kl_ce_row_impl(const float* s, const float* t, int64_t V, float temperature, float param,
                                      const RowJob& job, float ms, float mt, float* g, float* scratch) {
   const float T = temperature;
   const float inv_t = 1.0f / T;
   float* es = scratch;
   float* et = scratch + V;
   float* e1 = scratch + 2 * V;
-  const Sums z = g ? row_sums<KL, CE, true>(s, t, V, inv_t, ms, mt, es, et, e1)
-                   : row_sums<KL, CE, false>(s, t, V, inv_t, ms, mt, es, et, e1);
+  const Sums z = g || (KL && D != Divergence::ForwardKL) ? row_sums<KL, CE, true>(s, t, V, inv_t, ms, mt, es, et, e1)
+                                                         : row_sums<KL, CE, false>(s, t, V, inv_t, ms, mt, es, et, e1);
   RowLoss out;
+  if constexpr (KL && D != Divergence::ForwardKL) {
+    float loss, c;
+    divergence_sums<D>(s, t, V, inv_t, ms, mt, z.zs, z.zt, param, es, et, loss, c);
+    out.kl = std::max(T * T * loss, 0.f);  // never below 0 (rounding); NaN stays
+    if constexpr (CE) out.ce = std::log(z.z1) + (ms - s[job.label]);
+    if (g) {
+      divergence_grad<CE>(g, es, et, e1, V, job.kl_coef * T / z.zs, c, job.ce_coef / z.z1);
+      if constexpr (CE) g[job.label] -= job.ce_coef;
+    }
+    return out;
+  }
   // T² KL = T² (sum_j q_j δ_j + log(zs / zt)), δ_j = ((t_j - mt) - (s_j - ms)) / T, with
   // log(zs / zt) = log1p(e / zt): at large T both terms are O(1/T) and cancel to O(1/T²), which
   // log(zs) - log(zt) (each ~log V) would bury in rounding. Never below 0 (a KL is not; NaN stays).
@@ -147,10 +186,10 @@ DISTIL_INLINE RowLoss kl_ce_row_impl(const float* s, const float* t, int64_t V, 
   return out;
 }
 
-// Losses of one fp32 row and, when g is given, its gradient job.kl_coef * dKL + job.ce_coef * dCE
-// (zeros where neither applies).  scratch holds 3 V floats.
-DISTIL_CLONES RowLoss kl_ce_row(const float* s, const float* t, int64_t V, float temperature, RowJob job,
-                                float* g, float* scratch) {
+// kl_ce_row for the divergence D.
+template <Divergence D>
+DISTIL_INLINE RowLoss kl_ce_row_of(const float* s, const float* t, int64_t V, float temperature, float param,
+                                   const RowJob& job, float* g, float* scratch) {
   const float ms = row_max(s, V);
   const float mt = job.kl ? row_max(t, V) : 0.f;
   // A NaN in a row a part reads makes that part NaN, and the row's gradient, as in PyTorch.
@@ -159,7 +198,7 @@ DISTIL_CLONES RowLoss kl_ce_row(const float* s, const float* t, int64_t V, float
   if (kl_nan || ce_nan) {
     RowLoss out;
     if (!ce_nan && job.label >= 0 && ms != kNegInf) {
-      out = kl_ce_row_impl<false, true>(s, t, V, temperature, job, ms, mt, nullptr, scratch);
+      out = kl_ce_row_impl<false, true, D>(s, t, V, temperature, param, job, ms, mt, nullptr, scratch);
     }
     if (kl_nan) out.kl = kNaN;
     if (ce_nan) out.ce = kNaN;
@@ -169,10 +208,32 @@ DISTIL_CLONES RowLoss kl_ce_row(const float* s, const float* t, int64_t V, float
   // A row that is -inf everywhere has no distribution: its loss and gradient are 0.
   const bool kl = job.kl && ms != kNegInf && mt != kNegInf;
   const bool ce = job.label >= 0 && ms != kNegInf;
-  if (kl && ce) return kl_ce_row_impl<true, true>(s, t, V, temperature, job, ms, mt, g, scratch);
-  if (kl) return kl_ce_row_impl<true, false>(s, t, V, temperature, job, ms, mt, g, scratch);
-  if (ce) return kl_ce_row_impl<false, true>(s, t, V, temperature, job, ms, mt, g, scratch);
+  if (kl && ce) return kl_ce_row_impl<true, true, D>(s, t, V, temperature, param, job, ms, mt, g, scratch);
+  if (kl) return kl_ce_row_impl<true, false, D>(s, t, V, temperature, param, job, ms, mt, g, scratch);
+  if (ce) return kl_ce_row_impl<false, true, D>(s, t, V, temperature, param, job, ms, mt, g, scratch);
   if (g) std::fill(g, g + V, 0.f);
+  return {};
+}
+
+// Losses of one fp32 row and, when g is given, its gradient job.kl_coef * dKL + job.ce_coef * dCE
+// (zeros where neither applies); "KL" is the divergence chosen (divergence.h, param its parameter).
+// scratch holds 3 V floats.
+DISTIL_CLONES RowLoss kl_ce_row(const float* s, const float* t, int64_t V, float temperature, Divergence divergence,
+                                float param, RowJob job, float* g, float* scratch) {
+  switch (divergence) {
+    case Divergence::ForwardKL:
+      return kl_ce_row_of<Divergence::ForwardKL>(s, t, V, temperature, param, job, g, scratch);
+    case Divergence::ReverseKL:
+      return kl_ce_row_of<Divergence::ReverseKL>(s, t, V, temperature, param, job, g, scratch);
+    case Divergence::JSD:
+      return kl_ce_row_of<Divergence::JSD>(s, t, V, temperature, param, job, g, scratch);
+    case Divergence::SkewKL:
+      return kl_ce_row_of<Divergence::SkewKL>(s, t, V, temperature, param, job, g, scratch);
+    case Divergence::SkewReverseKL:
+      return kl_ce_row_of<Divergence::SkewReverseKL>(s, t, V, temperature, param, job, g, scratch);
+    case Divergence::TVD:
+      return kl_ce_row_of<Divergence::TVD>(s, t, V, temperature, param, job, g, scratch);
+  }
   return {};
 }
 
@@ -186,12 +247,19 @@ struct Problem {
   float ce_coef;  // coef[1]
   float temperature;
   int64_t ignore_index;
+  Divergence divergence;
+  float divergence_param;
   int64_t N;
   int64_t V;
 
   Problem(const Tensor& student_, const Tensor& teacher_, const std::optional<Tensor>& labels_,
-          const std::optional<Tensor>& kl_mask_, const Tensor& coef, double temperature, int64_t ignore_index_)
-      : student(student_), teacher(teacher_), ignore_index(ignore_index_) {
+          const std::optional<Tensor>& kl_mask_, const Tensor& coef, double temperature, int64_t ignore_index_,
+          c10::string_view divergence_, double divergence_param_)
+      : student(student_),
+        teacher(teacher_),
+        ignore_index(ignore_index_),
+        divergence(distil::cpu::parse_divergence(kOp, divergence_, divergence_param_)),
+        divergence_param(static_cast<float>(divergence_param_)) {
     for (const auto& [name, x] : {std::pair<const char*, const Tensor&>{"student", student}, {"teacher", teacher}}) {
       check_cpu(kOp, name, x);
       TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
@@ -275,7 +343,7 @@ class RowRunner {
       if (job.kl) load_row(extra, t_.data + t_.off(r), V);
       tf = extra;
     }
-    const RowLoss loss = kl_ce_row(sf, tf, V, pb_.temperature, job, gf, scratch);
+    const RowLoss loss = kl_ce_row(sf, tf, V, pb_.temperature, pb_.divergence, pb_.divergence_param, job, gf, scratch);
     if constexpr (!std::is_same_v<StudentT, float>) {
       if (g) store_row(g, gf, V);
     }
@@ -310,8 +378,9 @@ void kl_ce_rows_fill(const Problem& pb, float* kl, float* ce, void* g_data) {
 std::tuple<Tensor, Tensor, Tensor> kl_ce_rows_cpu(const Tensor& student, const Tensor& teacher,
                                                   const std::optional<Tensor>& labels,
                                                   const std::optional<Tensor>& kl_mask, const Tensor& coef,
-                                                  double temperature, int64_t ignore_index, bool compute_grad) {
-  const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index);
+                                                  double temperature, int64_t ignore_index, bool compute_grad,
+                                                  c10::string_view divergence, double divergence_param) {
+  const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index, divergence, divergence_param);
   const auto row_shape = student.sizes().slice(0, student.dim() - 1);
   Tensor kl_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
   Tensor ce_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
@@ -324,8 +393,9 @@ std::tuple<Tensor, Tensor, Tensor> kl_ce_rows_cpu(const Tensor& student, const T
 
 void kl_ce_rows_into_cpu(const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& labels,
                          const std::optional<Tensor>& kl_mask, const Tensor& coef, double temperature,
-                         int64_t ignore_index, Tensor& kl_rows, Tensor& ce_rows, const std::optional<Tensor>& grad) {
-  const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index);
+                         int64_t ignore_index, Tensor& kl_rows, Tensor& ce_rows, const std::optional<Tensor>& grad,
+                         c10::string_view divergence, double divergence_param) {
+  const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index, divergence, divergence_param);
   for (const auto& [name, x] : {std::pair<const char*, const Tensor&>{"kl_rows", kl_rows}, {"ce_rows", ce_rows}}) {
     check_rows_tensor("kl_ce_rows_into", name, x, student, at::kFloat);
     TORCH_CHECK_VALUE(x.is_contiguous(), "kl_ce_rows_into: ", name, " must be contiguous");
@@ -345,8 +415,8 @@ void kl_ce_rows_into_cpu(const Tensor& student, const Tensor& teacher, const std
 void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Tensor& grad_ce_rows,
                              const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& labels,
                              const std::optional<Tensor>& kl_mask, const Tensor& coef, double temperature,
-                             int64_t ignore_index) {
-  const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index);
+                             int64_t ignore_index, c10::string_view divergence, double divergence_param) {
+  const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index, divergence, divergence_param);
   check_cpu(kOp, "grad", grad);
   TORCH_CHECK_TYPE(grad.scalar_type() == student.scalar_type(), "kl_ce_rows_backward: grad must have dtype ",
                    student.scalar_type(), ", got ", grad.scalar_type());
@@ -366,24 +436,29 @@ void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Ten
 
 TORCH_LIBRARY_FRAGMENT(distil, m) {
   // Temperature KL + cross-entropy per row of [N, V] or [B, S, V] logits. Returns (kl_rows, ce_rows,
-  // grad): kl_rows = T^2 * KL(softmax(t/T) || softmax(s/T)) where kl_mask (every row when absent);
+  // grad): kl_rows = T^2 * KL(softmax(t/T) || softmax(s/T)) where kl_mask (every row when absent), or
+  // T^2 times another divergence (divergence.h: reverse_kl, jsd, skew_kl, skew_reverse_kl with
+  // divergence_param in (0, 1), tvd);
   // ce_rows = cross_entropy(s, label) where label != ignore_index; grad = coef[0] * d kl_rows/ds +
   // coef[1] * d ce_rows/ds in the student's dtype, written only when compute_grad (else empty).
   m.def(
       "kl_ce_rows(Tensor student, Tensor teacher, Tensor? labels, Tensor? kl_mask, Tensor coef, "
-      "float temperature, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+      "float temperature, int ignore_index, bool compute_grad, str divergence=\"forward_kl\", "
+      "float divergence_param=0.0) -> (Tensor, Tensor, Tensor)");
   // kl_ce_rows into the caller's buffers: kl_rows, ce_rows fp32 contiguous over the row dims, grad
   // (optional) contiguous in the student's shape and dtype. grad may be the student tensor itself
   // (each row is read before it is written), so that a chunked caller keeps one [rows, V] buffer.
   m.def(
       "kl_ce_rows_into(Tensor student, Tensor teacher, Tensor? labels, Tensor? kl_mask, Tensor coef, "
-      "float temperature, int ignore_index, Tensor(a!) kl_rows, Tensor(b!) ce_rows, Tensor(c!)? grad) -> ()");
+      "float temperature, int ignore_index, Tensor(a!) kl_rows, Tensor(b!) ce_rows, Tensor(c!)? grad, "
+      "str divergence=\"forward_kl\", float divergence_param=0.0) -> ()");
   // Turns the forward's grad (made for coef) into the gradient for the incoming per-row
   // gradients, in place: nothing when they equal coef, a per-row scale when they are
   // proportional to it, else a recomputation.
   m.def(
       "kl_ce_rows_backward(Tensor(a!) grad, Tensor grad_kl_rows, Tensor grad_ce_rows, Tensor student, "
-      "Tensor teacher, Tensor? labels, Tensor? kl_mask, Tensor coef, float temperature, int ignore_index) -> ()");
+      "Tensor teacher, Tensor? labels, Tensor? kl_mask, Tensor coef, float temperature, int ignore_index, "
+      "str divergence=\"forward_kl\", float divergence_param=0.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(distil, CPU, m) {

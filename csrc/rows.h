@@ -181,6 +181,22 @@ DISTIL_INLINE void store_row(T* dst, const float* src, int64_t V) {
   for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
+// What one row of the two-term (KL, CE) ops needs: its KL flag, its label (-1 without a CE term), and
+// the coefficients of its two gradients (coef in the forward; the incoming row gradients when the
+// backward recomputes).
+struct RowJob {
+  bool kl;
+  int64_t label;
+  float kl_coef;
+  float ce_coef;
+};
+
+// The two losses of one row.
+struct RowLoss {
+  float kl = 0.f;
+  float ce = 0.f;
+};
+
 // Whether the backward may rescale a gradient row the forward wrote by `factor` (the incoming
 // gradient over the announced coefficient) instead of recomputing it. An fp32 row always: one more
 // rounding. A 16-bit row only by a factor in [1/2, 2]: a farther one (a loss scale, 1/grad_accum)
@@ -197,7 +213,7 @@ inline bool rescale_keeps_precision(double factor, bool narrow) {
 // (left as it is when the factor is exactly 1: the usual loss.backward()) if rescale_keeps_precision,
 // and recomputed otherwise by
 // a Runner(pb) (built on the first such row of each task: other rows never read the inputs).
-// Problem: N, V, grain(), job(r, a, b) -> {kl, label} with the gradient weights a, b;
+// Problem: N, V, grain(), job(r, kl_coef, ce_coef) -> RowJob;
 // Runner: run(r, job, row) writes the row's gradient.  A part whose coef and incoming gradient are
 // both 0 is 0 in both gradients, so it does not break proportionality.
 template <typename Runner, typename S, typename Problem>

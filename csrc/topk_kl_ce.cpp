@@ -53,6 +53,8 @@ using distil::cpu::rescale_or_recompute_rows;
 using distil::cpu::row_max;
 using distil::cpu::row_offsets;
 using distil::cpu::row_values;
+using distil::cpu::RowJob;
+using distil::cpu::RowLoss;
 using distil::cpu::RowOffsets;
 using distil::cpu::RowValues;
 using distil::cpu::store_row;
@@ -62,18 +64,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Both tail masses are floored at 2^-16 (kernels/topk_kl_ce.py, TAIL_FLOOR): below it they are
 // rounding noise of fp32 sums of probabilities.
 constexpr float kTailFloor = 1.52587890625e-05f;
-
-struct RowJob {
-  bool kl;
-  int64_t label;  // -1 when the row has no CE term
-  float a;        // weight of the KL gradient
-  float b;        // weight of the CE gradient
-};
-
-struct RowLoss {
-  float kl = 0.f;
-  float ce = 0.f;
-};
 
 // One row's teacher: k fp32 logits and their (validated) indices; lse is NaN-free only in exact mode.
 struct TeacherRow {
@@ -197,7 +187,7 @@ DISTIL_INLINE TopkTerms topk_terms(const float* s, float ms, float log_zs, float
   return {T * T * x, alpha};
 }
 
-// Losses of one fp32 row and, when g is given, the gradient job.a * dKL + job.b * dCE (zeros where
+// Losses of one fp32 row and, when g is given, the gradient job.kl_coef * dKL + job.ce_coef * dCE (zeros where
 // neither applies; g doubles as the store of the KL exponentials).  scratch holds V + 2 k + V / kBlock + 1 floats.
 DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow& tr, float T, const RowJob& job,
                                      float* g, float* scratch) {
@@ -227,7 +217,7 @@ DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow
   if (ce) out.ce = std::log(st.z1) + (st.ms - s[job.label]);  // the difference first: exact at large logits
   if (!g) return out;
   // d kl/ds_i = T (alpha p_i + [i in K] (beta p_i - q_i)); d ce/ds = P - onehot(y).
-  const float ca = job.a * T * terms.alpha, ce_coef = job.b;
+  const float ca = job.kl_coef * T * terms.alpha, ce_coef = job.ce_coef;
   if (kl && ce) {
     dense_grad<true, true>(g, g, e1, bmax, V, inv_t, st, ca, ce_coef);
   } else if (kl) {
@@ -237,9 +227,9 @@ DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow
   } else {
     std::fill(g, g + V, 0.f);
   }
-  if (ce) g[job.label] -= job.b;
+  if (ce) g[job.label] -= job.ce_coef;
   if (kl) {
-    for (int64_t j = 0; j < tr.k; ++j) g[tr.idx[j]] += job.a * qg[j];
+    for (int64_t j = 0; j < tr.k; ++j) g[tr.idx[j]] += job.kl_coef * qg[j];
   }
   return out;
 }
@@ -315,14 +305,14 @@ struct Problem {
     k = values.size(-1);
   }
 
-  RowJob job(int64_t r, float a, float b) const {
+  RowJob job(int64_t r, float kl_coef, float ce_coef) const {
     int64_t y = labels ? (*labels)[r] : ignore_index;
     if (y == ignore_index) {
       y = -1;
     } else {
       TORCH_CHECK_INDEX(y >= 0 && y < V, kOp, ": label ", y, " of row ", r, " is outside [0, ", V, ")");
     }
-    return {kl_mask ? (*kl_mask)[r] : true, y, a, b};
+    return {kl_mask ? (*kl_mask)[r] : true, y, kl_coef, ce_coef};
   }
 
   // Rows per at::parallel_for task: about 32K logits, at least one row.

@@ -105,11 +105,14 @@ def save_checkpoint(trainer):
 
 def _check_flags(trainer, path, state):
     saved, now = state["flags"], _run_flags(trainer.config)
+    # A flag added since the checkpoint was written had its default there (e.g. --divergence).
+    defaults = {f.name: f.default for f in dataclasses.fields(trainer.config)}
     for name, value in now.items():
-        if name not in RESUMABLE_CHANGES and saved.get(name) != value:
+        before = saved.get(name, defaults[name])
+        if name not in RESUMABLE_CHANGES and before != value:
             flag = "--" + name.replace("_", "-")
             raise ValueError(
-                f"resume: {flag} is {value!r} but {path} was written with {saved.get(name)!r}; resume with the "
+                f"resume: {flag} is {value!r} but {path} was written with {before!r}; resume with the "
                 f"same value, or start a new run in another --output-dir from this student (--student {path})")
     if state["world_size"] != trainer.world_size:
         raise ValueError(

@@ -100,6 +100,38 @@ def check_masking(mask_prop, word_mask, word_keep, word_rand, smoothing):
     return (mask_prop, *shares, check_non_negative_finite("smoothing", smoothing))
 
 
+# The divergences the KL+CE losses take in place of the forward KL (defined in distil/_ops/divergence.py),
+# and the defaults of their parameters.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+JSD_BETA = 0.5
+SKEW_ALPHA = 0.1
+_SKEWED = {"skew_kl": "forward_kl", "skew_reverse_kl": "reverse_kl"}
+
+
+def check_divergence(divergence, jsd_beta=JSD_BETA, skew_alpha=SKEW_ALPHA):
+    """``(divergence, divergence_param)`` as the ops take them, from the public arguments: ``divergence``
+    one of :data:`DIVERGENCES`, ``jsd_beta`` in [0, 1], ``skew_alpha`` in [0, 1); a parameter set (away
+    from its default) for another divergence is refused, and the end points that are plain KLs (β = 0
+    or 1, α = 0) become those."""
+    check_choice("divergence", divergence, DIVERGENCES)
+    jsd_beta = check_probability("jsd_beta", jsd_beta)
+    skew_alpha = check_real("skew_alpha", skew_alpha)
+    if jsd_beta != JSD_BETA and divergence != "jsd":
+        raise ValueError(f"jsd_beta is a parameter of divergence='jsd', not of {divergence!r}")
+    if skew_alpha != SKEW_ALPHA and divergence not in _SKEWED:
+        raise ValueError(f"skew_alpha is a parameter of divergence='skew_kl' / 'skew_reverse_kl', not of "
+                         f"{divergence!r}")
+    if not 0 <= skew_alpha < 1:  # also rejects NaN
+        raise ValueError(f"skew_alpha must be in [0, 1), got {skew_alpha}")
+    if divergence == "jsd":
+        if jsd_beta in (0, 1):
+            return ("forward_kl" if jsd_beta == 0 else "reverse_kl"), 0.0
+        return divergence, jsd_beta
+    if divergence in _SKEWED:
+        return (_SKEWED[divergence], 0.0) if skew_alpha == 0 else (divergence, skew_alpha)
+    return divergence, 0.0
+
+
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 

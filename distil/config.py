@@ -9,7 +9,11 @@ import typing
 from pathlib import Path
 
 from distil.checks import (
+    DIVERGENCES,
+    JSD_BETA,
+    SKEW_ALPHA,
     check_choice,
+    check_divergence,
     check_fraction,
     check_int,
     check_masking,
@@ -69,6 +73,12 @@ class TrainConfig:
     alpha_clm: float | None = _option(None, "weight of the student's next-token loss (causal-LM teachers; default 2.0)")
     alpha_cos: float = _option(1.0, "weight of the cosine loss between last hidden states")
     temperature: float = _option(2.0, "softmax temperature of the KL loss")
+    divergence: str = _option("forward_kl", "the KL loss's divergence: the paper's forward KL, the reverse KL, the "
+                                            "generalised JSD (TRL's GKD), DistiLLM's skew KLs or the total variation "
+                                            "distance (distil.fused_loss.kl_ce_loss)", choices=DIVERGENCES)
+    jsd_beta: float | None = _option(None, f"beta of --divergence jsd, in [0, 1] (default {JSD_BETA})")
+    skew_alpha: float | None = _option(None, f"alpha of --divergence skew_kl / skew_reverse_kl, in [0, 1) "
+                                             f"(default {SKEW_ALPHA})")
     restrict_kl_to_mask: bool = _option(False, "KL on masked tokens only (default: every non-pad token)")
     fused_head: bool = _option(True, "the LM heads' projections fused into the KL+CE loss (linear_kl_ce_loss), the "
                                      "student's with a --teacher-cache: the [rows, V] logits are never built")
@@ -104,6 +114,11 @@ class TrainConfig:
         for name in ("lr", "max_grad_norm", "adam_eps"):
             check_positive_finite(name, getattr(self, name))
         check_temperature("temperature", self.temperature)
+        check_divergence(**self.divergence_args())
+        for name, owners in (("jsd_beta", ("jsd",)), ("skew_alpha", ("skew_kl", "skew_reverse_kl"))):
+            if getattr(self, name) is not None and self.divergence not in owners:
+                raise ValueError(f"{name} is a parameter of divergence {' / '.join(owners)}, not of "
+                                 f"{self.divergence}")
         for name in ("weight_decay", "alpha_kl", "alpha_mlm", "alpha_clm", "alpha_cos"):
             if getattr(self, name) is not None:
                 check_non_negative_finite(name, getattr(self, name))
@@ -131,6 +146,11 @@ class TrainConfig:
             self._validate_cache(causal)
         if self.resume and self.overwrite_output_dir:
             raise ValueError("resume and overwrite_output_dir exclude each other: continue the run or replace it")
+
+    def divergence_args(self):
+        """``divergence``, ``jsd_beta``, ``skew_alpha`` as DistillationLoss takes them (defaults filled in)."""
+        return dict(divergence=self.divergence, jsd_beta=JSD_BETA if self.jsd_beta is None else self.jsd_beta,
+                    skew_alpha=SKEW_ALPHA if self.skew_alpha is None else self.skew_alpha)
 
     @property
     def alpha_lm(self):
@@ -198,6 +218,9 @@ class TrainConfig:
         if causal and index.get("block_size") != self.block_size:
             raise ValueError(f"block_size is {self.block_size} but the teacher cache {self.teacher_cache} was built "
                              f"with --block-size {index.get('block_size')}: the teacher saw those rows; pass the same")
+        if self.divergence != "forward_kl" and self.alpha_kl > 0:
+            raise ValueError(f"divergence is {self.divergence} but a teacher cache's top-k teacher takes the forward "
+                             "KL only: drop --divergence, or train without --teacher-cache")
         if index.get("temperature") != self.temperature:
             raise ValueError(f"temperature is {self.temperature} but the teacher cache stores the teacher's logsumexp "
                              f"at T = {index.get('temperature')}: pass --temperature {index.get('temperature')}")

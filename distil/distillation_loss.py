@@ -12,6 +12,7 @@ from distil._ops.common import (
     check_weight,
 )
 from distil._ops.cosine import cosine_loss
+from distil._ops.divergence import JSD_BETA, SKEW_ALPHA, check_divergence
 from distil._ops.kl_ce import kl_ce_loss, kl_div_loss
 from distil._ops.linear_kl_ce import LinearKLCELoss
 from distil._ops.topk_kl_ce import TopKLogits, topk_kl_ce_loss
@@ -62,12 +63,19 @@ class DistillationLoss(nn.Module):
     DistilBERT README recipe (``--alpha_ce 5.0 --alpha_mlm 2.0 --alpha_cos 1.0``, temperature 2): ``kl_weight`` is
     distiller.py's ``alpha_ce``, ``ce_weight`` its ``alpha_mlm`` (``alpha_clm`` for causal LMs), ``cos_weight``
     its ``alpha_cos``.
+
+    ``divergence`` (with ``jsd_beta`` / ``skew_alpha``) replaces the forward KL of the ``kl`` part by another
+    divergence (reverse KL, TRL's generalised JSD, the skew KLs, TVD), as in :func:`~distil.fused_loss.kl_ce_loss`,
+    on every path (logits or heads); a top-k teacher takes the forward KL only.
     """
 
     def __init__(self, kl_weight=5.0, ce_weight=2.0, cos_weight=1.0, temperature=2.0, restrict_kl_to_mask=False,
                  student_head=None, teacher_head=None, chunk_rows=None, *, logit_scale=1.0, logit_softcap=None,
-                 teacher_logit_scale=1.0, teacher_logit_softcap=None):
+                 teacher_logit_scale=1.0, teacher_logit_softcap=None, divergence="forward_kl", jsd_beta=JSD_BETA,
+                 skew_alpha=SKEW_ALPHA):
         super().__init__()
+        check_divergence(divergence, jsd_beta, skew_alpha)
+        self.divergence_args = dict(divergence=divergence, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
         self.kl_weight = check_non_negative_finite("kl_weight", kl_weight)
         self.ce_weight = check_non_negative_finite("ce_weight", ce_weight)
         self.cos_weight = check_non_negative_finite("cos_weight", cos_weight)
@@ -89,11 +97,12 @@ class DistillationLoss(nn.Module):
             student_head, teacher_head, temperature=self.temperature, ignore_index=IGNORE_INDEX,
             kl_weight=self.kl_weight, ce_weight=self.ce_weight, chunk_rows=chunk_rows, logit_scale=logit_scale,
             logit_softcap=logit_softcap, teacher_logit_scale=teacher_logit_scale,
-            teacher_logit_softcap=teacher_logit_softcap)
+            teacher_logit_softcap=teacher_logit_softcap, **self.divergence_args)
 
     def extra_repr(self):
         return (f"kl_weight={self.kl_weight}, ce_weight={self.ce_weight}, cos_weight={self.cos_weight}, "
-                f"temperature={self.temperature}, restrict_kl_to_mask={self.restrict_kl_to_mask}")
+                f"temperature={self.temperature}, restrict_kl_to_mask={self.restrict_kl_to_mask}, "
+                f"divergence={self.divergence_args['divergence']!r}")
 
     def forward(self, student_logits=None, teacher_logits=None, labels=None, student_hidden=None,
                 teacher_hidden=None, attention_mask=None, *, student_head_input=None, teacher_head_input=None,
@@ -149,6 +158,9 @@ class DistillationLoss(nn.Module):
         # tensors must agree, which cosine_loss checks.
         own_hidden_rows = attention_mask is None and lead.dim() == 2
         topk = isinstance(teacher_logits, TopKLogits)
+        if topk and self.kl_weight > 0 and self.divergence_args["divergence"] != "forward_kl":
+            raise ValueError(f"teacher_logits: a TopKLogits teacher takes the forward KL only, not "
+                             f"divergence={self.divergence_args['divergence']!r}")
         if topk and teacher_logits.lse is not None and teacher_logits.temperature is None:
             raise ValueError("teacher_logits: a TopKLogits with an lse needs the temperature it was taken "
                              f"at (TopKLogits(..., temperature=T)); this loss uses T = {self.temperature}")
@@ -192,10 +204,11 @@ class DistillationLoss(nn.Module):
                 kl, ce = kl_ce_loss(
                     student_logits, teacher_logits, labels, temperature=self.temperature, kl_mask=kl_mask,
                     ignore_index=IGNORE_INDEX, kl_weight=kl_grad_weight, ce_weight=ce_grad_weight,
+                    **self.divergence_args,
                 )
             else:
                 kl = kl_div_loss(student_logits, teacher_logits, temperature=self.temperature, mask=kl_mask,
-                                 reduction="batchmean", weight=kl_grad_weight)
+                                 reduction="batchmean", weight=kl_grad_weight, **self.divergence_args)
         elif self.ce_weight > 0:
             ce = _masked_lm_loss(student_logits, labels)
         if self.cos_weight > 0:

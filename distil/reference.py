@@ -12,6 +12,8 @@ and what the benchmarks time as "eager" (in the inputs' dtype). Not fast, by des
 - its causal branch (``--mlm`` off, DistilGPT2): :func:`distiller_causal_loss` and the step of two
   causal LMs, :func:`distiller_causal_step`.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,21 +21,74 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # distiller.py's "not masked" label
 
 
-def kl_ce_rows(s, t, labels, kl_mask, temperature, ignore_index=IGNORE_INDEX):
+def kl_ce_rows(s, t, labels, kl_mask, temperature, ignore_index=IGNORE_INDEX, divergence="forward_kl",
+               divergence_param=0.0):
     """Per-row ``(T²·KL, CE)`` of ``distil::kl_ce_rows``, differentiable w.r.t. ``s``.
 
     ``kl = T² · nn.KLDivLoss(reduction="none")(log_softmax(s/T), softmax(t/T)).sum(-1)`` with terms of
     q = 0 taken as 0 (xlogy: KLDivLoss gives NaN where the student is -inf there too), 0 where
     ``kl_mask`` is False; ``ce = F.cross_entropy(s, y, ignore_index, reduction="none")``; zeros without
     labels. -inf policy: a row -inf everywhere (in s, or in t for the KL) has loss 0 and gradient 0.
+    Another ``divergence`` replaces the KL by T² times :func:`divergence_rows`.
     """
     s_dead, t_dead = s.isneginf().all(-1), t.isneginf().all(-1)
     # Dead rows become zeros so that autograd through them stays finite; they are zeroed below.
     s = torch.where(s_dead[..., None], torch.zeros_like(s), s)
     t = torch.where(t_dead[..., None], torch.zeros_like(t), t).to(s.dtype)
-    log_p, q = F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1)
-    kl = torch.where(q > 0, q * (q.log() - log_p), torch.zeros_like(q)).sum(-1) * temperature**2
+    if divergence == "forward_kl":
+        log_p, q = F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1)
+        kl = torch.where(q > 0, q * (q.log() - log_p), torch.zeros_like(q)).sum(-1) * temperature**2
+    else:
+        kl = divergence_rows(F.log_softmax(t / temperature, -1), F.log_softmax(s / temperature, -1), divergence,
+                             divergence_param) * temperature**2
     return _select_rows_and_ce(kl, s, s_dead, t_dead, labels, kl_mask, ignore_index)
+
+
+def _kl_terms(log_a, log_b):
+    """Σ a (log a − log b) per row from log-probabilities: terms with a = 0 are 0 (with a gradient of 0),
+    +inf where b = 0 < a."""
+    a_pos = log_a > float("-inf")
+    log_a = torch.where(a_pos, log_a, torch.zeros_like(log_a))
+    log_b = torch.where(a_pos, log_b, torch.zeros_like(log_b))
+    return torch.where(a_pos, log_a.exp() * (log_a - log_b), torch.zeros_like(log_a)).sum(-1)
+
+
+def _mixture_log(log_a, log_b, weight_a):
+    """log(w a + (1 − w) b) for w in (0, 1), from log-probabilities (-inf where a = b = 0, with a gradient
+    of 0 there)."""
+    both_zero = (log_a == float("-inf")) & (log_b == float("-inf"))
+    log_a = torch.where(both_zero, torch.zeros_like(log_a), log_a)
+    log_b = torch.where(both_zero, torch.zeros_like(log_b), log_b)
+    log_m = torch.logaddexp(log_a + math.log(weight_a), log_b + math.log(1 - weight_a))
+    return torch.where(both_zero, torch.full_like(log_m, float("-inf")), log_m)
+
+
+def divergence_rows(log_p, log_q, divergence, divergence_param=0.0):
+    """Per-row divergence of the student's distribution q from the teacher's p, from their
+    log-probabilities (the kernels multiply it by T²), as defined (ARCHITECTURE.md, distil/_ops/divergence.py):
+
+    - ``"forward_kl"``: KL(p‖q); ``"reverse_kl"``: KL(q‖p);
+    - ``"jsd"``, β = ``divergence_param`` in (0, 1): β·KL(p‖m) + (1 − β)·KL(q‖m), m = β·p + (1 − β)·q;
+    - ``"skew_kl"``, α in (0, 1): KL(p‖α·p + (1 − α)·q); ``"skew_reverse_kl"``: KL(q‖α·q + (1 − α)·p);
+    - ``"tvd"``: ½·Σ|p − q|, whose gradient autograd takes with sign(0) = 0.
+
+    Terms of probability 0 are 0; a divergence with a zero where its first argument is not is +inf.
+    """
+    if divergence == "forward_kl":
+        return _kl_terms(log_p, log_q)
+    if divergence == "reverse_kl":
+        return _kl_terms(log_q, log_p)
+    if divergence == "jsd":
+        beta = divergence_param
+        log_m = _mixture_log(log_p, log_q, beta)
+        return beta * _kl_terms(log_p, log_m) + (1 - beta) * _kl_terms(log_q, log_m)
+    if divergence == "skew_kl":
+        return _kl_terms(log_p, _mixture_log(log_p, log_q, divergence_param))
+    if divergence == "skew_reverse_kl":
+        return _kl_terms(log_q, _mixture_log(log_q, log_p, divergence_param))
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"unknown divergence {divergence!r}")
 
 
 def _select_rows_and_ce(kl, s, s_dead, t_dead, labels, kl_mask, ignore_index):

@@ -171,7 +171,7 @@ class Trainer:
         self.student = student.to(device=self.device, dtype=torch.float32).train()
         rows = StudentRows(self.student, vocab_size)
         loss_fn = DistillationLoss(kl_weight=config.alpha_kl, ce_weight=config.alpha_lm, cos_weight=config.alpha_cos,
-                                   temperature=config.temperature)
+                                   temperature=config.temperature, **config.divergence_args())
         # Validation runs on rank 0 alone, outside DDP (whose forward would wait for the other ranks).
         self.eval_step = DistillationStep(rows, self.teacher, loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
                                           autocast_dtype=self.autocast_dtype, vocab_size=vocab_size)
@@ -186,7 +186,8 @@ class Trainer:
         if config.fused_head:
             heads = fused_heads(self.eval_step.student_rows.adapter, self.eval_step.teacher_adapter)
         train_loss_fn = DistillationLoss(kl_weight=config.alpha_kl, ce_weight=config.alpha_lm,
-                                         cos_weight=config.alpha_cos, temperature=config.temperature, **heads)
+                                         cos_weight=config.alpha_cos, temperature=config.temperature,
+                                         **config.divergence_args(), **heads)
         self.step_fn = DistillationStep(rows, self.teacher, train_loss_fn,
                                         restrict_kl_to_mask=config.restrict_kl_to_mask,
                                         autocast_dtype=self.autocast_dtype,

@@ -38,6 +38,14 @@ access in the main loops is 128-bit at V in {30522, 50257, 32000, 128256} for fp
 row that is -inf everywhere in s or t has loss 0 and gradient 0, and a -inf student entry where
 q_j > 0 gives +inf, as PyTorch does.
 
+Divergences: the constexpr DIVERGENCE replaces the forward KL by another divergence of
+kernels/divergence.py (reverse KL, JSD, skew KLs, TVD; ``divergence_param`` their beta / alpha), still
+times T^2 and with the same -inf, NaN, mask and label policies. The forward KL takes the two passes above
+(its loss is an online sum); every other divergence takes three: the statistics (now without the KL's
+sums), the loss and c = sum_j q_j a_j (each term needs both normalised probabilities, so it cannot start
+before the first pass ends), and the gradient T q_j (a_j - c): one more read of s and t per row, from L2
+while the row is resident. The mixture divergences (jsd, skew_*) run under MIXTURE_MAXNREG.
+
 The backward kernel turns the forward's grad (prepared for coef) into the gradient for the incoming
 per-row gradients (g_kl, g_ce), in place: nothing when g equals coef exactly (the usual
 ``loss.backward()``: distil._ops.common.announced_coef forms coef bit-equal to autograd's g), a
@@ -51,6 +59,7 @@ fused LM-head loss) launches once per chunk into row slices of its preallocated 
 import triton
 import triton.language as tl
 
+from distil.kernels.divergence import divergence_term
 from distil.kernels.rows import (
     LN2,
     LOG2E,
@@ -106,11 +115,22 @@ def tuning_for(vocab):
     return block or max(triton.next_power_of_2(vocab), 16), warps
 
 
-def launch_options(vocab, num_warps=None):
-    """Triton launch options for a vocabulary size: TUNING's num_warps and maxnreg, or ``num_warps``
-    without a register cap."""
+# The mixture divergences (kernels/divergence.py) take a log, an exp and a division per element in their
+# second and third passes: under TUNING's 80-register cap skew_kl spills on sm_90 (4-16 registers, and more at
+# 88); 96 (two rows per SM instead of three) builds them all without spills.
+MIXTURE_MAXNREG = 96
+MIXTURES = ("jsd", "skew_kl", "skew_reverse_kl")
+
+
+def launch_options(vocab, num_warps=None, divergence="forward_kl"):
+    """Triton launch options for a vocabulary size: TUNING's num_warps and maxnreg (MIXTURE_MAXNREG for
+    the mixture divergences), or ``num_warps`` without a register cap."""
     _, _, warps, maxnreg = _tuning_row(vocab)
-    return {"num_warps": num_warps, "maxnreg": None} if num_warps else {"num_warps": warps, "maxnreg": maxnreg}
+    if num_warps:
+        return {"num_warps": num_warps, "maxnreg": None}
+    if maxnreg is not None and divergence in MIXTURES:
+        maxnreg = MIXTURE_MAXNREG
+    return {"num_warps": warps, "maxnreg": maxnreg}
 
 
 @triton.jit
@@ -131,8 +151,8 @@ def _log1p(x):
 
 @triton.jit
 def _stats_chunk(s_row, t_row, k, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w, e, USE_KL, USE_CE,
-                 PRECISE_KL: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Fold chunk k into the running statistics of :func:`_row_stats`."""
+                 PRECISE_KL: tl.constexpr, DIVERGENCE: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Fold chunk k into the running statistics of :func:`_row_stats` (w and e: the forward KL only)."""
     s = load_chunk(s_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
     next_m_s = tl.maximum(m_s, tl.max(s, axis=0))
     if USE_KL:
@@ -141,16 +161,17 @@ def _stats_chunk(s_row, t_row, k, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w, e, 
         next_m_t, mt_ref, next_d_b, eb = online_scaled_lse_update(m_t, d_b, t, scale_t)
         # Carry w and e over to the new maxima: the teacher's terms scale by alpha_b and delta
         # shifts by `shift`; d_a scales by alpha_a = alpha_b * 2**z.
-        alpha_a = tl.exp2((m_s - ms_ref) * scale_t)
-        alpha_b = tl.exp2((m_t - mt_ref) * scale_t)
-        shift = ((ms_ref - finite_lse(m_s)) - (mt_ref - finite_lse(m_t))) * scale_t
-        delta = ((t - mt_ref) - (s - ms_ref)) * scale_t
-        # q_j = 0 terms contribute 0 even where delta is -inf or nan (xlogy).
-        w = alpha_b * (w + shift * d_b) + tl.sum(tl.where(eb > 0, eb * delta, 0.0), axis=0)
-        if PRECISE_KL:
-            z = ((m_s - ms_ref) - (m_t - mt_ref)) * scale_t
-            e = (alpha_a * e + _exp2_difference(alpha_a, alpha_b, z) * d_b
-                 + tl.sum(_exp2_difference(ea, eb, -delta), axis=0))
+        if DIVERGENCE == "forward_kl":
+            alpha_a = tl.exp2((m_s - ms_ref) * scale_t)
+            alpha_b = tl.exp2((m_t - mt_ref) * scale_t)
+            shift = ((ms_ref - finite_lse(m_s)) - (mt_ref - finite_lse(m_t))) * scale_t
+            delta = ((t - mt_ref) - (s - ms_ref)) * scale_t
+            # q_j = 0 terms contribute 0 even where delta is -inf or nan (xlogy).
+            w = alpha_b * (w + shift * d_b) + tl.sum(tl.where(eb > 0, eb * delta, 0.0), axis=0)
+            if PRECISE_KL:
+                z = ((m_s - ms_ref) - (m_t - mt_ref)) * scale_t
+                e = (alpha_a * e + _exp2_difference(alpha_a, alpha_b, z) * d_b
+                     + tl.sum(_exp2_difference(ea, eb, -delta), axis=0))
         d_a = next_d_a
         d_b = next_d_b
         m_t = next_m_t
@@ -160,8 +181,10 @@ def _stats_chunk(s_row, t_row, k, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w, e, 
 
 
 @triton.jit
-def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, PRECISE_KL: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Statistics of one row: (ms, mt, log2 d_a, log2 d_b, log2 d_c, KL in nats).
+def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, PRECISE_KL: tl.constexpr, DIVERGENCE: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """Statistics of one row: (ms, mt, log2 d_a, log2 d_b, log2 d_c, KL in nats; the KL for the forward KL
+    only: the other divergences need a pass of their own, :func:`_divergence_sums`).
 
     ms, mt are the row maxima of s and t (in logit units: differences s - ms are taken before any
     scaling, so large logits keep their precision); d_a = sum 2^((s - ms) * scale_t),
@@ -183,12 +206,12 @@ def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, PRECISE_KL: tl.co
     e = zero  # d_a - d_b
     for k in range(1, n - 1):
         m_s, m_t, d_a, d_b, d_c, w, e = _stats_chunk(s_row, t_row, k, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w,
-                                                     e, USE_KL, USE_CE, PRECISE_KL, False, BLOCK_V)
+                                                     e, USE_KL, USE_CE, PRECISE_KL, DIVERGENCE, False, BLOCK_V)
     if n > 1:
         m_s, m_t, d_a, d_b, d_c, w, e = _stats_chunk(s_row, t_row, n - 1, h, V, scale_t, m_s, m_t, d_a, d_b, d_c,
-                                                     w, e, USE_KL, USE_CE, PRECISE_KL, True, BLOCK_V)
+                                                     w, e, USE_KL, USE_CE, PRECISE_KL, DIVERGENCE, True, BLOCK_V)
     m_s, m_t, d_a, d_b, d_c, w, e = _stats_chunk(s_row, t_row, 0, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w, e,
-                                                 USE_KL, USE_CE, PRECISE_KL, True, BLOCK_V)
+                                                 USE_KL, USE_CE, PRECISE_KL, DIVERGENCE, True, BLOCK_V)
     la = tl.log2(d_a)
     lb = tl.log2(d_b)
     if PRECISE_KL:
@@ -199,15 +222,62 @@ def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, PRECISE_KL: tl.co
 
 
 @triton.jit
-def _grad_chunk(s_row, t_row, g_row, k, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
-                USE_KL, USE_CE, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+def _divergence_elements(s, t, scale_t, ms, mt, la, lb, param, DIVERGENCE: tl.constexpr):
+    """(l_j, a_j, q_j) of kernels/divergence.py for a chunk of s and t (-inf outside the row: 0 terms),
+    from the row statistics (finite): q the student's and p the teacher's probabilities, d = log p - log q."""
+    xs = (s - ms) * scale_t - la
+    xt = (t - mt) * scale_t - lb
+    q = tl.exp2(xs)
+    p = tl.exp2(xt)
+    d = (((t - mt) - (s - ms)) * scale_t + (la - lb)) * LN2
+    term, a = divergence_term(p, q, d, param, DIVERGENCE)
+    return term, a, q
+
+
+@triton.jit
+def _divergence_chunk(s_row, t_row, k, h, V, scale_t, ms, mt, la, lb, param, loss, c, DIVERGENCE: tl.constexpr,
+                      MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    s = load_chunk(s_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
+    t = load_chunk(t_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
+    term, a, q = _divergence_elements(s, t, scale_t, ms, mt, la, lb, param, DIVERGENCE)
+    return loss + tl.sum(term, axis=0), c + tl.sum(q * a, axis=0)
+
+
+@triton.jit
+def _divergence_sums(s_row, t_row, h, n, V, scale_t, ms, mt, la, lb, param, DIVERGENCE: tl.constexpr,
+                     BLOCK_V: tl.constexpr):
+    """The second pass of the divergences other than the forward KL (kernels/divergence.py), over a row
+    that is not -inf everywhere: (sum_j l_j in nats, c = sum_j q_j a_j), in the order of :func:`_row_stats`."""
+    loss = tl.full((), 0.0, tl.float32)
+    c = tl.full((), 0.0, tl.float32)
+    for k in range(1, n - 1):
+        loss, c = _divergence_chunk(s_row, t_row, k, h, V, scale_t, ms, mt, la, lb, param, loss, c, DIVERGENCE,
+                                    False, BLOCK_V)
+    if n > 1:
+        loss, c = _divergence_chunk(s_row, t_row, n - 1, h, V, scale_t, ms, mt, la, lb, param, loss, c, DIVERGENCE,
+                                    True, BLOCK_V)
+    loss, c = _divergence_chunk(s_row, t_row, 0, h, V, scale_t, ms, mt, la, lb, param, loss, c, DIVERGENCE, True,
+                                BLOCK_V)
+    return loss, c
+
+
+@triton.jit
+def _grad_chunk(s_row, t_row, g_row, k, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef, c, param,
+                USE_KL, USE_CE, DIVERGENCE: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
     s = load_chunk(s_row, k, h, V, 0.0, MASKED, BLOCK_V)
     g = tl.zeros([BLOCK_V], tl.float32)
     if USE_KL:
-        t = load_chunk(t_row, k, h, V, 0.0, MASKED, BLOCK_V)
-        p = tl.exp2((s - ms) * scale_t - la)
-        q = tl.exp2((t - mt) * scale_t - lb)
-        g += kl_coef * (p - q)
+        if DIVERGENCE == "forward_kl":
+            t = load_chunk(t_row, k, h, V, 0.0, MASKED, BLOCK_V)
+            p = tl.exp2((s - ms) * scale_t - la)
+            q = tl.exp2((t - mt) * scale_t - lb)
+            g += kl_coef * (p - q)
+        else:
+            # -inf outside the row: the masked lanes' terms are 0, and never stored.
+            t = load_chunk(t_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
+            s_kl = load_chunk(s_row, k, h, V, float("-inf"), MASKED, BLOCK_V)
+            _, a, q = _divergence_elements(s_kl, t, scale_t, ms, mt, la, lb, param, DIVERGENCE)
+            g += kl_coef * q * (a - c)
     if USE_CE:
         big_p = tl.exp2((s - ms) * LOG2E - lc)
         g += ce_coef * (big_p - tl.where(chunk_cols(k, h, BLOCK_V) == label, 1.0, 0.0))
@@ -215,19 +285,20 @@ def _grad_chunk(s_row, t_row, g_row, k, h, V, scale_t, ms, mt, la, lb, lc, label
 
 
 @triton.jit
-def _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
-                    USE_KL, USE_CE, BLOCK_V: tl.constexpr):
+def _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef, c, param,
+                    USE_KL, USE_CE, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
     """g = kl_coef * (p - q) + ce_coef * (P - onehot(label)) over the row from the statistics of
     :func:`_row_stats` (made finite for rows that are -inf everywhere), chunk by chunk in the reverse of
-    its order: the head and tail it read last, then the interior back to front, the likeliest still in L1/L2."""
-    _grad_chunk(s_row, t_row, g_row, 0, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
-                USE_KL, USE_CE, True, BLOCK_V)
+    its order: the head and tail it read last, then the interior back to front, the likeliest still in L1/L2.
+    Another divergence's term is kl_coef * q * (a - c) (kernels/divergence.py)."""
+    _grad_chunk(s_row, t_row, g_row, 0, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef, c, param,
+                USE_KL, USE_CE, DIVERGENCE, True, BLOCK_V)
     if n > 1:
-        _grad_chunk(s_row, t_row, g_row, n - 1, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
-                    USE_KL, USE_CE, True, BLOCK_V)
+        _grad_chunk(s_row, t_row, g_row, n - 1, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef, c,
+                    param, USE_KL, USE_CE, DIVERGENCE, True, BLOCK_V)
     for j in range(2, n):
-        _grad_chunk(s_row, t_row, g_row, n - j, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef,
-                    USE_KL, USE_CE, False, BLOCK_V)
+        _grad_chunk(s_row, t_row, g_row, n - j, h, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef, c,
+                    param, USE_KL, USE_CE, DIVERGENCE, False, BLOCK_V)
 
 
 @triton.jit
@@ -240,12 +311,29 @@ def _guarded_coefs(la, lb, lc, kl_coef, ce_coef):
 
 
 @triton.jit
-def _write_grad(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef, use_kl, use_ce,
-                BLOCK_V: tl.constexpr):
+def _write_grad(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label, kl_coef, ce_coef, c, param, use_kl,
+                use_ce, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
     """:func:`_write_grad_row` for the coefficients, zeroed for rows that are -inf everywhere."""
+    if DIVERGENCE != "forward_kl":
+        # A zero coefficient does not cancel the infinite a_j of a dead row's terms: skip them.
+        use_kl = use_kl & (la != float("-inf")) & (lb != float("-inf"))
     kl_coef, ce_coef = _guarded_coefs(la, lb, lc, kl_coef, ce_coef)
     _write_grad_row(s_row, t_row, g_row, h, n, V, scale_t, finite_lse(ms), finite_lse(mt), finite_lse(la),
-                    finite_lse(lb), finite_lse(lc), label, kl_coef, ce_coef, use_kl, use_ce, BLOCK_V)
+                    finite_lse(lb), finite_lse(lc), label, kl_coef, ce_coef, c, param, use_kl, use_ce, DIVERGENCE,
+                    BLOCK_V)
+
+
+@triton.jit
+def _divergence(s_row, t_row, h, n, V, scale_t, ms, mt, la, lb, param, DIVERGENCE: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    """(loss in nats, c) of :func:`_divergence_sums` for the statistics of :func:`_row_stats`; 0 for rows
+    that are -inf everywhere (their loss is 0), NaN for rows holding a NaN (whose terms' guards would drop it)."""
+    dead = (la == float("-inf")) | (lb == float("-inf"))
+    loss, c = _divergence_sums(s_row, t_row, h, n, V, scale_t, finite_lse(ms), finite_lse(mt), finite_lse(la),
+                               finite_lse(lb), param, DIVERGENCE, BLOCK_V)
+    nan = (la != la) | (lb != lb)
+    loss = tl.where(nan, float("nan"), tl.where(dead, 0.0, loss))
+    return loss, tl.where(nan, float("nan"), tl.where(dead, 0.0, c))
 
 
 @triton.jit
@@ -265,9 +353,9 @@ def _aligned_rows(r, s_ptr, t_ptr, grad_ptr, S, s_stride_b, s_stride_s, t_stride
 def kl_ce_fwd_kernel(
     s_ptr, t_ptr, labels_ptr, mask_ptr, coef_ptr, kl_ptr, ce_ptr, grad_ptr,
     S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, V,
-    scale_t, temperature, ignore_index,
+    scale_t, temperature, ignore_index, divergence_param,
     HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr, PRECISE_KL: tl.constexpr,
-    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+    DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     s_start, h, n, s_row, t_row, g_row = _aligned_rows(r, s_ptr, t_ptr, grad_ptr, S, s_stride_b, s_stride_s,
@@ -277,7 +365,12 @@ def kl_ce_fwd_kernel(
     ce = 0.0
     if use_kl | use_ce:
         ms, mt, la, lb, lc, kl_nats = _row_stats(s_row, t_row, h, n, V, scale_t, use_kl, use_ce, PRECISE_KL,
-                                                 BLOCK_V)
+                                                 DIVERGENCE, BLOCK_V)
+        c = 0.0
+        if DIVERGENCE != "forward_kl":
+            if use_kl:
+                kl_nats, c = _divergence(s_row, t_row, h, n, V, scale_t, ms, mt, la, lb, divergence_param, DIVERGENCE,
+                                         BLOCK_V)
         if use_kl:
             # 0 if either row is all -inf; never below 0 (a KL is not; nan stays nan).
             kl = tl.where((la == float("-inf")) | (lb == float("-inf")), 0.0, temperature * temperature * kl_nats)
@@ -289,7 +382,8 @@ def kl_ce_fwd_kernel(
             ce = tl.where(lc == float("-inf"), 0.0, lc * LN2 + (ms - s_y))
         if WRITE_GRAD:
             _write_grad(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label,
-                        tl.load(coef_ptr) * temperature, tl.load(coef_ptr + 1), use_kl, use_ce, BLOCK_V)
+                        tl.load(coef_ptr) * temperature, tl.load(coef_ptr + 1), c, divergence_param, use_kl, use_ce,
+                        DIVERGENCE, BLOCK_V)
     elif WRITE_GRAD:
         fill_row(g_row, h, n, V, 0.0, False, BLOCK_V)
     tl.store(kl_ptr + r, kl)
@@ -300,8 +394,8 @@ def kl_ce_fwd_kernel(
 def kl_ce_bwd_kernel(
     s_ptr, t_ptr, labels_ptr, mask_ptr, coef_ptr, gkl_ptr, gce_ptr, grad_ptr,
     S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, V,
-    scale_t, temperature, ignore_index,
-    HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
+    scale_t, temperature, ignore_index, divergence_param,
+    HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -315,15 +409,22 @@ def kl_ce_bwd_kernel(
             if factor != 1.0:  # exactly coef: the buffer already is the gradient
                 fill_row(g_row, h, n, V, factor, True, BLOCK_V)
         else:
-            ms, mt, la, lb, lc, _kl = _row_stats(s_row, t_row, h, n, V, scale_t, use_kl, use_ce, False, BLOCK_V)
+            ms, mt, la, lb, lc, _kl = _row_stats(s_row, t_row, h, n, V, scale_t, use_kl, use_ce, False, DIVERGENCE,
+                                                 BLOCK_V)
+            c = 0.0
+            if DIVERGENCE != "forward_kl":
+                if use_kl:
+                    _loss, c = _divergence(s_row, t_row, h, n, V, scale_t, ms, mt, la, lb, divergence_param,
+                                           DIVERGENCE, BLOCK_V)
             _write_grad(s_row, t_row, g_row, h, n, V, scale_t, ms, mt, la, lb, lc, label, g_kl * temperature, g_ce,
-                        use_kl, use_ce, BLOCK_V)
+                        c, divergence_param, use_kl, use_ce, DIVERGENCE, BLOCK_V)
 
 
-def _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v, num_warps):
+def _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, divergence, divergence_param,
+                 block_v, num_warps):
     vocab = student.shape[-1]
     block, _ = tuning_for(vocab)
-    options = launch_options(vocab, num_warps)
+    options = launch_options(vocab, num_warps, divergence)
     S, s_sb, s_ss = row_geometry(student)
     _, t_sb, t_ss = row_geometry(teacher)
     args = dict(
@@ -331,22 +432,23 @@ def _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_in
         mask_ptr=student if kl_mask is None else kl_mask.reshape(-1), coef_ptr=coef,
         S=S, s_stride_b=s_sb, s_stride_s=s_ss, t_stride_b=t_sb, t_stride_s=t_ss, V=vocab,
         scale_t=LOG2E.value / temperature, temperature=temperature, ignore_index=ignore_index,
-        HAS_LABELS=labels is not None, HAS_MASK=kl_mask is not None, BLOCK_V=block_v or block,
+        divergence_param=divergence_param, HAS_LABELS=labels is not None, HAS_MASK=kl_mask is not None,
+        DIVERGENCE=divergence, BLOCK_V=block_v or block,
     )
     return args, options
 
 
 def fwd_launch(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,
-               block_v=None, num_warps=None):
+               divergence="forward_kl", divergence_param=0.0, block_v=None, num_warps=None):
     """(grid, {parameter: argument}, launch options) of the forward launch: what :func:`kl_ce_rows`
     launches and what the ahead-of-time tests compile (from meta tensors). Above PRECISE_KL_ABOVE the
-    large-temperature KL on fp32 rows runs in chunks of PRECISE_KL_BLOCK_V unless ``block_v`` is given."""
-    precise_kl = temperature > PRECISE_KL_ABOVE
+    large-temperature forward KL on fp32 rows runs in chunks of PRECISE_KL_BLOCK_V unless ``block_v`` is given."""
+    precise_kl = temperature > PRECISE_KL_ABOVE and divergence == "forward_kl"
     if (precise_kl and block_v is None and student.shape[-1] > PRECISE_KL_BLOCK_V
             and max(student.element_size(), teacher.element_size()) == 4):
         block_v = PRECISE_KL_BLOCK_V
-    args, options = _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v,
-                                 num_warps)
+    args, options = _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, divergence,
+                                 divergence_param, block_v, num_warps)
     args.update(kl_ptr=kl_rows, ce_ptr=ce_rows, grad_ptr=kl_rows if grad is None else grad,
                 WRITE_GRAD=grad is not None, PRECISE_KL=precise_kl,
                 ALIGN=vector_width(student, teacher) if grad is None else vector_width(student, teacher, grad))
@@ -354,21 +456,22 @@ def fwd_launch(student, teacher, labels, kl_mask, coef, temperature, ignore_inde
 
 
 def bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef, temperature,
-               ignore_index, block_v=None, num_warps=None):
+               ignore_index, divergence="forward_kl", divergence_param=0.0, block_v=None, num_warps=None):
     """(grid, {parameter: argument}, launch options) of the backward launch (see :func:`fwd_launch`)."""
-    args, options = _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, block_v,
-                                 num_warps)
+    args, options = _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, divergence,
+                                 divergence_param, block_v, num_warps)
     args.update(gkl_ptr=grad_kl_rows, gce_ptr=grad_ce_rows, grad_ptr=grad, ALIGN=vector_width(student, teacher, grad))
     return (grad_kl_rows.numel(),), args, options
 
 
 def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,
-               block_v=None, num_warps=None):
+               divergence="forward_kl", divergence_param=0.0, block_v=None, num_warps=None):
     """Launch :func:`kl_ce_fwd_kernel` into the caller's ``kl_rows`` and ``ce_rows`` (fp32, contiguous,
     one value per row) and ``grad`` (contiguous, the student's shape and dtype; ``None``: no gradient).
 
     ``labels`` (int64) and ``kl_mask`` (bool) are contiguous over the row dims or ``None``; ``coef``
-    is the fp32 ``[kl_coef, ce_coef]`` device tensor. Inputs are validated once, by the public
+    is the fp32 ``[kl_coef, ce_coef]`` device tensor; ``divergence`` / ``divergence_param`` replace the
+    forward KL (kernels/divergence.py). Inputs are validated once, by the public
     functions (distil._ops.kl_ce) or the op entry. ``block_v`` / ``num_warps`` override TUNING (tests
     force chunking with them; benchmarks/tune_kl_ce.py sweeps them). A caller producing the logits in
     row chunks passes row slices of its buffers; slices starting at a multiple of 8 rows keep the
@@ -379,16 +482,17 @@ def kl_ce_rows(student, teacher, labels, kl_mask, coef, temperature, ignore_inde
     if kl_rows.numel() == 0 or student.shape[-1] == 0:
         return
     grid, args, options = fwd_launch(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows,
-                                     ce_rows, grad, block_v, num_warps)
+                                     ce_rows, grad, divergence, divergence_param, block_v, num_warps)
     kl_ce_fwd_kernel[grid](**args, **options)
 
 
 def kl_ce_rows_backward(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
-                        temperature, ignore_index, block_v=None, num_warps=None):
+                        temperature, ignore_index, divergence="forward_kl", divergence_param=0.0, block_v=None,
+                        num_warps=None):
     """Launch :func:`kl_ce_bwd_kernel`: rewrites ``grad`` in place for the incoming per-row gradients
     (fp32, contiguous); see the module docstring."""
     if grad_kl_rows.numel() == 0 or student.shape[-1] == 0:
         return
     grid, args, options = bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, teacher, labels, kl_mask, coef,
-                                     temperature, ignore_index, block_v, num_warps)
+                                     temperature, ignore_index, divergence, divergence_param, block_v, num_warps)
     kl_ce_bwd_kernel[grid](**args, **options)

@@ -5,6 +5,7 @@ soft-capped logits, distil-train end to end on tiny GPT-2, LLaMA and Gemma2 teac
 (one line, before any model loads)."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -220,6 +221,17 @@ def test_distil_train_on_a_causal_teacher(workdir, teacher, flags):
         AutoModelForCausalLM.from_pretrained(workdir / teacher)).__name__
     student.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False)
     assert AutoModelForCausalLM.from_pretrained(workdir / out / "checkpoint-2") is not None
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_distil_train_with_gkds_divergence_on_a_causal_teacher(workdir, fused_head):
+    """--divergence jsd (GKD's loss): the logged kl is T² times a generalised JSD, bounded by T²·H(β)."""
+    out = f"run_jsd_{fused_head}"
+    flags = ["--divergence", "jsd", "--jsd-beta", "0.3", *([] if fused_head else ["--no-fused-head"])]
+    assert main(argv(workdir, out, "llama", *flags)) == 0
+    train = [r for r in _rows(workdir, out) if "loss" in r]
+    bound = 4.0 * -(0.3 * math.log(0.3) + 0.7 * math.log(0.7))
+    assert [r["step"] for r in train] == [1, 2] and all(0 < r["kl"] <= bound and r["clm"] > 0 for r in train)
 
 
 def test_distil_train_with_a_student_you_bring_and_a_padded_vocabulary(workdir):

@@ -78,3 +78,22 @@ def test_model_dir_names_the_missing_file(tmp_path):
     checks.check_model_dir("teacher", tmp_path)
     with pytest.raises(ValueError, match="no tokenizer files"):
         checks.check_model_dir("teacher", tmp_path, tokenizer=True)
+
+
+def test_divergence_arguments_map_to_the_ops_and_refuse_another_divergences_parameter():
+    assert checks.check_divergence("forward_kl") == ("forward_kl", 0.0)
+    assert checks.check_divergence("jsd", jsd_beta=np.float32(0.25)) == ("jsd", 0.25)
+    assert checks.check_divergence("skew_reverse_kl", skew_alpha=0.3) == ("skew_reverse_kl", 0.3)
+    # the end points that are plain KLs run as those (the mixture formulas vanish there)
+    assert checks.check_divergence("jsd", jsd_beta=0) == ("forward_kl", 0.0)
+    assert checks.check_divergence("jsd", jsd_beta=1) == ("reverse_kl", 0.0)
+    assert checks.check_divergence("skew_kl", skew_alpha=0.0) == ("forward_kl", 0.0)
+    for kwargs, match in (({"divergence": "kl"}, "divergence must be one of"),
+                          ({"divergence": "jsd", "jsd_beta": float("nan")}, r"jsd_beta must be in \[0, 1\]"),
+                          ({"divergence": "skew_kl", "skew_alpha": 1.0}, r"skew_alpha must be in \[0, 1\)"),
+                          ({"divergence": "tvd", "jsd_beta": 0.3}, "jsd_beta is a parameter of divergence='jsd'"),
+                          ({"divergence": "jsd", "skew_alpha": 0.3}, "skew_alpha is a parameter")):
+        with pytest.raises(ValueError, match=match):
+            checks.check_divergence(**kwargs)
+    with pytest.raises(TypeError, match="jsd_beta must be a float"):
+        checks.check_divergence("jsd", jsd_beta="0.5")

@@ -54,6 +54,7 @@ NON_DEFAULT_FLAGS = {
     "student_layers": 3, "as_distilbert": True, "max_length": 128, "batch_size": 7, "grad_accum": 3, "epochs": 2,
     "max_steps": 9, "lr": 1e-3, "weight_decay": 0.01, "warmup": 0.1, "adam_eps": 1e-8, "max_grad_norm": 1.0,
     "alpha_kl": 0.5, "alpha_mlm": 0.25, "alpha_clm": 0.75, "alpha_cos": 0.0, "temperature": 4.0,
+    "divergence": "jsd", "jsd_beta": 0.3, "skew_alpha": 0.2,
     "restrict_kl_to_mask": True,
     "fused_head": False, "block_size": 256, "mask_prop": 0.2, "word_mask": 0.7, "word_keep": 0.2,
     "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "seed": 3,
@@ -152,6 +153,10 @@ def test_bad_value_is_one_line_before_the_teacher_loads(workdir, capsys):
     (("--word-mask", "0.5"), "word_mask + word_keep + word_rand must be 1"),
     (("--smoothing", "-1"), "smoothing must be finite in float32 and >= 0"),
     (("--student-layers", "5"), "student_layers must be an int in [1, 4]"),
+    (("--divergence", "jsd", "--jsd-beta", "1.5"), "jsd_beta must be in [0, 1]"),
+    (("--divergence", "skew_kl", "--skew-alpha", "1"), "skew_alpha must be in [0, 1)"),
+    (("--divergence", "tvd", "--jsd-beta", "0.5"), "jsd_beta is a parameter of divergence jsd, not of tvd"),
+    (("--skew-alpha", "0.1"), "skew_alpha is a parameter of divergence skew_kl / skew_reverse_kl"),
     (("--data", "/nonexistent"), "data path '/nonexistent' is neither a file nor a folder"),
 ])
 def test_library_range_errors_come_before_any_model_loads(workdir, capsys, monkeypatch, flags, message):
@@ -239,6 +244,24 @@ def test_cli_end_to_end_gives_a_student_that_transformers_loads(workdir, teacher
         assert type(student).__name__ == expected
         layers = student.config.n_layers if expected.startswith("DistilBert") else student.config.num_hidden_layers
         assert layers == 2
+
+
+def test_divergence_flag_replaces_the_kl_and_nothing_else(workdir):
+    """--divergence jsd: the first step's logged kl is T² times the generalised JSD (bounded by T²·H(β), H
+    the binary entropy, where the forward KL is not) and differs from the default run's; the MLM loss of the
+    same batch and student is the same."""
+    import math
+
+    firsts = {}
+    for name, flags in (("fkl", ()), ("jsd", ("--divergence", "jsd", "--jsd-beta", "0.3"))):
+        out = workdir / f"div_{name}"
+        assert main(argv(workdir, out.name, "bert", "--max-steps", "1", "--eval-fraction", "0", *flags)) == 0
+        firsts[name] = train_rows(out)[0]
+    fkl, jsd = firsts["fkl"], firsts["jsd"]
+    assert jsd["mlm"] == pytest.approx(fkl["mlm"], rel=1e-6) and jsd["cos"] == pytest.approx(fkl["cos"], rel=1e-6)
+    assert 0 < jsd["kl"] <= 4.0 * -(0.3 * math.log(0.3) + 0.7 * math.log(0.7))
+    assert abs(jsd["kl"] - fkl["kl"]) > 1e-3 * fkl["kl"]
+    assert jsd["loss"] == pytest.approx(5.0 * jsd["kl"] + 2.0 * jsd["mlm"] + 1.0 * jsd["cos"], rel=1e-5)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -84,3 +84,40 @@ def test_plain_loop_step_equals_distiller_step_and_trains():
     for got, want in zip(history[0], ref):
         assert relative_error(torch.tensor(got), want.detach()) <= 1e-5
     assert history[-1] != history[0]  # the student moved
+
+
+@pytest.mark.parametrize("fused_head", [True, False], ids=["fused_heads", "logits"])
+@pytest.mark.parametrize("beta", [0.5, 0.1, 1.0])
+def test_trl_gkd_trainer_loss_is_trls_generalized_jsd_and_trains(tmp_path, fused_head, beta):
+    """examples/trl_gkd_distillation.py: DistilGKDTrainer's loss and gradients are TRL's own
+    GKDTrainer.generalized_jsd_loss on the same batch (fp32), with and without num_items_in_batch, and
+    the trainer trains."""
+    pytest.importorskip("trl")
+    from trl.experimental.gkd import GKDTrainer
+
+    example = _load("trl_gkd_distillation")
+    trainer = example.build_trainer(tmp_path, beta=beta, fused_head=fused_head)
+    student, teacher = trainer.model, trainer.teacher_model
+    batch = example.collate(example.prompt_completion_rows(student.config.vocab_size, n=4, seed=1))
+    assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()
+    ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    for num_items in (None, 37):
+        student.zero_grad()
+        ours = trainer.compute_loss(student, batch, num_items_in_batch=num_items)
+        ours.backward()
+        our_grads = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad()
+        with torch.no_grad():
+            t = teacher(input_ids=ids, attention_mask=attn).logits
+        s = student(input_ids=ids, attention_mask=attn).logits
+        trl = GKDTrainer.generalized_jsd_loss(s[:, :-1], t[:, :-1], labels[:, 1:], beta=beta,
+                                              num_items_in_batch=num_items)
+        trl.backward()
+        assert trl > 1e-2  # far-apart models: the comparison can fail
+        assert relative_error(ours, trl) <= 1e-5
+        for ours_grad, p in zip(our_grads, student.parameters()):
+            assert relative_error(ours_grad, p.grad) <= 1e-4
+    before = [p.detach().clone() for p in student.parameters()]
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(b, p) for b, p in zip(before, student.parameters()))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distil import reference
+from distil._ops.divergence import check_divergence
 from distil._ops.registry import TRITON_IMPLS
 from distil.fused_loss import (
     DistillationLoss,
@@ -238,10 +239,10 @@ def test_opcheck():
     student, teacher, labels, kl_mask = sample_inputs(rows=9)
     plain = [v.detach() for v in student.values()]
     coef = torch.tensor([0.5, 0.25])
-    # the row tensors (no precomputed or top-k teacher), the transforms (a scale and a student cap), then
-    # coef, temperature, ignore_index, chunk_rows
-    args = (*plain, *teacher.values(), None, None, None, None, labels, kl_mask, 1.5, 4.0, 1.0, None, coef, 2.0, -100,
-            4)
+    # the row tensors (no precomputed or top-k teacher), the transforms (a scale and a student cap), the
+    # divergence, then coef, temperature, ignore_index, chunk_rows
+    args = (*plain, *teacher.values(), None, None, None, None, labels, kl_mask, 1.5, 4.0, 1.0, None, "jsd", 0.3, coef,
+            2.0, -100, 4)
     torch.library.opcheck(torch.ops.distil.linear_kl_ce.default, (*args, [False, False, False], False))
     # With gradients, eager backward rewrites the op's buffer outputs in place, which opcheck's AOT
     # comparison after backward cannot model; the traced backward is covered by the compile test.
@@ -254,7 +255,7 @@ def test_opcheck():
     # a top-k teacher (exact mode) in place of the teacher head, the student soft-capped
     topk = _topk_teacher(teacher, 4, exact=True)
     args = (*plain, None, None, None, None, topk["teacher_topk_logits"], topk["teacher_topk_index"],
-            topk["teacher_lse"], labels, kl_mask, 1.0, 4.0, 1.0, None, coef, 2.0, -100, 4)
+            topk["teacher_lse"], labels, kl_mask, 1.0, 4.0, 1.0, None, "forward_kl", 0.0, coef, 2.0, -100, 4)
     torch.library.opcheck(torch.ops.distil.linear_kl_ce.default, (*args, [False, False, False], False))
     torch.library.opcheck(torch.ops.distil.linear_kl_ce.default,
                           (*student.values(), *args[3:], [True, True, True], False),
@@ -748,3 +749,117 @@ def test_gated_scale_builds_with_128_bit_accesses_and_no_spills():
         narrow = [a for a in report["accesses"] if a["bits"] != 128]
         assert narrow == [{"op": "ld", "bits": 32, "in_loop": False}], (where, narrow)
         assert {a["op"] for a in report["accesses"] if a["bits"] == 128} == {"ld", "st"}, where
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergences other than the forward KL through the fused heads
+# ----------------------------------------------------------------------------------------------
+# the public arguments of each divergence (distil/_ops/divergence.py)
+HEAD_DIVERGENCES = [("reverse_kl", {}), ("jsd", {"jsd_beta": 0.3}), ("skew_kl", {"skew_alpha": 0.2}),
+                    ("skew_reverse_kl", {"skew_alpha": 0.4}), ("tvd", {})]
+HEAD_DIVERGENCE_IDS = [name for name, _ in HEAD_DIVERGENCES]
+
+
+@pytest.mark.parametrize("divergence, params", HEAD_DIVERGENCES, ids=HEAD_DIVERGENCE_IDS)
+@pytest.mark.parametrize("teacher_kind", ["head", "logits"])
+def test_divergences_match_float64_and_kl_ce_loss_on_the_logits(backend, divergence, params, teacher_kind):
+    """linear_kl_ce_loss(divergence=...) is kl_ce_loss(F.linear(...), ..., divergence=...): against the
+    float64 definition (chunked, soft-capped student, the announced combination and then one the backward
+    recomputes), and against the unfused fp32 op on materialised logits."""
+    student, teacher, labels, kl_mask = sample_inputs(device=backend)
+    with torch.no_grad():
+        t_logits = F.linear(*teacher.values())
+    fused_teacher = teacher if teacher_kind == "head" else {"teacher_logits": t_logits}
+    op_divergence, op_param = check_divergence(divergence, params.get("jsd_beta", 0.5),
+                                                        params.get("skew_alpha", 0.1))
+    transforms = dict(logit_softcap=6.0)
+
+    def loss_rows(s):
+        return reference.kl_ce_rows(s, t_logits.double(), labels, kl_mask, 2.0, divergence=op_divergence,
+                                    divergence_param=op_param)
+
+    for kl_weight, ce_weight in ((5.0, 2.0), (1.0, 3.0)):
+        kl, ce = _fused(student, fused_teacher, labels, kl_mask, kl_weight=5.0, ce_weight=2.0, chunk_rows=5,
+                        divergence=divergence, **params, **transforms)
+        (kl_weight * kl + ce_weight * ce).backward()
+        want = _reference_on_logits(student, labels, kl_mask, loss_rows, kl_weight, ce_weight, **transforms)
+        _check_against(student, (kl, ce), want, torch.float32)
+    fused = [kl, ce, *(g.clone() for g in _grads(student).values())]
+    forward_kl = _reference_on_logits(student, labels, kl_mask, lambda s: reference.kl_ce_rows(
+        s, t_logits.double(), labels, kl_mask, 2.0), **transforms)[0]
+    assert relative_error(kl, forward_kl) > 1e-2  # the divergence reached the kernel: the test can fail
+    for v in student.values():
+        v.grad = None
+    s = reference.head_logits(*student.values(), 1.0, transforms["logit_softcap"])
+    kl, ce = kl_ce_loss(s, t_logits, labels, kl_mask=kl_mask, divergence=divergence, **params)
+    (kl_weight * kl + ce_weight * ce).backward()
+    for got, unfused in zip(fused, [kl, ce, *_grads(student).values()]):
+        assert relative_error(got, unfused) < 1e-5
+
+
+@pytest.mark.parametrize("divergence, params", HEAD_DIVERGENCES, ids=HEAD_DIVERGENCE_IDS)
+def test_distillation_loss_divergence_equal_with_and_without_heads(divergence, params):
+    """DistillationLoss(divergence=...) gives the same kl (and gradients) from the heads as from the
+    logits, and the logits path is kl_ce_loss's."""
+    student, teacher, labels, _ = sample_inputs(rows=12, three_d=True)
+    s_head, t_head = nn.Linear(16, V), nn.Linear(24, V)
+    with torch.no_grad():
+        for head, values in ((s_head, student), (t_head, teacher)):
+            head.weight.copy_(values[f"{'student' if head is s_head else 'teacher'}_weight"])
+            head.bias.copy_(values[f"{'student' if head is s_head else 'teacher'}_bias"])
+    hs, ht = student["student_head_input"].detach(), teacher["teacher_head_input"]
+    outputs = []
+    for heads in (False, True):
+        loss = DistillationLoss(cos_weight=0.0, student_head=s_head if heads else None,
+                                teacher_head=t_head if heads else None, divergence=divergence, **params)
+        x = hs.clone().requires_grad_()
+        s_head.zero_grad()
+        if heads:
+            out = loss(labels=labels, student_head_input=x, teacher_head_input=ht)
+        else:
+            with torch.no_grad():
+                t_logits = t_head(ht)
+            out = loss(s_head(x), t_logits, labels)
+        out.total.backward()
+        outputs.append([out.kl, out.ce, x.grad, s_head.weight.grad.clone()])
+    for a, b in zip(*outputs):
+        assert relative_error(a, b) < 1e-5
+    with torch.no_grad():
+        kl, _ = kl_ce_loss(s_head(hs), t_head(ht), labels, divergence=divergence, **params)
+    assert relative_error(outputs[0][0], kl) < 1e-6
+
+
+def test_divergence_arguments_are_checked():
+    student, teacher, labels, kl_mask = sample_inputs(rows=6)
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        _fused(student, teacher, labels, kl_mask, divergence="kl")
+    with pytest.raises(ValueError, match="jsd_beta is a parameter of divergence='jsd'"):
+        _fused(student, teacher, labels, kl_mask, divergence="tvd", jsd_beta=0.2)
+    with pytest.raises(ValueError, match="skew_alpha must be in"):
+        LinearKLCELoss(nn.Linear(16, V), divergence="skew_kl", skew_alpha=1.0)
+    with pytest.raises(ValueError, match="jsd_beta must be in"):
+        DistillationLoss(divergence="jsd", jsd_beta=1.5)
+    topk = _topk_teacher(teacher, 4, exact=True)
+    with pytest.raises(ValueError, match="top-k teacher takes the forward KL only"):
+        _fused(student, {}, labels, kl_mask, divergence="jsd", **topk)
+    loss = DistillationLoss(cos_weight=0.0, divergence="reverse_kl")
+    with pytest.raises(ValueError, match="TopKLogits teacher takes the forward KL only"):
+        loss(torch.randn(6, V), TopKLogits(topk["teacher_topk_logits"], topk["teacher_topk_index"]), labels)
+    assert "divergence='jsd', jsd_beta=0.3" in repr(LinearKLCELoss(nn.Linear(16, V), divergence="jsd", jsd_beta=0.3))
+
+
+def test_torch_compile_fullgraph_with_a_divergence():
+    student, teacher, labels, kl_mask = sample_inputs()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(student, teacher, labels, kl_mask):
+        kl, ce = linear_kl_ce_loss(*student.values(), labels, kl_mask=kl_mask, kl_weight=5.0, ce_weight=2.0,
+                                   chunk_rows=8, divergence="skew_reverse_kl", skew_alpha=0.3, **teacher)
+        return 5.0 * kl + 2.0 * ce
+
+    step(student, teacher, labels, kl_mask).backward()
+    t64 = F.linear(*(v.double() for v in teacher.values()))
+    _, _, ref_grads = _reference_on_logits(student, labels, kl_mask, lambda s: reference.kl_ce_rows(
+        s, t64, labels, kl_mask, 2.0, divergence="skew_reverse_kl", divergence_param=0.3), 5.0, 2.0)
+    for name, grad in _grads(student).items():
+        assert relative_error(grad, ref_grads[name]) < TOL[torch.float32], name

@@ -220,6 +220,20 @@ def test_resume_names_a_changed_flag(workdir, flag, value):
     Trainer(config(workdir, f"changed_{flag}", resume=True, log_every=3, save_every=7, progress=True))
 
 
+def test_resume_of_a_checkpoint_from_before_a_new_flag_takes_its_default(workdir):
+    """A checkpoint written before --divergence existed resumes with the default, and is refused for
+    another value."""
+    Trainer(config(workdir, "older")).fit(max_steps=1)
+    path = workdir / "older" / "checkpoint-1" / TRAINING_STATE
+    state = torch.load(path, weights_only=True)
+    for name in ("divergence", "jsd_beta", "skew_alpha"):
+        del state["flags"][name]
+    torch.save(state, path)
+    Trainer(config(workdir, "older", resume=True))
+    with pytest.raises(ValueError, match="--divergence is 'jsd' but .*checkpoint-1 was written with 'forward_kl'"):
+        Trainer(config(workdir, "older", resume=True, divergence="jsd"))
+
+
 class _BackwardRewrites(TorchDispatchMode):
     """Counts the loss ops' backward calls and those that changed the gradient buffer the forward wrote."""
 

@@ -17,6 +17,7 @@ from distil._ops.common import (
     needs_grad,
     row_count,
 )
+from distil._ops.divergence import JSD_BETA, SKEW_ALPHA, check_divergence
 from distil._ops.registry import register_gradient_op, register_triton, triton_kernels
 from distil.checks import check_int, check_temperature
 
@@ -38,7 +39,8 @@ _kernels = triton_kernels("kl_ce")
 register_gradient_op("kl_ce_rows", 2, _check_op_args, _kernels)
 
 
-def kl_ce_rows_into_triton(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad):
+def kl_ce_rows_into_triton(student, teacher, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,
+                           divergence="forward_kl", divergence_param=0.0):
     """kl_ce_rows into the caller's buffers (the fused LM heads' chunks), on the Triton kernel."""
     _check_op_args(student, teacher, labels, kl_mask, coef)
     rows = student.shape[:-1]
@@ -50,7 +52,7 @@ def kl_ce_rows_into_triton(student, teacher, labels, kl_mask, coef, temperature,
     with device_guard(student):
         _kernels.kl_ce_rows(student, teacher, None if labels is None else labels.contiguous(),
                             None if kl_mask is None else kl_mask.contiguous(), coef, temperature, ignore_index,
-                            kl_rows, ce_rows, grad)
+                            kl_rows, ce_rows, grad, divergence, divergence_param)
 
 
 if _kernels is not None:
@@ -71,12 +73,15 @@ def _check_logits(student_logits, teacher_logits):
     return teacher_logits
 
 
-def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, reduction="batchmean", weight=1.0):
-    """Temperature-scaled KL divergence of the student from the teacher, times T².
+def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, reduction="batchmean", weight=1.0,
+                divergence="forward_kl", jsd_beta=JSD_BETA, skew_alpha=SKEW_ALPHA):
+    """Temperature-scaled KL divergence of the student from the teacher (or another divergence), times T².
 
     Exactly ``nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2``
     on the selected rows, as ``loss_ce`` in distiller.py's ``Distiller.step`` (which selects the rows
-    with ``masked_select``); here the rows are selected without copying.
+    with ``masked_select``); here the rows are selected without copying. ``divergence`` replaces the
+    forward KL by the reverse KL, the generalized JSD (TRL's ``generalized_jsd_loss``), a skew KL or the
+    total variation distance, defined in :mod:`distil._ops.divergence`.
 
     Args:
         student_logits, teacher_logits: ``[N, V]`` or ``[B, S, V]``, float32/bfloat16/float16 (may differ),
@@ -91,9 +96,15 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
         weight: the factor you will multiply the loss by before ``backward()`` (a number, or a one-element
             float tensor on the logits' device: no host sync), as ``kl_weight`` of :func:`kl_ce_loss`; it
             does not change the value.
+        divergence: ``"forward_kl"`` (default), ``"reverse_kl"``, ``"jsd"``, ``"skew_kl"``,
+            ``"skew_reverse_kl"`` or ``"tvd"``.
+        jsd_beta: β of ``"jsd"``, in [0, 1] (0: forward KL, 1: reverse KL).
+        skew_alpha: α of ``"skew_kl"`` / ``"skew_reverse_kl"``, in [0, 1) (0: the plain KL). A parameter
+            set for another divergence is refused.
     Returns:
         fp32 tensor: a scalar, or per-row losses for ``"none"``. No selected rows gives 0.
     """
+    divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
     teacher_logits = _check_logits(student_logits, teacher_logits)
     temperature = check_temperature("temperature", temperature)
     mask = check_row_mask("mask", mask, student_logits.shape[:-1], student_logits.device)
@@ -103,7 +114,8 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
     count = row_count(mask, student_logits.shape[:-1]) if reduction == "batchmean" else 1
     coef = loss_coef(weight, count, 0.0, 1, student_logits.device)
     kl_rows, _, _ = torch.ops.distil.kl_ce_rows(
-        student_logits, teacher_logits, None, mask, coef, temperature, -100, needs_grad(student_logits)
+        student_logits, teacher_logits, None, mask, coef, temperature, -100, needs_grad(student_logits),
+        divergence, divergence_param,
     )
     if reduction == "none":
         return kl_rows
@@ -111,13 +123,15 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
 
 
 def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_mask=None, ignore_index=-100,
-               kl_weight=1.0, ce_weight=1.0):
+               kl_weight=1.0, ce_weight=1.0, divergence="forward_kl", jsd_beta=JSD_BETA, skew_alpha=SKEW_ALPHA):
     """The distillation KL and the masked-LM cross-entropy in one kernel launch over the student logits.
 
     Returns ``(kl, ce)`` with
     ``kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1)) * T**2``
     over the ``kl_mask`` rows (all rows by default; distiller.py's ``loss_ce``) and
     ``ce = nn.CrossEntropyLoss(ignore_index=ignore_index)(s, labels)`` at temperature 1 (its ``loss_mlm``).
+    With ``divergence``, ``kl`` is another divergence times T², as in :func:`kl_div_loss` (e.g. TRL's GKD
+    loss: ``divergence="jsd", jsd_beta=β``).
 
     ``kl_weight`` and ``ce_weight`` do not change the values: they name the combination
     ``kl_weight * kl + ce_weight * ce`` that you will backpropagate, for which the gradient is written
@@ -135,9 +149,11 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
             (``--restrict_ce_to_mask`` in distiller.py is ``kl_mask = labels != -100``).
         ignore_index: an int (Python or NumPy).
         kl_weight, ce_weight: numbers >= 0 or one-element float tensors on the logits' device.
+        divergence, jsd_beta, skew_alpha: the divergence in place of the forward KL, as in :func:`kl_div_loss`.
     Returns:
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
+    divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
     teacher_logits = _check_logits(student_logits, teacher_logits)
     temperature = check_temperature("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
@@ -151,6 +167,6 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
     coef = loss_coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)
     kl_rows, ce_rows, _ = torch.ops.distil.kl_ce_rows(
         student_logits, teacher_logits, labels, kl_mask, coef, temperature, ignore_index,
-        needs_grad(student_logits),
+        needs_grad(student_logits), divergence, divergence_param,
     )
     return kl_rows.sum() / divisor(kl_count), ce_rows.sum() / divisor(ce_count)

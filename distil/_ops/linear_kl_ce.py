@@ -62,6 +62,7 @@ from distil._ops.common import (
     save_gradient_buffer,
     take_gradient_buffer,
 )
+from distil._ops.divergence import JSD_BETA, SKEW_ALPHA, check_divergence
 from distil._ops.topk_kl_ce import check_topk_teacher
 from distil.checks import check_int, check_non_negative_finite, check_positive_finite, check_temperature
 
@@ -98,7 +99,8 @@ def auto_chunk_rows(n_rows, vocab, bytes_per_logit):
 
 class _Rows(NamedTuple):
     """The op's row tensors: ``[N, .]`` rows (``teacher_logits`` may be ``[B, S, V]``, see :func:`_segments`),
-    the heads' projections, and each head's logit transform (``softcap`` None: no cap)."""
+    the heads' projections, each head's logit transform (``softcap`` None: no cap) and the divergence (the
+    ops' ``divergence, divergence_param``, from ``check_divergence``)."""
 
     student_head_input: torch.Tensor
     student_weight: torch.Tensor
@@ -116,6 +118,8 @@ class _Rows(NamedTuple):
     logit_softcap: Optional[float]
     teacher_logit_scale: float
     teacher_logit_softcap: Optional[float]
+    divergence: str
+    divergence_param: float
 
 
 def _head_logits(hidden, weight, bias, factor):
@@ -190,7 +194,8 @@ def _dense_chunk(x, start, stop, logits, coef, temperature, ignore_index, comput
         torch.ops.distil.kl_ce_rows_into(
             logits[i:j], _teacher_rows(x.teacher_logits, a, b) if teacher is None else teacher[i:j],
             None if labels is None else labels[i:j], None if kl_mask is None else kl_mask[i:j], coef, temperature,
-            ignore_index, kl_rows[i:j], ce_rows[i:j], logits[i:j] if compute_grad else None,
+            ignore_index, kl_rows[i:j], ce_rows[i:j], logits[i:j] if compute_grad else None, x.divergence,
+            x.divergence_param,
         )
     return kl_rows, ce_rows
 
@@ -264,14 +269,14 @@ def _linear_kl_ce(student_head_input: torch.Tensor, student_weight: torch.Tensor
                   teacher_topk_logits: Optional[torch.Tensor], teacher_topk_index: Optional[torch.Tensor],
                   teacher_lse: Optional[torch.Tensor], labels: Optional[torch.Tensor], kl_mask: Optional[torch.Tensor],
                   logit_scale: float, logit_softcap: Optional[float], teacher_logit_scale: float,
-                  teacher_logit_softcap: Optional[float], coef: torch.Tensor, temperature: float, ignore_index: int,
-                  chunk_rows: int, grad_inputs: List[bool],
+                  teacher_logit_softcap: Optional[float], divergence: str, divergence_param: float,
+                  coef: torch.Tensor, temperature: float, ignore_index: int, chunk_rows: int, grad_inputs: List[bool],
                   sync_free: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kl_sum, ce_sum, grad_hidden, grad_weight, grad_bias) for 2-D hidden rows; a gradient not asked for
     by ``grad_inputs`` (hidden, weight, bias) is an empty tensor. ``sync_free`` is for the backward."""
     x = _Rows(student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias,
               teacher_logits, teacher_topk_logits, teacher_topk_index, teacher_lse, labels, kl_mask, logit_scale,
-              logit_softcap, teacher_logit_scale, teacher_logit_softcap)
+              logit_softcap, teacher_logit_scale, teacher_logit_softcap, divergence, divergence_param)
     with torch.autocast(student_head_input.device.type, enabled=False):
         kl_sum, ce_sum, grad_hidden, grad_weight, grad_bias = _run_chunks(x, coef, temperature, ignore_index,
                                                                           chunk_rows, grad_inputs)
@@ -283,7 +288,7 @@ def _linear_kl_ce(student_head_input: torch.Tensor, student_weight: torch.Tensor
             none() if grad_bias is None else grad_bias.to(student_bias.dtype))
 
 
-_N_ROW_ARGS = len(_Rows._fields)  # the op's arguments before coef: the row tensors, then the transforms
+_N_ROW_ARGS = len(_Rows._fields)  # the op's arguments before coef: the row tensors, transforms, divergence
 _N_TENSORS = _Rows._fields.index("logit_scale")
 
 
@@ -310,8 +315,9 @@ def _linear_kl_ce_backward(grad_hidden: torch.Tensor, grad_weight: torch.Tensor,
                            teacher_topk_index: Optional[torch.Tensor], teacher_lse: Optional[torch.Tensor],
                            labels: Optional[torch.Tensor], kl_mask: Optional[torch.Tensor], logit_scale: float,
                            logit_softcap: Optional[float], teacher_logit_scale: float,
-                           teacher_logit_softcap: Optional[float], coef: torch.Tensor, temperature: float,
-                           ignore_index: int, chunk_rows: int, sync_free: bool) -> None:
+                           teacher_logit_softcap: Optional[float], divergence: str, divergence_param: float,
+                           coef: torch.Tensor, temperature: float, ignore_index: int, chunk_rows: int,
+                           sync_free: bool) -> None:
     """Turns the forward's gradients (of ``coef · sums``) into those of ``grad_sums · sums`` in place:
     nothing when they are equal, a scale when proportional and the scale keeps the logits' precision,
     else the chunks run again (exact). ``sync_free`` on CUDA: decided on the device (see the module
@@ -330,7 +336,7 @@ def _linear_kl_ce_backward(grad_hidden: torch.Tensor, grad_weight: torch.Tensor,
         return
     x = _Rows(student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias,
               teacher_logits, teacher_topk_logits, teacher_topk_index, teacher_lse, labels, kl_mask, logit_scale,
-              logit_softcap, teacher_logit_scale, teacher_logit_softcap)
+              logit_softcap, teacher_logit_scale, teacher_logit_softcap, divergence, divergence_param)
     want = (grad_hidden.numel() > 0, grad_weight.numel() > 0, grad_bias.numel() > 0)
     with torch.autocast(student_head_input.device.type, enabled=False):
         *_, new_hidden, new_weight, new_bias = _run_chunks(x, grad_sums.float().contiguous(), temperature,
@@ -455,7 +461,8 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
                       teacher_weight=None, teacher_bias=None, teacher_logits=None, teacher_topk_logits=None,
                       teacher_topk_index=None, teacher_lse=None, teacher_lse_temperature=None, temperature=2.0,
                       kl_mask=None, ignore_index=-100, kl_weight=1.0, ce_weight=1.0, chunk_rows=None,
-                      logit_scale=1.0, logit_softcap=None, teacher_logit_scale=1.0, teacher_logit_softcap=None):
+                      logit_scale=1.0, logit_softcap=None, teacher_logit_scale=1.0, teacher_logit_softcap=None,
+                      divergence="forward_kl", jsd_beta=JSD_BETA, skew_alpha=SKEW_ALPHA):
     """:func:`distil.fused_loss.kl_ce_loss` (or :func:`~distil.fused_loss.topk_kl_ce_loss`) of the LM heads'
     logits, without materialising them.
 
@@ -512,6 +519,9 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
         logit_scale, logit_softcap: the student head's transform: a float > 0 (1: none) and None (no cap)
             or a float > 0.
         teacher_logit_scale, teacher_logit_softcap: the teacher head's, likewise.
+        divergence, jsd_beta, skew_alpha: the divergence in place of the forward KL, as in ``kl_ce_loss``
+            (e.g. TRL's GKD loss: ``divergence="jsd", jsd_beta=β``), with a teacher head or ``teacher_logits``;
+            a top-k teacher takes the forward KL only.
     Returns:
         ``(kl, ce)`` fp32 scalars; each is exactly 0 when it has no rows.
     """
@@ -540,6 +550,10 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
     if not has_head and (teacher_logit_scale != 1.0 or teacher_logit_softcap is not None):
         raise ValueError("teacher_logit_scale / teacher_logit_softcap transform the teacher head's logits; "
                          "teacher_logits and top-k logits are final logits (apply the transform before)")
+    divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
+    if has_topk and divergence != "forward_kl":
+        raise ValueError(f"divergence={divergence!r} needs a dense teacher (teacher_head_input or teacher_logits); "
+                         "a top-k teacher takes the forward KL only")
     temperature = check_temperature("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
     if has_head:
@@ -588,7 +602,8 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
         student_head_input.reshape(-1, student_head_input.shape[-1]), student_weight, student_bias, teacher_head_input,
         teacher_weight, teacher_bias, teacher_logits, teacher_topk_logits, teacher_topk_index, teacher_lse, labels,
         None if kl_mask is None else kl_mask.reshape(-1), logit_scale, logit_softcap, teacher_logit_scale,
-        teacher_logit_softcap, coef, temperature, ignore_index, chunk_rows, grad_inputs, sync_free,
+        teacher_logit_softcap, divergence, divergence_param, coef, temperature, ignore_index, chunk_rows, grad_inputs,
+        sync_free,
     )
     kl = kl_sum / divisor(kl_count)
     if poison is not None:  # an impossible lse on the device path: a NaN KL, as topk_kl_ce_loss gives
@@ -629,8 +644,10 @@ class LinearKLCELoss(nn.Module):
 
     def __init__(self, student_head, teacher_head=None, *, temperature=2.0, ignore_index=-100, kl_weight=1.0,
                  ce_weight=1.0, chunk_rows=None, logit_scale=1.0, logit_softcap=None, teacher_logit_scale=1.0,
-                 teacher_logit_softcap=None):
+                 teacher_logit_softcap=None, divergence="forward_kl", jsd_beta=JSD_BETA, skew_alpha=SKEW_ALPHA):
         super().__init__()
+        check_divergence(divergence, jsd_beta, skew_alpha)
+        self.divergence, self.jsd_beta, self.skew_alpha = divergence, jsd_beta, skew_alpha
         _head_params("student_head", student_head)
         if teacher_head is not None:
             _head_params("teacher_head", teacher_head)
@@ -652,7 +669,14 @@ class LinearKLCELoss(nn.Module):
             ("logit_scale", 1.0), ("logit_softcap", None), ("teacher_logit_scale", 1.0),
             ("teacher_logit_softcap", None)) if getattr(self, name) != off)
         return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, kl_weight={self.kl_weight}, "
-                f"ce_weight={self.ce_weight}, chunk_rows={self.chunk_rows}{transforms}")
+                f"ce_weight={self.ce_weight}, chunk_rows={self.chunk_rows}{transforms}{self._divergence_repr()}")
+
+    def _divergence_repr(self):
+        if self.divergence == "jsd":
+            return f", divergence='jsd', jsd_beta={self.jsd_beta}"
+        if self.divergence.startswith("skew"):
+            return f", divergence={self.divergence!r}, skew_alpha={self.skew_alpha}"
+        return "" if self.divergence == "forward_kl" else f", divergence={self.divergence!r}"
 
     def forward(self, student_head_input, labels, teacher_head_input=None, *, teacher_logits=None,
                 teacher_topk_logits=None, teacher_topk_index=None, teacher_lse=None, teacher_lse_temperature=None,
@@ -677,4 +701,5 @@ class LinearKLCELoss(nn.Module):
                                  kl_weight=self.kl_weight if kl_weight is None else kl_weight,
                                  ce_weight=self.ce_weight if ce_weight is None else ce_weight,
                                  chunk_rows=self.chunk_rows, logit_scale=self.logit_scale,
-                                 logit_softcap=self.logit_softcap, **teacher)
+                                 logit_softcap=self.logit_softcap, divergence=self.divergence,
+                                 jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha, **teacher)

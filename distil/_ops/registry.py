@@ -3,7 +3,7 @@
 Such an op is ``distil::<op>(student, <inputs>..., coef, <scalars>..., bool compute_grad) ->
 (<loss rows>..., grad)`` with its backward ``distil::<op>_backward(Tensor(a!) grad, <grad of each loss
 rows>..., <the forward's arguments but compute_grad>)``: schema and CPU kernel in csrc/<op>.cpp, the
-Triton launchers ``<op>(<the forward's arguments but compute_grad>, <loss rows>..., grad)`` and
+Triton launchers ``<op>(<the forward's arguments before compute_grad>, <loss rows>..., grad, <those after>)`` and
 ``<op>_backward(<the backward's arguments>)`` in kernels/<op>.py. :func:`register_gradient_op` then
 registers, from those alone, the Triton implementations for CUDA, the fake implementations and autograd.
 
@@ -77,8 +77,10 @@ def register_gradient_op(op, n_loss_rows, check_args, kernels):
             rows = student.shape[:-1]
             loss_rows = [student.new_empty(rows, dtype=torch.float32) for _ in range(n_loss_rows)]
             grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+            args = row_inputs_contiguous(args, rows)
             with device_guard(student):
-                launch(*row_inputs_contiguous(args, rows), *loss_rows, grad)
+                # Arguments after compute_grad (a divergence) follow the outputs, as in the launchers.
+                launch(*args[:at_compute_grad], *loss_rows, grad, *args[at_compute_grad:])
             return (*loss_rows, student.new_empty(0) if grad is None else grad)
 
         def backward_impl(grad, *args):

@@ -1,0 +1,454 @@
+"""The divergences of distil::kl_ce_rows other than the forward KL (reverse KL, JSD, skew KLs, TVD:
+csrc/divergence.h, kernels/divergence.py, distil/_ops/divergence.py): the C++ kernel and the Triton
+kernel (interpreter here, CUDA on a GPU run) against the float64 definitions
+(distil.reference.divergence_rows) on this file's ``sample_inputs()``; the -inf / NaN policies; the
+parameters at their limits; the public functions, their checks, opcheck and torch.compile; TRL's and
+Liger's formulas, restated from their code; and the sm_80 / sm_90 builds of every new specialisation.
+The forward KL's own tests are tests/test_kl_ce.py."""
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distil import fused_loss, reference
+from distil.kernels import kl_ce as K
+
+from aot import compile_reports, launch_spec, main_loop_widths
+from helpers import API_DEVICES, GPU_RUN, TOL, nan_empty, poison_heap, relative_error, upstream_row_grads
+
+NEG_INF = float("-inf")
+kl_ce_rows = torch.ops.distil.kl_ce_rows
+kl_ce_rows_backward = torch.ops.distil.kl_ce_rows_backward
+
+# (divergence, divergence_param) as the ops take them.
+DIVERGENCES = [("reverse_kl", 0.0), ("jsd", 0.5), ("jsd", 0.9), ("skew_kl", 0.1), ("skew_reverse_kl", 0.3),
+               ("tvd", 0.0)]
+DIVERGENCE_IDS = [f"{d}={p}" if p else d for d, p in DIVERGENCES]
+
+
+class Sample(NamedTuple):
+    name: str
+    s: torch.Tensor
+    t: torch.Tensor
+    labels: Optional[torch.Tensor]
+    kl_mask: Optional[torch.Tensor]
+    temperature: float = 2.0
+
+    def args(self):
+        return self.s, self.t, self.labels, self.kl_mask
+
+
+def make_inputs(rows, vocab, s_dtype=torch.float32, t_dtype=torch.float32, device="cpu", scale=3.0):
+    s = (torch.randn(rows, vocab, device=device) * scale).to(s_dtype)
+    t = (torch.randn(rows, vocab, device=device) * scale).to(t_dtype)
+    labels = torch.randint(0, vocab, (rows,), device=device)
+    labels[torch.rand(rows, device=device) > 0.6] = -100
+    return s, t, labels, torch.rand(rows, device=device) < 0.7
+
+
+def sample_inputs(device="cpu"):
+    """The dtype pairs, odd V (1 to a chunked 2053), a [B, S, V] strided view, masks and labels, -inf
+    entries where every divergence is finite, +-1e4 logits and extreme temperatures."""
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    out = [Sample(f"V={v} {str(a)[6:]}/{str(b)[6:]} T={temp}", *make_inputs(6, v, a, b, device), temperature=temp)
+           for v, a, b, temp in ((1, f32, f32, 2.0), (37, f32, f32, 2.0), (7, f16, f32, 1.0), (300, bf16, f16, 0.5),
+                                 (2053, f32, bf16, 1.0), (100, f32, f32, 0.05), (100, f32, f32, 20.0))]
+    B, S, V = 2, 3, 37
+    s = torch.randn(S * 2, B, V + 9, device=device)[::2, :, :V].transpose(0, 1)
+    t = torch.randn(B, S, V + 3, device=device).to(f16)[..., :V]
+    labels = torch.randint(0, V, (B, 2 * S), device=device)[:, 1::2]
+    mask = (torch.rand(S, B, device=device) < 0.6).t()
+    out.append(Sample("3-D strided", s, t, labels, mask))
+    s, t, labels, _ = make_inputs(6, 40, device=device)
+    labels[:] = 7  # a finite student logit in every row
+    s[0, :5] = t[0, :5] = NEG_INF  # tokens of probability 0 in both: exact 0 terms
+    s[1, 20:] = t[1, 20:] = NEG_INF
+    s[2] = NEG_INF  # whole student row: loss, CE and gradient 0
+    t[3] = NEG_INF  # whole teacher row: divergence 0, CE still counts
+    s[4] = t[4]  # p = q: 0, and TVD's subgradient at ties
+    out.append(Sample("-inf policy", s, t, labels, None))
+    s, t, labels, mask = make_inputs(6, 50, device=device, scale=1.0)
+    s = torch.where(torch.rand(s.shape, device=device) < 0.5, 1e4, -1e4) + s
+    t = torch.where(torch.rand(t.shape, device=device) < 0.5, 1e4, -1e4) + t
+    out.append(Sample("+-1e4 logits", s.bfloat16(), t.half(), labels, mask))
+    return out
+
+
+SAMPLE_NAMES = [x.name for x in sample_inputs()]
+
+
+def expected(sample, divergence, param, g_kl, g_ce):
+    """float64 per-row (divergence, ce) and the gradient of sum(g_kl * kl + g_ce * ce) w.r.t. the student."""
+    s = sample.s.detach().double().requires_grad_()
+    kl, ce = reference.kl_ce_rows(s, sample.t.double(), sample.labels, sample.kl_mask, sample.temperature,
+                                  -100, divergence, param)
+    (kl * torch.as_tensor(g_kl).double() + ce * torch.as_tensor(g_ce).double()).sum().backward()
+    return kl.detach(), ce.detach(), s.grad
+
+
+def close(out, ref, tol):
+    """relative_error within tol, or both zero up to float64 rounding (rows of p = q, V = 1)."""
+    return relative_error(out, ref) <= tol or (out.double().cpu() - ref.double().cpu()).abs().max() <= 1e-12
+
+
+def _contiguous(x):
+    return None if x is None else x.contiguous()
+
+
+def _block_v(impl, sample):
+    # "triton_chunked": small chunks, so that short rows take the streamed multi-chunk path.
+    return 16 if impl == "triton_chunked" and sample.s.shape[-1] <= 512 else None
+
+
+def forward(impl, sample, coef, divergence, param, compute_grad=True):
+    s = sample.s
+    if impl == "cpu":
+        poison_heap(s, s[..., 0].float(), s[..., 0].float())
+        return kl_ce_rows(*sample.args(), coef, sample.temperature, -100, compute_grad, divergence, param)
+    kl, ce = nan_empty(s.shape[:-1], torch.float32, s.device), nan_empty(s.shape[:-1], torch.float32, s.device)
+    grad = nan_empty(s.shape, s.dtype, s.device) if compute_grad else None
+    K.kl_ce_rows(s, sample.t, _contiguous(sample.labels), _contiguous(sample.kl_mask), coef, sample.temperature, -100,
+                 kl, ce, grad, divergence, param, block_v=_block_v(impl, sample))
+    return kl, ce, grad
+
+
+def backward(impl, sample, grad, g_kl, g_ce, coef, divergence, param):
+    s, t, labels, kl_mask = sample.args()
+    if impl == "cpu":
+        kl_ce_rows_backward(grad, g_kl, g_ce, s, t, labels, kl_mask, coef, sample.temperature, -100, divergence, param)
+    else:
+        K.kl_ce_rows_backward(grad, g_kl.contiguous(), g_ce.contiguous(), s, t, _contiguous(labels),
+                              _contiguous(kl_mask), coef, sample.temperature, -100, divergence, param,
+                              block_v=_block_v(impl, sample))
+
+
+IMPLS = ["cpu", "triton", "triton_chunked"]
+
+
+def _device(impl, triton_device):
+    return "cpu" if impl == "cpu" else triton_device
+
+
+# ----------------------------------------------------------------------------------------------
+# Every sample, divergence and kernel against the float64 definitions
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+@pytest.mark.parametrize("index", range(len(SAMPLE_NAMES)), ids=SAMPLE_NAMES)
+def test_forward_matches_float64(triton_device, impl, divergence, param, index):
+    sample = sample_inputs(_device(impl, triton_device))[index]
+    s = sample.s
+    coef = torch.tensor([0.7, 1.3], device=s.device)
+    kl, ce, grad = forward(impl, sample, coef, divergence, param)
+    ref_kl, ref_ce, ref_grad = expected(sample, divergence, param, 0.7, 1.3)
+    tol = TOL[s.dtype]
+    assert close(kl, ref_kl, tol) and close(ce, ref_ce, tol) and close(grad, ref_grad, tol)
+    assert torch.isfinite(kl).all() and torch.isfinite(grad).all() and (kl >= 0).all()
+    no_kl = torch.zeros(kl.shape, dtype=torch.bool, device=s.device) if sample.kl_mask is None else ~sample.kl_mask
+    assert (kl[no_kl] == 0).all() and (grad[no_kl & (sample.labels == -100)] == 0).all()
+    _, _, no_grad = forward(impl, sample, coef, divergence, param, compute_grad=False)
+    assert no_grad is None or no_grad.numel() == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("upstream", ["coef", "proportional", "arbitrary"])
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+@pytest.mark.parametrize("name", ["V=37 float32/float32 T=2.0", "-inf policy"])
+def test_backward_matches_float64(triton_device, impl, upstream, divergence, param, name):
+    sample = sample_inputs(_device(impl, triton_device))[SAMPLE_NAMES.index(name)]
+    coef = torch.tensor([0.25, 4.0], device=sample.s.device)
+    _, _, grad = forward(impl, sample, coef, divergence, param)
+    g_kl, g_ce = upstream_row_grads(upstream, coef, sample.s.shape[:-1])
+    before = grad.clone()
+    backward(impl, sample, grad, g_kl, g_ce, coef, divergence, param)
+    if upstream == "coef":
+        assert torch.equal(grad, before)
+    *_, ref = expected(sample, divergence, param, g_kl, g_ce)
+    assert close(grad, ref, TOL[sample.s.dtype])
+
+
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_opcheck(divergence, param):
+    sample = sample_inputs()[SAMPLE_NAMES.index("3-D strided")]
+    rest = (torch.tensor([0.5, 0.5]), sample.temperature, -100)
+    torch.library.opcheck(kl_ce_rows.default, (*sample.args(), *rest, False, divergence, param))
+    s, t, labels, mask = sample.args()
+    # With a gradient, as in tests/test_kl_ce.py: the traced graph may not return the buffer.
+    torch.library.opcheck(kl_ce_rows.default, (s.clone().requires_grad_(), t, labels, mask, *rest, True, divergence,
+                                               param),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    grad = kl_ce_rows(*sample.args(), *rest, True, divergence, param)[2]
+    g = torch.rand(s.shape[:-1])
+    torch.library.opcheck(kl_ce_rows_backward.default, (grad, g, g, *sample.args(), *rest, divergence, param))
+
+
+# ----------------------------------------------------------------------------------------------
+# -inf and NaN
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_a_zero_on_one_side_only(triton_device, impl, divergence, param):
+    """A token of probability 0 for one model only: +inf for the divergences that are infinite there
+    (the reverse KL where the teacher's is 0; the forward KL's twin is in tests/test_kl_ce.py), the
+    float64 definition (finite) for the others."""
+    device = _device(impl, triton_device)
+    s, t, labels, _ = make_inputs(4, 40, device=device)
+    t[0, 3] = NEG_INF  # p = 0 < q
+    s[1, 5] = NEG_INF  # q = 0 < p
+    sample = Sample("", s, t, labels, None)
+    kl, ce, grad = forward(impl, sample, torch.tensor([1.0, 1.0], device=device), divergence, param)
+    ref_kl, ref_ce, ref_grad = expected(sample, divergence, param, 1.0, 1.0)
+    finite = [1, 2, 3] if divergence == "reverse_kl" else [0, 1, 2, 3]
+    if divergence == "reverse_kl":
+        assert kl[0] == float("inf")
+    assert relative_error(kl[finite], ref_kl[finite]) <= 1e-5 and relative_error(ce, ref_ce) <= 1e-5
+    assert relative_error(grad[finite], ref_grad[finite]) <= 1e-5 and torch.isfinite(grad[finite]).all()
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_nan_rows_give_nan(triton_device, impl, divergence, param):
+    device = _device(impl, triton_device)
+    s, t, labels, _ = make_inputs(4, 40, device=device)
+    s[0, 3] = float("nan")
+    t[1, 4] = float("nan")
+    mask = torch.tensor([True, True, True, False], device=device)
+    t[3, 0] = float("nan")  # a row without the divergence: its teacher is not read
+    labels[3] = 2
+    kl, ce, grad = forward(impl, Sample("", s, t, labels, mask), torch.tensor([1.0, 1.0], device=device),
+                           divergence, param)
+    assert kl[:2].isnan().all() and grad[:2].isnan().all()
+    assert torch.isfinite(kl[2:]).all() and torch.isfinite(grad[2:]).all() and kl[3] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The public functions
+# ----------------------------------------------------------------------------------------------
+def _public(divergence, param):
+    """The keyword arguments of the public functions for an op-level (divergence, param)."""
+    if divergence == "jsd":
+        return {"divergence": "jsd", "jsd_beta": param}
+    if divergence.startswith("skew"):
+        return {"divergence": divergence, "skew_alpha": param}
+    return {"divergence": divergence}
+
+
+@pytest.mark.parametrize("device", API_DEVICES)
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_kl_ce_loss_matches_the_definitions(device, divergence, param):
+    s, t, labels, mask = make_inputs(12, 50, device=device)
+    s1 = s.clone().requires_grad_()
+    kl, ce = fused_loss.kl_ce_loss(s1, t, labels, temperature=1.5, kl_mask=mask, kl_weight=3.0, ce_weight=0.5,
+                                   **_public(divergence, param))
+    (3.0 * kl + 0.5 * ce).backward()
+    s2 = s.double().requires_grad_()
+    ref_rows = reference.divergence_rows(F.log_softmax(t.double()[mask] / 1.5, -1),
+                                         F.log_softmax(s2[mask] / 1.5, -1), divergence, param) * 1.5**2
+    ref_kl = ref_rows.sum() / mask.sum()
+    ref_ce = F.cross_entropy(s2, labels)
+    (3.0 * ref_kl + 0.5 * ref_ce).backward()
+    assert relative_error(kl, ref_kl) <= 1e-5 and relative_error(ce, ref_ce) <= 1e-5
+    assert relative_error(s1.grad, s2.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_kl_div_loss_reductions(reduction):
+    s, t, _, mask = make_inputs(8, 30)
+    out = fused_loss.kl_div_loss(s, t, mask=mask, reduction=reduction, divergence="tvd")
+    rows = torch.where(mask, reference.divergence_rows(F.log_softmax(t.double() / 2, -1),
+                                                       F.log_softmax(s.double() / 2, -1), "tvd") * 4, 0.0)
+    ref = {"batchmean": rows.sum() / mask.sum(), "sum": rows.sum(), "none": rows}[reduction]
+    assert relative_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("public,plain", [({"divergence": "jsd", "jsd_beta": 0.0}, "forward_kl"),
+                                          ({"divergence": "jsd", "jsd_beta": 1}, "reverse_kl"),
+                                          ({"divergence": "skew_kl", "skew_alpha": 0.0}, "forward_kl"),
+                                          ({"divergence": "skew_reverse_kl", "skew_alpha": 0}, "reverse_kl")])
+def test_the_ends_of_the_parameters_are_the_plain_kls(public, plain):
+    """β = 0 / 1 (as TRL and Liger special-case them: the mixture formula vanishes there) and α = 0."""
+    s, t, labels, mask = make_inputs(6, 30)
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    kl1, _ = fused_loss.kl_ce_loss(s1, t, labels, kl_mask=mask, **public)
+    kl2, _ = fused_loss.kl_ce_loss(s2, t, labels, kl_mask=mask, divergence=plain)
+    kl1.backward()
+    kl2.backward()
+    assert torch.equal(kl1, kl2) and torch.equal(s1.grad, s2.grad)
+
+
+@pytest.mark.parametrize("divergence,param", [("jsd", 1e-4), ("jsd", 1 - 1e-4), ("skew_kl", 1e-4),
+                                              ("skew_kl", 0.99), ("skew_reverse_kl", 1e-4),
+                                              ("skew_reverse_kl", 0.99)])
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+def test_parameters_near_their_limits(triton_device, impl, divergence, param):
+    """Near beta = 0 / 1 the JSD is O(beta^2) from terms of O(beta) that cancel (the skew KLs alike): fp32
+    keeps ~1e-7 / beta of relative accuracy there (distil/_ops/divergence.py)."""
+    sample = sample_inputs(_device(impl, triton_device))[SAMPLE_NAMES.index("V=37 float32/float32 T=2.0")]
+    kl, _, grad = forward(impl, sample, torch.tensor([1.0, 0.0], device=sample.s.device), divergence, param)
+    ref_kl, _, ref_grad = expected(sample, divergence, param, 1.0, 0.0)
+    tol = 3e-6 / min(param, 1 - param)
+    assert relative_error(kl, ref_kl) <= tol and relative_error(grad, ref_grad) <= tol
+
+
+def test_bad_divergence_arguments_name_the_argument():
+    s, t, labels, _ = make_inputs(4, 10)
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        fused_loss.kl_div_loss(s, t, divergence="kl")
+    with pytest.raises(ValueError, match="jsd_beta must be in"):
+        fused_loss.kl_ce_loss(s, t, labels, divergence="jsd", jsd_beta=1.5)
+    with pytest.raises(ValueError, match="jsd_beta must be in"):
+        fused_loss.kl_ce_loss(s, t, labels, divergence="jsd", jsd_beta=float("nan"))
+    with pytest.raises(ValueError, match="skew_alpha must be in"):
+        fused_loss.kl_div_loss(s, t, divergence="skew_kl", skew_alpha=1.0)
+    with pytest.raises(TypeError, match="jsd_beta must be a float"):
+        fused_loss.kl_div_loss(s, t, divergence="jsd", jsd_beta=True)
+    with pytest.raises(ValueError, match="jsd_beta is a parameter of divergence='jsd'"):
+        fused_loss.kl_div_loss(s, t, divergence="reverse_kl", jsd_beta=0.2)
+    with pytest.raises(ValueError, match="skew_alpha is a parameter"):
+        fused_loss.kl_ce_loss(s, t, labels, divergence="jsd", skew_alpha=0.2)
+    # The op entry checks the name and the parameter's range itself (direct torch.ops calls).
+    coef = torch.tensor([1.0, 1.0])
+    with pytest.raises(ValueError, match="unknown divergence"):
+        kl_ce_rows(s, t, None, None, coef, 2.0, -100, False, "kl", 0.0)
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        kl_ce_rows(s, t, None, None, coef, 2.0, -100, False, "jsd", 1.0)
+    with pytest.raises(ValueError, match="takes no divergence_param"):
+        kl_ce_rows(s, t, None, None, coef, 2.0, -100, False, "tvd", 0.5)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    s, t, labels, mask = make_inputs(6, 40)
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def step(s, t, labels, mask):
+        kl, ce = fused_loss.kl_ce_loss(s, t, labels, kl_mask=mask, kl_weight=5.0, ce_weight=2.0, divergence="jsd",
+                                       jsd_beta=0.3)
+        return 5.0 * kl + 2.0 * ce
+
+    s1 = s.clone().requires_grad_()
+    step(s1, t, labels, mask).backward()
+    s2 = s.clone().requires_grad_()
+    kl, ce = fused_loss.kl_ce_loss(s2, t, labels, kl_mask=mask, divergence="jsd", jsd_beta=0.3)
+    (5.0 * kl + 2.0 * ce).backward()
+    assert relative_error(s1.grad, s2.grad) <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL's and Liger's formulas, restated from their code (neither is a dependency)
+# ----------------------------------------------------------------------------------------------
+def trl_generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature):
+    """trl/trainer/gkd_trainer.py, GKDTrainer.generalized_jsd_loss with reduction="batchmean": log-softmax at
+    T, the mixture's log by logsumexp of the log-probabilities shifted by log(1 - beta) / log(beta), F.kl_div
+    with log_target, beta = 0 / 1 special-cased as the plain KLs, the sum over the labelled rows divided by
+    their count (no T²)."""
+    s = F.log_softmax(student_logits / temperature, -1)
+    t = F.log_softmax(teacher_logits / temperature, -1)
+    if beta == 0:
+        jsd = F.kl_div(s, t, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(t, s, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=s.dtype)
+        m = torch.logsumexp(torch.stack([s + torch.log(1 - b), t + torch.log(b)]), dim=0)
+        jsd = (b * F.kl_div(m, t, reduction="none", log_target=True)
+               + (1 - b) * F.kl_div(m, s, reduction="none", log_target=True))
+    rows = labels != -100
+    return jsd[rows].sum() / rows.sum()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_jsd_is_trls_generalized_jsd_times_t_squared(beta):
+    s, t, labels, _ = make_inputs(10, 60)
+    s1, s2 = s.clone().requires_grad_(), s.double().requires_grad_()
+    ours = fused_loss.kl_div_loss(s1, t, temperature=2.0, mask=labels != -100, divergence="jsd", jsd_beta=beta)
+    trl = trl_generalized_jsd_loss(s2, t.double(), labels, beta, 2.0) * 4.0
+    ours.backward()
+    trl.backward()
+    assert relative_error(ours, trl) <= 1e-5 and relative_error(s1.grad, s2.grad) <= 1e-5
+
+
+def test_jsd_is_ligers_jsd():
+    """liger_kernel/ops/jsd.py, _jsd_kernel for 0 < beta < 1, on log-probabilities X = log Q (student) and
+    Y = log P (teacher): loss = sum(beta P Y + (1 - beta) Q X - M log M), M = beta P + (1 - beta) Q, divided
+    by the rows; dX = (1 - beta) Q (X - log M), the gradient w.r.t. X, taken here to the logits through
+    log_softmax."""
+    beta = 0.3
+    s, t, _, _ = make_inputs(8, 50)
+    s1 = s.clone().requires_grad_()
+    ours = fused_loss.kl_div_loss(s1, t, temperature=1.0, divergence="jsd", jsd_beta=beta)
+    ours.backward()
+    X, Y = F.log_softmax(s.double(), -1), F.log_softmax(t.double(), -1)
+    Q, P = X.exp(), Y.exp()
+    M = beta * P + (1 - beta) * Q
+    liger = (beta * P * Y + (1 - beta) * Q * X - M * M.log()).sum() / s.shape[0]
+    dX = (1 - beta) * Q * (X - M.log()) / s.shape[0]
+    d_logits = dX - Q * dX.sum(-1, keepdim=True)  # d/ds of sum(dX * log_softmax(s))
+    assert relative_error(ours, liger) <= 1e-5 and relative_error(s1.grad, d_logits) <= 1e-5
+
+
+def test_tvd_is_ligers_tvd():
+    """liger_kernel/ops/tvd.py, _tv_distance_kernel with reduction="batchmean": loss = sum(0.5 |p - q|) / rows
+    and the gradient w.r.t. its first distribution where(p > q, 0.5, -0.5) / rows (ties, -0.5 there, do not
+    occur here), taken to the student's logits through softmax."""
+    s, t, _, _ = make_inputs(8, 50)
+    s1 = s.clone().requires_grad_()
+    ours = fused_loss.kl_div_loss(s1, t, temperature=1.0, divergence="tvd")
+    ours.backward()
+    q, p = F.softmax(s.double(), -1), F.softmax(t.double(), -1)
+    liger = (0.5 * (q - p).abs()).sum() / s.shape[0]
+    dq = torch.where(q > p, 0.5, -0.5) / s.shape[0]
+    d_logits = q * (dq - (q * dq).sum(-1, keepdim=True))
+    assert relative_error(ours, liger) <= 1e-5 and relative_error(s1.grad, d_logits) <= 1e-5
+
+
+def test_trl_itself_where_it_imports():
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")  # trl 1.16: experimental
+    s, t, labels, _ = make_inputs(6, 40)
+    ours = fused_loss.kl_div_loss(s, t, temperature=2.0, mask=labels != -100, divergence="jsd", jsd_beta=0.4)
+    theirs = gkd.GKDTrainer.generalized_jsd_loss(s[None].double(), t[None].double(), labels=labels[None], beta=0.4,
+                                                 temperature=2.0)
+    assert relative_error(ours / 4.0, theirs) <= 1e-5
+
+
+@pytest.mark.skipif(not GPU_RUN, reason="Liger's kernels run on CUDA")
+def test_liger_itself_where_it_imports():
+    liger = pytest.importorskip("liger_kernel.transformers")
+    s, t, _, _ = make_inputs(6, 4000, device="cuda")
+    ours = fused_loss.kl_div_loss(s, t, temperature=1.0, divergence="jsd", jsd_beta=0.3)
+    theirs = liger.LigerJSD(beta=0.3)(F.log_softmax(s, -1), F.log_softmax(t, -1))
+    assert relative_error(ours, theirs) <= 1e-4
+    ours = fused_loss.kl_div_loss(s, t, temperature=1.0, divergence="tvd")
+    theirs = liger.LigerTVDLoss()(F.softmax(s, -1), F.softmax(t, -1))
+    assert relative_error(ours, theirs) <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# sm_80 / sm_90 builds of every new specialisation (tests/aot.py): 0 spills, 128-bit main loops
+# ----------------------------------------------------------------------------------------------
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+@pytest.mark.skipif(GPU_RUN, reason="ahead-of-time builds are checked on the CPU machine")
+def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
+    specs = []
+    for divergence, param in DIVERGENCES[:1] + DIVERGENCES[2:]:  # one JSD: beta is a runtime argument
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            s, t, grad = (_meta(8192, 30522, dtype=dtype) for _ in range(3))
+            labels, mask = _meta(8192, dtype=torch.int64), _meta(8192, dtype=torch.bool)
+            coef, kl, ce = _meta(2), _meta(8192), _meta(8192)
+            fwd = K.fwd_launch(s, t, labels, mask, coef, 2.0, -100, kl, ce, grad, divergence, param)
+            bwd = K.bwd_launch(grad, kl, ce, s, t, labels, mask, coef, 2.0, -100, divergence, param)
+            specs += [launch_spec(kernel, "distil.kernels.kl_ce", args, cc=cc, **options)
+                      for kernel, (_, args, options) in ((K.kl_ce_fwd_kernel, fwd), (K.kl_ce_bwd_kernel, bwd))
+                      for cc in (80, 90)]
+    reports = compile_reports(specs)
+    spilled = [(s["kernel"], s["constexprs"]["DIVERGENCE"], s["signature"]["s_ptr"], s["cc"], r["spill_stores"])
+               for s, r in zip(specs, reports) if r["spill_stores"] or r["spill_loads"]]
+    assert not spilled, spilled
+    for spec, report in zip(specs, reports):
+        in_loop, _ = main_loop_widths(report)
+        where = (spec["kernel"], spec["constexprs"]["DIVERGENCE"], spec["signature"]["s_ptr"], spec["cc"])
+        assert in_loop and set(in_loop) == {128}, (where, in_loop)
