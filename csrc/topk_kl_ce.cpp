@@ -64,6 +64,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Both tail masses are floored at 2^-16 (kernels/topk_kl_ce.py, TAIL_FLOOR): below it they are
 // rounding noise of fp32 sums of probabilities.
 constexpr float kTailFloor = 1.52587890625e-05f;
+// The teacher's tail mass 1 - e^(lse_K - lse) is noise below |lse| 2^-21 (4 ulps of the fp32 lse).
+constexpr float kLseResolution = 4.76837158203125e-07f;
 
 // One row's teacher: k fp32 logits and their (validated) indices; lse is NaN-free only in exact mode.
 struct TeacherRow {
@@ -144,47 +146,86 @@ DISTIL_INLINE void dense_grad(float* g, const float* es, const float* e1, const 
   }
 }
 
-// The KL part of a row from the student's (ms, log zs): its loss, the coefficient alpha of the dense
-// gradient term, and per entry (q_j, T (beta p_j - q_j)) in qg for the corrections at the indices.
+// The KL part of a row: its loss and alpha (the dense gradient's coefficient).
 struct TopkTerms {
   float kl;
   float alpha;
 };
 
-DISTIL_INLINE TopkTerms topk_terms(const float* s, float ms, float log_zs, float T, const TeacherRow& tr, float* qg) {
+// r (e^z - 1 - z) with r e^z = u c: without cancellation for |z| <= 1/4 (Taylor to z^6, truncation
+// < 1e-8 relative), else from u (no exponent built of several rounded logs).
+DISTIL_INLINE float weighted_expm1_minus(float r, float u, float c, float z) {
+  if (std::abs(z) <= 0.25f) {
+    return r * z * z * (0.5f + z * (1.0f / 6.0f + z * (1.0f / 24.0f + z * (1.0f / 120.0f + z * (1.0f / 720.0f)))));
+  }
+  return u * c - r - r * z;
+}
+
+// The KL part of a row from the student's (ms, zs): its loss, the coefficient alpha of the dense
+// gradient term, and per entry T (beta p_j - q_j) in qg for the corrections at the indices (the
+// module docstring of kernels/topk_kl_ce.py has the formulas).  Every exponent is a logit difference
+// before it is scaled by 1/T (exact at large logits), and the KL over K is
+//   log(1 + sum_K r_j (e^z_j - 1 - z_j) + e^-wbar rest / zt),  w_j = ds_j - dt_j, z_j = w_j - wbar,
+// a sum of nonnegative terms (sum_K r z = 0 drops out): no cancellation at large T, where each log
+// probability is O(1/T) and the KL O(1/T^2).
+DISTIL_INLINE TopkTerms topk_terms(const float* s, int64_t V, const StudentStats& st, float T, const TeacherRow& tr,
+                                   float* qg) {
   const float inv_t = 1.0f / T;
-  // log q_j = t_j / T - lse_q: lse_q is the given lse (exact mode) or the lse of the k logits.
-  float lse_q = tr.lse;
-  if (!tr.exact) {
-    float mt = kNegInf;
-    for (int64_t j = 0; j < tr.k; ++j) mt = std::max(mt, tr.t[j]);
-    float zt = 0.f;
-    for (int64_t j = 0; j < tr.k; ++j) zt += std::exp((tr.t[j] - mt) * inv_t);
-    lse_q = mt * inv_t + std::log(zt);
-  }
-  float x = 0.f, big_q = 0.f, big_p = 0.f;
-  float* p = qg + tr.k;
+  const float mt = row_max(tr.t, tr.k);
+  const float m = mt == kNegInf ? 0.f : mt;  // all k logits -inf (exact mode): q = 0, the tail holds it all
+  // k-long sums in double: a rounding of wbar is an error of the KL itself.
+  double zt_sum = 0.0, u_sum = 0.0, vw = 0.0;
+  float* u = qg + tr.k;
   for (int64_t j = 0; j < tr.k; ++j) {
-    const float log_p = (s[tr.idx[j]] - ms) * inv_t - log_zs;
-    const float log_q = tr.t[j] * inv_t - lse_q;
-    const float q = std::exp(log_q);
-    p[j] = std::exp(log_p);
-    qg[j] = q;
-    x += q > 0.f ? q * (log_q - log_p) : 0.f;  // xlogy: q_j = 0 contributes 0
-    big_q += q;
-    big_p += p[j];
+    const float dt = (tr.t[j] - m) * inv_t;
+    const float v = std::exp(dt);
+    u[j] = std::exp((s[tr.idx[j]] - st.ms) * inv_t);
+    qg[j] = v;
+    zt_sum += v;
+    u_sum += u[j];
+    vw += v > 0.f ? v * (((s[tr.idx[j]] - st.ms) - (tr.t[j] - m)) * inv_t) : 0.f;  // r_j = 0 contributes 0
   }
-  float alpha = big_q, beta = 0.f;
+  const float zt = static_cast<float>(zt_sum), sum_u = static_cast<float>(u_sum);
+  const float log_zt = std::log(zt);
+  const float wbar = static_cast<float>(vw / zt_sum);
+  const float c = std::exp(-wbar - log_zt);  // r_j e^z_j = u_j c
+  double a_sum = 0.0;
+  for (int64_t j = 0; j < tr.k; ++j) {
+    if (!(qg[j] > 0.f)) continue;
+    const float w = ((s[tr.idx[j]] - st.ms) - (tr.t[j] - m)) * inv_t;
+    a_sum += weighted_expm1_minus(qg[j] / zt, u[j], c, w - wbar);
+  }
+  const float a = static_cast<float>(a_sum);
+  // The student's mass outside K (none with k = V), as log(e^-wbar rest / zt).
+  const float rest = tr.k == V ? 0.f : std::max(st.zs - sum_u, 0.f);
+  const float lb = std::log(rest) - log_zt - wbar;
+  float kl_k = lb > 0.f ? lb + std::log1p((1.0f + a) * std::exp(-lb)) : std::log1p(a + std::exp(lb));
+  if (wbar == kNegInf) kl_k = std::numeric_limits<float>::infinity();  // the student is -inf where r > 0
+  // Exact mode: the teacher's mass outside K, 1 - e^gap, resolved only above the rounding of the given
+  // fp32 lse (~|lse| 2^-23 per ulp); below that the tail is 0 and q the softmax of the k logits.
+  float q_tail = 0.f, gap = 0.f;
   if (tr.exact) {
-    const float q_tail = std::max(1.0f - big_q, kTailFloor);
-    const float p_raw = 1.0f - big_p;
-    const float p_tail = std::max(p_raw, kTailFloor);
-    x += q_tail * (std::log(q_tail) - std::log(p_tail));
-    beta = p_raw > kTailFloor ? q_tail / p_tail : 0.f;  // a floored tail has no gradient
-    alpha = big_q - beta * big_p;
+    const float g = (m * inv_t - tr.lse) + log_zt;
+    const float tail = -std::expm1(g);
+    if (!(tail <= std::max(kTailFloor, std::abs(tr.lse) * kLseResolution))) {  // a NaN lse stays NaN
+      q_tail = tail;
+      gap = g;
+    }
   }
-  for (int64_t j = 0; j < tr.k; ++j) qg[j] = T * (beta * p[j] - qg[j]);
-  return {T * T * x, alpha};
+  const float big_q = 1.0f - q_tail;
+  // Sum_K q (log q - log p) = Q (kl_k + log Q), log Q = gap.
+  float kl = zt > 0.f ? big_q * (kl_k + gap) : 0.f;
+  float beta = 0.f;
+  const float big_p = sum_u / st.zs;
+  if (q_tail > 0.f) {
+    const float p_raw = rest / st.zs;
+    const float p_tail = std::max(p_raw, kTailFloor);
+    kl += q_tail * (std::log(q_tail) - std::log(p_tail));
+    beta = p_raw > kTailFloor ? q_tail / p_tail : 0.f;  // a floored tail has no gradient
+  }
+  const float q_scale = zt > 0.f ? big_q / zt : 0.f, p_scale = 1.0f / st.zs;
+  for (int64_t j = 0; j < tr.k; ++j) qg[j] = T * (beta * p_scale * u[j] - q_scale * qg[j]);
+  return {std::max(T * T * kl, 0.f), big_q - beta * big_p};  // never below 0 (rounding); NaN stays
 }
 
 // Losses of one fp32 row and, when g is given, the gradient job.kl_coef * dKL + job.ce_coef * dCE (zeros where
@@ -211,7 +252,7 @@ DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow
   RowLoss out;
   TopkTerms terms{0.f, 0.f};
   if (kl) {
-    terms = topk_terms(s, st.ms, std::log(st.zs), T, tr, qg);
+    terms = topk_terms(s, V, st, T, tr, qg);
     out.kl = terms.kl;
   }
   if (ce) out.ce = std::log(st.z1) + (st.ms - s[job.label]);  // the difference first: exact at large logits
