@@ -3,10 +3,9 @@
 kernel and the Triton kernel: the interpreter here, CUDA on a GPU run); the KL is never negative."""
 import pytest
 import torch
+from test_topk_kl_ce import IMPLS, Sample, forward, impl_device, teacher_topk
 
 from distil import reference
-
-from test_topk_kl_ce import IMPLS, Sample, forward, impl_device, teacher_topk
 
 
 def topk_kl(impl, triton_device, s, t, k, exact, temperature, labels=None):

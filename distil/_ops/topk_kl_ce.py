@@ -209,10 +209,12 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
     - ``teacher_lse=None`` (renormalised, the TRL / DistillKit convention): ``q = softmax(t_k / T)`` over
       the k entries, against the student's full-vocabulary ``log_softmax(s / T)`` at those indices:
       ``Σ_k q (log q − log p)``;
-    - ``teacher_lse`` given (exact): the teacher's own top-k probabilities ``exp(t_k / T − lse)`` plus
-      one tail bucket with the rest of its mass ``1 − Σ_k q``, against the student's ``1 − Σ_k p``: the
-      KL over the k tokens and the tail, which equals the dense ``kl_ce_loss`` KL when k = V. Tail
-      masses below 2^-16 are rounding noise and are floored there.
+    - ``teacher_lse`` given (exact): one tail bucket with the teacher's mass outside the k tokens,
+      ``q_tail = 1 − exp(logsumexp(t_k / T) − lse)``, and its top-k probabilities ``(1 − q_tail) ·
+      softmax(t_k / T)``, against the student's ``1 − Σ_k p`` and ``p``: the KL over the k tokens and
+      the tail, which equals the dense ``kl_ce_loss`` KL when k = V. A teacher tail below
+      ``max(2^-16, |lse| · 2^-21)`` is rounding noise of the fp32 ``lse`` and is 0 (the renormalised
+      mode); a student tail below 2^-16 is floored there.
 
     The gradient is written during the forward for ``kl_weight * kl + ce_weight * ce`` (see
     :func:`kl_ce_loss`); the teacher gets no gradient.
