@@ -137,6 +137,31 @@ def topk_kl_ce_rows(s, values, index, lse, labels, kl_mask, temperature, ignore_
     return _select_rows_and_ce(kl * temperature**2, s, s_dead, t_dead, labels, kl_mask, ignore_index)
 
 
+def topk_divergence_rows(s, values, index, lse, labels, kl_mask, temperature, divergence, divergence_param=0.0,
+                         ignore_index=IGNORE_INDEX):
+    """Per-row ``(T²·D, CE)`` of ``distil::topk_kl_ce_rows`` with ``divergence`` (:func:`divergence_rows`)
+    on the buckets of :func:`topk_kl_ce_rows`: the k tokens (teacher ``q``, student ``p`` at ``index``) and,
+    with ``lse``, the tail (the teacher's ``q_t`` against the student's ``1 − Σp``, 0 when k = V), unfloored.
+    ``"forward_kl"`` is :func:`topk_kl_ce_rows` itself."""
+    if divergence == "forward_kl":
+        return topk_kl_ce_rows(s, values, index, lse, labels, kl_mask, temperature, ignore_index)
+    s_dead = s.isneginf().all(-1)
+    t_dead = lse.isneginf() if lse is not None else values.isneginf().all(-1)
+    s = torch.where(s_dead[..., None], torch.zeros_like(s), s)
+    t = torch.where(t_dead[..., None], torch.zeros_like(values), values).to(s.dtype)
+    log_p = F.log_softmax(s / temperature, -1).gather(-1, index.long())
+    log_q = F.log_softmax(t / temperature, -1)
+    if lse is not None:
+        lse = torch.where(t_dead, torch.zeros_like(lse), lse).to(s.dtype)
+        q_tail = -torch.expm1(torch.logsumexp(t / temperature, -1) - lse)
+        q_tail = torch.where(q_tail <= (lse.abs() * LSE_RESOLUTION).clamp(min=TAIL_FLOOR), 0.0, q_tail)
+        log_q = torch.cat([log_q + torch.log1p(-q_tail)[..., None], q_tail.log()[..., None]], -1)
+        p_tail = (1 - log_p.exp().sum(-1)).clamp(min=0) if values.shape[-1] < s.shape[-1] else torch.zeros_like(q_tail)
+        log_p = torch.cat([log_p, p_tail.log()[..., None]], -1)
+    rows = divergence_rows(log_q, log_p, divergence, divergence_param)
+    return _select_rows_and_ce(rows * temperature**2, s, s_dead, t_dead, labels, kl_mask, ignore_index)
+
+
 def cosine_rows(x, y, mask=None):
     """Per-row ``1 − cos`` of ``distil::cosine_rows`` with ``nn.CosineEmbeddingLoss``'s (target +1)
     math, ``cos = Σxy / sqrt((Σx² + 1e-12)(Σy² + 1e-12))``; 0 where ``mask`` is False."""

@@ -23,6 +23,7 @@ from distil._ops.common import (
     save_gradient_buffer,
     take_gradient_buffer,
 )
+from distil._ops.divergence import JSD_BETA, SKEW_ALPHA, check_divergence
 from distil._ops.kl_ce import _contiguous, loss_coef
 
 try:  # Triton is a Linux-only dependency; without it CUDA tensors have no kernel.
@@ -67,12 +68,18 @@ def _check_op_args(student, values, index, lse, labels, kl_mask, coef):
         raise ValueError(f"{op}: coef must be a float32 tensor of shape [2]")
 
 
+def _check_cuda_divergence(divergence):
+    if divergence != "forward_kl":
+        raise NotImplementedError(f"topk_kl_ce_rows: divergence={divergence!r} runs on CPU only so far")
+
+
 if _triton_topk is not None:
 
     @torch.library.register_kernel("distil::topk_kl_ce_rows", "cuda")
     def _topk_kl_ce_rows_cuda(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
-                              compute_grad):
+                              compute_grad, divergence="forward_kl", divergence_param=0.0):
         _check_op_args(student, values, index, lse, labels, kl_mask, coef)
+        _check_cuda_divergence(divergence)
         rows = student.shape[:-1]
         kl_rows = student.new_empty(rows, dtype=torch.float32)
         ce_rows = student.new_empty(rows, dtype=torch.float32)
@@ -85,8 +92,10 @@ if _triton_topk is not None:
 
     @torch.library.register_kernel("distil::topk_kl_ce_rows_backward", "cuda")
     def _topk_kl_ce_rows_backward_cuda(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels,
-                                       kl_mask, coef, temperature, ignore_index):
+                                       kl_mask, coef, temperature, ignore_index, divergence="forward_kl",
+                                       divergence_param=0.0):
         _check_op_args(student, values, index, lse, labels, kl_mask, coef)
+        _check_cuda_divergence(divergence)
         if grad.shape != student.shape or not grad.is_contiguous():
             raise ValueError("topk_kl_ce_rows_backward: grad must be contiguous with the student's shape")
         with device_guard(student):
@@ -98,7 +107,7 @@ if _triton_topk is not None:
 
 @torch.library.register_fake("distil::topk_kl_ce_rows")
 def _topk_kl_ce_rows_fake(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
-                          compute_grad):
+                          compute_grad, divergence="forward_kl", divergence_param=0.0):
     rows = student.shape[:-1]
     kl = student.new_empty(rows, dtype=torch.float32)
     ce = student.new_empty(rows, dtype=torch.float32)
@@ -108,14 +117,15 @@ def _topk_kl_ce_rows_fake(student, values, index, lse, labels, kl_mask, coef, te
 
 @torch.library.register_fake("distil::topk_kl_ce_rows_backward")
 def _topk_kl_ce_rows_backward_fake(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels, kl_mask,
-                                   coef, temperature, ignore_index):
+                                   coef, temperature, ignore_index, divergence="forward_kl", divergence_param=0.0):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, compute_grad = inputs
+    student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, compute_grad = inputs[:10]
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
+    ctx.divergence, ctx.divergence_param = inputs[10:] or ("forward_kl", 0.0)
     save_gradient_buffer(ctx, output[2], compute_grad, student, values, index, lse, labels, kl_mask, coef)
 
 
@@ -125,9 +135,9 @@ def _backward(ctx, grad_kl_rows, grad_ce_rows, _grad_of_grad):
     torch.ops.distil.topk_kl_ce_rows_backward(
         grad, zeros if grad_kl_rows is None else grad_kl_rows.float(),
         zeros if grad_ce_rows is None else grad_ce_rows.float(), student, values, index, lse, labels, kl_mask,
-        coef, ctx.temperature, ctx.ignore_index,
+        coef, ctx.temperature, ctx.ignore_index, ctx.divergence, ctx.divergence_param,
     )
-    return (grad,) + (None,) * 9
+    return (grad,) + (None,) * 11
 
 
 torch.library.register_autograd("distil::topk_kl_ce_rows", _backward, setup_context=_setup_context)
@@ -198,7 +208,7 @@ def _refuse_impossible_lse(values, lse, temperature, kl_mask):
 
 def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, labels, *, teacher_lse=None,
                     teacher_lse_temperature=None, temperature=2.0, kl_mask=None, ignore_index=-100, kl_weight=1.0,
-                    ce_weight=1.0):
+                    ce_weight=1.0, divergence="forward_kl", jsd_beta=JSD_BETA, skew_alpha=SKEW_ALPHA):
     """:func:`kl_ce_loss` against a teacher known by its top-k logits (e.g. from an offline cache,
     :mod:`distil.teacher_cache`), in one kernel launch over the student logits.
 
@@ -238,10 +248,18 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
             :class:`TopKLogits` carries it for you.
         temperature: T > 0 for the KL; the cross-entropy uses T = 1.
         kl_mask: optional bool ``[N]`` / ``[B, S]`` selecting the KL rows (default: all rows).
+        divergence: ``"forward_kl"`` (default), ``"reverse_kl"``, ``"jsd"``, ``"skew_kl"``,
+            ``"skew_reverse_kl"`` or ``"tvd"`` (:mod:`distil._ops.divergence`, as :func:`kl_ce_loss`), on the
+            buckets of the teacher's mode: the k tokens (teacher q, student p at the indices) and, with
+            ``teacher_lse``, the tail bucket (the teacher's tail mass against the student's ``1 − Σ_k p``):
+            with k = V the dense divergence. In the renormalised mode the student's side sums to below 1,
+            so the reverse KLs can be negative there. CPU only for now (CUDA: forward_kl).
+        jsd_beta, skew_alpha: as :func:`kl_ce_loss`.
     Returns:
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
     values, index, lse = _check_teacher(student_logits, teacher_topk_logits, teacher_topk_index, teacher_lse)
+    divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
     temperature = check_temperature("temperature", temperature)
     _check_lse_temperature(teacher_lse_temperature, temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
@@ -256,7 +274,7 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
     coef = loss_coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)
     kl_rows, ce_rows, _ = torch.ops.distil.topk_kl_ce_rows(
         student_logits, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
-        needs_grad(student_logits),
+        needs_grad(student_logits), divergence, divergence_param,
     )
     if poison is not None:  # a NaN loss, not a silently wrong one; the gradient passes through unchanged
         kl_rows = kl_rows + poison
