@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "divergence.h"
 #include "rows.h"
 
 #include <algorithm>
@@ -31,14 +32,15 @@ TORCH_LIBRARY_FRAGMENT(distil, m) {
   // k entries plus one tail bucket.  Outputs as kl_ce_rows.
   m.def(
       "topk_kl_ce_rows(Tensor student, Tensor teacher_values, Tensor teacher_index, Tensor? teacher_lse, "
-      "Tensor? labels, Tensor? kl_mask, Tensor coef, float temperature, int ignore_index, bool compute_grad) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? labels, Tensor? kl_mask, Tensor coef, float temperature, int ignore_index, bool compute_grad, "
+      "str divergence=\"forward_kl\", float divergence_param=0.0) -> (Tensor, Tensor, Tensor)");
   // Rewrites the forward's grad (made for coef) in place into the gradient for the incoming per-row
   // gradients, as kl_ce_rows_backward.
   m.def(
       "topk_kl_ce_rows_backward(Tensor(a!) grad, Tensor grad_kl_rows, Tensor grad_ce_rows, Tensor student, "
       "Tensor teacher_values, Tensor teacher_index, Tensor? teacher_lse, Tensor? labels, Tensor? kl_mask, "
-      "Tensor coef, float temperature, int ignore_index) -> ()");
+      "Tensor coef, float temperature, int ignore_index, str divergence=\"forward_kl\", "
+      "float divergence_param=0.0) -> ()");
 }
 
 namespace {
@@ -47,6 +49,8 @@ using at::Tensor;
 using distil::cpu::check_cpu;
 using distil::cpu::check_rows_tensor;
 using distil::cpu::dispatch_pair;
+using distil::cpu::Divergence;
+using distil::cpu::DivergenceTerm;
 using distil::cpu::exp_nonpos;
 using distil::cpu::load_row;
 using distil::cpu::rescale_or_recompute_rows;
@@ -61,9 +65,12 @@ using distil::cpu::store_row;
 
 constexpr const char* kOp = "topk_kl_ce_rows";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Both tail masses are floored at 2^-16 (kernels/topk_kl_ce.py, TAIL_FLOOR): below it they are
 // rounding noise of fp32 sums of probabilities.
 constexpr float kTailFloor = 1.52587890625e-05f;
+// The teacher's tail mass 1 - e^(lse_K - lse) is noise below |lse| 2^-21 (4 ulps of the fp32 lse).
+constexpr float kLseResolution = 4.76837158203125e-07f;
 
 // One row's teacher: k fp32 logits and their (validated) indices; lse is NaN-free only in exact mode.
 struct TeacherRow {
@@ -144,53 +151,170 @@ DISTIL_INLINE void dense_grad(float* g, const float* es, const float* e1, const 
   }
 }
 
-// The KL part of a row from the student's (ms, log zs): its loss, the coefficient alpha of the dense
-// gradient term, and per entry (q_j, T (beta p_j - q_j)) in qg for the corrections at the indices.
+// The KL part of a row: its loss and alpha (the dense gradient's coefficient).
 struct TopkTerms {
   float kl;
   float alpha;
 };
 
-DISTIL_INLINE TopkTerms topk_terms(const float* s, float ms, float log_zs, float T, const TeacherRow& tr, float* qg) {
+// r (e^z - 1 - z) with r e^z = u c: without cancellation for |z| <= 1/4 (Taylor to z^6, truncation
+// < 1e-8 relative), else from u (no exponent built of several rounded logs).
+DISTIL_INLINE float weighted_expm1_minus(float r, float u, float c, float z) {
+  if (std::abs(z) <= 0.25f) {
+    return r * z * z * (0.5f + z * (1.0f / 6.0f + z * (1.0f / 24.0f + z * (1.0f / 120.0f + z * (1.0f / 720.0f)))));
+  }
+  return u * c - r - r * z;
+}
+
+// Exact mode: the teacher's mass outside K, 1 - e^gap with gap = lse_K - lse (lse_K = scaled_max + log_zt),
+// resolved only above the rounding of the given fp32 lse (~|lse| 2^-23 per ulp); below that (and in the
+// renormalised mode) the tail is 0 and the teacher on K the softmax of the k logits.
+struct TeacherTail {
+  float mass = 0.f;
+  float gap = 0.f;  // log of the mass on K
+};
+
+DISTIL_INLINE TeacherTail teacher_tail(const TeacherRow& tr, float scaled_max, float log_zt) {
+  if (!tr.exact) return {};
+  const float g = (scaled_max - tr.lse) + log_zt;
+  const float tail = -std::expm1(g);
+  if (tail <= std::max(kTailFloor, std::abs(tr.lse) * kLseResolution)) return {};  // a NaN lse stays NaN
+  return {tail, g};
+}
+
+// The KL part of a row from the student's (ms, zs): its loss, the coefficient alpha of the dense
+// gradient term, and per entry T (beta p_j - q_j) in qg for the corrections at the indices (the
+// module docstring of kernels/topk_kl_ce.py has the formulas).  Every exponent is a logit difference
+// before it is scaled by 1/T (exact at large logits), and the KL over K is
+//   log(1 + sum_K r_j (e^z_j - 1 - z_j) + e^-wbar rest / zt),  w_j = ds_j - dt_j, z_j = w_j - wbar,
+// a sum of nonnegative terms (sum_K r z = 0 drops out): no cancellation at large T, where each log
+// probability is O(1/T) and the KL O(1/T^2).
+DISTIL_INLINE TopkTerms topk_terms(const float* s, int64_t V, const StudentStats& st, float T, const TeacherRow& tr,
+                                   float* qg) {
   const float inv_t = 1.0f / T;
-  // log q_j = t_j / T - lse_q: lse_q is the given lse (exact mode) or the lse of the k logits.
-  float lse_q = tr.lse;
-  if (!tr.exact) {
-    float mt = kNegInf;
-    for (int64_t j = 0; j < tr.k; ++j) mt = std::max(mt, tr.t[j]);
-    float zt = 0.f;
-    for (int64_t j = 0; j < tr.k; ++j) zt += std::exp((tr.t[j] - mt) * inv_t);
-    lse_q = mt * inv_t + std::log(zt);
-  }
-  float x = 0.f, big_q = 0.f, big_p = 0.f;
-  float* p = qg + tr.k;
+  const float mt = row_max(tr.t, tr.k);
+  const float m = mt == kNegInf ? 0.f : mt;  // all k logits -inf (exact mode): q = 0, the tail holds it all
+  // k-long sums in double: a rounding of wbar is an error of the KL itself.
+  double zt_sum = 0.0, u_sum = 0.0, vw = 0.0;
+  float* u = qg + tr.k;
   for (int64_t j = 0; j < tr.k; ++j) {
-    const float log_p = (s[tr.idx[j]] - ms) * inv_t - log_zs;
-    const float log_q = tr.t[j] * inv_t - lse_q;
-    const float q = std::exp(log_q);
-    p[j] = std::exp(log_p);
-    qg[j] = q;
-    x += q > 0.f ? q * (log_q - log_p) : 0.f;  // xlogy: q_j = 0 contributes 0
-    big_q += q;
-    big_p += p[j];
+    const float dt = (tr.t[j] - m) * inv_t;
+    const float v = std::exp(dt);
+    u[j] = std::exp((s[tr.idx[j]] - st.ms) * inv_t);
+    qg[j] = v;
+    zt_sum += v;
+    u_sum += u[j];
+    vw += v > 0.f ? v * (((s[tr.idx[j]] - st.ms) - (tr.t[j] - m)) * inv_t) : 0.f;  // r_j = 0 contributes 0
   }
-  float alpha = big_q, beta = 0.f;
-  if (tr.exact) {
-    const float q_tail = std::max(1.0f - big_q, kTailFloor);
-    const float p_raw = 1.0f - big_p;
+  const float zt = static_cast<float>(zt_sum), sum_u = static_cast<float>(u_sum);
+  const float log_zt = std::log(zt);
+  const float wbar = static_cast<float>(vw / zt_sum);
+  const float c = std::exp(-wbar - log_zt);  // r_j e^z_j = u_j c
+  double a_sum = 0.0;
+  for (int64_t j = 0; j < tr.k; ++j) {
+    if (!(qg[j] > 0.f)) continue;
+    const float w = ((s[tr.idx[j]] - st.ms) - (tr.t[j] - m)) * inv_t;
+    a_sum += weighted_expm1_minus(qg[j] / zt, u[j], c, w - wbar);
+  }
+  const float a = static_cast<float>(a_sum);
+  // The student's mass outside K (none with k = V), as log(e^-wbar rest / zt).
+  const float rest = tr.k == V ? 0.f : std::max(st.zs - sum_u, 0.f);
+  const float lb = std::log(rest) - log_zt - wbar;
+  float kl_k = lb > 0.f ? lb + std::log1p((1.0f + a) * std::exp(-lb)) : std::log1p(a + std::exp(lb));
+  if (wbar == kNegInf) kl_k = std::numeric_limits<float>::infinity();  // the student is -inf where r > 0
+  const auto [q_tail, gap] = teacher_tail(tr, m * inv_t, log_zt);
+  const float big_q = 1.0f - q_tail;
+  // Sum_K q (log q - log p) = Q (kl_k + log Q), log Q = gap.
+  float kl = zt > 0.f ? big_q * (kl_k + gap) : 0.f;
+  float beta = 0.f;
+  const float big_p = sum_u / st.zs;
+  if (q_tail > 0.f) {
+    const float p_raw = rest / st.zs;
     const float p_tail = std::max(p_raw, kTailFloor);
-    x += q_tail * (std::log(q_tail) - std::log(p_tail));
+    kl += q_tail * (std::log(q_tail) - std::log(p_tail));
     beta = p_raw > kTailFloor ? q_tail / p_tail : 0.f;  // a floored tail has no gradient
-    alpha = big_q - beta * big_p;
   }
-  for (int64_t j = 0; j < tr.k; ++j) qg[j] = T * (beta * p[j] - qg[j]);
-  return {T * T * x, alpha};
+  const float q_scale = zt > 0.f ? big_q / zt : 0.f, p_scale = 1.0f / st.zs;
+  for (int64_t j = 0; j < tr.k; ++j) qg[j] = T * (beta * p_scale * u[j] - q_scale * qg[j]);
+  return {std::max(T * T * kl, 0.f), big_q - beta * big_p};  // never below 0 (rounding); NaN stays
+}
+
+// The other divergences (divergence.h) on the buckets: the k tokens, with teacher p_j = Q r_j and student
+// q_j = pi_{i_j} (pi = softmax(s/T) over the vocabulary), and in exact mode the tail, teacher q_tail's
+// mass against the student's rest.  With a_b = dl_b/dq_b and c = sum_b q_b a_b the gradient is
+// T pi_i (a_{b(i)} - c), b(i) the bucket of token i (a = 0 outside K in the renormalised mode): a dense
+// term alpha = a_tail - c and corrections T q_j (a_j - a_tail) at the indices, left in qg.
+template <Divergence D>
+DISTIL_INLINE TopkTerms divergence_terms(const float* s, int64_t V, const StudentStats& st, float T, float param,
+                                         const TeacherRow& tr, float* qg) {
+  const float inv_t = 1.0f / T;
+  const float mt = row_max(tr.t, tr.k);
+  const float m = mt == kNegInf ? 0.f : mt;
+  double zt_sum = 0.0, u_sum = 0.0;
+  for (int64_t j = 0; j < tr.k; ++j) {
+    zt_sum += std::exp((tr.t[j] - m) * inv_t);
+    u_sum += std::exp((s[tr.idx[j]] - st.ms) * inv_t);
+  }
+  const float zt = static_cast<float>(zt_sum), log_zt = std::log(zt), log_zs = std::log(st.zs);
+  const auto [q_tail, gap] = teacher_tail(tr, m * inv_t, log_zt);
+  // The reverse KLs' a_j drop a constant 1 that cancels in a_j - c over buckets of mass 1; the renormalised
+  // mode's student buckets (the k tokens) have less, so it is added back there.
+  constexpr bool kReverse = D == Divergence::ReverseKL || D == Divergence::SkewReverseKL;
+  const float a_shift = kReverse && !tr.exact ? 1.f : 0.f;
+  float loss = 0.f, c = 0.f;
+  for (int64_t j = 0; j < tr.k; ++j) {
+    const float lp = (tr.t[j] - m) * inv_t - log_zt + gap;
+    const float lq = (s[tr.idx[j]] - st.ms) * inv_t - log_zs;
+    const float p = zt > 0.f ? std::exp(lp) : 0.f, q = std::exp(lq);
+    const float d = lp - lq;
+    const float a = DivergenceTerm<D>::dq(p, q, d, param) + a_shift;
+    loss += DivergenceTerm<D>::loss(p, q, d, param);
+    c += q * a;
+    qg[j] = a;
+    qg[tr.k + j] = q;
+  }
+  float a_tail = 0.f;
+  if (tr.exact) {
+    const float rest = tr.k == V ? 0.f : std::max(st.zs - static_cast<float>(u_sum), 0.f);
+    const float q = rest / st.zs;
+    const float d = std::log(q_tail) - std::log(q);
+    a_tail = DivergenceTerm<D>::dq(q_tail, q, d, param);
+    loss += DivergenceTerm<D>::loss(q_tail, q, d, param);
+    c += q * a_tail;
+  }
+  for (int64_t j = 0; j < tr.k; ++j) qg[j] = T * qg[tr.k + j] * (qg[j] - a_tail);
+  // Never below 0 (rounding; NaN stays) where it is a divergence: in exact mode, and in the renormalised
+  // one except for the reverse KLs, whose student side (mass sum_K q < 1) makes them negative at times.
+  const bool nonneg = tr.exact || !kReverse;
+  // A NaN on either side makes the row NaN (the terms' q > 0 / p > 0 guards would drop it), as kl_ce_rows.
+  if (std::isnan(st.zs) || std::isnan(zt) || std::isnan(tr.lse)) return {kNaN, kNaN};
+  return {nonneg ? std::max(T * T * loss, 0.f) : T * T * loss, a_tail - c};
+}
+
+// The divergence's terms of a row with a KL part.
+DISTIL_INLINE TopkTerms row_terms(Divergence divergence, float param, const float* s, int64_t V,
+                                  const StudentStats& st, float T, const TeacherRow& tr, float* qg) {
+  switch (divergence) {
+    case Divergence::ForwardKL:
+      return topk_terms(s, V, st, T, tr, qg);
+    case Divergence::ReverseKL:
+      return divergence_terms<Divergence::ReverseKL>(s, V, st, T, param, tr, qg);
+    case Divergence::JSD:
+      return divergence_terms<Divergence::JSD>(s, V, st, T, param, tr, qg);
+    case Divergence::SkewKL:
+      return divergence_terms<Divergence::SkewKL>(s, V, st, T, param, tr, qg);
+    case Divergence::SkewReverseKL:
+      return divergence_terms<Divergence::SkewReverseKL>(s, V, st, T, param, tr, qg);
+    case Divergence::TVD:
+      return divergence_terms<Divergence::TVD>(s, V, st, T, param, tr, qg);
+  }
+  return {0.f, 0.f};
 }
 
 // Losses of one fp32 row and, when g is given, the gradient job.kl_coef * dKL + job.ce_coef * dCE (zeros where
 // neither applies; g doubles as the store of the KL exponentials).  scratch holds V + 2 k + V / kBlock + 1 floats.
-DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow& tr, float T, const RowJob& job,
-                                     float* g, float* scratch) {
+DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow& tr, float T, Divergence divergence,
+                                     float param, const RowJob& job, float* g, float* scratch) {
   float* e1 = scratch;
   float* qg = scratch + V;
   float* bmax = qg + 2 * tr.k;
@@ -211,7 +335,7 @@ DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow
   RowLoss out;
   TopkTerms terms{0.f, 0.f};
   if (kl) {
-    terms = topk_terms(s, st.ms, std::log(st.zs), T, tr, qg);
+    terms = row_terms(divergence, param, s, V, st, T, tr, qg);
     out.kl = terms.kl;
   }
   if (ce) out.ce = std::log(st.z1) + (st.ms - s[job.label]);  // the difference first: exact at large logits
@@ -256,14 +380,21 @@ struct Problem {
   float ce_coef;
   float T;
   int64_t ignore_index;
+  Divergence divergence;
+  float divergence_param;
   int64_t N;
   int64_t V;
   int64_t k;
 
   Problem(const Tensor& student_, const Tensor& values_, const Tensor& index_, const std::optional<Tensor>& lse_,
           const std::optional<Tensor>& labels_, const std::optional<Tensor>& kl_mask_, const Tensor& coef,
-          double temperature, int64_t ignore_index_)
-      : student(student_), values(values_), index(index_), ignore_index(ignore_index_) {
+          double temperature, int64_t ignore_index_, c10::string_view divergence_, double divergence_param_)
+      : student(student_),
+        values(values_),
+        index(index_),
+        ignore_index(ignore_index_),
+        divergence(distil::cpu::parse_divergence(kOp, divergence_, divergence_param_)),
+        divergence_param(static_cast<float>(divergence_param_)) {
     check_float("student", student);
     check_float("teacher_values", values);
     const int64_t row_dims = student.dim() - 1;
@@ -351,7 +482,7 @@ class RowRunner {
       load_row(tf, t_.data + t_.off(r), k);
       read_indices(r);
     }
-    const RowLoss loss = topk_kl_ce_row(sf, V, tr, pb_.T, job, gf, scratch);
+    const RowLoss loss = topk_kl_ce_row(sf, V, tr, pb_.T, pb_.divergence, pb_.divergence_param, job, gf, scratch);
     if constexpr (!std::is_same_v<S, float>) {
       if (g) store_row(g, gf, V);
     }
@@ -399,8 +530,10 @@ std::tuple<Tensor, Tensor, Tensor> topk_kl_ce_rows_cpu(const Tensor& student, co
                                                        const Tensor& index, const std::optional<Tensor>& lse,
                                                        const std::optional<Tensor>& labels,
                                                        const std::optional<Tensor>& kl_mask, const Tensor& coef,
-                                                       double temperature, int64_t ignore_index, bool compute_grad) {
-  const Problem pb(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index);
+                                                       double temperature, int64_t ignore_index, bool compute_grad,
+                                                       c10::string_view divergence, double divergence_param) {
+  const Problem pb(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, divergence,
+                   divergence_param);
   const auto row_shape = student.sizes().slice(0, student.dim() - 1);
   Tensor kl_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
   Tensor ce_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
@@ -427,8 +560,9 @@ void topk_kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, cons
                                   const Tensor& student, const Tensor& values, const Tensor& index,
                                   const std::optional<Tensor>& lse, const std::optional<Tensor>& labels,
                                   const std::optional<Tensor>& kl_mask, const Tensor& coef, double temperature,
-                                  int64_t ignore_index) {
-  const Problem pb(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index);
+                                  int64_t ignore_index, c10::string_view divergence, double divergence_param) {
+  const Problem pb(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, divergence,
+                   divergence_param);
   check_cpu(kOp, "grad", grad);
   TORCH_CHECK_TYPE(grad.scalar_type() == student.scalar_type(), "topk_kl_ce_rows_backward: grad must have dtype ",
                    student.scalar_type(), ", got ", grad.scalar_type());

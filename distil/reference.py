@@ -105,16 +105,18 @@ def _select_rows_and_ce(kl, s, s_dead, t_dead, labels, kl_mask, ignore_index):
     return kl, torch.where(s_dead, torch.zeros_like(ce), ce)
 
 
-TAIL_FLOOR = 2.0**-16  # kernels/topk_kl_ce.py: both tail masses are floored here
+TAIL_FLOOR = 2.0**-16  # kernels/topk_kl_ce.py: a tail mass is resolved above it
+LSE_RESOLUTION = 2.0**-21  # kernels/topk_kl_ce.py: the teacher's tail is noise below |lse| times this
 
 
 def topk_kl_ce_rows(s, values, index, lse, labels, kl_mask, temperature, ignore_index=IGNORE_INDEX):
     """Per-row ``(T²·KL, CE)`` of ``distil::topk_kl_ce_rows``, differentiable w.r.t. ``s``.
 
-    With ``log p = log_softmax(s/T)`` over the vocabulary taken at ``index``: without ``lse``,
-    ``q = softmax(values/T)`` over the k entries and ``kl = T² Σ_k q (log q − log p)``; with ``lse``,
-    ``q = exp(values/T − lse)`` and the tail bucket ``q_t log(q_t / p_t)`` is added, with
-    ``q_t = max(1 − Σq, F)``, ``p_t = max(1 − Σp, F)``, F = ``TAIL_FLOOR``. Terms with q = 0 are 0;
+    With ``log p = log_softmax(s/T)`` over the vocabulary taken at ``index`` and ``r = softmax(values/T)``
+    over the k entries: without ``lse``, ``q = r`` and ``kl = T² Σ_k q (log q − log p)``; with ``lse``, the
+    teacher's tail mass ``q_t = 1 − exp(logsumexp(values/T) − lse)``, 0 where it is at most
+    ``max(F, |lse| 2^-21)`` (the rounding of an fp32 lse), ``q = (1 − q_t) r`` and the tail bucket
+    ``q_t log(q_t / p_t)`` is added, ``p_t = max(1 − Σp, F)``, F = ``TAIL_FLOOR``. Terms with q = 0 are 0;
     rows -inf everywhere (s; the k values, or lse) have loss 0 and gradient 0, as in :func:`kl_ce_rows`.
     """
     s_dead = s.isneginf().all(-1)
@@ -122,17 +124,43 @@ def topk_kl_ce_rows(s, values, index, lse, labels, kl_mask, temperature, ignore_
     s = torch.where(s_dead[..., None], torch.zeros_like(s), s)
     t = torch.where(t_dead[..., None], torch.zeros_like(values), values).to(s.dtype)
     log_p = F.log_softmax(s / temperature, -1).gather(-1, index.long())
-    if lse is None:
-        log_q = F.log_softmax(t / temperature, -1)
-    else:
-        log_q = t / temperature - torch.where(t_dead, torch.zeros_like(lse), lse).to(s.dtype)[..., None]
+    log_q = F.log_softmax(t / temperature, -1)
+    if lse is not None:
+        lse = torch.where(t_dead, torch.zeros_like(lse), lse).to(s.dtype)
+        q_tail = -torch.expm1(torch.logsumexp(t / temperature, -1) - lse)
+        q_tail = torch.where(q_tail <= (lse.abs() * LSE_RESOLUTION).clamp(min=TAIL_FLOOR), 0.0, q_tail)
+        log_q = log_q + torch.log1p(-q_tail)[..., None]
     q = log_q.exp()
     kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)
     if lse is not None:
-        q_tail = (1 - q.sum(-1)).clamp(min=TAIL_FLOOR)
         p_tail = (1 - log_p.exp().sum(-1)).clamp(min=TAIL_FLOOR)
-        kl = kl + q_tail * (q_tail.log() - p_tail.log())
+        kl = kl + torch.where(q_tail > 0, q_tail * (q_tail.log() - p_tail.log()), 0.0)
     return _select_rows_and_ce(kl * temperature**2, s, s_dead, t_dead, labels, kl_mask, ignore_index)
+
+
+def topk_divergence_rows(s, values, index, lse, labels, kl_mask, temperature, divergence, divergence_param=0.0,
+                         ignore_index=IGNORE_INDEX):
+    """Per-row ``(T²·D, CE)`` of ``distil::topk_kl_ce_rows`` with ``divergence`` (:func:`divergence_rows`)
+    on the buckets of :func:`topk_kl_ce_rows`: the k tokens (teacher ``q``, student ``p`` at ``index``) and,
+    with ``lse``, the tail (the teacher's ``q_t`` against the student's ``1 − Σp``, 0 when k = V), unfloored.
+    ``"forward_kl"`` is :func:`topk_kl_ce_rows` itself."""
+    if divergence == "forward_kl":
+        return topk_kl_ce_rows(s, values, index, lse, labels, kl_mask, temperature, ignore_index)
+    s_dead = s.isneginf().all(-1)
+    t_dead = lse.isneginf() if lse is not None else values.isneginf().all(-1)
+    s = torch.where(s_dead[..., None], torch.zeros_like(s), s)
+    t = torch.where(t_dead[..., None], torch.zeros_like(values), values).to(s.dtype)
+    log_p = F.log_softmax(s / temperature, -1).gather(-1, index.long())
+    log_q = F.log_softmax(t / temperature, -1)
+    if lse is not None:
+        lse = torch.where(t_dead, torch.zeros_like(lse), lse).to(s.dtype)
+        q_tail = -torch.expm1(torch.logsumexp(t / temperature, -1) - lse)
+        q_tail = torch.where(q_tail <= (lse.abs() * LSE_RESOLUTION).clamp(min=TAIL_FLOOR), 0.0, q_tail)
+        log_q = torch.cat([log_q + torch.log1p(-q_tail)[..., None], q_tail.log()[..., None]], -1)
+        p_tail = (1 - log_p.exp().sum(-1)).clamp(min=0) if values.shape[-1] < s.shape[-1] else torch.zeros_like(q_tail)
+        log_p = torch.cat([log_p, p_tail.log()[..., None]], -1)
+    rows = divergence_rows(log_q, log_p, divergence, divergence_param)
+    return _select_rows_and_ce(rows * temperature**2, s, s_dead, t_dead, labels, kl_mask, ignore_index)
 
 
 def cosine_rows(x, y, mask=None):

@@ -13,19 +13,33 @@ log-softmax taken at those indices:
     d kl_rows / d s_i = T * (Q p_i - [i = i_j] q_j),          Q = sum_K q_j (= 1)
 
 Exact mode (``teacher_lse`` = the teacher's full-vocabulary logsumexp of t/T, natural log, fp32):
-the teacher's true top-k probabilities q_j = exp(t_j/T - lse) plus one tail bucket holding the rest
-of its mass, against the student's mass on the same k tokens and on the rest:
+the teacher's true top-k probabilities plus one tail bucket holding the rest of its mass, against the
+student's mass on the same k tokens and on the rest. The tail is q_tail = 1 - exp(lse_K - lse), lse_K the
+logsumexp of the k logits t/T; it is 0 where it is at most max(F, |lse| 2^-21) (below the rounding of an
+fp32 lse and of the k-logit sums: then this is the renormalised mode), and then q_j = (1 - q_tail) r_j with
+r_j = softmax over K of t/T (the teacher's mass on K, shared in the ratios of its logits):
 
-    Q = sum_K q_j,  P_K = sum_K p_{i_j},  q_tail = max(1 - Q, F),  p_tail = max(1 - P_K, F)
+    Q = 1 - q_tail,  P_K = sum_K p_{i_j},  p_tail = max(1 - P_K, F)
     kl_rows[r] = T^2 * (sum_K q_j (log q_j - log p_{i_j}) + q_tail (log q_tail - log p_tail))
     d kl_rows / d s_i = T * (alpha p_i + [i = i_j] (beta p_i - q_j)),
-        beta = q_tail / p_tail (0 when p_tail is floored),  alpha = Q - beta P_K
+        beta = q_tail / p_tail (0 when q_tail = 0 or p_tail is floored),  alpha = Q - beta P_K
 
 i.e. T (p - q~) where q~ is q on K and beta p outside K: the tail mass is spread over the other
-tokens in the student's proportions. With k = V the tails are rounding noise below the floor F,
-beta = 0, and this is the dense ``kl_ce_rows`` KL. F = TAIL_FLOOR = 2^-16: an fp32 sum of
-probabilities computed from an fp32 lse (one ulp of lse ~ 1e-6 relative in every q_j) cannot
-resolve a tail below it. The renormalised mode is the same gradient with alpha = Q, beta = 0.
+tokens in the student's proportions. With k = V the tail is rounding noise, beta = 0, and this is the
+dense ``kl_ce_rows`` KL. F = TAIL_FLOOR = 2^-16: an fp32 sum of probabilities cannot resolve a tail below
+it. The renormalised mode is the same with q_tail = 0.
+
+Precision: every exponent is a logit difference taken before the 1/T scaling ((s - max s) / T,
+(t - max t) / T: exact at logits of 1e6), and with w_j = (s_{i_j} - max s) / T - (t_j - max t) / T,
+zs / zt the student's / the k teacher logits' exp-sums at those references, wbar = sum_K r w,
+z = w - wbar, the KL over K is
+
+    sum_K r_j (log r_j - log p_{i_j}) = log(1 + sum_K r_j (e^z_j - 1 - z_j) + e^-wbar rest / zt)
+
+(sum_K r z = 0; rest = the student's exp-sum outside K, 0 at k = V): a log1p of nonnegative terms, so
+no cancellation at large T, where each log probability is O(1/T) and the KL O(1/T^2) (the dense
+kernel's PRECISE_KL), and never negative; the row's KL is clamped at 0 against rounding (NaN stays).
+At k < V, rest = zs - sum_K u_j is a difference: at huge T with k close to V it is only as exact as zs.
 
 Both modes: ``ce_rows[r] = logsumexp(s_r) - s_r[y_r]`` where y_r != ignore_index, the gradient
 ``grad[r] = kl_coef * d kl_rows/ds + ce_coef * (P - onehot(y_r))`` (terms of rows outside kl_mask /
@@ -60,16 +74,14 @@ scale when proportional, an exact recomputation otherwise.
 import triton
 import triton.language as tl
 
-from distil.kernels.kl_ce import tuning_for
+from distil.kernels.kl_ce import _exp2_difference, _log1p, tuning_for
 from distil.kernels.rows import (
     LN2,
     LOG2E,
     aligned_row,
     chunk_cols,
     fill_row,
-    finite_lse,
     load_chunk,
-    online_lse_update,
     online_scaled_lse_update,
     rescale_factor,
     row_flags,
@@ -81,6 +93,8 @@ from distil.kernels.rows import (
 )
 
 TAIL_FLOOR: tl.constexpr = tl.constexpr(2.0**-16)
+# The teacher's tail mass 1 - e^(lse_K - lse) is noise below |lse| 2^-21 (4 ulps of the fp32 lse).
+LSE_RESOLUTION: tl.constexpr = tl.constexpr(2.0**-21)
 # Teacher entries per block: k up to this is one block, larger k is streamed in blocks of it.
 MAX_BLOCK_K = 128
 # Register cap of every launch. Left to choose, ptxas trades a small spill (4 bytes, outside the loops) for
@@ -103,10 +117,9 @@ def _stats_chunk(s_vec, k, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, MA
 @triton.jit
 def _student_stats(s_vec, h, n, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexpr):
     """One streamed read of a student ``aligned_row`` (128-bit interior, then the masked tail and head, so that
-    nothing of the masked chunks stays live across a loop: see kl_ce._row_stats):
-    (lse_a, lse_c, ms, log2 z1) with lse_a, lse_c the log2-domain lse of s*log2e/T and of s*log2e, ms
-    the row maximum in logit units and z1 = sum exp(s - ms), so that the CE is ln z1 + (ms - s_y):
-    the difference first, exact at large logits (ms is kept in logit units for that)."""
+    nothing of the masked chunks stays live across a loop: see kl_ce._row_stats): (m_a, z_a, m_c, z_c), the
+    row maximum in logit units (-inf for a row -inf everywhere) and z_a = sum exp2((s - m_a) log2e / T),
+    z_c = sum exp(s - m_c): every exponent is a difference before it is scaled (exact at large logits)."""
     zero = tl.full((), 0.0, tl.float32)
     m_a = zero + float("-inf")
     m_c = zero + float("-inf")
@@ -119,101 +132,128 @@ def _student_stats(s_vec, h, n, V, scale_t, USE_KL, USE_CE, BLOCK_V: tl.constexp
         m_a, d_a, m_c, d_c = _stats_chunk(s_vec, n - 1, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, True,
                                           BLOCK_V)
     m_a, d_a, m_c, d_c = _stats_chunk(s_vec, 0, h, V, scale_t, m_a, d_a, m_c, d_c, USE_KL, USE_CE, True, BLOCK_V)
-    log2_z1 = tl.log2(d_c)
-    return m_a * scale_t + tl.log2(d_a), m_c * LOG2E + log2_z1, m_c, log2_z1
+    return m_a, d_a, m_c, d_c
 
 
 @triton.jit
-def _teacher_block(s_row, t_row, i_row, j0, K, V, scale_t, BLOCK_K: tl.constexpr):
-    """Entries j0 .. j0 + BLOCK_K of the row: (b = t*log2e/T, a = s[i]*log2e/T, s[i], i, in range)."""
+def _teacher_block(s_row, t_row, i_row, j0, K, V, BLOCK_K: tl.constexpr):
+    """Entries j0 .. j0 + BLOCK_K of the row: (t, s[i], i, in range); t = -inf past k, s = 0 where i is
+    outside [0, V) (never read; P_K leaves it out)."""
     j = j0 + tl.arange(0, BLOCK_K)
     valid = j < K
     idx = tl.load(i_row + j, mask=valid, other=0).to(tl.int64)
     ok = valid & (idx >= 0) & (idx < V)
-    t = tl.load(t_row + j, mask=valid, other=0.0).to(tl.float32)
-    b = tl.where(valid, t * scale_t, float("-inf"))
+    t = tl.load(t_row + j, mask=valid, other=float("-inf")).to(tl.float32)
     s = tl.load(s_row + idx, mask=ok, other=0.0).to(tl.float32)
-    return b, s * scale_t, s, idx, ok
+    return t, s, idx, ok
 
 
 @triton.jit
-def _teacher_lse(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, EXACT: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_K_CHUNKS: tl.constexpr):
-    """Log2-domain lse_q with q_j = exp2(b_j - lse_q): the given lse, or the k logits' own."""
-    if EXACT:
-        lse_q = tl.load(lse_ptr + r) * LOG2E
-    else:
-        m = tl.full((), float("-inf"), tl.float32)
-        d = tl.full((), 0.0, tl.float32)
-        for c in range(NUM_K_CHUNKS):
-            b, _a, _s, _idx, _ok = _teacher_block(s_row, t_row, i_row, c * BLOCK_K, K, V, scale_t, BLOCK_K)
-            m, _m_ref, d, _e = online_lse_update(m, d, b)
-        lse_q = m + tl.log2(d)
-    return lse_q
-
-
-@triton.jit
-def _topk_terms(s_row, t_row, i_row, K, V, scale_t, lse_a, lse_q, EXACT: tl.constexpr, BLOCK_K: tl.constexpr,
-                NUM_K_CHUNKS: tl.constexpr):
-    """(KL / ln2 of the row, alpha, beta) for finite lse_a, lse_q (see the module docstring)."""
-    x = tl.full((), 0.0, tl.float32)  # sum q (log2 q - log2 p)
-    big_q = tl.full((), 0.0, tl.float32)
-    big_p = tl.full((), 0.0, tl.float32)
+def _teacher_max(s_row, t_row, i_row, K, V, BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr):
+    """The maximum of the k teacher logits."""
+    m = tl.full((), float("-inf"), tl.float32)
     for c in range(NUM_K_CHUNKS):
-        b, a, _s, _idx, ok = _teacher_block(s_row, t_row, i_row, c * BLOCK_K, K, V, scale_t, BLOCK_K)
-        log_q = b - lse_q
-        log_p = a - lse_a
-        q = tl.exp2(log_q)
-        # xlogy: q_j = 0 contributes 0 (also where the student is -inf there).
-        x += tl.sum(tl.where(q > 0, q * (log_q - log_p), 0.0), axis=0)
-        big_q += tl.sum(q, axis=0)
-        big_p += tl.sum(tl.where(ok, tl.exp2(log_p), 0.0), axis=0)
-    beta = big_q * 0.0
-    if EXACT:
-        q_tail = tl.maximum(1.0 - big_q, TAIL_FLOOR)
-        p_raw = 1.0 - big_p
-        p_tail = tl.maximum(p_raw, TAIL_FLOOR)
-        x += q_tail * (tl.log2(q_tail) - tl.log2(p_tail))
-        beta = tl.where(p_raw > TAIL_FLOOR, q_tail / p_tail, 0.0)  # a floored tail has no gradient
-    return x, big_q - beta * big_p, beta
+        t, _s, _idx, _ok = _teacher_block(s_row, t_row, i_row, c * BLOCK_K, K, V, BLOCK_K)
+        m = tl.maximum(m, tl.max(t, axis=0))
+    return m
 
 
 @triton.jit
-def _dense_grad_chunk(s_vec, g_vec, k, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL, USE_CE,
+def _weighted_expm1_minus(r, uc, z):
+    """r (e^z - 1 - z) with r e^z = uc: without cancellation for |z| <= 1/4 (Taylor to z^6, < 1e-8 relative)."""
+    series = z * z * (0.5 + z * (1.0 / 6.0 + z * (1.0 / 24.0 + z * (1.0 / 120.0 + z * (1.0 / 720.0)))))
+    return tl.where(tl.abs(z) <= 0.25, r * series, uc - r - r * z)
+
+
+@triton.jit
+def _topk_terms(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, temperature, ms, z_a, mt, EXACT: tl.constexpr,
+                BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr):
+    """(KL of the row in nats, before T^2; alpha, beta, Q / zt) for a student row with finite maximum ms and
+    a teacher with finite reference mt (see the module docstring)."""
+    zt = tl.full((), 0.0, tl.float32)
+    sum_u = tl.full((), 0.0, tl.float32)
+    vw = tl.full((), 0.0, tl.float32)  # sum v w, w = log2(u / v)
+    for c in range(NUM_K_CHUNKS):
+        t, s, _idx, ok = _teacher_block(s_row, t_row, i_row, c * BLOCK_K, K, V, BLOCK_K)
+        v = tl.exp2((t - mt) * scale_t)
+        zt += tl.sum(v, axis=0)
+        sum_u += tl.sum(tl.where(ok, tl.exp2((s - ms) * scale_t), 0.0), axis=0)
+        vw += tl.sum(tl.where(v > 0, v * (((s - ms) - (t - mt)) * scale_t), 0.0), axis=0)
+    log2_zt = tl.log2(zt)
+    wbar = vw / zt
+    c_u = tl.exp2(-wbar - log2_zt)  # r e^z = u c_u
+    a = tl.full((), 0.0, tl.float32)
+    for c in range(NUM_K_CHUNKS):
+        t, s, _idx, ok = _teacher_block(s_row, t_row, i_row, c * BLOCK_K, K, V, BLOCK_K)
+        v = tl.exp2((t - mt) * scale_t)
+        z = (((s - ms) - (t - mt)) * scale_t - wbar) * LN2
+        term = _weighted_expm1_minus(v / zt, tl.exp2((s - ms) * scale_t) * c_u, z)
+        a += tl.sum(tl.where(v > 0, term, 0.0), axis=0)
+    # The student's mass outside K (none with k = V), as ln(e^-wbar rest / zt).
+    rest = tl.where(K == V, 0.0, tl.maximum(z_a - sum_u, 0.0))
+    lb = (tl.log2(rest) - log2_zt - wbar) * LN2
+    kl_k = tl.where(lb > 0, lb + _log1p((1.0 + a) * tl.exp(-tl.maximum(lb, 0.0))), _log1p(a + tl.exp(lb)))
+    kl_k = tl.where(wbar == float("-inf"), float("inf"), kl_k)  # the student is -inf where q > 0
+    q_tail = zt * 0.0
+    gap = zt * 0.0
+    beta = zt * 0.0
+    if EXACT:
+        lse = tl.load(lse_ptr + r)
+        g = (mt / temperature - lse) + log2_zt * LN2
+        tail = -_exp2_difference(tl.exp2(g * LOG2E), 1.0, g * LOG2E)  # 1 - e^g without cancellation
+        keep = ~(tail <= tl.maximum(TAIL_FLOOR, tl.abs(lse) * LSE_RESOLUTION))  # a NaN lse stays NaN
+        q_tail = tl.where(keep, tail, 0.0)
+        gap = tl.where(keep, g, 0.0)
+    big_q = 1.0 - q_tail
+    kl = tl.where(zt > 0, big_q * (kl_k + gap), 0.0)
+    big_p = sum_u / z_a
+    if EXACT:
+        p_raw = rest / z_a
+        p_tail = tl.maximum(p_raw, TAIL_FLOOR)
+        kl += tl.where(q_tail > 0, q_tail * (tl.log(tl.maximum(q_tail, TAIL_FLOOR)) - tl.log(p_tail)), 0.0)
+        beta = tl.where((q_tail > 0) & (p_raw > TAIL_FLOOR), q_tail / p_tail, 0.0)  # a floored tail: no gradient
+    kl = tl.where(z_a != z_a, z_a, kl)  # a NaN in the student row
+    return kl, big_q - beta * big_p, beta, tl.where(zt > 0, big_q / zt, 0.0)
+
+
+@triton.jit
+def _dense_grad_chunk(s_vec, g_vec, k, h, V, scale_t, ms, la, mc, lc, label, kl_scale, ce_coef, USE_KL, USE_CE,
                       MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
-    s = load_chunk(s_vec, k, h, V, 0.0, MASKED, BLOCK_V)
+    s = load_chunk(s_vec, k, h, V, float("-inf"), MASKED, BLOCK_V)
     g = tl.zeros([BLOCK_V], tl.float32)
     if USE_KL:
-        g += kl_scale * tl.exp2(s * scale_t - lse_a)
+        g += kl_scale * tl.exp2((s - ms) * scale_t - la)
     if USE_CE:
-        g += ce_coef * (tl.exp2(s * LOG2E - lse_c) - tl.where(chunk_cols(k, h, BLOCK_V) == label, 1.0, 0.0))
+        g += ce_coef * (tl.exp2((s - mc) * LOG2E - lc) - tl.where(chunk_cols(k, h, BLOCK_V) == label, 1.0, 0.0))
     store_chunk(g_vec, k, h, V, g, MASKED, BLOCK_V)
 
 
 @triton.jit
-def _dense_grad(s_vec, g_vec, h, n, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL, USE_CE,
+def _dense_grad(s_vec, g_vec, h, n, V, scale_t, ms, la, mc, lc, label, kl_scale, ce_coef, USE_KL, USE_CE,
                 BLOCK_V: tl.constexpr):
     """g = kl_scale * p + ce_coef * (P - onehot(label)) over an ``aligned_row`` in the reverse of the
-    statistics pass's order (head, tail, then the interior back to front): the likeliest still cached first."""
-    _dense_grad_chunk(s_vec, g_vec, 0, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL, USE_CE, True,
+    statistics pass's order (head, tail, then the interior back to front): the likeliest still cached first.
+    p = exp2((s - ms) log2e / T - la), P = exp2((s - mc) log2e - lc)."""
+    _dense_grad_chunk(s_vec, g_vec, 0, h, V, scale_t, ms, la, mc, lc, label, kl_scale, ce_coef, USE_KL, USE_CE, True,
                       BLOCK_V)
     if n > 1:
-        _dense_grad_chunk(s_vec, g_vec, n - 1, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL,
+        _dense_grad_chunk(s_vec, g_vec, n - 1, h, V, scale_t, ms, la, mc, lc, label, kl_scale, ce_coef, USE_KL,
                           USE_CE, True, BLOCK_V)
     for j in range(2, n):
-        _dense_grad_chunk(s_vec, g_vec, n - j, h, V, scale_t, lse_a, lse_c, label, kl_scale, ce_coef, USE_KL,
+        _dense_grad_chunk(s_vec, g_vec, n - j, h, V, scale_t, ms, la, mc, lc, label, kl_scale, ce_coef, USE_KL,
                           USE_CE, False, BLOCK_V)
 
 
 @triton.jit
-def _topk_grad(s_row, t_row, i_row, g_row, K, V, scale_t, lse_a, lse_q, lse_c, label, kl_coef, alpha, beta,
+def _topk_grad(s_row, t_row, i_row, g_row, K, V, scale_t, ms, la, mt, q_scale, mc, lc, label, kl_coef, alpha, beta,
                ce_coef, USE_CE, BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr):
-    """Overwrite the k gradient entries: kl_coef ((alpha + beta) p - q) + ce_coef (P - onehot(label))."""
+    """Overwrite the k gradient entries: kl_coef ((alpha + beta) p - q) + ce_coef (P - onehot(label)),
+    q = q_scale exp2((t - mt) log2e / T)."""
     for c in range(NUM_K_CHUNKS):
-        b, a, s, idx, ok = _teacher_block(s_row, t_row, i_row, c * BLOCK_K, K, V, scale_t, BLOCK_K)
-        g = kl_coef * ((alpha + beta) * tl.exp2(a - lse_a) - tl.exp2(b - lse_q))
+        t, s, idx, ok = _teacher_block(s_row, t_row, i_row, c * BLOCK_K, K, V, BLOCK_K)
+        g = kl_coef * ((alpha + beta) * tl.exp2((s - ms) * scale_t - la) - q_scale * tl.exp2((t - mt) * scale_t))
         if USE_CE:
-            g += ce_coef * (tl.exp2(s * LOG2E - lse_c) - tl.where(idx == label, 1.0, 0.0))
+            g += ce_coef * (tl.exp2((s - mc) * LOG2E - lc) - tl.where(idx == label, 1.0, 0.0))
         tl.store(g_row + idx, g.to(g_row.dtype.element_ty), mask=ok)
 
 
@@ -224,37 +264,47 @@ def _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, 
     """(kl, ce) of one row with at least one term; with WRITE_GRAD its gradient for
     (kl_coef, ce_coef) (kl_coef already times T). ``s_row`` / ``g_row`` point at column 0 (the sparse
     accesses), ``s_vec`` / ``g_vec`` at column -h (the ``aligned_row`` streams, n chunks)."""
-    lse_a, lse_c, ms, log2_z1 = _student_stats(s_vec, h, n, V, scale_t, use_kl, use_ce, BLOCK_V)
+    m_a, z_a, m_c, z_c = _student_stats(s_vec, h, n, V, scale_t, use_kl, use_ce, BLOCK_V)
+    # Finite references: a row -inf everywhere (z = 0) gets probabilities 0, not nan; a NaN in the row
+    # makes z NaN (the maximum may skip it).
+    ms = tl.where(m_a == float("-inf"), 0.0, m_a)
+    la = tl.where(z_a == 0, 0.0, tl.log2(z_a))
+    mc = tl.where(m_c == float("-inf"), 0.0, m_c)
+    lc = tl.where(z_c == 0, 0.0, tl.log2(z_c))
     kl = 0.0
     ce = 0.0
     alpha = 0.0
     beta = 0.0
-    lse_q = tl.full((), 0.0, tl.float32)
+    q_scale = 0.0
+    mt = tl.full((), 0.0, tl.float32)
     # Rows that are -inf everywhere (student, or teacher) have KL 0 and no KL gradient.
-    kl_on = use_kl & (lse_a != float("-inf"))
+    kl_on = use_kl & (z_a != 0)
     if kl_on:
-        lse_q = _teacher_lse(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, EXACT, BLOCK_K, NUM_K_CHUNKS)
-        kl_on = lse_q != float("-inf")
+        mt = _teacher_max(s_row, t_row, i_row, K, V, BLOCK_K, NUM_K_CHUNKS)
+        if EXACT:
+            kl_on = tl.load(lse_ptr + r) != float("-inf")
+        else:
+            kl_on = mt != float("-inf")
+        mt = tl.where(mt == float("-inf"), 0.0, mt)  # all k logits -inf (exact mode): the tail holds it all
     if kl_on:
-        x, alpha, beta = _topk_terms(s_row, t_row, i_row, K, V, scale_t, lse_a, lse_q, EXACT, BLOCK_K,
-                                     NUM_K_CHUNKS)
-        kl = temperature * temperature * LN2 * x
+        x, alpha, beta, q_scale = _topk_terms(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, temperature, ms, z_a,
+                                              mt, EXACT, BLOCK_K, NUM_K_CHUNKS)
+        kl = tl.maximum(temperature * temperature * x, 0.0)
+        kl = tl.where(x != x, x, kl)  # never below 0 (rounding); NaN stays
     if use_ce:
         in_range = (label >= 0) & (label < V)
         s_y = tl.load(s_row + label, mask=in_range, other=0.0).to(tl.float32)
-        ce = tl.where(lse_c == float("-inf"), 0.0, log2_z1 * LN2 + (ms - s_y))
+        ce = tl.where(z_c == 0, 0.0, lc * LN2 + (mc - s_y))
     if WRITE_GRAD:
         kl_coef = tl.where(kl_on, kl_coef, 0.0)
-        ce_coef = tl.where(lse_c == float("-inf"), 0.0, ce_coef)
-        lse_a = finite_lse(lse_a)
-        lse_c = finite_lse(lse_c)
-        _dense_grad(s_vec, g_vec, h, n, V, scale_t, lse_a, lse_c, label, kl_coef * alpha, ce_coef, use_kl, use_ce,
+        ce_coef = tl.where(z_c == 0, 0.0, ce_coef)
+        _dense_grad(s_vec, g_vec, h, n, V, scale_t, ms, la, mc, lc, label, kl_coef * alpha, ce_coef, use_kl, use_ce,
                     BLOCK_V)
         if kl_on:
             # The k entries are rewritten by other threads of this program than wrote them densely.
             tl.debug_barrier()
-            _topk_grad(s_row, t_row, i_row, g_row, K, V, scale_t, lse_a, lse_q, lse_c, label, kl_coef, alpha, beta,
-                       ce_coef, use_ce, BLOCK_K, NUM_K_CHUNKS)
+            _topk_grad(s_row, t_row, i_row, g_row, K, V, scale_t, ms, la, mt, q_scale, mc, lc, label, kl_coef, alpha,
+                       beta, ce_coef, use_ce, BLOCK_K, NUM_K_CHUNKS)
     return kl, ce
 
 
@@ -361,8 +411,15 @@ def bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, la
     return (grad_kl_rows.numel(),), args, options
 
 
+def _forward_kl_only(divergence):
+    """The other divergences of the top-k op run in the C++ kernel only so far."""
+    if divergence != "forward_kl":
+        raise NotImplementedError(f"topk_kl_ce_rows: divergence={divergence!r} has no Triton kernel yet (the CPU "
+                                  "kernel has every divergence; on CUDA use divergence='forward_kl')")
+
+
 def topk_kl_ce_rows(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
-                    grad, block_v=None, num_warps=None, block_k=None):
+                    grad, divergence="forward_kl", divergence_param=0.0, block_v=None, num_warps=None, block_k=None):
     """Launch :func:`topk_kl_ce_fwd_kernel` into the caller's ``kl_rows``, ``ce_rows`` (fp32, contiguous,
     one value per row) and ``grad`` (contiguous, the student's shape and dtype; ``None``: no gradient).
 
@@ -370,6 +427,7 @@ def topk_kl_ce_rows(student, values, index, lse, labels, kl_mask, coef, temperat
     ``labels`` (int64), ``kl_mask`` (bool): contiguous over the row dims or ``None``; ``coef``: the fp32
     ``[kl_coef, ce_coef]`` device tensor. Inputs are validated by the callers (distil._ops.topk_kl_ce).
     ``block_v`` / ``num_warps`` / ``block_k`` override the tuning (tests force chunking with them)."""
+    _forward_kl_only(divergence)
     if student.shape[-1] == 0:
         kl_rows.zero_()
         ce_rows.zero_()
@@ -381,9 +439,11 @@ def topk_kl_ce_rows(student, values, index, lse, labels, kl_mask, coef, temperat
 
 
 def topk_kl_ce_rows_backward(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels, kl_mask, coef,
-                             temperature, ignore_index, block_v=None, num_warps=None, block_k=None):
+                             temperature, ignore_index, divergence="forward_kl", divergence_param=0.0, block_v=None,
+                             num_warps=None, block_k=None):
     """Launch :func:`topk_kl_ce_bwd_kernel`: rewrites ``grad`` in place for the incoming per-row gradients
     (fp32, contiguous); see the module docstring."""
+    _forward_kl_only(divergence)
     if grad_kl_rows.numel() == 0 or student.shape[-1] == 0:
         return
     grid, args, options = bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels, kl_mask,

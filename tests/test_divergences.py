@@ -452,3 +452,119 @@ def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
         in_loop, _ = main_loop_widths(report)
         where = (spec["kernel"], spec["constexprs"]["DIVERGENCE"], spec["signature"]["s_ptr"], spec["cc"])
         assert in_loop and set(in_loop) == {128}, (where, in_loop)
+
+
+# ----------------------------------------------------------------------------------------------
+# The top-k teacher (distil::topk_kl_ce_rows, C++ so far): the divergences on the k (+ tail) buckets
+# ----------------------------------------------------------------------------------------------
+topk_rows = torch.ops.distil.topk_kl_ce_rows
+topk_rows_backward = torch.ops.distil.topk_kl_ce_rows_backward
+
+
+def topk_sample(rows, vocab, k, exact, s_dtype=torch.float32, temperature=2.0):
+    """(s, values, index, lse, labels, kl_mask) with the teacher's k largest logits in a shuffled order; a
+    -inf row of each side and a NaN row appended by the tests that want them."""
+    s = (torch.randn(rows, vocab) * 3).to(s_dtype)
+    t = torch.randn(rows, vocab) * 3
+    values, index = t.topk(k, dim=-1)
+    perm = torch.argsort(torch.rand(values.shape), dim=-1)
+    values, index = values.gather(-1, perm), index.gather(-1, perm)
+    lse = torch.logsumexp(t.double() / temperature, -1).float() if exact else None
+    labels = torch.randint(0, vocab, (rows,))
+    labels[::3] = -100
+    mask = torch.rand(rows) < 0.8
+    return t, (s, values, index, lse, labels, mask)
+
+
+def topk_expected(args, temperature, divergence, param, g_kl, g_ce):
+    s, values, index, lse, labels, mask = args
+    sd = s.detach().double().requires_grad_()
+    kl, ce = reference.topk_divergence_rows(sd, values.double(), index, None if lse is None else lse.double(), labels,
+                                            mask, temperature, divergence, param)
+    (kl * g_kl + ce * g_ce).sum().backward()
+    return kl.detach(), ce.detach(), sd.grad
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
+@pytest.mark.parametrize("s_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k", [1, 8, 37])
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_topk_matches_float64(divergence, param, k, s_dtype, exact):
+    _, args = topk_sample(6, 37, k, exact, s_dtype)
+    poison_heap(args[0], args[0][..., 0].float(), args[0][..., 0].float())
+    coef = torch.tensor([0.7, 1.3])
+    kl, ce, grad = topk_rows(*args, coef, 2.0, -100, True, divergence, param)
+    ref_kl, ref_ce, ref_grad = topk_expected(args, 2.0, divergence, param, 0.7, 1.3)
+    tol = TOL[s_dtype]
+    assert relative_error(kl, ref_kl) <= tol and relative_error(ce, ref_ce) <= tol
+    assert relative_error(grad, ref_grad) <= tol
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 8.0])
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_topk_at_k_equal_v_is_the_dense_divergence(divergence, param, temperature, exact):
+    t, args = topk_sample(5, 300, 300, exact, temperature=temperature)
+    s, labels, mask = args[0], args[4], args[5]
+    coef = torch.tensor([0.7, 1.3])
+    kl, ce, grad = topk_rows(*args, coef, temperature, -100, True, divergence, param)
+    dense_kl, dense_ce, dense_grad = kl_ce_rows(s, t, labels, mask, coef, temperature, -100, True, divergence, param)
+    assert relative_error(kl, dense_kl) <= 1e-5 and relative_error(ce, dense_ce) <= 1e-5
+    assert relative_error(grad, dense_grad) <= 1e-5
+
+
+@pytest.mark.parametrize("upstream", ["coef", "proportional", "arbitrary"])
+@pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_topk_backward_matches_float64(divergence, param, exact, upstream):
+    _, args = topk_sample(6, 40, 8, exact)
+    coef = torch.tensor([0.25, 4.0])
+    _, _, grad = topk_rows(*args, coef, 2.0, -100, True, divergence, param)
+    g_kl, g_ce = upstream_row_grads(upstream, coef, args[0].shape[:-1])
+    topk_rows_backward(grad, g_kl, g_ce, *args, coef, 2.0, -100, divergence, param)
+    _, _, ref_grad = topk_expected(args, 2.0, divergence, param, g_kl.double(), g_ce.double())
+    assert relative_error(grad, ref_grad) <= 1e-5
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_topk_inf_and_nan_rows(divergence, param, exact):
+    """A row -inf everywhere (student; teacher) has loss 0 and gradient 0; a NaN student row gives NaN."""
+    _, (s, values, index, lse, labels, mask) = topk_sample(4, 30, 6, exact)
+    s[0] = NEG_INF
+    values[1] = NEG_INF
+    if lse is not None:
+        lse[1] = NEG_INF
+    s[2, 5] = float("nan")
+    labels, mask = torch.full((4,), -100), None
+    kl, _, grad = topk_rows(s, values, index, lse, labels, mask, torch.tensor([1.0, 0.0]), 2.0, -100, True,
+                            divergence, param)
+    assert kl[0] == 0 and kl[1] == 0 and (grad[:2] == 0).all()
+    assert kl[2].isnan() and grad[2].isnan().any()
+    assert torch.isfinite(kl[3]) and torch.isfinite(grad[3]).all()
+
+
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_topk_opcheck(divergence, param):
+    _, args = topk_sample(4, 30, 6, True)
+    rest = (torch.tensor([0.5, 2.0]), 2.0, -100)
+    torch.library.opcheck(topk_rows.default, (*args, *rest, False, divergence, param))
+    # With a gradient, as in tests/test_kl_ce.py: the traced graph may not return the buffer.
+    torch.library.opcheck(topk_rows.default, (args[0].clone().requires_grad_(), *args[1:], *rest, True, divergence,
+                                              param),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    grad = topk_rows(*args, *rest, True, divergence, param)[2]
+    g = torch.rand(args[0].shape[:-1])
+    torch.library.opcheck(topk_rows_backward.default, (grad, g, g, *args, *rest, divergence, param))
+
+
+@pytest.mark.parametrize("public,plain", [({"divergence": "jsd", "jsd_beta": 0.0}, "forward_kl"),
+                                          ({"divergence": "jsd", "jsd_beta": 1.0}, "reverse_kl"),
+                                          ({"divergence": "skew_kl", "skew_alpha": 0.0}, "forward_kl")])
+def test_topk_loss_takes_the_divergence_arguments(public, plain):
+    _, (s, values, index, lse, labels, _) = topk_sample(4, 30, 6, True)
+    ours = fused_loss.topk_kl_ce_loss(s, values, index, labels, teacher_lse=lse, **public)
+    assert torch.equal(torch.stack(ours), torch.stack(fused_loss.topk_kl_ce_loss(
+        s, values, index, labels, teacher_lse=lse, divergence=plain)))
+    with pytest.raises(ValueError, match="jsd_beta"):
+        fused_loss.topk_kl_ce_loss(s, values, index, labels, divergence="tvd", jsd_beta=0.2)

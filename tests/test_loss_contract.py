@@ -274,14 +274,9 @@ def test_compile_with_changing_floats(dynamic):
 # ------------------------------------------------------------------------------------------------
 # 5. Cross-entropy (and KL) at large logits
 # ------------------------------------------------------------------------------------------------
-LARGE_LOGITS_DEFECT = (
-    "top-k KL at large logits: kernels/topk_kl_ce.py scales t / T before it takes differences (1.8e-4 relative at "
-    "offset 1e4, 8e-3 at 1e6, renormalised and exact mode alike), and exact mode's fp32 lse is an absolute value "
-    "(one ulp at |t / T| = 5e3 is 5e-4); the dense kernel is exact to 2e-7")
 
 
-@pytest.mark.parametrize("two_part", [kl_ce_loss, pytest.param(topk_kl_ce_as_dense, marks=pytest.mark.xfail(
-    strict=True, reason=LARGE_LOGITS_DEFECT))], ids=TWO_PART_LOSSES.keys())
+@pytest.mark.parametrize("two_part", [kl_ce_loss, topk_kl_ce_as_dense], ids=TWO_PART_LOSSES.keys())
 @pytest.mark.parametrize("offset", [1e4, 1e6])
 def test_large_logits_are_exact(device, offset, two_part):
     """log z + (max - s[y]), and the KL from logit differences: as exact as eager fp32 (3e-7)."""
@@ -317,10 +312,6 @@ def test_huge_temperatures_never_give_a_negative_kl(device, temperature):
     assert (rows >= 0).all() and torch.isfinite(rows).all(), rows
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "top-k KL at large temperatures: kernels/topk_kl_ce.py has no cancellation-free form (the dense kernel's "
-    "PRECISE_KL): at k = V, T = 1e4 it gives 40 (exact) / 207 (renormalised) for a dense 9.0, at T = 1e6 "
-    "negative values; at k = 64, T = 1e6, exact mode is negative"))
 @pytest.mark.parametrize("temperature", [1e4, 1e6])
 def test_huge_temperatures_top_k_at_k_equal_v_is_the_dense_kl(device, temperature):
     s, t = logits(4, 4096, device), logits(4, 4096, device)

@@ -19,7 +19,7 @@ from distil._ops.common import (
     row_count,
 )
 from distil._ops.registry import register_gradient_op, triton_kernels
-from distil.checks import check_int, check_temperature
+from distil.checks import JSD_BETA, SKEW_ALPHA, check_divergence, check_int, check_temperature
 
 INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 
@@ -132,7 +132,7 @@ def _refuse_impossible_lse(values, lse, temperature, kl_mask):
 
 def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, labels, *, teacher_lse=None,
                     teacher_lse_temperature=None, temperature=2.0, kl_mask=None, ignore_index=-100, kl_weight=1.0,
-                    ce_weight=1.0):
+                    ce_weight=1.0, divergence="forward_kl", jsd_beta=JSD_BETA, skew_alpha=SKEW_ALPHA):
     """:func:`kl_ce_loss` against a teacher known by its top-k logits (e.g. from an offline cache,
     :mod:`distil.teacher_cache`), in one kernel launch over the student logits.
 
@@ -143,10 +143,12 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
     - ``teacher_lse=None`` (renormalised, the TRL / DistillKit convention): ``q = softmax(t_k / T)`` over
       the k entries, against the student's full-vocabulary ``log_softmax(s / T)`` at those indices:
       ``Σ_k q (log q − log p)``;
-    - ``teacher_lse`` given (exact): the teacher's own top-k probabilities ``exp(t_k / T − lse)`` plus
-      one tail bucket with the rest of its mass ``1 − Σ_k q``, against the student's ``1 − Σ_k p``: the
-      KL over the k tokens and the tail, which equals the dense ``kl_ce_loss`` KL when k = V. Tail
-      masses below 2^-16 are rounding noise and are floored there.
+    - ``teacher_lse`` given (exact): one tail bucket with the teacher's mass outside the k tokens,
+      ``q_tail = 1 − exp(logsumexp(t_k / T) − lse)``, and its top-k probabilities ``(1 − q_tail) ·
+      softmax(t_k / T)``, against the student's ``1 − Σ_k p`` and ``p``: the KL over the k tokens and
+      the tail, which equals the dense ``kl_ce_loss`` KL when k = V. A teacher tail below
+      ``max(2^-16, |lse| · 2^-21)`` is rounding noise of the fp32 ``lse`` and is 0 (the renormalised
+      mode); a student tail below 2^-16 is floored there.
 
     The gradient is written during the forward for ``kl_weight * kl + ce_weight * ce`` (see
     :func:`kl_ce_loss`); the teacher gets no gradient.
@@ -170,11 +172,19 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
             :class:`TopKLogits` carries it for you.
         temperature: T > 0 for the KL; the cross-entropy uses T = 1.
         kl_mask: optional bool ``[N]`` / ``[B, S]`` selecting the KL rows (default: all rows).
+        divergence: ``"forward_kl"`` (default), ``"reverse_kl"``, ``"jsd"``, ``"skew_kl"``,
+            ``"skew_reverse_kl"`` or ``"tvd"`` (:mod:`distil._ops.divergence`, as :func:`kl_ce_loss`), on the
+            buckets of the teacher's mode: the k tokens (teacher q, student p at the indices) and, with
+            ``teacher_lse``, the tail bucket (the teacher's tail mass against the student's ``1 − Σ_k p``):
+            with k = V the dense divergence. In the renormalised mode the student's side sums to below 1,
+            so the reverse KLs can be negative there. CPU only for now (CUDA: forward_kl).
+        jsd_beta, skew_alpha: as :func:`kl_ce_loss`.
     Returns:
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
     check_tensor("student_logits", student_logits, dtypes=FLOAT_DTYPES, ndims=(2, 3))
     check_unit_last_stride("student_logits", student_logits)
+    divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
     temperature = check_temperature("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
     values, index, lse, poison = check_topk_teacher(student_logits.shape[:-1], student_logits.device,
@@ -190,7 +200,7 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
     coef = loss_coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)
     kl_rows, ce_rows, _ = torch.ops.distil.topk_kl_ce_rows(
         student_logits, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
-        needs_grad(student_logits),
+        needs_grad(student_logits), divergence, divergence_param,
     )
     if poison is not None:  # a NaN loss, not a silently wrong one; the gradient passes through unchanged
         kl_rows = kl_rows + poison
