@@ -300,7 +300,7 @@ struct Problem {
     if (y == ignore_index) {
       y = -1;
     } else {
-      TORCH_CHECK_INDEX(y >= 0 && y < V, "kl_ce_rows: label ", y, " of row ", r, " is outside [0, ", V, ")");
+      TORCH_CHECK_VALUE(y >= 0 && y < V, "kl_ce_rows: label ", y, " of row ", r, " is outside [0, ", V, ")");
     }
     return {kl_mask ? (*kl_mask)[r] : true, y, kl_row_coef, ce_row_coef};
   }

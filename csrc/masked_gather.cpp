@@ -107,7 +107,7 @@ at::Tensor masked_scatter_rows_cpu(const at::Tensor& rows, const at::Tensor& ind
   int64_t* inv_p = inv.mutable_data_ptr<int64_t>();
   for (int64_t r = 0; r < index.numel(); ++r) {
     if (idx[r] < 0) continue;
-    TORCH_CHECK_INDEX(idx[r] < n, "masked_scatter_rows: index ", idx[r], " out of range for ", n, " rows");
+    TORCH_CHECK_VALUE(idx[r] < n, "masked_scatter_rows: index ", idx[r], " out of range for ", n, " rows");
     inv_p[idx[r]] = r;
   }
 

@@ -441,7 +441,7 @@ struct Problem {
     if (y == ignore_index) {
       y = -1;
     } else {
-      TORCH_CHECK_INDEX(y >= 0 && y < V, kOp, ": label ", y, " of row ", r, " is outside [0, ", V, ")");
+      TORCH_CHECK_VALUE(y >= 0 && y < V, kOp, ": label ", y, " of row ", r, " is outside [0, ", V, ")");
     }
     return {kl_mask ? (*kl_mask)[r] : true, y, kl_coef, ce_coef};
   }
@@ -514,8 +514,8 @@ class RowRunner {
     for (int64_t j = 0; j < pb_.k; ++j) {
       if (idx_[j] >= 0 && idx_[j] < pb_.V) seen_[idx_[j]] = 0;
     }
-    TORCH_CHECK_INDEX(!outside, kOp, ": teacher_index ", bad, " of row ", r, " is outside [0, ", pb_.V, ")");
-    TORCH_CHECK_INDEX(!repeated, kOp, ": teacher_index ", bad, " appears twice in row ", r);
+    TORCH_CHECK_VALUE(!outside, kOp, ": teacher_index ", bad, " of row ", r, " is outside [0, ", pb_.V, ")");
+    TORCH_CHECK_VALUE(!repeated, kOp, ": teacher_index ", bad, " appears twice in row ", r);
   }
 
   const Problem& pb_;

@@ -226,7 +226,7 @@ def test_cpu_op_arguments_name_the_argument():
         (ValueError, "coef", (s, t, labels, mask, torch.ones(3), 2.0)),
         (TypeError, "coef", (s, t, labels, mask, coef.double(), 2.0)),
         (ValueError, "temperature", (s, t, labels, mask, coef, 0.0)),
-        (IndexError, "label", (s, t, torch.full((4,), 6), mask, coef, 2.0)),
+        (ValueError, "label", (s, t, torch.full((4,), 6), mask, coef, 2.0)),
     ]
     for exc, name, args in cases:
         with pytest.raises(exc, match=name):

@@ -193,7 +193,7 @@ def test_scatter_rows_semantics():
     expected = torch.zeros(6, 3)
     expected[0], expected[5] = rows[2], rows[3]
     assert torch.equal(out, expected.view(2, 3, 3))
-    with pytest.raises(IndexError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):
         torch.ops.distil.masked_scatter_rows(rows, torch.tensor([0, 1, 2, 6]), [2, 3, 3])
 
 
