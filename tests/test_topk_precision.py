@@ -3,23 +3,23 @@
 kernel and the Triton kernel: the interpreter here, CUDA on a GPU run); the KL is never negative."""
 import pytest
 import torch
-from test_topk_kl_ce import IMPLS, Sample, forward, impl_device, teacher_topk
 
 from distil import reference
+
+from opinfo import TOPK_KL_CE, forward, impl_device, teacher_topk, topk_sample
 
 
 def topk_kl(impl, triton_device, s, t, k, exact, temperature, labels=None):
     device = impl_device(impl, triton_device)
     s, t = s.to(device), t.to(device)
     values, index, lse = teacher_topk(t, k, temperature, exact)
-    sample = Sample("precision", s, values, index, lse, None if labels is None else labels.to(device), None,
-                    temperature)
-    coef = torch.tensor([1.0, 1.0], device=device)
-    kl, ce, _ = forward(impl, sample, coef)
+    sample = topk_sample("precision", s, values, index, lse, None if labels is None else labels.to(device), None,
+                         temperature)
+    kl, ce, _ = forward(TOPK_KL_CE, impl, sample, torch.tensor([1.0, 1.0], device=device))
     return kl.cpu(), ce.cpu()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", TOPK_KL_CE.impls)
 @pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
 @pytest.mark.parametrize("offset", [1e4, 1e6])
 def test_large_logits_at_k_equal_v_are_the_dense_kl(triton_device, impl, exact, offset):
@@ -33,7 +33,7 @@ def test_large_logits_at_k_equal_v_are_the_dense_kl(triton_device, impl, exact, 
     assert (ce.double() - ref_ce).abs().max() <= 2e-6 * max(ref_ce.abs().max().item(), 1.0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", TOPK_KL_CE.impls)
 @pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
 @pytest.mark.parametrize("temperature", [1e4, 1e6])
 def test_huge_temperatures_at_k_equal_v_are_the_dense_kl(triton_device, impl, exact, temperature):
@@ -45,7 +45,7 @@ def test_huge_temperatures_at_k_equal_v_are_the_dense_kl(triton_device, impl, ex
     assert (kl >= 0).all() and ((kl.double() - ref).abs() <= 1e-2 * ref).all(), (kl, ref)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", TOPK_KL_CE.impls)
 @pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
 @pytest.mark.parametrize("temperature", [1e4, 1e6])
 def test_huge_temperatures_never_give_a_negative_kl(triton_device, impl, exact, temperature):
