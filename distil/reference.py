@@ -109,6 +109,24 @@ TAIL_FLOOR = 2.0**-16  # kernels/topk_kl_ce.py: a tail mass is resolved above it
 LSE_RESOLUTION = 2.0**-21  # kernels/topk_kl_ce.py: the teacher's tail is noise below |lse| times this
 
 
+def _topk_buckets(s, values, index, lse, temperature):
+    """What both top-k references start from: ``(s, s_dead, t_dead, log_p, log_q, q_tail)`` with rows -inf
+    everywhere zeroed (flagged dead), the student's log-probabilities at ``index``, the teacher's over its k
+    logits and, with ``lse``, its tail mass (0 below the fp32 lse's rounding; None without ``lse``)."""
+    s_dead = s.isneginf().all(-1)
+    t_dead = lse.isneginf() if lse is not None else values.isneginf().all(-1)
+    s = torch.where(s_dead[..., None], torch.zeros_like(s), s)
+    t = torch.where(t_dead[..., None], torch.zeros_like(values), values).to(s.dtype)
+    log_p = F.log_softmax(s / temperature, -1).gather(-1, index.long())
+    log_q = F.log_softmax(t / temperature, -1)
+    q_tail = None
+    if lse is not None:
+        lse = torch.where(t_dead, torch.zeros_like(lse), lse).to(s.dtype)
+        q_tail = -torch.expm1(torch.logsumexp(t / temperature, -1) - lse)
+        q_tail = torch.where(q_tail <= (lse.abs() * LSE_RESOLUTION).clamp(min=TAIL_FLOOR), 0.0, q_tail)
+    return s, s_dead, t_dead, log_p, log_q, q_tail
+
+
 def topk_kl_ce_rows(s, values, index, lse, labels, kl_mask, temperature, ignore_index=IGNORE_INDEX):
     """Per-row ``(T²·KL, CE)`` of ``distil::topk_kl_ce_rows``, differentiable w.r.t. ``s``.
 
@@ -119,16 +137,8 @@ def topk_kl_ce_rows(s, values, index, lse, labels, kl_mask, temperature, ignore_
     ``q_t log(q_t / p_t)`` is added, ``p_t = max(1 − Σp, F)``, F = ``TAIL_FLOOR``. Terms with q = 0 are 0;
     rows -inf everywhere (s; the k values, or lse) have loss 0 and gradient 0, as in :func:`kl_ce_rows`.
     """
-    s_dead = s.isneginf().all(-1)
-    t_dead = lse.isneginf() if lse is not None else values.isneginf().all(-1)
-    s = torch.where(s_dead[..., None], torch.zeros_like(s), s)
-    t = torch.where(t_dead[..., None], torch.zeros_like(values), values).to(s.dtype)
-    log_p = F.log_softmax(s / temperature, -1).gather(-1, index.long())
-    log_q = F.log_softmax(t / temperature, -1)
+    s, s_dead, t_dead, log_p, log_q, q_tail = _topk_buckets(s, values, index, lse, temperature)
     if lse is not None:
-        lse = torch.where(t_dead, torch.zeros_like(lse), lse).to(s.dtype)
-        q_tail = -torch.expm1(torch.logsumexp(t / temperature, -1) - lse)
-        q_tail = torch.where(q_tail <= (lse.abs() * LSE_RESOLUTION).clamp(min=TAIL_FLOOR), 0.0, q_tail)
         log_q = log_q + torch.log1p(-q_tail)[..., None]
     q = log_q.exp()
     kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)
@@ -146,16 +156,8 @@ def topk_divergence_rows(s, values, index, lse, labels, kl_mask, temperature, di
     ``"forward_kl"`` is :func:`topk_kl_ce_rows` itself."""
     if divergence == "forward_kl":
         return topk_kl_ce_rows(s, values, index, lse, labels, kl_mask, temperature, ignore_index)
-    s_dead = s.isneginf().all(-1)
-    t_dead = lse.isneginf() if lse is not None else values.isneginf().all(-1)
-    s = torch.where(s_dead[..., None], torch.zeros_like(s), s)
-    t = torch.where(t_dead[..., None], torch.zeros_like(values), values).to(s.dtype)
-    log_p = F.log_softmax(s / temperature, -1).gather(-1, index.long())
-    log_q = F.log_softmax(t / temperature, -1)
+    s, s_dead, t_dead, log_p, log_q, q_tail = _topk_buckets(s, values, index, lse, temperature)
     if lse is not None:
-        lse = torch.where(t_dead, torch.zeros_like(lse), lse).to(s.dtype)
-        q_tail = -torch.expm1(torch.logsumexp(t / temperature, -1) - lse)
-        q_tail = torch.where(q_tail <= (lse.abs() * LSE_RESOLUTION).clamp(min=TAIL_FLOOR), 0.0, q_tail)
         log_q = torch.cat([log_q + torch.log1p(-q_tail)[..., None], q_tail.log()[..., None]], -1)
         p_tail = (1 - log_p.exp().sum(-1)).clamp(min=0) if values.shape[-1] < s.shape[-1] else torch.zeros_like(q_tail)
         log_p = torch.cat([log_p, p_tail.log()[..., None]], -1)
