@@ -42,7 +42,10 @@ from distil import reference
 from distil._ops.linear_kl_ce import auto_chunk_rows
 from distil.fused_loss import DistillationLoss, cosine_loss, kl_ce_loss, kl_div_loss, linear_kl_ce_loss, topk_kl_ce_loss
 
-import _common as C  # benchmarks/ is the script's directory, so it is on sys.path
+if __package__:  # imported as benchmarks.bench_loss (benchmarks/test_bench.py)
+    from benchmarks import _common as C
+else:  # run as a script: its directory is on sys.path
+    import _common as C
 
 T = 2.0
 KL_WEIGHT, CE_WEIGHT = 5.0, 2.0  # DistilBERT's alpha_ce, alpha_mlm

@@ -499,7 +499,10 @@ class CausalBudget:
     scratch on ``teacher_batch`` blocks of ``block_size`` tokens per step) trains until its validation
     loss has improved by less than ``min_improvement`` nats over ``patience`` evaluations ``eval_every``
     steps apart, or for ``teacher_max_steps``. Each student trains ``distil_steps`` steps of
-    ``distil_batch`` blocks, once per seed. Validation and test hold ``heldout_blocks`` blocks each."""
+    ``distil_batch`` blocks, once per seed. Teacher and students read every ``corpus_every``-th training
+    document: a corpus small enough that the teacher reaches its plateau within the budget (and where a
+    student learning from the data alone starts to overfit). Validation and test hold ``heldout_blocks``
+    blocks each."""
 
     vocab_size: int
     teacher_layers: int
@@ -518,6 +521,7 @@ class CausalBudget:
     seeds: tuple
     heldout_blocks: int
     throughput_rounds: int
+    corpus_every: int
 
 
 # A 1024-token BPE keeps the LM head (H x V) small beside the layers: halving the depth then halves
@@ -526,12 +530,12 @@ CAUSAL_BUDGETS = {
     "quick": CausalBudget(
         vocab_size=512, teacher_layers=4, hidden=64, heads=2, block_size=64, teacher_batch=16, teacher_lr=2e-3,
         teacher_max_steps=30, eval_every=10, patience=2, min_improvement=0.01, distil_steps=10, distil_batch=16,
-        distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=64, throughput_rounds=3,
+        distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=64, throughput_rounds=3, corpus_every=20,
     ),
     "full": CausalBudget(
         vocab_size=1024, teacher_layers=6, hidden=128, heads=4, block_size=64, teacher_batch=16, teacher_lr=2e-3,
-        teacher_max_steps=150, eval_every=25, patience=2, min_improvement=0.01, distil_steps=25, distil_batch=16,
-        distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=64, throughput_rounds=3,
+        teacher_max_steps=4000, eval_every=133, patience=2, min_improvement=0.01, distil_steps=532,
+        distil_batch=16, distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=64, throughput_rounds=3, corpus_every=10,
     ),
 }
 
@@ -727,9 +731,6 @@ CAUSAL_STUDENTS = {  # name -> (run directory, loss weights (alpha_kl, alpha_cos
     "random init + KL + CLM + cos (d)": ("random-kl-clm-cos", (5.0, 1.0), True),
 }
 INIT_ONLY = "init only (c)"
-# distil-train tokenizes its whole corpus before the first step: the students read every 10th training
-# document (~0.35 M tokens, more than any budget's distillation tokens) rather than all of them.
-DISTIL_CORPUS_EVERY = 10
 
 
 def run_causal(budget_name, budget, sources, cache, results_dir):
@@ -747,18 +748,19 @@ def run_causal(budget_name, budget, sources, cache, results_dir):
     tokenizer_dir = train_tokenizer(data["corpus"], cache / f"causal-tokenizer-{budget.vocab_size}", budget.vocab_size)
     teacher_fields = [budget.vocab_size, budget.teacher_layers, budget.hidden, budget.heads, budget.block_size,
                       budget.teacher_batch, budget.teacher_lr, budget.teacher_max_steps, budget.eval_every,
-                      budget.patience, budget.min_improvement, budget.heldout_blocks]
+                      budget.patience, budget.min_improvement, budget.heldout_blocks, budget.corpus_every]
     teacher_key = hashlib.sha256(json.dumps(teacher_fields).encode()).hexdigest()[:10]
+    documents = data["corpus"].read_text(encoding="utf-8").splitlines()
+    train_corpus = cache / f"causal-corpus-every-{budget.corpus_every}.txt"
+    train_corpus.write_text("\n".join(documents[:: budget.corpus_every]) + "\n", encoding="utf-8")
+    data = {**data, "corpus": train_corpus}
     teacher = train_causal_teacher(tokenizer_dir, data, cache / f"causal-teacher-{teacher_key}", budget)
     phases = {"teacher": time.perf_counter() - start}
     work = _fresh_run_dir(cache / f"causal-run-{budget_name}", budget)
-    distil_corpus = work / "distil-corpus.txt"
-    documents = data["corpus"].read_text(encoding="utf-8").splitlines()
-    distil_corpus.write_text("\n".join(documents[::DISTIL_CORPUS_EVERY]) + "\n", encoding="utf-8")
     init_causal_students(teacher, work / "init-only", work / "random-init")
     students = {}
     for name, (directory, (alpha_kl, alpha_cos), random_init) in CAUSAL_STUDENTS.items():
-        students[name] = [distil_causal(teacher, distil_corpus, work / f"{directory}-seed{seed}", budget, seed,
+        students[name] = [distil_causal(teacher, train_corpus, work / f"{directory}-seed{seed}", budget, seed,
                                         student=work / "random-init" if random_init else None, alpha_kl=alpha_kl,
                                         alpha_cos=alpha_cos) for seed in budget.seeds]
     phases["distillation"] = time.perf_counter() - start - phases["teacher"]

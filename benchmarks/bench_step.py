@@ -17,8 +17,9 @@ Every variant uses the same models, batch and masks:
   (``linear_kl_ce_loss``, what ``distil-train`` runs by default): no ``[rows, V]`` logits at all.
 - ``cached``: the same step with the teacher read from a teacher cache (``distil-train
   --teacher-cache``): no teacher in memory, its top-64 logits (fp16, int16 indices), lse and last
-  hidden states (fp16) given as :meth:`distil.teacher_cache.TeacherCache.batch` returns them, the KL
-  by :func:`distil.fused_loss.topk_kl_ce_loss` in exact mode.
+  hidden states (fp16) given as :meth:`distil.teacher_cache.TeacherCache.batch` returns them, the student's
+  head fused with them (``linear_kl_ce_loss`` with a top-k teacher in exact mode, what ``--teacher-cache``
+  runs by default): no ``[rows, V]`` logits either.
 
 Modes: ``kl=non-pad`` (the default recipe) and ``kl=masked`` (``--restrict-kl-to-mask``).
 Shapes: CPU, a small BERT (teacher 4 layers, H=256, V=30522; student 2 layers) at B=16, S=128;
@@ -153,8 +154,10 @@ def make_step(variant, inputs):
     device = ids.device.type
     if variant != "eager":
         heads = {}
-        if variant == "fused-head":
-            heads = dict(student_head=student.get_output_embeddings(), teacher_head=teacher.get_output_embeddings())
+        if variant in ("fused-head", "cached"):  # a cached teacher has no head: only the student's is fused
+            heads = dict(student_head=student.get_output_embeddings())
+            if variant == "fused-head":
+                heads["teacher_head"] = teacher.get_output_embeddings()
         loss_fn = DistillationLoss(kl_weight=ALPHA_KL, ce_weight=ALPHA_MLM, cos_weight=ALPHA_COS, temperature=T,
                                    **heads)
         step_fn = DistillationStep(StudentRows(student), None if variant == "cached" else teacher, loss_fn,

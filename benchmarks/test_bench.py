@@ -7,11 +7,11 @@ Not part of the test suite (pyproject's ``testpaths = ["tests"]``).  Small CPU s
 the headline shapes when CUDA is present.  Each case first checks its loss value against eager,
 so a fast number can never be a wrong one.
 """
-import bench_loss as B
 import pytest
 import torch
 
-import _common as C  # pytest puts benchmarks/ (no __init__.py) on sys.path
+from benchmarks import _common as C
+from benchmarks import bench_loss as B
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = {"cpu": [("fp32", 256, 30522)], "cuda": [("bf16", 8192, 30522), ("fp32", 8192, 30522)]}[DEVICE]

@@ -154,7 +154,7 @@ def test_reproduction_plumbing(tiny_sources, tmp_path, monkeypatch):
 TINY_CAUSAL = bq.CausalBudget(
     vocab_size=300, teacher_layers=2, hidden=32, heads=2, block_size=16, teacher_batch=4, teacher_lr=1e-3,
     teacher_max_steps=4, eval_every=2, patience=1, min_improvement=0.0, distil_steps=2, distil_batch=4,
-    distil_lr=1e-3, seeds=(0, 1), heldout_blocks=4, throughput_rounds=1,
+    distil_lr=1e-3, seeds=(0, 1), heldout_blocks=4, throughput_rounds=1, corpus_every=1,
 )
 
 
@@ -191,3 +191,29 @@ def test_causal_track_plumbing(tiny_sources, tmp_path, monkeypatch):
     run_dir = work / "kl-clm-cos-seed0"
     assert bq.distil_causal(teacher, None, run_dir, TINY_CAUSAL, 0) == run_dir / "student"
     assert bq.train_causal_teacher(None, None, teacher, TINY_CAUSAL) == teacher
+
+
+def test_benchmark_scripts_start():
+    """Every benchmark script parses its command line (run as a script), and the pytest-benchmark module
+    collects (imported as ``benchmarks.test_bench``): the GPU suite runs both, where an import error would
+    cost a device run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = sorted((root / "benchmarks").glob("bench_*.py"))
+    program = ("import runpy, sys\n"
+               "for script in sys.argv[1:]:\n"
+               "    sys.argv, sys.path[0] = [script, '--help'], str(__import__('pathlib').Path(script).parent)\n"
+               "    try:\n"
+               "        runpy.run_path(script, run_name='__main__')\n"
+               "    except SystemExit as stop:\n"
+               "        assert stop.code == 0, (script, stop.code)\n")
+    done = subprocess.run([sys.executable, "-c", program, *map(str, scripts)], cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sum("usage:" in line for line in done.stdout.splitlines()) == len(scripts)
+    collected = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench.py", "--collect-only", "-q",
+                                "-p", "no:cacheprovider"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert collected.returncode == 0, collected.stdout[-2000:]
