@@ -130,6 +130,43 @@ def liger_kl(s, t):
     return _liger_kl_module()(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)) * T**2
 
 
+@functools.cache
+def _liger_divergence_module(name):
+    from liger_kernel.transformers import LigerJSD, LigerTVDLoss
+
+    return LigerJSD(beta=DIVERGENCE_OPS["jsd"]["jsd_beta"]) if name == "jsd" else LigerTVDLoss()
+
+
+def liger_jsd(s, t):
+    # LigerJSD(student log-probabilities, teacher log-probabilities), the same beta (tests/test_divergences.py).
+    return _liger_divergence_module("jsd")(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)) * T**2
+
+
+def liger_tvd(s, t):
+    # LigerTVDLoss takes probabilities: the softmaxes are the caller's.
+    return _liger_divergence_module("tvd")(F.softmax(s / T, -1), F.softmax(t / T, -1)) * T**2
+
+
+# CE + TVD in one pass, as LigerFusedCETVDLoss computes them: T = 1, the TVD on the labelled rows, the sum
+# of both means over those rows.
+def ours_ce_tvd(s, t, labels):
+    tvd, ce = kl_ce_loss(s, t, labels, temperature=1.0, kl_mask=labels != IGNORE, divergence="tvd")
+    return tvd + ce
+
+
+def eager_ce_tvd(s, t, labels):
+    rows = labels != IGNORE
+    tvd = 0.5 * (F.softmax(s[rows], -1) - F.softmax(t[rows], -1)).abs().sum() / rows.sum()
+    return tvd + F.cross_entropy(s, labels, ignore_index=IGNORE)
+
+
+def liger_ce_tvd(s, t, labels):
+    from liger_kernel.transformers import LigerFusedCETVDLoss
+
+    ce, tvd = LigerFusedCETVDLoss(ignore_index=IGNORE)(s, t, labels)
+    return (ce.sum() + tvd.sum()) / (labels != IGNORE).sum()
+
+
 def ours_cos(s, t):
     return cosine_loss(s, t)
 
@@ -304,9 +341,13 @@ OPS = {
     "linear_kl_ce": LossOp(ours_linear, eager_linear, make_linear, logits_bytes, unfused=unfused_linear,
                            gemms=gemms_linear, excluded_bytes=linear_param_grad_bytes),
     "topk_kl_ce": LossOp(ours_topk, eager_topk, make_topk, topk_bytes, dense=dense_topk),  # k = TOPK, exact mode
-    **{name: LossOp(ours_divergence(name), eager_divergence(name), make_logits, logits_bytes)
+    **{name: LossOp(ours_divergence(name), eager_divergence(name), make_logits, logits_bytes,
+                    liger={"jsd": liger_jsd, "tvd": liger_tvd}.get(name))
        for name in DIVERGENCE_OPS},
+    "ce_tvd": LossOp(ours_ce_tvd, eager_ce_tvd, make_logits_labels, logits_bytes, liger=liger_ce_tvd),
 }
+# The divergence cells: the DIVERGENCE_OPS and the fused CE + TVD.
+DIVERGENCE_CELL_OPS = (*DIVERGENCE_OPS, "ce_tvd")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -347,7 +388,7 @@ CPU_MAIN = (2048, 30522)
 CPU_FULL_ONLY = [("linear_kl_ce", "fp32", n, 30522, ("fwd+bwd",)) for n in (1024, 4096)]
 CPU_FULL_ONLY += [("linear_kl_ce", "fp32", 128, 128256, ("fwd+bwd",))]
 # The divergences beside the forward KL at the main shape: with --full, or when --ops names one of them.
-CPU_DIVERGENCE_CELLS = [(op, "fp32", *CPU_MAIN, ("fwd+bwd",)) for op in ("kl", *DIVERGENCE_OPS)]
+CPU_DIVERGENCE_CELLS = [(op, "fp32", *CPU_MAIN, ("fwd+bwd",)) for op in ("kl", *DIVERGENCE_CELL_OPS)]
 
 
 def cpu_plan(quick, ops, full=False, explicit_ops=()):
@@ -363,7 +404,7 @@ def cpu_plan(quick, ops, full=False, explicit_ops=()):
         cells += [("topk_kl_ce", "fp32", *CPU_MAIN, MODES)]
         default_ops = {c[0] for c in cells}
         cells += [c for c in CPU_FULL_ONLY if full or (c[0] in explicit_ops and c[0] not in default_ops)]
-        if full or set(explicit_ops) & set(DIVERGENCE_OPS):
+        if full or set(explicit_ops) & set(DIVERGENCE_CELL_OPS):
             cells += CPU_DIVERGENCE_CELLS
     return [c for c in cells if c[0] in ops]
 
@@ -389,6 +430,8 @@ def cuda_plan(quick, full, ops):
                   ([("bf16", 1024, 30522)] if quick else [("bf16", 16384, 30522), ("bf16", 8192, 30522)])]
     if "triple" in ops:  # beside kl_ce at the same shape: end to end vs the sum of its parts
         cells += [("triple", "bf16", *((1024, 30522) if quick else (16384, 30522)), MODES)]
+    divergence_grid = [("bf16", 1024, 30522)] if quick else [("bf16", 8192, 128256)]  # the LLM shape
+    cells += [(op, dt, n, v, MODES) for op in ops if op in DIVERGENCE_CELL_OPS for dt, n, v in divergence_grid]
     return cells
 
 
@@ -833,6 +876,14 @@ def targets(records, device):
             _inverse(ratio("linear_kl_ce", "bf16", (8192, 128256), "ours", "gemms")), 1.2, False)
         add("H100 triple bf16 16384×30522 (+H=768) fwd+bwd: ≤ 1.0× the sum of its fused parts",
             None if triple is None or None in parts else triple["ms"] / sum(p["ms"] for p in parts), 1.0, False)
+        llm = (8192, 128256)
+        jsd = _find(records, "jsd", "bf16", llm, "ours")
+        add("GPU jsd bf16 8192×128256 fwd+bwd: ≥ 2× Liger (LigerJSD)", ratio("jsd", "bf16", llm, "ours", "liger"),
+            2.0, True)
+        add("GPU jsd bf16 8192×128256 fwd+bwd: ≥ 70% of copy bandwidth",
+            None if jsd is None else 100 * jsd["copy_share"], 70.0, True, unit="%")
+        add("GPU ce_tvd bf16 8192×128256 fwd+bwd: faster than Liger (LigerFusedCETVDLoss)",
+            ratio("ce_tvd", "bf16", llm, "ours", "liger"), 1.0, True)
     return rows
 
 
