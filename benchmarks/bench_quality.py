@@ -499,10 +499,11 @@ class CausalBudget:
     scratch on ``teacher_batch`` blocks of ``block_size`` tokens per step) trains until its validation
     loss has improved by less than ``min_improvement`` nats over ``patience`` evaluations ``eval_every``
     steps apart, or for ``teacher_max_steps``. Each student trains ``distil_steps`` steps of
-    ``distil_batch`` blocks, once per seed. Teacher and students read every ``corpus_every``-th training
-    document: a corpus small enough that the teacher reaches its plateau within the budget (and where a
-    student learning from the data alone starts to overfit). Validation and test hold ``heldout_blocks``
-    blocks each."""
+    ``distil_batch`` blocks, once per seed. The teacher reads every ``corpus_every``-th training document
+    (few enough tokens that it reaches its plateau within the budget), the students every
+    ``distil_corpus_every``-th (a multiple of ``corpus_every``: a part of the teacher's documents, as a
+    distillation set is smaller than the teacher's pretraining data). Validation and test hold
+    ``heldout_blocks`` blocks each."""
 
     vocab_size: int
     teacher_layers: int
@@ -522,6 +523,7 @@ class CausalBudget:
     heldout_blocks: int
     throughput_rounds: int
     corpus_every: int
+    distil_corpus_every: int
 
 
 # A 1024-token BPE keeps the LM head (H x V) small beside the layers: halving the depth then halves
@@ -531,11 +533,13 @@ CAUSAL_BUDGETS = {
         vocab_size=512, teacher_layers=4, hidden=64, heads=2, block_size=64, teacher_batch=16, teacher_lr=2e-3,
         teacher_max_steps=30, eval_every=10, patience=2, min_improvement=0.01, distil_steps=10, distil_batch=16,
         distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=64, throughput_rounds=3, corpus_every=20,
+        distil_corpus_every=40,
     ),
     "full": CausalBudget(
         vocab_size=1024, teacher_layers=6, hidden=128, heads=4, block_size=64, teacher_batch=16, teacher_lr=2e-3,
-        teacher_max_steps=4000, eval_every=133, patience=2, min_improvement=0.01, distil_steps=532,
+        teacher_max_steps=4000, eval_every=133, patience=2, min_improvement=0.01, distil_steps=400,
         distil_batch=16, distil_lr=1e-3, seeds=(0, 1, 2), heldout_blocks=64, throughput_rounds=3, corpus_every=10,
+        distil_corpus_every=40,
     ),
 }
 
@@ -751,8 +755,10 @@ def run_causal(budget_name, budget, sources, cache, results_dir):
                       budget.patience, budget.min_improvement, budget.heldout_blocks, budget.corpus_every]
     teacher_key = hashlib.sha256(json.dumps(teacher_fields).encode()).hexdigest()[:10]
     documents = data["corpus"].read_text(encoding="utf-8").splitlines()
-    train_corpus = cache / f"causal-corpus-every-{budget.corpus_every}.txt"
+    train_corpus, distil_corpus = (cache / f"causal-corpus-every-{every}.txt"
+                                   for every in (budget.corpus_every, budget.distil_corpus_every))
     train_corpus.write_text("\n".join(documents[:: budget.corpus_every]) + "\n", encoding="utf-8")
+    distil_corpus.write_text("\n".join(documents[:: budget.distil_corpus_every]) + "\n", encoding="utf-8")
     data = {**data, "corpus": train_corpus}
     teacher = train_causal_teacher(tokenizer_dir, data, cache / f"causal-teacher-{teacher_key}", budget)
     phases = {"teacher": time.perf_counter() - start}
@@ -760,7 +766,7 @@ def run_causal(budget_name, budget, sources, cache, results_dir):
     init_causal_students(teacher, work / "init-only", work / "random-init")
     students = {}
     for name, (directory, (alpha_kl, alpha_cos), random_init) in CAUSAL_STUDENTS.items():
-        students[name] = [distil_causal(teacher, train_corpus, work / f"{directory}-seed{seed}", budget, seed,
+        students[name] = [distil_causal(teacher, distil_corpus, work / f"{directory}-seed{seed}", budget, seed,
                                         student=work / "random-init" if random_init else None, alpha_kl=alpha_kl,
                                         alpha_cos=alpha_cos) for seed in budget.seeds]
     phases["distillation"] = time.perf_counter() - start - phases["teacher"]
@@ -786,6 +792,7 @@ def run_causal(budget_name, budget, sources, cache, results_dir):
         "budget": {"name": budget_name, **dataclasses.asdict(budget)},
         "teacher_training": json.loads((Path(teacher) / "training.json").read_text()),
         "test_tokens": len(test) * budget.block_size, "models": models,
+        "distil_corpus_tokens": len(causal_blocks(distil_corpus, tokenizer, budget.block_size)) * budget.block_size,
         "metrics": {name: _final_metrics(d.parent) for name, dirs in students.items() for d in dirs[:1]},
         "phase_seconds": phases, "wall_seconds": time.perf_counter() - start,
         "load_average": {"start": load_at_start, "end": os.getloadavg()},  # other work on the machine
@@ -827,17 +834,21 @@ def causal_report(results):
     lines += [
         "",
         f"Teacher: GPT-2, {b['teacher_layers']} layers, H = {b['hidden']}, byte-level BPE of {b['vocab_size']} tokens "
-        f"learnt on the corpus, {t['parameters'] / 1e6:.2f} M parameters; trained from scratch on blocks of "
-        f"{b['block_size']} tokens, {b['teacher_batch']} per step, lr {b['teacher_lr']}: {t['steps']} steps "
+        f"learnt on the corpus, {t['parameters'] / 1e6:.2f} M parameters; trained from scratch on every "
+        f"{b['corpus_every']}th training document, blocks of {b['block_size']} tokens, {b['teacher_batch']} per step, "
+        f"lr {b['teacher_lr']}: {t['steps']} steps "
         f"({t['tokens'] / 1e6:.2f} M tokens, {t['tokens'] / t['train_tokens']:.2f} epochs of "
         f"{t['train_tokens'] / 1e6:.2f} M), {t['stopped']} (best validation perplexity "
         f"{t['best_validation_perplexity']:.2f} at step {t['best_step']}; a stop is < {b['min_improvement']} nats of "
         f"improvement over {b['patience']} evaluations {b['eval_every']} steps apart), {t['seconds'] / 60:.1f} min. "
         f"Students: {b['teacher_layers'] // 2} layers (`build_student`), distil-train for {b['distil_steps']} steps "
         f"of {b['distil_batch']} blocks ({b['distil_steps'] * b['distil_batch'] * b['block_size'] / 1e6:.2f} M "
-        f"tokens), lr {b['distil_lr']}, alpha_kl 5 / alpha_clm 2 / alpha_cos 1 (CLM only: 0 / 2 / 0), T = 2, "
-        f"seeds {list(b['seeds'])} (mean ± std over {seeds} runs; init only is one model). Perplexity: exp of the "
-        f"mean next-token cross-entropy over {results['test_tokens']} held-out test tokens; tokens/s: inference "
+        f"tokens, {b['distil_steps'] * b['distil_batch'] * b['block_size'] / results['distil_corpus_tokens']:.1f} "
+        f"epochs of every {b['distil_corpus_every']}th training document, "
+        f"{b['corpus_every'] / b['distil_corpus_every']:.2f} of the teacher's), lr {b['distil_lr']}, "
+        f"alpha_kl 5 / alpha_clm 2 / alpha_cos 1 (CLM only: 0 / 2 / 0), "
+        f"T = 2, seeds {list(b['seeds'])} (mean ± std over {seeds} runs; init only is one model). Perplexity: exp "
+        f"of the mean next-token cross-entropy over {results['test_tokens']} held-out test tokens; tokens/s: inference "
         f"forward, batches of 32 blocks, median of alternating rounds.",
     ]
     a = models.get("KL + CLM + cos (a)")

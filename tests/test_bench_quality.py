@@ -154,7 +154,7 @@ def test_reproduction_plumbing(tiny_sources, tmp_path, monkeypatch):
 TINY_CAUSAL = bq.CausalBudget(
     vocab_size=300, teacher_layers=2, hidden=32, heads=2, block_size=16, teacher_batch=4, teacher_lr=1e-3,
     teacher_max_steps=4, eval_every=2, patience=1, min_improvement=0.0, distil_steps=2, distil_batch=4,
-    distil_lr=1e-3, seeds=(0, 1), heldout_blocks=4, throughput_rounds=1, corpus_every=1,
+    distil_lr=1e-3, seeds=(0, 1), heldout_blocks=4, throughput_rounds=1, corpus_every=1, distil_corpus_every=1,
 )
 
 
