@@ -414,9 +414,9 @@ class Trainer:
         parts = torch.zeros(4, device=self.device)  # total, kl, mlm, cos: summed over micro-batches
         tokens = torch.zeros((), dtype=torch.long, device=self.device)
         micro = list(self._micro_batches())
+        ddp = self.world_size > 1 and not cfg.fsdp  # FSDP reduce-scatters every micro-batch's gradients
         for i, (ids, attn, labels, cached, weight) in enumerate(micro):
             last = i == len(micro) - 1
-            ddp = self.world_size > 1 and not cfg.fsdp
             sync = self.rows.no_sync() if (ddp and not last) else contextlib.nullcontext()
             with sync:
                 # The exact factor of the backward (GradScaler's scale / grad_accum, a device tensor: no

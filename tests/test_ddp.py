@@ -79,6 +79,7 @@ def _assert_same_curve(got, want, lm):
         scale = abs(s["loss"])
         for part in ("loss", "kl", lm, "cos"):
             assert d[part] == pytest.approx(s[part], rel=1e-5, abs=1e-6 * scale)
+        assert d["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-5)  # clipped by the global norm
 
 
 def _worker(rank, root, port, kind):
