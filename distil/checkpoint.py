@@ -81,7 +81,12 @@ def full_student_state(trainer):
     and the student module is saved as it is."""
     if not trainer.config.fsdp:
         return None
-    return get_model_state_dict(trainer.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(trainer.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if state:  # a tied parameter comes back as one copy per name: share one, which save_pretrained writes once
+        first_name = {}
+        for name, param in trainer.student.named_parameters(remove_duplicate=False):
+            state[name] = state[first_name.setdefault(id(param), name)]
+    return state
 
 
 def _optimizer_state(trainer):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors import safe_open
 
 from distil.checkpoint import TRAINING_STATE
 from distil.cli import EXIT_ERROR, TrainConfig, main
@@ -63,6 +64,11 @@ def _exit_without_finalizing():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def safe_open_keys(directory):
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        return sorted(f.keys())
 
 
 def _training_losses(root, out):
@@ -155,6 +161,9 @@ def test_fsdp_trainer_matches_one_process_and_resumes_bit_exactly(tmp_path, kind
     for k, v in sharded.state_dict().items():
         torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6, msg=k)
         assert torch.equal(resumed.state_dict()[k], v), k
+    # The same files as one process writes: a tied head is stored once.
+    assert (safe_open_keys(tmp_path / "fsdp" / "student") == safe_open_keys(tmp_path / "single" / "student")
+            == safe_open_keys(tmp_path / "fsdp" / f"checkpoint-{STEPS}"))
     checkpoint = model_class.from_pretrained(tmp_path / "fsdp" / f"checkpoint-{STEPS}")
     assert all(torch.equal(v, sharded.state_dict()[k]) for k, v in checkpoint.state_dict().items())
     _assert_same_curve(_training_losses(tmp_path, "fsdp"), _training_losses(tmp_path, "single"), lm)
