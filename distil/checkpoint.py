@@ -1,7 +1,9 @@
 """A training run's directory: its file names, and ``checkpoint-<step>/`` folders, written atomically by
 :func:`save_checkpoint` (a student model directory plus ``training_state.pt``: optimizer, scheduler, GradScaler,
 RNG states, masking generator, reader position, the flags) and read back by :func:`load_checkpoint`, which
-continues a :class:`distil.train.Trainer` bit-exactly from the newest readable one (``--resume``)."""
+continues a :class:`distil.train.Trainer` bit-exactly from the newest readable one (``--resume``). Under
+``--fsdp`` both the student and the optimizer state are gathered whole (as one process holds them, keyed by
+parameter name) and sharded again on resume."""
 import dataclasses
 import json
 import math
@@ -13,6 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 
 from distil.student import auto_model_class, save_student
@@ -66,23 +75,46 @@ def _rng_state(trainer):
     return gathered
 
 
+def full_student_state(trainer):
+    """Under ``--fsdp``, the whole student's state dict on the CPU, gathered from every rank's shards
+    (collective: every rank calls it; rank 0 gets the tensors, the others an empty dict); otherwise None,
+    and the student module is saved as it is."""
+    if not trainer.config.fsdp:
+        return None
+    state = get_model_state_dict(trainer.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if state:  # a tied parameter comes back as one copy per name: share one, which save_pretrained writes once
+        first_name = {}
+        for name, param in trainer.student.named_parameters(remove_duplicate=False):
+            state[name] = state[first_name.setdefault(id(param), name)]
+    return state
+
+
+def _optimizer_state(trainer):
+    """The optimizer's state dict; under ``--fsdp`` gathered whole on rank 0 (collective), keyed by name."""
+    if not trainer.config.fsdp:
+        return trainer.optimizer.state_dict()
+    return get_optimizer_state_dict(trainer.student, trainer.optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save_checkpoint(trainer):
     """Write ``checkpoint-<step>/`` (rank 0): the student as a model directory that
     ``from_pretrained`` loads, plus ``training_state.pt``; built under a temporary name, then renamed.
     Then removes the oldest checkpoints beyond ``save_total_limit``."""
-    rng = _rng_state(trainer)  # collective: every rank takes part
+    rng = _rng_state(trainer)  # collective: every rank takes part, as in the next two
+    student_state, optimizer_state = full_student_state(trainer), _optimizer_state(trainer)
     if trainer.rank == 0:
         final = trainer.output_dir / f"{CHECKPOINT_PREFIX}{trainer.step}"
         tmp = trainer.output_dir / f".{final.name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_student(trainer.student, tmp, trainer.tokenizer)
+        save_student(trainer.student, tmp, trainer.tokenizer, student_state)
         _save_durably(
             {
                 "step": trainer.step,
                 "total_steps": trainer.total_steps,
                 "flags": _run_flags(trainer.config),
-                "optimizer": trainer.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": trainer.scheduler.state_dict(),
                 "scaler": trainer.scaler.state_dict(),
                 "rng": rng,
@@ -138,8 +170,13 @@ def load_checkpoint(trainer):
                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
             continue
         _check_flags(trainer, path, state)
-        trainer.student.load_state_dict(saved.state_dict())
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.config.fsdp:  # every rank holds the whole state and keeps its own shards of it
+            whole = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(trainer.student, saved.state_dict(), options=whole)
+            set_optimizer_state_dict(trainer.student, trainer.optimizer, state["optimizer"], options=whole)
+        else:
+            trainer.student.load_state_dict(saved.state_dict())
+            trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["scaler"])
         rng = state["rng"][trainer.rank]

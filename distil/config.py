@@ -4,6 +4,7 @@ metadata (:func:`_add_flag`). Torch-free: :mod:`distil.cli` parses and validates
 heavy is imported, and :mod:`distil.train` takes a :class:`TrainConfig` without importing the CLI."""
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -89,6 +90,9 @@ class TrainConfig:
     word_keep: float = _option(0.1, "share of masked tokens kept unchanged")
     word_rand: float = _option(0.1, "share of masked tokens replaced by a random token")
     smoothing: float = _option(0.7, "masking probability proportional to count^-smoothing")
+    fsdp: bool = _option(False, "shard the student with FSDP2 (fully_shard: each transformer layer, then the rest) "
+                                "across the torchrun processes instead of replicating it (DDP); the frozen "
+                                "teacher is not sharded; checkpoints hold the whole student")
     seed: int = _option(56, "random seed (data order, masking, dropout)")
     precision: str = _option("auto", "autocast on GPU (auto = bf16); CPU runs fp32", choices=PRECISIONS)
     save_every: int = _option(500, "write a checkpoint-<step>/ folder every this many steps")
@@ -129,6 +133,15 @@ class TrainConfig:
         check_masking(self.mask_prop, self.word_mask, self.word_keep, self.word_rand, self.smoothing)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("report_to", self.report_to, REPORT_TO)
+        if self.fsdp:
+            world_size = os.environ.get("WORLD_SIZE", "1")
+            if not world_size.isdigit() or int(world_size) < 2:
+                raise ValueError(f"fsdp shards the student across processes, but WORLD_SIZE is {world_size}: run "
+                                 "under torchrun with 2 or more processes (torchrun --nproc-per-node N distil-train "
+                                 "--fsdp ...)")
+            if self.precision == "fp16":
+                raise ValueError("fsdp does not take precision fp16 (the GradScaler would skip an overflowing step "
+                                 "on one rank only): use bf16 (or auto)")
         if not Path(self.teacher).is_dir():
             raise ValueError(f"teacher must be a local model directory, got {self.teacher!r}")
         check_model_dir("teacher", self.teacher, tokenizer=True)

@@ -94,6 +94,14 @@ def _layer_list(teacher):
     raise ValueError(f"teacher {type(teacher).__name__} is not supported; supported: {names}")
 
 
+def layer_list(model):
+    """The ``nn.ModuleList`` of a supported model's transformer layers (``model.layers`` of a LLaMA,
+    ``transformer.h`` of a GPT-2, ``distilbert.transformer.layer`` of a DistilBERT student...)."""
+    if isinstance(model, DistilBertForMaskedLM):
+        return model.distilbert.transformer.layer
+    return model.get_submodule(_layer_list(model))
+
+
 def _resolve_layers(teacher_layers, num_layers, layers):
     if layers is None:
         return layer_map(teacher_layers, num_layers)
@@ -243,12 +251,13 @@ def auto_model_class(causal):
     return AutoModelForCausalLM if causal else AutoModelForMaskedLM
 
 
-def save_student(student, path, tokenizer=None):
+def save_student(student, path, tokenizer=None, state_dict=None):
     """Write ``student`` (and ``tokenizer`` if given) as a normal Hugging Face model directory.
 
-    Equivalent of ``student.save_pretrained(path)`` (safetensors weights + config.json) and
-    ``tokenizer.save_pretrained(path)``; ``AutoModelForMaskedLM.from_pretrained(path)`` (causal
-    students: ``AutoModelForCausalLM``) loads it.
+    Equivalent of ``student.save_pretrained(path, state_dict=state_dict)`` (safetensors weights +
+    config.json) and ``tokenizer.save_pretrained(path)``; ``AutoModelForMaskedLM.from_pretrained(path)``
+    (causal students: ``AutoModelForCausalLM``) loads it. ``state_dict``: the weights to write instead of
+    the module's own (a sharded student's, gathered whole).
     Returns the directory as a ``pathlib.Path``.
     """
     if not isinstance(student, PreTrainedModel):
@@ -260,7 +269,7 @@ def save_student(student, path, tokenizer=None):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"path {path} exists and is not a directory")
-    student.save_pretrained(path)
+    student.save_pretrained(path, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     # safetensors writes its file owner-only (0600); a model directory is meant to be shared like the

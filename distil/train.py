@@ -14,7 +14,8 @@ masking, documents padded per batch or packed into ``--block-size`` blocks), on 
   ``[rows, V]`` logits; ``--no-fused-head`` builds the logits);
 - AdamW (betas 0.9/0.98, eps 1e-6), linear warmup (5%) then linear decay, gradient accumulation,
   clipping at 5.0, bf16/fp16 autocast on GPU;
-- DDP under ``torchrun`` (NCCL on GPU, gloo on CPU).
+- DDP under ``torchrun`` (NCCL on GPU, gloo on CPU), or with ``--fsdp`` the student sharded by FSDP2
+  (:func:`shard_student`).
 
 Around it, what a run needs: ``checkpoint-<step>/`` folders (:mod:`distil.checkpoint`: a student model
 directory plus ``training_state.pt``), written atomically; ``--resume`` continues bit-exactly from the
@@ -48,13 +49,22 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from distil.checkpoint import METRICS, RUN_FILES, STUDENT, TENSORBOARD, checkpoints, load_checkpoint, save_checkpoint
+from distil.checkpoint import (
+    METRICS,
+    RUN_FILES,
+    STUDENT,
+    TENSORBOARD,
+    checkpoints,
+    full_student_state,
+    load_checkpoint,
+    save_checkpoint,
+)
 from distil.checks import TOKENIZER_FILES
 from distil.data import LengthGroupedBatches, load_corpus, pack_blocks, text_files
 from distil.fused_loss import DistillationLoss
 from distil.masking import MLMMasker, token_counts
 from distil.step import DistillationStep, StudentRows, causal_labels, fused_heads
-from distil.student import auto_model_class, build_student, save_student
+from distil.student import auto_model_class, build_student, layer_list, save_student
 from distil.teacher_cache import TeacherCache
 
 EVAL_SEED = 0  # the held-out split and its masking: the same for every run on the same data
@@ -93,6 +103,26 @@ def _autocast_dtype(precision, device):
             raise ValueError(f"precision {precision} needs a CUDA device; use fp32 (or auto) on {device}")
         return None
     return {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def shard_student(student_rows):
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) on the student of a :class:`distil.step.StudentRows`:
+    one unit per transformer layer, then the root (embeddings, final norm, LM head), as torchtitan and
+    HF Accelerate's FSDP2 wrap decoders. The heads' loss (:class:`distil.fused_loss.LinearKLCELoss`) is
+    no unit of its own: a tied head (GPT-2, BERT) is the embedding's parameter, which one unit must hold,
+    and the root keeps its parameters gathered from its forward to the end of the backward, when the
+    heads' loss runs. Gradients are reduce-scattered (averaged over the ranks) after every micro-batch,
+    and the parameters stay fp32 (autocast casts them, as without FSDP)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layer_list(student_rows.student):
+        fully_shard(layer)
+    fully_shard(student_rows)
+
+
+def _full_norm(norm):
+    """A norm over sharded (DTensor) tensors, as the plain tensor every rank holds."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def json_record(record):
@@ -172,13 +202,10 @@ class Trainer:
         rows = StudentRows(self.student, vocab_size)
         loss_fn = DistillationLoss(kl_weight=config.alpha_kl, ce_weight=config.alpha_lm, cos_weight=config.alpha_cos,
                                    temperature=config.temperature, **config.divergence_args())
-        # Validation runs on rank 0 alone, outside DDP (whose forward would wait for the other ranks).
+        # Validation runs on rank 0 alone, outside DDP (whose forward would wait for the other ranks); under
+        # FSDP every rank runs it (each forward gathers the shards).
         self.eval_step = DistillationStep(rows, self.teacher, loss_fn, restrict_kl_to_mask=config.restrict_kl_to_mask,
                                           autocast_dtype=self.autocast_dtype, vocab_size=vocab_size)
-        if self.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            rows = nn.parallel.DistributedDataParallel(rows, device_ids=ids)
-        self.rows = rows
         heads = {}
         # The output projections fused into the KL+CE loss, with the models' logit transforms: no [rows, V]
         # logits. A cached teacher has no head to fuse: the student's head meets its top-k logits.
@@ -188,6 +215,12 @@ class Trainer:
         train_loss_fn = DistillationLoss(kl_weight=config.alpha_kl, ce_weight=config.alpha_lm,
                                          cos_weight=config.alpha_cos, temperature=config.temperature,
                                          **config.divergence_args(), **heads)
+        if config.fsdp:  # after the heads' loss is built: it checks that the heads are whole tensors
+            shard_student(rows)
+        elif self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            rows = nn.parallel.DistributedDataParallel(rows, device_ids=ids)
+        self.rows = rows
         self.step_fn = DistillationStep(rows, self.teacher, train_loss_fn,
                                         restrict_kl_to_mask=config.restrict_kl_to_mask,
                                         autocast_dtype=self.autocast_dtype,
@@ -381,9 +414,10 @@ class Trainer:
         parts = torch.zeros(4, device=self.device)  # total, kl, mlm, cos: summed over micro-batches
         tokens = torch.zeros((), dtype=torch.long, device=self.device)
         micro = list(self._micro_batches())
+        ddp = self.world_size > 1 and not cfg.fsdp  # FSDP reduce-scatters every micro-batch's gradients
         for i, (ids, attn, labels, cached, weight) in enumerate(micro):
             last = i == len(micro) - 1
-            sync = self.rows.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
+            sync = self.rows.no_sync() if (ddp and not last) else contextlib.nullcontext()
             with sync:
                 # The exact factor of the backward (GradScaler's scale / grad_accum, a device tensor: no
                 # sync), announced to the loss so that its gradient is written for it: a free backward,
@@ -399,7 +433,7 @@ class Trainer:
             dist.all_reduce(tokens)
             parts /= self.world_size
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+        grad_norm = _full_norm(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm))
         values = torch.cat([parts, grad_norm.reshape(1).float()]).tolist()  # one host sync per step
         metrics = dict(zip(self.parts + ("grad_norm",), values), tokens=int(tokens))
         # fp16: an overflowing gradient is the GradScaler's business (it skips the step and lowers the scale).
@@ -413,7 +447,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        param_norm = float(torch.nn.utils.get_total_norm(self.student.parameters()))
+        param_norm = float(_full_norm(torch.nn.utils.get_total_norm(self.student.parameters())))
         if not math.isfinite(param_norm):
             err = self._diverged("the norm of the parameters is not finite after the optimizer step",
                                  {"param_norm": param_norm})
@@ -425,11 +459,11 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self):
-        """Metrics of the held-out split (rank 0; None without one), dropout off: the distillation losses
-        and the student's masked-LM loss and accuracy (with the teacher's for comparison when the KL
-        is on), each averaged over its own rows: logit rows for the KL, masked tokens for the masked-LM
-        loss and accuracy, non-pad tokens for the cosine. Causal LMs: the next-token loss (log perplexity)
-        and accuracy over every token that has a next one, named ``clm``."""
+        """Metrics of the held-out split (rank 0, or every rank under FSDP; None without one), dropout off:
+        the distillation losses and the student's masked-LM loss and accuracy (with the teacher's for
+        comparison when the KL is on), each averaged over its own rows: logit rows for the KL, masked tokens
+        for the masked-LM loss and accuracy, non-pad tokens for the cosine. Causal LMs: the next-token loss
+        (log perplexity) and accuracy over every token that has a next one, named ``clm``."""
         if not self.eval_batches:
             return None
         self.student.eval()
@@ -543,15 +577,16 @@ class Trainer:
                     save_checkpoint(self)
                 if stop:
                     return "interrupted"
-                if main_rank and (self.step % cfg.eval_every == 0 or self.step == end):
+                if self.step % cfg.eval_every == 0 or self.step == end:
                     self._log_eval(bar, writer, metrics_file)
                     evaluated_at = self.step
                 if not window:  # tokens/s counts training time only, not checkpoints and validation
                     window_start = time.perf_counter()
+            if evaluated_at != self.step:  # no step ran (--max-steps 0, or a finished run resumed)
+                self._log_eval(bar, writer, metrics_file)
+            state_dict = full_student_state(self)  # collective under FSDP
             if main_rank:
-                if evaluated_at != self.step:  # no step ran (--max-steps 0, or a finished run resumed)
-                    self._log_eval(bar, writer, metrics_file)
-                save_student(self.student, self.output_dir / STUDENT, self.tokenizer)
+                save_student(self.student, self.output_dir / STUDENT, self.tokenizer, state_dict)
             return "done"
         finally:
             bar.close()
@@ -575,8 +610,11 @@ class Trainer:
         return StepError(f"step {self.step + 1} failed ({type(err).__name__}: {first_line}); {where}")
 
     def _log_eval(self, bar, writer, metrics_file):
+        """Validation, logged by rank 0: run by rank 0 alone, or by every rank under FSDP."""
+        if self.rank != 0 and not self.config.fsdp:
+            return
         record = self.evaluate()
-        if record is not None:
+        if record is not None and self.rank == 0:
             self._log(record, bar, writer, metrics_file)
 
 

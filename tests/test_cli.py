@@ -57,7 +57,7 @@ NON_DEFAULT_FLAGS = {
     "divergence": "jsd", "jsd_beta": 0.3, "skew_alpha": 0.2,
     "restrict_kl_to_mask": True,
     "fused_head": False, "block_size": 256, "mask_prop": 0.2, "word_mask": 0.7, "word_keep": 0.2,
-    "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "seed": 3,
+    "word_rand": 0.1 + 1e-9, "smoothing": 0.5, "fsdp": True, "seed": 3,
     "precision": "fp32", "save_every": 11, "save_total_limit": 2, "resume": True, "log_every": 5,
     "report_to": "tensorboard", "eval_fraction": 0.05, "eval_max_sequences": 10, "eval_every": 3, "progress": False,
 }
