@@ -74,14 +74,15 @@ scale when proportional, an exact recomputation otherwise.
 import triton
 import triton.language as tl
 
-from distil.kernels.kl_ce import _exp2_difference, _log1p, tuning_for
 from distil.kernels.rows import (
     LN2,
     LOG2E,
     aligned_row,
     chunk_cols,
+    exp2_difference,
     fill_row,
     load_chunk,
+    log1p,
     online_scaled_lse_update,
     rescale_factor,
     row_flags,
@@ -89,6 +90,7 @@ from distil.kernels.rows import (
     row_split,
     row_start,
     store_chunk,
+    tuning_for,
     vector_width,
 )
 
@@ -192,7 +194,7 @@ def _topk_terms(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, temperature, ms,
     # The student's mass outside K (none with k = V), as ln(e^-wbar rest / zt).
     rest = tl.where(K == V, 0.0, tl.maximum(z_a - sum_u, 0.0))
     lb = (tl.log2(rest) - log2_zt - wbar) * LN2
-    kl_k = tl.where(lb > 0, lb + _log1p((1.0 + a) * tl.exp(-tl.maximum(lb, 0.0))), _log1p(a + tl.exp(lb)))
+    kl_k = tl.where(lb > 0, lb + log1p((1.0 + a) * tl.exp(-tl.maximum(lb, 0.0))), log1p(a + tl.exp(lb)))
     kl_k = tl.where(wbar == float("-inf"), float("inf"), kl_k)  # the student is -inf where q > 0
     q_tail = zt * 0.0
     gap = zt * 0.0
@@ -200,7 +202,7 @@ def _topk_terms(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, temperature, ms,
     if EXACT:
         lse = tl.load(lse_ptr + r)
         g = (mt / temperature - lse) + log2_zt * LN2
-        tail = -_exp2_difference(tl.exp2(g * LOG2E), 1.0, g * LOG2E)  # 1 - e^g without cancellation
+        tail = -exp2_difference(tl.exp2(g * LOG2E), 1.0, g * LOG2E)  # 1 - e^g without cancellation
         keep = ~(tail <= tl.maximum(TAIL_FLOOR, tl.abs(lse) * LSE_RESOLUTION))  # a NaN lse stays NaN
         q_tail = tl.where(keep, tail, 0.0)
         gap = tl.where(keep, g, 0.0)
@@ -373,7 +375,7 @@ def topk_kl_ce_bwd_kernel(
 def _common_args(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, block_v, num_warps,
                  block_k):
     vocab, k = student.shape[-1], values.shape[-1]
-    block, warps = tuning_for(vocab)
+    block, warps, _ = tuning_for(vocab)
     block_k = block_k or min(max(triton.next_power_of_2(k), 16), MAX_BLOCK_K)
     S, s_sb, s_ss = row_geometry(student)
     _, t_sb, t_ss = row_geometry(values)
