@@ -5,6 +5,7 @@ kernel (interpreter here, CUDA on a GPU run) against the float64 definitions
 parameters at their limits; the public functions, their checks, opcheck and torch.compile; TRL's and
 Liger's formulas, restated from their code; and the sm_80 / sm_90 builds of every new specialisation.
 The forward KL's own tests are tests/test_kl_ce.py."""
+import itertools
 from typing import NamedTuple, Optional
 
 import pytest
@@ -594,8 +595,9 @@ def test_topk_inf_and_nan_rows(triton_device, divergence, param, exact, impl):
 @pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
 def test_topk_triton_matches_the_cpp_kernel(triton_device, divergence, param, exact, impl):
     """The same definition on both kernels (csrc/topk_kl_ce.cpp is the reference): loss, gradient, and which
-    entries are NaN or infinite, on rows with -inf and NaN entries, bf16 logits and a [B, S, V] layout."""
-    _, (s, values, index, lse, labels, mask) = topk_sample(12, 53, 9, exact, torch.bfloat16, temperature=1.5)
+    entries are NaN or infinite, on rows with -inf and NaN entries, bf16 teacher values and a [B, S, V] layout."""
+    _, (s, values, index, lse, labels, mask) = topk_sample(12, 53, 9, exact, temperature=1.5)
+    values = values.bfloat16()
     values[0, :3] = NEG_INF
     s[1, index[1, :2]] = NEG_INF
     s[2, 7] = float("nan")
@@ -625,6 +627,35 @@ def test_topk_parameters_near_their_limits(triton_device, impl, exact, divergenc
     ref_kl, _, ref_grad = topk_expected(args, 2.0, divergence, param, 1.0, 0.0)
     tol = 3e-6 / min(param, 1 - param)
     assert relative_error(kl, ref_kl) <= tol and relative_error(grad, ref_grad) <= tol
+
+
+@pytest.mark.skipif(GPU_RUN, reason="ahead-of-time builds are checked on the CPU machine")
+def test_topk_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
+    """Every divergence of the top-k kernel in both modes, fp32 and 16-bit students (fp16 builds as bf16 does),
+    under its register cap: 0 spills, and the student row and its gradient through 128-bit main loops."""
+    specs = []
+    for divergence, param in DIVERGENCES[:1] + DIVERGENCES[2:]:  # one JSD: beta is a runtime argument
+        for dtype, exact in itertools.product((torch.float32, torch.bfloat16), (False, True)):
+            s, grad = _meta(8192, 30522, dtype=dtype), _meta(8192, 30522, dtype=dtype)
+            values, index = _meta(8192, 64, dtype=torch.float16), _meta(8192, 64, dtype=torch.int32)
+            lse = _meta(8192) if exact else None
+            labels, mask = _meta(8192, dtype=torch.int64), _meta(8192, dtype=torch.bool)
+            coef, kl, ce = _meta(2), _meta(8192), _meta(8192)
+            fwd = topk_kernels.fwd_launch(s, values, index, lse, labels, mask, coef, 2.0, -100, kl, ce, grad,
+                                          divergence, param)
+            bwd = topk_kernels.bwd_launch(grad, kl, ce, s, values, index, lse, labels, mask, coef, 2.0, -100,
+                                          divergence, param)
+            specs += [launch_spec(kernel, "distil.kernels.topk_kl_ce", args, cc=cc, **options)
+                      for kernel, (_, args, options) in ((topk_kernels.topk_kl_ce_fwd_kernel, fwd),
+                                                         (topk_kernels.topk_kl_ce_bwd_kernel, bwd))
+                      for cc in (80, 90)]
+    reports = compile_reports(specs)
+    for spec, report in zip(specs, reports):
+        where = (spec["kernel"], spec["constexprs"]["DIVERGENCE"], spec["constexprs"]["EXACT"],
+                 spec["signature"]["s_ptr"], spec["cc"])
+        assert report["spill_stores"] == report["spill_loads"] == 0, (where, report["spill_stores"])
+        in_loop, _ = main_loop_widths(report)
+        assert in_loop and set(in_loop) == {128}, (where, in_loop)
 
 
 @pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
