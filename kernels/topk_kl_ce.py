@@ -116,7 +116,8 @@ LSE_RESOLUTION: tl.constexpr = tl.constexpr(2.0**-21)
 MAX_BLOCK_K = 128
 # Register cap of every launch. Left to choose, ptxas trades a small spill (4 bytes, outside the loops) for
 # one more resident program at 32-48 registers; a cap turns that off. 64 keeps four programs of 8 warps per
-# SM, and every specialisation spill-free on Triton 3.6 and 3.8 (tests/test_topk_kl_ce.py).
+# SM, and every specialisation spill-free on Triton 3.6 and 3.8, the divergences' included (their terms run in the
+# k-entry loops, beside no streamed chunk: 48-64 registers; tests/test_ops.py, tests/test_divergences.py).
 MAXNREG = 64
 
 
