@@ -97,25 +97,28 @@ def eager_divergence(name):
     """The eager formulas users run: TRL's GKDTrainer.generalized_jsd_loss (its beta = 1 branch is the
     reverse KL; the mixture by logsumexp of shifted log-probabilities, F.kl_div with log_target), DistiLLM's
     skew KLs in the same form, and ½|p - q| (Liger's TVD), times T² over the rows (batchmean)."""
-    kwargs = DIVERGENCE_OPS[name]
 
     def eager(s, t):
-        ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
-        if name == "reverse_kl":
-            terms = F.kl_div(lt, ls, reduction="none", log_target=True)
-        elif name == "jsd":
-            beta = kwargs["jsd_beta"]
-            m = _mixture_log(lt, ls, beta)
-            terms = (beta * F.kl_div(m, lt, reduction="none", log_target=True)
-                     + (1 - beta) * F.kl_div(m, ls, reduction="none", log_target=True))
-        elif name == "skew_kl":
-            terms = F.kl_div(_mixture_log(lt, ls, kwargs["skew_alpha"]), lt, reduction="none", log_target=True)
-        elif name == "skew_reverse_kl":
-            terms = F.kl_div(_mixture_log(ls, lt, kwargs["skew_alpha"]), ls, reduction="none", log_target=True)
-        else:
-            terms = 0.5 * (ls.exp() - lt.exp()).abs()
+        terms = eager_divergence_terms(name, F.log_softmax(t / T, -1), F.log_softmax(s / T, -1))
         return terms.sum() / s.shape[0] * T**2
     return eager
+
+
+def eager_divergence_terms(name, lt, ls):
+    """The per-entry terms of :func:`eager_divergence` from the teacher's and the student's log-probabilities."""
+    kwargs = DIVERGENCE_OPS[name]
+    if name == "reverse_kl":
+        return F.kl_div(lt, ls, reduction="none", log_target=True)
+    if name == "jsd":
+        beta = kwargs["jsd_beta"]
+        m = _mixture_log(lt, ls, beta)
+        return (beta * F.kl_div(m, lt, reduction="none", log_target=True)
+                + (1 - beta) * F.kl_div(m, ls, reduction="none", log_target=True))
+    if name == "skew_kl":
+        return F.kl_div(_mixture_log(lt, ls, kwargs["skew_alpha"]), lt, reduction="none", log_target=True)
+    if name == "skew_reverse_kl":
+        return F.kl_div(_mixture_log(ls, lt, kwargs["skew_alpha"]), ls, reduction="none", log_target=True)
+    return 0.5 * (ls.exp() - lt.exp()).abs()
 
 
 @functools.cache
@@ -248,6 +251,57 @@ def gemms_linear(hs, w, b, ht, wt, bt, labels):
     return s.sum() + t.sum()
 
 
+# The fused heads with another divergence: TRL's GKD loss (JSD, beta 0.5), against a teacher head and against a
+# top-k teacher (the teacher cache's), beside the unfused path (the logits, then the loss op) in the same cell.
+HEAD_DIVERGENCE = DIVERGENCE_OPS["jsd"]
+
+
+def ours_linear_jsd(hs, w, b, ht, wt, bt, labels):
+    kl, ce = linear_kl_ce_loss(hs, w, b, labels, teacher_head_input=ht, teacher_weight=wt, teacher_bias=bt,
+                               temperature=T, kl_weight=KL_WEIGHT, ce_weight=CE_WEIGHT, **HEAD_DIVERGENCE)
+    return KL_WEIGHT * kl + CE_WEIGHT * ce
+
+
+def unfused_linear_jsd(hs, w, b, ht, wt, bt, labels):
+    """ours without the fusion: both heads' full logits, then kl_ce_loss with the JSD."""
+    kl, ce = kl_ce_loss(*_head_logits(hs, w, b, ht, wt, bt), labels, temperature=T, kl_weight=KL_WEIGHT,
+                        ce_weight=CE_WEIGHT, **HEAD_DIVERGENCE)
+    return KL_WEIGHT * kl + CE_WEIGHT * ce
+
+
+def eager_linear_jsd(hs, w, b, ht, wt, bt, labels):
+    """TRL's generalized_jsd_loss (eager_divergence) and the CE on the heads' full logits."""
+    s, t = _head_logits(hs, w, b, ht, wt, bt)
+    return KL_WEIGHT * eager_divergence("jsd")(s, t) + CE_WEIGHT * F.cross_entropy(s, labels, ignore_index=IGNORE)
+
+
+def ours_linear_topk_jsd(hs, w, b, values, index, lse, labels):
+    kl, ce = linear_kl_ce_loss(hs, w, b, labels, teacher_topk_logits=values, teacher_topk_index=index,
+                               teacher_lse=lse, teacher_lse_temperature=T, temperature=T, kl_weight=KL_WEIGHT,
+                               ce_weight=CE_WEIGHT, **HEAD_DIVERGENCE)
+    return KL_WEIGHT * kl + CE_WEIGHT * ce
+
+
+def unfused_linear_topk_jsd(hs, w, b, values, index, lse, labels):
+    """ours without the fusion: the student head's full logits, then topk_kl_ce_loss with the JSD."""
+    kl, ce = topk_kl_ce_loss(F.linear(hs, w, b), values, index, labels, teacher_lse=lse, temperature=T,
+                             kl_weight=KL_WEIGHT, ce_weight=CE_WEIGHT, **HEAD_DIVERGENCE)
+    return KL_WEIGHT * kl + CE_WEIGHT * ce
+
+
+def eager_linear_topk_jsd(hs, w, b, values, index, lse, labels):
+    """The JSD on the exact top-k buckets (the k tokens and the tail, as eager_topk) and the CE in plain PyTorch."""
+    s = F.linear(hs, w, b)
+    log_p = F.log_softmax(s.float() / T, -1).gather(-1, index.long())
+    log_q = values.float() / T - lse[:, None]
+    q_tail = (1 - log_q.exp().sum(-1)).clamp_min(reference.TAIL_FLOOR)
+    p_tail = (1 - log_p.exp().sum(-1)).clamp_min(reference.TAIL_FLOOR)
+    terms = eager_divergence_terms("jsd", torch.cat([log_q, q_tail.log()[:, None]], -1),
+                                   torch.cat([log_p, p_tail.log()[:, None]], -1))
+    kl = terms.sum() / s.shape[0] * T**2
+    return KL_WEIGHT * kl + CE_WEIGHT * F.cross_entropy(s, labels, ignore_index=IGNORE)
+
+
 def make_linear(n, v, dtype, device, *, seed=0):
     """[n, H] student and teacher rows, both heads [V, H] (+ bias), 15% MLM labels; H = LINEAR_HIDDEN[v]."""
     h = LINEAR_HIDDEN[v]
@@ -262,6 +316,16 @@ def make_linear(n, v, dtype, device, *, seed=0):
     labels[torch.rand(n, generator=label_gen) >= LABELLED] = IGNORE
     return {"hs": rand(n, h, grad=True), "w": rand(v, h, scale=h**-0.5, grad=True), "b": rand(v, scale=0.1, grad=True),
             "ht": rand(n, h), "wt": rand(v, h, scale=h**-0.5), "bt": rand(v, scale=0.1), "labels": labels.to(device)}
+
+
+def make_linear_topk(n, v, dtype, device, *, seed=0):
+    """make_linear's student and labels with the teacher head's logits as a cache holds them (make_topk)."""
+    inputs = make_linear(n, v, dtype, device, seed=seed)
+    with torch.no_grad():
+        t = F.linear(inputs.pop("ht"), inputs.pop("wt"), inputs.pop("bt")).float()
+    values, index = t.topk(TOPK, -1)
+    index = index.to(torch.int16 if v <= 32767 else torch.int32)
+    return {**inputs, "values": values.half(), "index": index, "lse": torch.logsumexp(t / T, -1)}
 
 
 def linear_param_grad_bytes(n, v, dtype):
@@ -341,6 +405,10 @@ OPS = {
     "linear_kl_ce": LossOp(ours_linear, eager_linear, make_linear, logits_bytes, unfused=unfused_linear,
                            gemms=gemms_linear, excluded_bytes=linear_param_grad_bytes),
     "topk_kl_ce": LossOp(ours_topk, eager_topk, make_topk, topk_bytes, dense=dense_topk),  # k = TOPK, exact mode
+    "linear_jsd": LossOp(ours_linear_jsd, eager_linear_jsd, make_linear, logits_bytes, unfused=unfused_linear_jsd,
+                         excluded_bytes=linear_param_grad_bytes),
+    "linear_topk_jsd": LossOp(ours_linear_topk_jsd, eager_linear_topk_jsd, make_linear_topk, topk_bytes,
+                              unfused=unfused_linear_topk_jsd, excluded_bytes=linear_param_grad_bytes),
     **{name: LossOp(ours_divergence(name), eager_divergence(name), make_logits, logits_bytes,
                     liger={"jsd": liger_jsd, "tvd": liger_tvd}.get(name))
        for name in DIVERGENCE_OPS},
@@ -348,6 +416,7 @@ OPS = {
 }
 # The divergence cells: the DIVERGENCE_OPS and the fused CE + TVD.
 DIVERGENCE_CELL_OPS = (*DIVERGENCE_OPS, "ce_tvd")
+LINEAR_OPS = ("linear_kl_ce", "linear_jsd", "linear_topk_jsd")  # the LM-head ops: GEMM-bound
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -387,6 +456,7 @@ CPU_MAIN = (2048, 30522)
 # with --full, or when --ops names linear_kl_ce.
 CPU_FULL_ONLY = [("linear_kl_ce", "fp32", n, 30522, ("fwd+bwd",)) for n in (1024, 4096)]
 CPU_FULL_ONLY += [("linear_kl_ce", "fp32", 128, 128256, ("fwd+bwd",))]
+CPU_FULL_ONLY += [(op, "fp32", 4096, 30522, ("fwd+bwd",)) for op in ("linear_jsd", "linear_topk_jsd")]
 # The divergences beside the forward KL at the main shape: with --full, or when --ops names one of them.
 CPU_DIVERGENCE_CELLS = [(op, "fp32", *CPU_MAIN, ("fwd+bwd",)) for op in ("kl", *DIVERGENCE_CELL_OPS)]
 
@@ -422,6 +492,8 @@ def cuda_plan(quick, full, ops):
         linear = [("bf16", 1024, 30522)] if quick else [("bf16", 8192, 30522), ("bf16", 16384, 30522),
                                                          ("bf16", 8192, 128256)]
         cells += [("linear_kl_ce", dt, n, v, MODES) for dt, n, v in linear]
+    cells += [(op, "bf16", 1024 if quick else 8192, 30522, MODES) for op in ("linear_jsd", "linear_topk_jsd")
+              if op in ops]
     if "cos" in ops:  # (dtype, N, H)
         hidden = [("bf16", 1024, 768)] if quick else [("bf16", 16384, 768), ("fp32", 16384, 768), ("bf16", 16384, 4096)]
         cells += [("cos", dt, n, h, MODES) for dt, n, h in hidden]
@@ -472,14 +544,14 @@ FWD_SHARE = {
 
 
 def work_units(op_name, n, v):
-    if op_name == "linear_kl_ce":
+    if op_name in LINEAR_OPS:
         return 2 * n * LINEAR_HIDDEN[v] * v
     return OPS[op_name].bytes_moved(n, v, torch.float32)
 
 
 def input_bytes(op_name, n, v):
     """fp32 bytes of the tensors make_inputs builds (approximately)."""
-    if op_name == "linear_kl_ce":
+    if op_name in LINEAR_OPS:
         h = LINEAR_HIDDEN[v]
         return 4 * 2 * (n * h + v * h + v)
     extra = 2 * n * HIDDEN if op_name == "triple" else 0
@@ -492,7 +564,7 @@ def timing_rounds(round_s, min_repeats=3, max_repeats=25, budget_s=4.0):
 
 
 def step_class(op_name):
-    return "gemm" if op_name == "linear_kl_ce" else "bytes"
+    return "gemm" if op_name in LINEAR_OPS else "bytes"
 
 
 class CostModel:
@@ -515,6 +587,8 @@ class CostModel:
         return self.s_work[cls] or other or 1.0
 
     def step_s(self, op_name, variant, mode, n, v):
+        if op_name in LINEAR_OPS:  # not measured apart: the forward KL head's constants
+            op_name = "linear_kl_ce"
         s = STEP_S_PER_UNIT.get((op_name, variant), 1e-9) * work_units(op_name, n, v)
         if op_name == "linear_kl_ce":
             s += LINEAR_S_PER_LOGIT.get(variant, 2e-8) * n * v
@@ -842,6 +916,11 @@ def targets(records, device):
                 ratio(name, "fp32", shape, "ours", "compile"), 1.5, True)
             add(f"CPU {name} fp32 2048×30522 fwd+bwd: ≤ 0.25× eager's peak memory",
                 ratio(name, "fp32", shape, "ours", "eager", key="peak_bytes"), 0.25, False)
+        for name in [name for name in ("linear_jsd", "linear_topk_jsd") if any(r["op"] == name for r in records)]:
+            add(f"CPU {name} fp32 N=4096 H=768 V=30522 fwd+bwd: time ≤ 1.0× ours-unfused",
+                _inverse(ratio(name, "fp32", linear, "ours", "unfused")), 1.0, False)
+            add(f"CPU {name} fp32 N=4096 H=768 V=30522 fwd+bwd: peak memory ≤ 0.5× ours-unfused",
+                ratio(name, "fp32", linear, "ours", "unfused", key="peak_bytes"), 0.5, False)
         jsd, kl = _find(records, "jsd", "fp32", shape, "ours"), _find(records, "kl", "fp32", shape, "ours")
         if any(r["op"] == "jsd" for r in records):
             add("CPU jsd fp32 2048×30522 fwd+bwd: ≤ 1.5× the forward KL's time (kl_div_loss)",
@@ -874,6 +953,11 @@ def targets(records, device):
             ratio("linear_kl_ce", "bf16", (16384, 30522), "ours", "unfused", key="peak_bytes"), 0.25, False)
         add("GPU linear_kl_ce bf16 8192×128256 (H=4096) fwd+bwd: ≤ 1.2× the same four GEMMs alone",
             _inverse(ratio("linear_kl_ce", "bf16", (8192, 128256), "ours", "gemms")), 1.2, False)
+        for name in [name for name in ("linear_jsd", "linear_topk_jsd") if any(r["op"] == name for r in records)]:
+            add(f"GPU {name} bf16 8192×30522 (H=768) fwd+bwd: ≥ 1.0× ours-unfused's speed",
+                ratio(name, "bf16", (8192, 30522), "ours", "unfused"), 1.0, True)
+            add(f"GPU {name} bf16 8192×30522 (H=768) fwd+bwd: ≤ 0.5× ours-unfused's peak memory",
+                ratio(name, "bf16", (8192, 30522), "ours", "unfused", key="peak_bytes"), 0.5, False)
         add("H100 triple bf16 16384×30522 (+H=768) fwd+bwd: ≤ 1.0× the sum of its fused parts",
             None if triple is None or None in parts else triple["ms"] / sum(p["ms"] for p in parts), 1.0, False)
         llm = (8192, 128256)
@@ -917,11 +1001,12 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke run); results get a _quick suffix")
     p.add_argument("--full", action="store_true",
                    help="the whole set. CPU: adds the LM-head cells (linear_kl_ce, N x H x V = 1024 x 768 x 30522,\n"
-                        "4096 x 768 x 30522, 128 x 4096 x 128256) and its memory sweep over N "
+                        "4096 x 768 x 30522, 128 x 4096 x 128256; linear_jsd and linear_topk_jsd at\n"
+                        "4096 x 768 x 30522) and its memory sweep over N "
                         "(~15 min more on 2 cores)\n"
                         "CUDA: N in {2048,8192,16384} x V in {30522,50257,128256} x {fp32,bf16}")
     p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)} (default: all; an op named\n"
-                                               "here whose cells are all --full ones, linear_kl_ce, runs them)")
+                                               "here whose cells are all --full ones, linear_*, runs them)")
     p.add_argument("--variants", default="ours,unfused,gemms,eager,compile,liger,dense", help="comma-separated subset")
     C.add_output_args(p)
     p.add_argument("--rss-child", nargs=6, metavar=("OP", "VARIANT", "DTYPE", "N", "V", "MODE"),

@@ -112,8 +112,8 @@ if [ "$BUILD_RC" = 0 ]; then
     # The headline ops first, the rest second: a run cut short still keeps the first table.
     step bench_loss_kl 240 "$PY" benchmarks/bench_loss.py --device cuda --save --ops kl_ce,kl $FULL
     step bench_loss_rest 200 "$PY" benchmarks/bench_loss.py --device cuda --save --ops linear_kl_ce,cos,topk_kl_ce,triple $FULL
-    step bench_loss_divergences 240 "$PY" benchmarks/bench_loss.py --device cuda --save \
-      --ops reverse_kl,jsd,skew_kl,skew_reverse_kl,tvd,ce_tvd $FULL
+    step bench_loss_divergences 300 "$PY" benchmarks/bench_loss.py --device cuda --save \
+      --ops reverse_kl,jsd,skew_kl,skew_reverse_kl,tvd,ce_tvd,linear_jsd,linear_topk_jsd $FULL
     for bench in benchmarks/bench_gather.py benchmarks/bench_step.py; do
       [ -f "$bench" ] && step "$(basename "$bench" .py)" 300 "$PY" "$bench" --save
     done

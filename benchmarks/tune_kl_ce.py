@@ -1,5 +1,5 @@
 """Sweep the KL+CE kernel's (BLOCK_V, num_warps) on a GPU and print effective bandwidth, to fill
-kernels/kl_ce.py's TUNING table. GB/s = 3·N·V·bytes / time (s and t read once, grad written once)."""
+kernels/rows.py's TUNING table. GB/s = 3·N·V·bytes / time (s and t read once, grad written once)."""
 import argparse
 
 import torch

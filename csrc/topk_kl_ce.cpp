@@ -263,9 +263,10 @@ DISTIL_INLINE TopkTerms divergence_terms(const float* s, int64_t V, const Studen
   const float a_shift = kReverse && !tr.exact ? 1.f : 0.f;
   float loss = 0.f, c = 0.f;
   for (int64_t j = 0; j < tr.k; ++j) {
-    const float lp = (tr.t[j] - m) * inv_t - log_zt + gap;
+    // No finite k logit (exact mode: the tail holds it all): p_j = 0, and d = -inf where q_j > 0.
+    const float lp = zt > 0.f ? (tr.t[j] - m) * inv_t - log_zt + gap : kNegInf;
     const float lq = (s[tr.idx[j]] - st.ms) * inv_t - log_zs;
-    const float p = zt > 0.f ? std::exp(lp) : 0.f, q = std::exp(lq);
+    const float p = std::exp(lp), q = std::exp(lq);
     const float d = lp - lq;
     const float a = DivergenceTerm<D>::dq(p, q, d, param) + a_shift;
     loss += DivergenceTerm<D>::loss(p, q, d, param);

@@ -231,9 +231,6 @@ class TrainConfig:
         if causal and index.get("block_size") != self.block_size:
             raise ValueError(f"block_size is {self.block_size} but the teacher cache {self.teacher_cache} was built "
                              f"with --block-size {index.get('block_size')}: the teacher saw those rows; pass the same")
-        if self.divergence != "forward_kl" and self.alpha_kl > 0:
-            raise ValueError(f"divergence is {self.divergence} but a teacher cache's top-k teacher takes the forward "
-                             "KL only: drop --divergence, or train without --teacher-cache")
         if index.get("temperature") != self.temperature:
             raise ValueError(f"temperature is {self.temperature} but the teacher cache stores the teacher's logsumexp "
                              f"at T = {index.get('temperature')}: pass --temperature {index.get('temperature')}")

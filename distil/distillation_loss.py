@@ -66,7 +66,7 @@ class DistillationLoss(nn.Module):
 
     ``divergence`` (with ``jsd_beta`` / ``skew_alpha``) replaces the forward KL of the ``kl`` part by another
     divergence (reverse KL, TRL's generalised JSD, the skew KLs, TVD), as in :func:`~distil.fused_loss.kl_ce_loss`,
-    on every path (logits or heads); a top-k teacher takes the forward KL only.
+    on every path (logits, heads, a top-k teacher: on the buckets of :func:`~distil.fused_loss.topk_kl_ce_loss`).
     """
 
     def __init__(self, kl_weight=5.0, ce_weight=2.0, cos_weight=1.0, temperature=2.0, restrict_kl_to_mask=False,
@@ -158,9 +158,6 @@ class DistillationLoss(nn.Module):
         # tensors must agree, which cosine_loss checks.
         own_hidden_rows = attention_mask is None and lead.dim() == 2
         topk = isinstance(teacher_logits, TopKLogits)
-        if topk and self.kl_weight > 0 and self.divergence_args["divergence"] != "forward_kl":
-            raise ValueError(f"teacher_logits: a TopKLogits teacher takes the forward KL only, not "
-                             f"divergence={self.divergence_args['divergence']!r}")
         if topk and teacher_logits.lse is not None and teacher_logits.temperature is None:
             raise ValueError("teacher_logits: a TopKLogits with an lse needs the temperature it was taken "
                              f"at (TopKLogits(..., temperature=T)); this loss uses T = {self.temperature}")
@@ -199,6 +196,7 @@ class DistillationLoss(nn.Module):
                     teacher_lse=teacher_logits.lse, teacher_lse_temperature=teacher_logits.temperature,
                     temperature=self.temperature, kl_mask=kl_mask,
                     ignore_index=IGNORE_INDEX, kl_weight=kl_grad_weight, ce_weight=ce_grad_weight,
+                    **self.divergence_args,
                 )
             elif self.ce_weight > 0:
                 kl, ce = kl_ce_loss(

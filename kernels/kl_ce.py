@@ -65,9 +65,11 @@ from distil.kernels.rows import (
     LOG2E,
     aligned_row,
     chunk_cols,
+    exp2_difference,
     fill_row,
     finite_lse,
     load_chunk,
+    log1p,
     online_scaled_lse_update,
     rescale_factor,
     row_flags,
@@ -75,24 +77,15 @@ from distil.kernels.rows import (
     row_split,
     row_start,
     store_chunk,
+    tuning_for,
     vector_width,
 )
 
-# (max V, BLOCK_V, num_warps, maxnreg) rows: the first row whose max V covers the vocabulary is used.
-# Up to 1024 the row is one block (its second pass re-reads it from L1); above, it is streamed in
-# chunks of BLOCK_V (see the traffic model).
-# History: measured on an H100 (N=8192, V=30522, benchmarks/results/loss_cuda_h100-80gb-hbm3.json),
-# 4096 x 16 ran fp32 at 42% of copy bandwidth, and bf16 in the same 2.0 ms as fp32, latency-bound:
-# its program needs 102 registers, so one program (row) per SM; in fp32 without a KL mask it also
-# spilled. 2048 x 8 keeps 8 elements per thread; with the masked head and tail chunks beside the
-# unmasked interior, ptxas takes 110+ registers on sm_90 unless capped: 80 keeps three rows per SM
-# with 0 spills everywhere. It awaits a GPU re-measurement (benchmarks/tune_kl_ce.py sweeps the
-# alternatives). tests/test_kl_ce.py compiles every entry and specialisation for sm_80 and sm_90 and
-# asserts 0 spills and 128-bit accesses in the loops.
-TUNING = (
-    (1024, None, 4, None),
-    (None, 2048, 8, 80),
-)
+# The register cap of streamed rows (kernels/rows.py's TUNING; a one-block row has none): with the masked head
+# and tail chunks beside the unmasked interior, ptxas takes 110+ registers on sm_90 unless capped; 80 keeps
+# three rows per SM with 0 spills everywhere. tests/test_ops.py compiles every entry and specialisation for
+# sm_80 and sm_90 and asserts 0 spills and 128-bit accesses in the loops.
+STREAMED_MAXNREG = 80
 # Above this temperature the KL is formed without the cancellation of two ~log V terms (see _row_stats);
 # at or below it that cancellation costs less than eager fp32's own rounding, and 15 registers less.
 PRECISE_KL_ABOVE = 4.0
@@ -102,51 +95,22 @@ PRECISE_KL_ABOVE = 4.0
 PRECISE_KL_BLOCK_V = 1024
 
 
-def _tuning_row(vocab):
-    for row in TUNING:
-        if row[0] is None or vocab <= row[0]:
-            return row
-    raise AssertionError("TUNING must end with a catch-all row")
-
-
-def tuning_for(vocab):
-    """(BLOCK_V, num_warps) for a vocabulary size, from TUNING."""
-    _, block, warps, _ = _tuning_row(vocab)
-    return block or max(triton.next_power_of_2(vocab), 16), warps
-
-
 # The mixture divergences (kernels/divergence.py) take a log, an exp and a division per element in their
-# second and third passes: under TUNING's 80-register cap skew_kl spills on sm_90 (4-16 registers, and more at
+# second and third passes: under STREAMED_MAXNREG = 80 skew_kl spills on sm_90 (4-16 registers, and more at
 # 88); 96 (two rows per SM instead of three) builds them all without spills.
 MIXTURE_MAXNREG = 96
 MIXTURES = ("jsd", "skew_kl", "skew_reverse_kl")
 
 
 def launch_options(vocab, num_warps=None, divergence="forward_kl"):
-    """Triton launch options for a vocabulary size: TUNING's num_warps and maxnreg (MIXTURE_MAXNREG for
-    the mixture divergences), or ``num_warps`` without a register cap."""
-    _, _, warps, maxnreg = _tuning_row(vocab)
+    """Triton launch options for a vocabulary size: TUNING's num_warps and, for streamed rows,
+    STREAMED_MAXNREG (MIXTURE_MAXNREG for the mixture divergences), or ``num_warps`` without a register cap."""
+    _, warps, streamed = tuning_for(vocab)
     if num_warps:
         return {"num_warps": num_warps, "maxnreg": None}
-    if maxnreg is not None and divergence in MIXTURES:
-        maxnreg = MIXTURE_MAXNREG
-    return {"num_warps": warps, "maxnreg": maxnreg}
-
-
-@triton.jit
-def _exp2_difference(p, q, z):
-    """p - q for p = q * 2**z, without the cancellation of p - q near z = 0 (e^y - 1, y = z ln 2, as its
-    Taylor series to y^6 for |z| <= 1/4: < 5e-8 relative); -inf/nan z take p - q."""
-    y = z * LN2
-    em1 = y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))))
-    return tl.where(tl.abs(z) <= 0.25, q * em1, p - q)
-
-
-@triton.jit
-def _log1p(x):
-    # log(1 + x) accurate near 0: log(u) * x / (u - 1) for the rounded u = 1 + x (Goldberg).
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+    if not streamed:
+        return {"num_warps": warps, "maxnreg": None}
+    return {"num_warps": warps, "maxnreg": MIXTURE_MAXNREG if divergence in MIXTURES else STREAMED_MAXNREG}
 
 
 @triton.jit
@@ -170,8 +134,8 @@ def _stats_chunk(s_row, t_row, k, h, V, scale_t, m_s, m_t, d_a, d_b, d_c, w, e, 
             w = alpha_b * (w + shift * d_b) + tl.sum(tl.where(eb > 0, eb * delta, 0.0), axis=0)
             if PRECISE_KL:
                 z = ((m_s - ms_ref) - (m_t - mt_ref)) * scale_t
-                e = (alpha_a * e + _exp2_difference(alpha_a, alpha_b, z) * d_b
-                     + tl.sum(_exp2_difference(ea, eb, -delta), axis=0))
+                e = (alpha_a * e + exp2_difference(alpha_a, alpha_b, z) * d_b
+                     + tl.sum(exp2_difference(ea, eb, -delta), axis=0))
         d_a = next_d_a
         d_b = next_d_b
         m_t = next_m_t
@@ -215,7 +179,7 @@ def _row_stats(s_row, t_row, h, n, V, scale_t, USE_KL, USE_CE, PRECISE_KL: tl.co
     la = tl.log2(d_a)
     lb = tl.log2(d_b)
     if PRECISE_KL:
-        kl = LN2 * (w / d_b) + _log1p(e / d_b)
+        kl = LN2 * (w / d_b) + log1p(e / d_b)
     else:
         kl = LN2 * (w / d_b + la - lb)
     return m_s, m_t, la, lb, tl.log2(d_c), kl
@@ -423,7 +387,7 @@ def kl_ce_bwd_kernel(
 def _common_args(student, teacher, labels, kl_mask, coef, temperature, ignore_index, divergence, divergence_param,
                  block_v, num_warps):
     vocab = student.shape[-1]
-    block, _ = tuning_for(vocab)
+    block, _, _ = tuning_for(vocab)
     options = launch_options(vocab, num_warps, divergence)
     S, s_sb, s_ss = row_geometry(student)
     _, t_sb, t_ss = row_geometry(teacher)

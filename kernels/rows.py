@@ -1,4 +1,5 @@
-"""Triton helpers shared by every row-wise kernel: row addressing and the online log-sum-exp.
+"""Triton helpers shared by every row-wise kernel: row addressing, the online log-sum-exp, the KL+CE row
+kernels' vocabulary tuning and their cancellation-free ``exp2_difference`` / ``log1p``.
 
 Row convention (the one every kernel and launcher uses): a kernel reads flat row ``r`` of an
 ``[N, D]`` or ``[B, S, D]`` tensor with a unit stride along D at element offset
@@ -14,6 +15,29 @@ import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+# How the KL+CE row kernels (kl_ce, topk_kl_ce) cut a vocabulary: (max V, BLOCK_V, num_warps) rows, the first
+# whose max V covers it is used. Up to 1024 a row is one block (a second pass re-reads it from L1); above, it is
+# streamed in chunks of BLOCK_V.
+# History: measured on an H100 (N=8192, V=30522, benchmarks/results/loss_cuda_h100-80gb-hbm3.json),
+# 4096 x 16 ran fp32 at 42% of copy bandwidth, and bf16 in the same 2.0 ms as fp32, latency-bound:
+# its program needs 102 registers, so one program (row) per SM; in fp32 without a KL mask it also
+# spilled. 2048 x 8 keeps 8 elements per thread (each kernel's register cap: its launch options). It awaits a
+# GPU re-measurement (benchmarks/tune_kl_ce.py sweeps the alternatives).
+TUNING = (
+    (1024, None, 4),
+    (None, 2048, 8),
+)
+
+
+def tuning_for(vocab):
+    """(BLOCK_V, num_warps, streamed) for a vocabulary size, from TUNING: ``streamed`` when the row is cut into
+    chunks of BLOCK_V, else BLOCK_V is the one block covering it."""
+    for max_v, block, warps in TUNING:
+        if max_v is None or vocab <= max_v:
+            return block or max(triton.next_power_of_2(vocab), 16), warps, block is not None
+    raise AssertionError("TUNING must end with a catch-all row")
 
 
 def row_geometry(x):
@@ -53,6 +77,22 @@ def online_scaled_lse_update(m, d, x, scale):
 def finite_lse(lse):
     """A row that is -inf everywhere has lse = -inf; 0 instead makes its probabilities 0, not nan."""
     return tl.where(lse == float("-inf"), 0.0, lse)
+
+
+@triton.jit
+def exp2_difference(p, q, z):
+    """p - q for p = q * 2**z, without the cancellation of p - q near z = 0 (e^y - 1, y = z ln 2, as its
+    Taylor series to y^6 for |z| <= 1/4: < 5e-8 relative); -inf/nan z take p - q."""
+    y = z * LN2
+    em1 = y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))))
+    return tl.where(tl.abs(z) <= 0.25, q * em1, p - q)
+
+
+@triton.jit
+def log1p(x):
+    # log(1 + x) accurate near 0: log(u) * x / (u - 1) for the rounded u = 1 + x (Goldberg).
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
 
 
 @triton.jit

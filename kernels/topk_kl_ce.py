@@ -48,6 +48,20 @@ This is ``nn.KLDivLoss`` over the k (+ tail) entries, and exactly the dense loss
 ``distil.fused_loss.kl_ce_loss`` when k = V in exact mode; the float64 references are
 ``distil.reference.topk_kl_ce_rows``.
 
+Divergences: the constexpr DIVERGENCE replaces the forward KL by another divergence of kernels/divergence.py
+(``divergence_param`` its beta / alpha), taken on the buckets (csrc/topk_kl_ce.cpp's divergence_terms, the
+reference ``distil.reference.topk_divergence_rows``): the k tokens, with the teacher's Q r_j against the
+student's pi_{i_j} (pi = softmax(s/T) over the vocabulary), and in the exact mode the tail bucket, the
+teacher's q_tail against the student's mass outside K (unfloored, 0 at k = V: the dense divergence). With
+a_b = dl_b/dq_b and c = sum_b q_b a_b the gradient is T pi_i (a_{b(i)} - c), b(i) the bucket of token i: a
+dense T (a_tail - c) pi (a_tail = 0 in the renormalised mode) and T pi_i (a_j - c) at the indices. Every
+divergence takes the forward KL's passes: two over the student row (statistics; gradient) and four over the k
+entries (their maximum; their exp-sums; the loss and c, where the forward KL sums its log1p terms; the
+gradient entries): the terms need both normalisers, but those of the vocabulary come from the first pass.
+In the renormalised mode the student's k buckets hold less than its whole mass: the reverse KLs keep the
+constant 1 of their a_j (it cancels in a_j - c only over a whole distribution) and are not clamped at 0
+(they can be negative there). A teacher with no finite k logit (exact mode) has p_j = 0 on K.
+
 -inf policy: as kl_ce_rows. A -inf teacher logit among the k is an entry with q_j = 0 (it still
 belongs to K); a row whose student is -inf everywhere, or whose teacher is (all k logits -inf in the
 renormalised mode, lse = -inf in the exact mode), has KL 0 and no KL gradient; a -inf student logit
@@ -74,14 +88,16 @@ scale when proportional, an exact recomputation otherwise.
 import triton
 import triton.language as tl
 
-from distil.kernels.kl_ce import _exp2_difference, _log1p, tuning_for
+from distil.kernels.divergence import divergence_term
 from distil.kernels.rows import (
     LN2,
     LOG2E,
     aligned_row,
     chunk_cols,
+    exp2_difference,
     fill_row,
     load_chunk,
+    log1p,
     online_scaled_lse_update,
     rescale_factor,
     row_flags,
@@ -89,6 +105,7 @@ from distil.kernels.rows import (
     row_split,
     row_start,
     store_chunk,
+    tuning_for,
     vector_width,
 )
 
@@ -99,7 +116,8 @@ LSE_RESOLUTION: tl.constexpr = tl.constexpr(2.0**-21)
 MAX_BLOCK_K = 128
 # Register cap of every launch. Left to choose, ptxas trades a small spill (4 bytes, outside the loops) for
 # one more resident program at 32-48 registers; a cap turns that off. 64 keeps four programs of 8 warps per
-# SM, and every specialisation spill-free on Triton 3.6 and 3.8 (tests/test_topk_kl_ce.py).
+# SM, and every specialisation spill-free on Triton 3.6 and 3.8, the divergences' included (their terms run in the
+# k-entry loops, beside no streamed chunk: 48-64 registers; tests/test_ops.py, tests/test_divergences.py).
 MAXNREG = 64
 
 
@@ -166,6 +184,23 @@ def _weighted_expm1_minus(r, uc, z):
 
 
 @triton.jit
+def _teacher_tail(lse_ptr, r, temperature, mt, zt, log2_zt, EXACT: tl.constexpr):
+    """(q_tail, gap): the teacher's mass outside K, 1 - e^gap, and gap = lse_K - lse, the log of its mass on K
+    (lse_K the logsumexp of the k logits at T, from their maximum mt and log2 exp-sum log2_zt); both 0 in the
+    renormalised mode and where the tail is below the rounding of the fp32 lse (NaN for a NaN lse or zt)."""
+    q_tail = zt * 0.0
+    gap = zt * 0.0
+    if EXACT:
+        lse = tl.load(lse_ptr + r)
+        g = (mt / temperature - lse) + log2_zt * LN2
+        tail = -exp2_difference(tl.exp2(g * LOG2E), 1.0, g * LOG2E)  # 1 - e^g without cancellation
+        keep = ~(tail <= tl.maximum(TAIL_FLOOR, tl.abs(lse) * LSE_RESOLUTION))  # a NaN lse stays NaN
+        q_tail = tl.where(keep, tail, 0.0)
+        gap = tl.where(keep, g, 0.0)
+    return q_tail, gap
+
+
+@triton.jit
 def _topk_terms(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, temperature, ms, z_a, mt, EXACT: tl.constexpr,
                 BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr):
     """(KL of the row in nats, before T^2; alpha, beta, Q / zt) for a student row with finite maximum ms and
@@ -192,18 +227,10 @@ def _topk_terms(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, temperature, ms,
     # The student's mass outside K (none with k = V), as ln(e^-wbar rest / zt).
     rest = tl.where(K == V, 0.0, tl.maximum(z_a - sum_u, 0.0))
     lb = (tl.log2(rest) - log2_zt - wbar) * LN2
-    kl_k = tl.where(lb > 0, lb + _log1p((1.0 + a) * tl.exp(-tl.maximum(lb, 0.0))), _log1p(a + tl.exp(lb)))
+    kl_k = tl.where(lb > 0, lb + log1p((1.0 + a) * tl.exp(-tl.maximum(lb, 0.0))), log1p(a + tl.exp(lb)))
     kl_k = tl.where(wbar == float("-inf"), float("inf"), kl_k)  # the student is -inf where q > 0
-    q_tail = zt * 0.0
-    gap = zt * 0.0
+    q_tail, gap = _teacher_tail(lse_ptr, r, temperature, mt, zt, log2_zt, EXACT)
     beta = zt * 0.0
-    if EXACT:
-        lse = tl.load(lse_ptr + r)
-        g = (mt / temperature - lse) + log2_zt * LN2
-        tail = -_exp2_difference(tl.exp2(g * LOG2E), 1.0, g * LOG2E)  # 1 - e^g without cancellation
-        keep = ~(tail <= tl.maximum(TAIL_FLOOR, tl.abs(lse) * LSE_RESOLUTION))  # a NaN lse stays NaN
-        q_tail = tl.where(keep, tail, 0.0)
-        gap = tl.where(keep, g, 0.0)
     big_q = 1.0 - q_tail
     kl = tl.where(zt > 0, big_q * (kl_k + gap), 0.0)
     big_p = sum_u / z_a
@@ -214,6 +241,70 @@ def _topk_terms(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, temperature, ms,
         beta = tl.where((q_tail > 0) & (p_raw > TAIL_FLOOR), q_tail / p_tail, 0.0)  # a floored tail: no gradient
     kl = tl.where(z_a != z_a, z_a, kl)  # a NaN in the student row
     return kl, big_q - beta * big_p, beta, tl.where(zt > 0, big_q / zt, 0.0)
+
+
+@triton.jit
+def _reverse(DIVERGENCE: tl.constexpr):
+    """Whether the divergence is one of the reverse KLs, whose a_j drop a constant 1 (kernels/divergence.py)."""
+    return (DIVERGENCE == "reverse_kl") or (DIVERGENCE == "skew_reverse_kl")
+
+
+@triton.jit
+def _token_buckets(t, s, ok, scale_t, ms, la, mt, log2_p_scale, param, EXACT: tl.constexpr,
+                   DIVERGENCE: tl.constexpr):
+    """(l_j, a_j, q_j) of kernels/divergence.py at a block of the k token buckets: the teacher's
+    p_j = 2^((t_j - mt) scale_t + log2_p_scale) (Q r_j; log2_p_scale = -inf: no finite k logit), the student's
+    q_j = pi_{i_j} = 2^((s_j - ms) scale_t - la) (0 at an index outside [0, V) and past k), d = log p_j - log q_j
+    with the logit differences taken first. In the renormalised mode the student's k buckets hold less than
+    its whole mass, so the constant 1 the reverse KLs' a_j drop (it cancels in a_j - c only over a whole
+    distribution) is added back."""
+    s = tl.where(ok, s, float("-inf"))
+    p = tl.exp2((t - mt) * scale_t + log2_p_scale)
+    q = tl.exp2((s - ms) * scale_t - la)
+    d = (((t - mt) - (s - ms)) * scale_t + (log2_p_scale + la)) * LN2
+    term, a = divergence_term(p, q, d, param, DIVERGENCE)
+    if not EXACT:
+        if _reverse(DIVERGENCE):
+            a = a + 1.0
+    return term, a, q
+
+
+@triton.jit
+def _divergence_terms(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, temperature, ms, z_a, la, mt, param,
+                      EXACT: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NUM_K_CHUNKS: tl.constexpr):
+    """The divergences other than the forward KL on the buckets (csrc/topk_kl_ce.cpp's divergence_terms): the k
+    tokens and, in the exact mode, the tail (the teacher's q_tail against the student's mass outside K). With
+    a_b = dl_b/dq_b and c = sum_b q_b a_b the gradient is T pi_i (a_{b(i)} - c), b(i) the bucket of token i
+    (a = 0 outside K in the renormalised mode). Returns (the row's divergence in nats, before T^2; the dense
+    coefficient alpha = a_tail - c; c; log2_p_scale of :func:`_token_buckets`); NaN for a NaN on either side."""
+    zt = tl.full((), 0.0, tl.float32)
+    sum_u = tl.full((), 0.0, tl.float32)
+    for blk in range(NUM_K_CHUNKS):
+        t, s, _idx, ok = _teacher_block(s_row, t_row, i_row, blk * BLOCK_K, K, V, BLOCK_K)
+        zt += tl.sum(tl.exp2((t - mt) * scale_t), axis=0)
+        sum_u += tl.sum(tl.where(ok, tl.exp2((s - ms) * scale_t), 0.0), axis=0)
+    log2_zt = tl.log2(zt)
+    q_tail, gap = _teacher_tail(lse_ptr, r, temperature, mt, zt, log2_zt, EXACT)
+    # No finite k logit (the exact mode's tail holds it all): p_j = 0, d = -inf where q_j > 0.
+    log2_p_scale = tl.where(zt > 0, gap * LOG2E - log2_zt, float("-inf"))
+    loss = tl.full((), 0.0, tl.float32)
+    c_sum = tl.full((), 0.0, tl.float32)
+    for blk in range(NUM_K_CHUNKS):
+        t, s, _idx, ok = _teacher_block(s_row, t_row, i_row, blk * BLOCK_K, K, V, BLOCK_K)
+        term, a, q = _token_buckets(t, s, ok, scale_t, ms, la, mt, log2_p_scale, param, EXACT, DIVERGENCE)
+        loss += tl.sum(term, axis=0)
+        c_sum += tl.sum(q * a, axis=0)
+    a_tail = zt * 0.0
+    if EXACT:
+        q_rest = tl.where(K == V, 0.0, tl.maximum(z_a - sum_u, 0.0)) / z_a
+        term, a_tail = divergence_term(q_tail, q_rest, tl.log(q_tail) - tl.log(q_rest), param, DIVERGENCE)
+        loss += term
+        c_sum += q_rest * a_tail
+    # A NaN makes the row NaN (the terms' q > 0 / p > 0 guards would drop it); q_tail carries the lse's.
+    nan = (z_a != z_a) | (zt != zt) | (q_tail != q_tail)
+    c_sum = tl.where(nan, float("nan"), c_sum)
+    return tl.where(nan, float("nan"), loss), a_tail - c_sum, c_sum, log2_p_scale
 
 
 @triton.jit
@@ -246,24 +337,31 @@ def _dense_grad(s_vec, g_vec, h, n, V, scale_t, ms, la, mc, lc, label, kl_scale,
 
 @triton.jit
 def _topk_grad(s_row, t_row, i_row, g_row, K, V, scale_t, ms, la, mt, q_scale, mc, lc, label, kl_coef, alpha, beta,
-               ce_coef, USE_CE, BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr):
+               c, log2_p_scale, param, ce_coef, USE_CE, EXACT: tl.constexpr, DIVERGENCE: tl.constexpr,
+               BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr):
     """Overwrite the k gradient entries: kl_coef ((alpha + beta) p - q) + ce_coef (P - onehot(label)),
-    q = q_scale exp2((t - mt) log2e / T)."""
-    for c in range(NUM_K_CHUNKS):
-        t, s, idx, ok = _teacher_block(s_row, t_row, i_row, c * BLOCK_K, K, V, BLOCK_K)
-        g = kl_coef * ((alpha + beta) * tl.exp2((s - ms) * scale_t - la) - q_scale * tl.exp2((t - mt) * scale_t))
+    q = q_scale exp2((t - mt) log2e / T), for the forward KL; kl_coef q_j (a_j - c) (:func:`_divergence_terms`)
+    in place of the first term for the others."""
+    for blk in range(NUM_K_CHUNKS):
+        t, s, idx, ok = _teacher_block(s_row, t_row, i_row, blk * BLOCK_K, K, V, BLOCK_K)
+        if DIVERGENCE == "forward_kl":
+            g = kl_coef * ((alpha + beta) * tl.exp2((s - ms) * scale_t - la) - q_scale * tl.exp2((t - mt) * scale_t))
+        else:
+            _term, a, q = _token_buckets(t, s, ok, scale_t, ms, la, mt, log2_p_scale, param, EXACT, DIVERGENCE)
+            g = kl_coef * (q * (a - c))
         if USE_CE:
             g += ce_coef * (tl.exp2((s - mc) * LOG2E - lc) - tl.where(idx == label, 1.0, 0.0))
         tl.store(g_row + idx, g.to(g_row.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, scale_t, temperature, label, use_kl,
-              use_ce, kl_coef, ce_coef, WRITE_GRAD: tl.constexpr, EXACT: tl.constexpr, BLOCK_V: tl.constexpr,
-              BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr):
+def _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, scale_t, temperature, param, label,
+              use_kl, use_ce, kl_coef, ce_coef, WRITE_GRAD: tl.constexpr, EXACT: tl.constexpr,
+              DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr):
     """(kl, ce) of one row with at least one term; with WRITE_GRAD its gradient for
     (kl_coef, ce_coef) (kl_coef already times T). ``s_row`` / ``g_row`` point at column 0 (the sparse
-    accesses), ``s_vec`` / ``g_vec`` at column -h (the ``aligned_row`` streams, n chunks)."""
+    accesses), ``s_vec`` / ``g_vec`` at column -h (the ``aligned_row`` streams, n chunks). Every divergence
+    takes the same two passes over the vocabulary (its terms live on the k + 1 buckets)."""
     m_a, z_a, m_c, z_c = _student_stats(s_vec, h, n, V, scale_t, use_kl, use_ce, BLOCK_V)
     # Finite references: a row -inf everywhere (z = 0) gets probabilities 0, not nan; a NaN in the row
     # makes z NaN (the maximum may skip it).
@@ -276,6 +374,8 @@ def _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, 
     alpha = 0.0
     beta = 0.0
     q_scale = 0.0
+    c = 0.0
+    log2_p_scale = 0.0
     mt = tl.full((), 0.0, tl.float32)
     # Rows that are -inf everywhere (student, or teacher) have KL 0 and no KL gradient.
     kl_on = use_kl & (z_a != 0)
@@ -287,10 +387,20 @@ def _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, 
             kl_on = mt != float("-inf")
         mt = tl.where(mt == float("-inf"), 0.0, mt)  # all k logits -inf (exact mode): the tail holds it all
     if kl_on:
-        x, alpha, beta, q_scale = _topk_terms(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, temperature, ms, z_a,
-                                              mt, EXACT, BLOCK_K, NUM_K_CHUNKS)
-        kl = tl.maximum(temperature * temperature * x, 0.0)
-        kl = tl.where(x != x, x, kl)  # never below 0 (rounding); NaN stays
+        if DIVERGENCE == "forward_kl":
+            x, alpha, beta, q_scale = _topk_terms(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t, temperature, ms,
+                                                  z_a, mt, EXACT, BLOCK_K, NUM_K_CHUNKS)
+            kl = tl.maximum(temperature * temperature * x, 0.0)
+        else:
+            x, alpha, c, log2_p_scale = _divergence_terms(s_row, t_row, i_row, lse_ptr, r, K, V, scale_t,
+                                                          temperature, ms, z_a, la, mt, param, EXACT,
+                                                          DIVERGENCE, BLOCK_K, NUM_K_CHUNKS)
+            kl = temperature * temperature * x
+            # A divergence is never below 0 (rounding), but for the reverse KLs in the renormalised mode, whose
+            # student side (mass sum_K q < 1) makes them negative at times.
+            if EXACT or not _reverse(DIVERGENCE):
+                kl = tl.maximum(kl, 0.0)
+        kl = tl.where(x != x, x, kl)  # NaN stays
     if use_ce:
         in_range = (label >= 0) & (label < V)
         s_y = tl.load(s_row + label, mask=in_range, other=0.0).to(tl.float32)
@@ -304,7 +414,7 @@ def _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, 
             # The k entries are rewritten by other threads of this program than wrote them densely.
             tl.debug_barrier()
             _topk_grad(s_row, t_row, i_row, g_row, K, V, scale_t, ms, la, mt, q_scale, mc, lc, label, kl_coef, alpha,
-                       beta, ce_coef, use_ce, BLOCK_K, NUM_K_CHUNKS)
+                       beta, c, log2_p_scale, param, ce_coef, use_ce, EXACT, DIVERGENCE, BLOCK_K, NUM_K_CHUNKS)
     return kl, ce
 
 
@@ -323,9 +433,10 @@ def _student_rows(r, s_ptr, grad_ptr, S, s_stride_b, s_stride_s, V, ALIGN: tl.co
 def topk_kl_ce_fwd_kernel(
     s_ptr, t_ptr, i_ptr, lse_ptr, labels_ptr, mask_ptr, coef_ptr, kl_ptr, ce_ptr, grad_ptr,
     S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, i_stride_b, i_stride_s, V, K,
-    scale_t, temperature, ignore_index,
+    scale_t, temperature, ignore_index, divergence_param,
     EXACT: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr,
+    DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_K_CHUNKS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     s_row, s_vec, g_row, g_vec, h, n = _student_rows(r, s_ptr, grad_ptr, S, s_stride_b, s_stride_s, V, ALIGN,
@@ -337,8 +448,8 @@ def topk_kl_ce_fwd_kernel(
     ce = 0.0
     if use_kl | use_ce:
         kl, ce = _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, scale_t, temperature,
-                           label, use_kl, use_ce, tl.load(coef_ptr) * temperature, tl.load(coef_ptr + 1), WRITE_GRAD,
-                           EXACT, BLOCK_V, BLOCK_K, NUM_K_CHUNKS)
+                           divergence_param, label, use_kl, use_ce, tl.load(coef_ptr) * temperature,
+                           tl.load(coef_ptr + 1), WRITE_GRAD, EXACT, DIVERGENCE, BLOCK_V, BLOCK_K, NUM_K_CHUNKS)
     elif WRITE_GRAD:
         fill_row(g_vec, h, n, V, 0.0, False, BLOCK_V)
     tl.store(kl_ptr + r, kl)
@@ -349,8 +460,8 @@ def topk_kl_ce_fwd_kernel(
 def topk_kl_ce_bwd_kernel(
     s_ptr, t_ptr, i_ptr, lse_ptr, labels_ptr, mask_ptr, coef_ptr, gkl_ptr, gce_ptr, grad_ptr,
     S, s_stride_b, s_stride_s, t_stride_b, t_stride_s, i_stride_b, i_stride_s, V, K,
-    scale_t, temperature, ignore_index,
-    EXACT: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
+    scale_t, temperature, ignore_index, divergence_param,
+    EXACT: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K_CHUNKS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -366,14 +477,15 @@ def topk_kl_ce_bwd_kernel(
         else:
             t_row = t_ptr + row_start(r, S, t_stride_b, t_stride_s)
             i_row = i_ptr + row_start(r, S, i_stride_b, i_stride_s)
-            _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, scale_t, temperature, label,
-                      use_kl, use_ce, g_kl * temperature, g_ce, True, EXACT, BLOCK_V, BLOCK_K, NUM_K_CHUNKS)
+            _topk_row(s_row, s_vec, t_row, i_row, lse_ptr, g_row, g_vec, h, n, r, K, V, scale_t, temperature,
+                      divergence_param, label, use_kl, use_ce, g_kl * temperature, g_ce, True, EXACT, DIVERGENCE,
+                      BLOCK_V, BLOCK_K, NUM_K_CHUNKS)
 
 
-def _common_args(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, block_v, num_warps,
-                 block_k):
+def _common_args(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, divergence,
+                 divergence_param, block_v, num_warps, block_k):
     vocab, k = student.shape[-1], values.shape[-1]
-    block, warps = tuning_for(vocab)
+    block, warps, _ = tuning_for(vocab)
     block_k = block_k or min(max(triton.next_power_of_2(k), 16), MAX_BLOCK_K)
     S, s_sb, s_ss = row_geometry(student)
     _, t_sb, t_ss = row_geometry(values)
@@ -384,18 +496,19 @@ def _common_args(student, values, index, lse, labels, kl_mask, coef, temperature
         mask_ptr=student if kl_mask is None else kl_mask.reshape(-1), coef_ptr=coef,
         S=S, s_stride_b=s_sb, s_stride_s=s_ss, t_stride_b=t_sb, t_stride_s=t_ss, i_stride_b=i_sb, i_stride_s=i_ss,
         V=vocab, K=k, scale_t=LOG2E.value / temperature, temperature=temperature, ignore_index=ignore_index,
-        EXACT=lse is not None, HAS_LABELS=labels is not None, HAS_MASK=kl_mask is not None, BLOCK_V=block_v or block,
+        divergence_param=divergence_param, EXACT=lse is not None, HAS_LABELS=labels is not None,
+        HAS_MASK=kl_mask is not None, DIVERGENCE=divergence, BLOCK_V=block_v or block,
         BLOCK_K=block_k, NUM_K_CHUNKS=triton.cdiv(k, block_k),
     )
     return args, dict(num_warps=num_warps or warps, maxnreg=MAXNREG)
 
 
 def fwd_launch(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows, grad,
-               block_v=None, num_warps=None, block_k=None):
+               divergence="forward_kl", divergence_param=0.0, block_v=None, num_warps=None, block_k=None):
     """(grid, {parameter: argument}, launch options) of the forward launch: what :func:`topk_kl_ce_rows`
     launches and what the ahead-of-time tests compile (from meta tensors)."""
     args, options = _common_args(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
-                                 block_v, num_warps, block_k)
+                                 divergence, divergence_param, block_v, num_warps, block_k)
     args.update(kl_ptr=kl_rows, ce_ptr=ce_rows, grad_ptr=kl_rows if grad is None else grad,
                 WRITE_GRAD=grad is not None,
                 ALIGN=vector_width(student) if grad is None else vector_width(student, grad))
@@ -403,19 +516,13 @@ def fwd_launch(student, values, index, lse, labels, kl_mask, coef, temperature, 
 
 
 def bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels, kl_mask, coef, temperature,
-               ignore_index, block_v=None, num_warps=None, block_k=None):
+               ignore_index, divergence="forward_kl", divergence_param=0.0, block_v=None, num_warps=None,
+               block_k=None):
     """(grid, {parameter: argument}, launch options) of the backward launch (see :func:`fwd_launch`)."""
     args, options = _common_args(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
-                                 block_v, num_warps, block_k)
+                                 divergence, divergence_param, block_v, num_warps, block_k)
     args.update(gkl_ptr=grad_kl_rows, gce_ptr=grad_ce_rows, grad_ptr=grad, ALIGN=vector_width(student, grad))
     return (grad_kl_rows.numel(),), args, options
-
-
-def _forward_kl_only(divergence):
-    """The other divergences of the top-k op run in the C++ kernel only so far."""
-    if divergence != "forward_kl":
-        raise NotImplementedError(f"topk_kl_ce_rows: divergence={divergence!r} has no Triton kernel yet (the CPU "
-                                  "kernel has every divergence; on CUDA use divergence='forward_kl')")
 
 
 def topk_kl_ce_rows(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, kl_rows, ce_rows,
@@ -425,16 +532,16 @@ def topk_kl_ce_rows(student, values, index, lse, labels, kl_mask, coef, temperat
 
     ``values`` / ``index``: ``[..., k]`` over the student's row dims, unit stride along k; ``lse`` (fp32),
     ``labels`` (int64), ``kl_mask`` (bool): contiguous over the row dims or ``None``; ``coef``: the fp32
-    ``[kl_coef, ce_coef]`` device tensor. Inputs are validated by the callers (distil._ops.topk_kl_ce).
+    ``[kl_coef, ce_coef]`` device tensor; ``divergence`` / ``divergence_param`` replace the forward KL
+    (kernels/divergence.py, on the buckets). Inputs are validated by the callers (distil._ops.topk_kl_ce).
     ``block_v`` / ``num_warps`` / ``block_k`` override the tuning (tests force chunking with them)."""
-    _forward_kl_only(divergence)
     if student.shape[-1] == 0:
         kl_rows.zero_()
         ce_rows.zero_()
     if kl_rows.numel() == 0 or student.shape[-1] == 0:
         return
     grid, args, options = fwd_launch(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
-                                     kl_rows, ce_rows, grad, block_v, num_warps, block_k)
+                                     kl_rows, ce_rows, grad, divergence, divergence_param, block_v, num_warps, block_k)
     topk_kl_ce_fwd_kernel[grid](**args, **options)
 
 
@@ -443,9 +550,9 @@ def topk_kl_ce_rows_backward(grad, grad_kl_rows, grad_ce_rows, student, values, 
                              num_warps=None, block_k=None):
     """Launch :func:`topk_kl_ce_bwd_kernel`: rewrites ``grad`` in place for the incoming per-row gradients
     (fp32, contiguous); see the module docstring."""
-    _forward_kl_only(divergence)
     if grad_kl_rows.numel() == 0 or student.shape[-1] == 0:
         return
     grid, args, options = bwd_launch(grad, grad_kl_rows, grad_ce_rows, student, values, index, lse, labels, kl_mask,
-                                     coef, temperature, ignore_index, block_v, num_warps, block_k)
+                                     coef, temperature, ignore_index, divergence, divergence_param, block_v, num_warps,
+                                     block_k)
     topk_kl_ce_bwd_kernel[grid](**args, **options)

@@ -5,6 +5,7 @@ kernel (interpreter here, CUDA on a GPU run) against the float64 definitions
 parameters at their limits; the public functions, their checks, opcheck and torch.compile; TRL's and
 Liger's formulas, restated from their code; and the sm_80 / sm_90 builds of every new specialisation.
 The forward KL's own tests are tests/test_kl_ce.py."""
+import itertools
 from typing import NamedTuple, Optional
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from distil import fused_loss, reference
 from distil.kernels import kl_ce as K
+from distil.kernels import topk_kl_ce as topk_kernels
 
 from aot import compile_reports, launch_spec, main_loop_widths
 from helpers import API_DEVICES, GPU_RUN, TOL, nan_empty, poison_heap, relative_error, upstream_row_grads
@@ -470,15 +472,16 @@ def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
 
 
 # ----------------------------------------------------------------------------------------------
-# The top-k teacher (distil::topk_kl_ce_rows, C++ so far): the divergences on the k (+ tail) buckets
+# The top-k teacher (distil::topk_kl_ce_rows): the divergences on the k (+ tail) buckets, on both kernels
 # ----------------------------------------------------------------------------------------------
 topk_rows = torch.ops.distil.topk_kl_ce_rows
 topk_rows_backward = torch.ops.distil.topk_kl_ce_rows_backward
+# "triton_chunked": the student row in chunks of 16 and the k entries in blocks of 4.
+TOPK_CHUNKS = {"triton": {}, "triton_chunked": {"block_v": 16, "block_k": 4}}
 
 
-def topk_sample(rows, vocab, k, exact, s_dtype=torch.float32, temperature=2.0):
-    """(s, values, index, lse, labels, kl_mask) with the teacher's k largest logits in a shuffled order; a
-    -inf row of each side and a NaN row appended by the tests that want them."""
+def topk_sample(rows, vocab, k, exact, s_dtype=torch.float32, temperature=2.0, device="cpu"):
+    """(t, (s, values, index, lse, labels, kl_mask)) with the teacher's k largest logits in a shuffled order."""
     s = (torch.randn(rows, vocab) * 3).to(s_dtype)
     t = torch.randn(rows, vocab) * 3
     values, index = t.topk(k, dim=-1)
@@ -488,75 +491,186 @@ def topk_sample(rows, vocab, k, exact, s_dtype=torch.float32, temperature=2.0):
     labels = torch.randint(0, vocab, (rows,))
     labels[::3] = -100
     mask = torch.rand(rows) < 0.8
-    return t, (s, values, index, lse, labels, mask)
+    return t.to(device), tuple(None if x is None else x.to(device) for x in (s, values, index, lse, labels, mask))
+
+
+def topk_forward(impl, args, coef, temperature, divergence, param, compute_grad=True):
+    """(kl_rows, ce_rows, grad) of the C++ kernel ("cpu") or the Triton launcher into NaN-poisoned outputs."""
+    if impl == "cpu":
+        poison_heap(args[0], args[0][..., 0].float(), args[0][..., 0].float())
+        return topk_rows(*args, coef, temperature, -100, compute_grad, divergence, param)
+    s = args[0]
+    kl, ce = nan_empty(s.shape[:-1], torch.float32, s.device), nan_empty(s.shape[:-1], torch.float32, s.device)
+    grad = nan_empty(s.shape, s.dtype, s.device) if compute_grad else None
+    topk_kernels.topk_kl_ce_rows(*args, coef, temperature, -100, kl, ce, grad, divergence, param,
+                                 **TOPK_CHUNKS[impl])
+    return kl, ce, grad
+
+
+def topk_backward(impl, grad, g_kl, g_ce, args, coef, temperature, divergence, param):
+    if impl == "cpu":
+        topk_rows_backward(grad, g_kl, g_ce, *args, coef, temperature, -100, divergence, param)
+    else:
+        topk_kernels.topk_kl_ce_rows_backward(grad, g_kl.contiguous(), g_ce.contiguous(), *args, coef, temperature,
+                                              -100, divergence, param, **TOPK_CHUNKS[impl])
 
 
 def topk_expected(args, temperature, divergence, param, g_kl, g_ce):
-    s, values, index, lse, labels, mask = args
+    s, values, index, lse, labels, mask = (None if x is None else x.cpu() for x in args)
     sd = s.detach().double().requires_grad_()
     kl, ce = reference.topk_divergence_rows(sd, values.double(), index, None if lse is None else lse.double(), labels,
                                             mask, temperature, divergence, param)
-    (kl * g_kl + ce * g_ce).sum().backward()
+    (kl * torch.as_tensor(g_kl).cpu() + ce * torch.as_tensor(g_ce).cpu()).sum().backward()
     return kl.detach(), ce.detach(), sd.grad
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
 @pytest.mark.parametrize("s_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("k", [1, 8, 37])
 @pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
-def test_topk_matches_float64(divergence, param, k, s_dtype, exact):
-    _, args = topk_sample(6, 37, k, exact, s_dtype)
-    poison_heap(args[0], args[0][..., 0].float(), args[0][..., 0].float())
-    coef = torch.tensor([0.7, 1.3])
-    kl, ce, grad = topk_rows(*args, coef, 2.0, -100, True, divergence, param)
+def test_topk_matches_float64(triton_device, divergence, param, k, s_dtype, exact, impl):
+    _, args = topk_sample(6, 37, k, exact, s_dtype, device=_device(impl, triton_device))
+    coef = torch.tensor([0.7, 1.3], device=args[0].device)
+    kl, ce, grad = topk_forward(impl, args, coef, 2.0, divergence, param)
     ref_kl, ref_ce, ref_grad = topk_expected(args, 2.0, divergence, param, 0.7, 1.3)
     tol = TOL[s_dtype]
     assert relative_error(kl, ref_kl) <= tol and relative_error(ce, ref_ce) <= tol
     assert relative_error(grad, ref_grad) <= tol
+    no_kl = ~args[5] & (args[4] == -100)
+    assert (kl[~args[5]] == 0).all() and (grad[no_kl] == 0).all()
 
 
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
 @pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 8.0])
 @pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
-def test_topk_at_k_equal_v_is_the_dense_divergence(divergence, param, temperature, exact):
-    t, args = topk_sample(5, 300, 300, exact, temperature=temperature)
+def test_topk_at_k_equal_v_is_the_dense_divergence(triton_device, divergence, param, temperature, exact, impl):
+    t, args = topk_sample(5, 300, 300, exact, temperature=temperature, device=_device(impl, triton_device))
     s, labels, mask = args[0], args[4], args[5]
-    coef = torch.tensor([0.7, 1.3])
-    kl, ce, grad = topk_rows(*args, coef, temperature, -100, True, divergence, param)
+    coef = torch.tensor([0.7, 1.3], device=s.device)
+    kl, ce, grad = topk_forward(impl, args, coef, temperature, divergence, param)
     dense_kl, dense_ce, dense_grad = kl_ce_rows(s, t, labels, mask, coef, temperature, -100, True, divergence, param)
     assert relative_error(kl, dense_kl) <= 1e-5 and relative_error(ce, dense_ce) <= 1e-5
     assert relative_error(grad, dense_grad) <= 1e-5
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("upstream", ["coef", "proportional", "arbitrary"])
 @pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
 @pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
-def test_topk_backward_matches_float64(divergence, param, exact, upstream):
-    _, args = topk_sample(6, 40, 8, exact)
-    coef = torch.tensor([0.25, 4.0])
-    _, _, grad = topk_rows(*args, coef, 2.0, -100, True, divergence, param)
+def test_topk_backward_matches_float64(triton_device, divergence, param, exact, upstream, impl):
+    _, args = topk_sample(6, 40, 8, exact, device=_device(impl, triton_device))
+    coef = torch.tensor([0.25, 4.0], device=args[0].device)
+    _, _, grad = topk_forward(impl, args, coef, 2.0, divergence, param)
     g_kl, g_ce = upstream_row_grads(upstream, coef, args[0].shape[:-1])
-    topk_rows_backward(grad, g_kl, g_ce, *args, coef, 2.0, -100, divergence, param)
+    before = grad.clone()
+    topk_backward(impl, grad, g_kl, g_ce, args, coef, 2.0, divergence, param)
+    if upstream == "coef":
+        assert torch.equal(grad, before)
     _, _, ref_grad = topk_expected(args, 2.0, divergence, param, g_kl.double(), g_ce.double())
     assert relative_error(grad, ref_grad) <= 1e-5
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
 @pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
-def test_topk_inf_and_nan_rows(divergence, param, exact):
-    """A row -inf everywhere (student; teacher) has loss 0 and gradient 0; a NaN student row gives NaN."""
-    _, (s, values, index, lse, labels, mask) = topk_sample(4, 30, 6, exact)
+def test_topk_inf_and_nan_rows(triton_device, divergence, param, exact, impl):
+    """A row -inf everywhere (student; teacher) has loss 0 and gradient 0; a NaN in the student row, a teacher
+    value or the lse gives NaN; a -inf among the k on one side only is the definition's (finite but the
+    reverse KL where the teacher's is 0)."""
+    _, (s, values, index, lse, labels, mask) = topk_sample(7, 30, 6, exact)
     s[0] = NEG_INF
     values[1] = NEG_INF
     if lse is not None:
         lse[1] = NEG_INF
+        lse[6] = float("nan")
+    else:
+        values[6, 1] = float("nan")
     s[2, 5] = float("nan")
-    labels, mask = torch.full((4,), -100), None
-    kl, _, grad = topk_rows(s, values, index, lse, labels, mask, torch.tensor([1.0, 0.0]), 2.0, -100, True,
-                            divergence, param)
+    values[4, 2] = NEG_INF  # a teacher probability 0 among the k
+    s[5, index[5, 3]] = NEG_INF  # a student probability 0 at an index
+    labels, mask = torch.full((7,), -100), None
+    args = tuple(None if x is None else x.to(_device(impl, triton_device))
+                 for x in (s, values, index, lse, labels, mask))
+    kl, _, grad = topk_forward(impl, args, torch.tensor([1.0, 0.0], device=args[0].device), 2.0, divergence, param)
+    kl, grad = kl.cpu(), grad.cpu()
     assert kl[0] == 0 and kl[1] == 0 and (grad[:2] == 0).all()
-    assert kl[2].isnan() and grad[2].isnan().any()
-    assert torch.isfinite(kl[3]) and torch.isfinite(grad[3]).all()
+    assert kl[2].isnan() and grad[2].isnan().any() and kl[6].isnan() and grad[6].isnan().any()
+    ref_kl, _, ref_grad = topk_expected(args, 2.0, divergence, param, 1.0, 0.0)
+    finite = [3, 5] if divergence == "reverse_kl" else [3, 4, 5]
+    if divergence == "reverse_kl":
+        assert kl[4] == float("inf")
+    assert torch.isfinite(kl[finite]).all() and torch.isfinite(grad[finite]).all()
+    assert relative_error(kl[finite], ref_kl[finite]) <= 1e-5 and relative_error(grad[finite], ref_grad[finite]) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["triton", "triton_chunked"])
+@pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
+@pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_topk_triton_matches_the_cpp_kernel(triton_device, divergence, param, exact, impl):
+    """The same definition on both kernels (csrc/topk_kl_ce.cpp is the reference): loss, gradient, and which
+    entries are NaN or infinite, on rows with -inf and NaN entries, bf16 teacher values and a [B, S, V] layout."""
+    _, (s, values, index, lse, labels, mask) = topk_sample(12, 53, 9, exact, temperature=1.5)
+    values = values.bfloat16()
+    values[0, :3] = NEG_INF
+    s[1, index[1, :2]] = NEG_INF
+    s[2, 7] = float("nan")
+    values[3] = NEG_INF
+    args = tuple(None if x is None else x.reshape(3, 4, *x.shape[1:]) for x in (s, values, index, lse, labels, mask))
+    coef = torch.tensor([0.6, 1.7])
+    cpp = topk_forward("cpu", args, coef, 1.5, divergence, param)
+    dev = tuple(None if x is None else x.to(_device(impl, triton_device)) for x in args)
+    ours = topk_forward(impl, dev, coef.to(dev[0].device), 1.5, divergence, param)
+    for a, b in zip(ours, cpp):
+        a = a.cpu()
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        both = torch.isfinite(b)
+        assert relative_error(a[both], b[both]) <= 1e-5
+
+
+@pytest.mark.parametrize("divergence,param", [("jsd", 1e-4), ("jsd", 1 - 1e-4), ("skew_kl", 1e-4),
+                                              ("skew_kl", 0.99), ("skew_reverse_kl", 1e-4),
+                                              ("skew_reverse_kl", 0.99)])
+@pytest.mark.parametrize("exact", [False, True], ids=["renorm", "exact"])
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+def test_topk_parameters_near_their_limits(triton_device, impl, exact, divergence, param):
+    """As test_parameters_near_their_limits, on the buckets."""
+    _, args = topk_sample(6, 37, 8, exact, device=_device(impl, triton_device))
+    coef = torch.tensor([1.0, 0.0], device=args[0].device)
+    kl, _, grad = topk_forward(impl, args, coef, 2.0, divergence, param)
+    ref_kl, _, ref_grad = topk_expected(args, 2.0, divergence, param, 1.0, 0.0)
+    tol = 3e-6 / min(param, 1 - param)
+    assert relative_error(kl, ref_kl) <= tol and relative_error(grad, ref_grad) <= tol
+
+
+@pytest.mark.skipif(GPU_RUN, reason="ahead-of-time builds are checked on the CPU machine")
+def test_topk_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills():
+    """Every divergence of the top-k kernel in both modes, fp32 and 16-bit students (fp16 builds as bf16 does),
+    under its register cap: 0 spills, and the student row and its gradient through 128-bit main loops."""
+    specs = []
+    for divergence, param in DIVERGENCES[:1] + DIVERGENCES[2:]:  # one JSD: beta is a runtime argument
+        for dtype, exact in itertools.product((torch.float32, torch.bfloat16), (False, True)):
+            s, grad = _meta(8192, 30522, dtype=dtype), _meta(8192, 30522, dtype=dtype)
+            values, index = _meta(8192, 64, dtype=torch.float16), _meta(8192, 64, dtype=torch.int32)
+            lse = _meta(8192) if exact else None
+            labels, mask = _meta(8192, dtype=torch.int64), _meta(8192, dtype=torch.bool)
+            coef, kl, ce = _meta(2), _meta(8192), _meta(8192)
+            fwd = topk_kernels.fwd_launch(s, values, index, lse, labels, mask, coef, 2.0, -100, kl, ce, grad,
+                                          divergence, param)
+            bwd = topk_kernels.bwd_launch(grad, kl, ce, s, values, index, lse, labels, mask, coef, 2.0, -100,
+                                          divergence, param)
+            specs += [launch_spec(kernel, "distil.kernels.topk_kl_ce", args, cc=cc, **options)
+                      for kernel, (_, args, options) in ((topk_kernels.topk_kl_ce_fwd_kernel, fwd),
+                                                         (topk_kernels.topk_kl_ce_bwd_kernel, bwd))
+                      for cc in (80, 90)]
+    reports = compile_reports(specs)
+    for spec, report in zip(specs, reports):
+        where = (spec["kernel"], spec["constexprs"]["DIVERGENCE"], spec["constexprs"]["EXACT"],
+                 spec["signature"]["s_ptr"], spec["cc"])
+        assert report["spill_stores"] == report["spill_loads"] == 0, (where, report["spill_stores"])
+        in_loop, _ = main_loop_widths(report)
+        assert in_loop and set(in_loop) == {128}, (where, in_loop)
 
 
 @pytest.mark.parametrize("divergence,param", DIVERGENCES, ids=DIVERGENCE_IDS)

@@ -235,6 +235,28 @@ def test_distil_train_from_a_cache_runs_without_the_teacher_and_resumes_bit_exac
         TrainConfig(**{**vars(config("bad")), "temperature": 3.0}).validate()
 
 
+def test_distil_train_from_a_cache_takes_another_divergence(setup):
+    """distil-train --teacher-cache --divergence jsd --jsd-beta 0.5: the student's fused head takes the JSD on
+    the cached top-k teacher's buckets, and the run trains (finite losses, the student moves)."""
+    from distil.cli import parse_args
+    from distil.train import Trainer
+
+    root, _, _ = setup
+    path = TC.build_cache(root / "teacher", [root / "data"], root / "jsd_cache", **dict(OPTIONS, top_k=16))
+    flags = ["--teacher", str(root / "teacher"), "--data", str(root / "data"), "--teacher-cache", str(path),
+             "--alpha-cos", "0", "--batch-size", "16", "--max-steps", "2", "--save-every", "100", "--log-every", "1",
+             "--no-progress", "--divergence", "jsd", "--jsd-beta", "0.5"]
+    trainer = Trainer(parse_args([*flags, "--output-dir", str(root / "jsd_run")]))
+    head_loss = trainer.step_fn.loss_fn.head_loss
+    assert (head_loss.divergence, head_loss.jsd_beta) == ("jsd", 0.5)
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    assert trainer.fit() == "done"
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    rows = [json.loads(line) for line in (root / "jsd_run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row for row in rows if "kl" in row]
+    assert len(losses) == 2 and all(row["kl"] > 0 and np.isfinite(row["loss"]) for row in losses)
+
+
 # ------------------------------------------------------------------ refusing what does not match
 @pytest.fixture(scope="module")
 def built(setup):

@@ -231,7 +231,8 @@ def _run_chunks(x, coef, temperature, ignore_index, chunk_rows, want):
                 logits, x.teacher_topk_logits[start:stop], x.teacher_topk_index[start:stop],
                 None if x.teacher_lse is None else x.teacher_lse[start:stop],
                 None if x.labels is None else x.labels[start:stop],
-                None if x.kl_mask is None else x.kl_mask[start:stop], coef, temperature, ignore_index, compute_grad)
+                None if x.kl_mask is None else x.kl_mask[start:stop], coef, temperature, ignore_index, compute_grad,
+                x.divergence, x.divergence_param)
             if compute_grad and softcap is not None:
                 grad.addcmul_(grad, logits.div_(softcap).square_(), value=-1.0)  # g · (1 − tanh²)
         del logits  # the dense path's g lives on as grad; the top-k path's logits buffer is freed here
@@ -520,8 +521,8 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
             or a float > 0.
         teacher_logit_scale, teacher_logit_softcap: the teacher head's, likewise.
         divergence, jsd_beta, skew_alpha: the divergence in place of the forward KL, as in ``kl_ce_loss``
-            (e.g. TRL's GKD loss: ``divergence="jsd", jsd_beta=β``), with a teacher head or ``teacher_logits``;
-            a top-k teacher takes the forward KL only.
+            (e.g. TRL's GKD loss: ``divergence="jsd", jsd_beta=β``), with any teacher; a top-k teacher takes it on
+            the buckets of ``topk_kl_ce_loss``.
     Returns:
         ``(kl, ce)`` fp32 scalars; each is exactly 0 when it has no rows.
     """
@@ -551,9 +552,6 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
         raise ValueError("teacher_logit_scale / teacher_logit_softcap transform the teacher head's logits; "
                          "teacher_logits and top-k logits are final logits (apply the transform before)")
     divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
-    if has_topk and divergence != "forward_kl":
-        raise ValueError(f"divergence={divergence!r} needs a dense teacher (teacher_head_input or teacher_logits); "
-                         "a top-k teacher takes the forward KL only")
     temperature = check_temperature("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
     if has_head:

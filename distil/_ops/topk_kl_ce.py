@@ -177,7 +177,7 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
             buckets of the teacher's mode: the k tokens (teacher q, student p at the indices) and, with
             ``teacher_lse``, the tail bucket (the teacher's tail mass against the student's ``1 − Σ_k p``):
             with k = V the dense divergence. In the renormalised mode the student's side sums to below 1,
-            so the reverse KLs can be negative there. CPU only for now (CUDA: forward_kl).
+            so the reverse KLs can be negative there.
         jsd_beta, skew_alpha: as :func:`kl_ce_loss`.
     Returns:
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
