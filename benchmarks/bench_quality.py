@@ -818,7 +818,8 @@ def causal_report(results):
     models = {m["name"]: m for m in results["models"]}
     teacher, b, t = models["teacher"], results["budget"], results["teacher_training"]
     lines = [
-        f"## Quality, causal track: budget `{b['name']}` ({results['wall_seconds'] / 60:.0f} min on "
+        f"## Quality, causal track: budget `{b['name']}` (teacher {t['seconds'] / 60:.0f} min + students and scores "
+        f"{(results['wall_seconds'] - results['phase_seconds']['teacher']) / 60:.0f} min on "
         f"{results['machine']['cpu']}, {results['machine']['cpu_count']} CPUs)",
         "",
         "| model | held-out perplexity | × teacher | parameters | tokens/s | × teacher |",
