@@ -69,6 +69,14 @@ def device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def check_token_batch(input_ids, attention_mask):
+    """A batch of token ids: int64 ``input_ids`` ``[B, S]`` and an ``attention_mask`` of that shape on
+    their device."""
+    check_tensor("input_ids", input_ids, dtypes=(torch.int64,), ndims=(2,))
+    check_tensor("attention_mask", attention_mask, ndims=(2,))
+    check_alike("attention_mask", attention_mask, "input_ids", input_ids)
+
+
 def check_row_mask(name, mask, rows_shape, device):
     """An optional mask over the leading (row) dims of the logits/hidden states: bool, or integer with
     nonzero = selected (Hugging Face's int64 0/1 ``attention_mask``). Returns it as bool."""
@@ -105,6 +113,17 @@ def check_labels(labels, rows_shape, vocab, device, ignore_index):
         first = labels[bad][0].item()
         raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
     return labels, labelled
+
+
+def check_kl_ce_args(student_logits, kl_mask, labels, ignore_index, kl_weight, ce_weight):
+    """What a KL+CE loss over ``student_logits`` checks beside its teacher (``ignore_index`` an int the
+    caller checked). Returns ``(kl_mask as bool or None, labels as int64, labelled, kl_weight, ce_weight)``."""
+    check_float_rows("student_logits", student_logits)
+    rows_shape, device = student_logits.shape[:-1], student_logits.device
+    kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
+    labels, labelled = check_labels(labels, rows_shape, student_logits.shape[-1], device, ignore_index)
+    return kl_mask, labels, labelled, check_weight("kl_weight", kl_weight, device), check_weight("ce_weight",
+                                                                                                 ce_weight, device)
 
 
 def check_weight(name, value, device):

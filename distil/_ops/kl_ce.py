@@ -8,7 +8,7 @@ from distil._ops.common import (
     FLOAT_DTYPES,
     check_alike,
     check_float_rows,
-    check_labels,
+    check_kl_ce_args,
     check_op_rows,
     check_row_mask,
     check_tensor,
@@ -169,13 +169,9 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
     divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
     temperature = check_temperature("temperature", temperature)
     ignore_index = check_int("ignore_index", ignore_index)
-    check_float_rows("student_logits", student_logits)
+    kl_mask, labels, labelled, kl_weight, ce_weight = check_kl_ce_args(student_logits, kl_mask, labels, ignore_index,
+                                                                       kl_weight, ce_weight)
     teacher_logits = check_teacher_logits(teacher_logits, student_logits)
-    rows_shape, device = student_logits.shape[:-1], student_logits.device
-    kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
-    labels, labelled = check_labels(labels, rows_shape, student_logits.shape[-1], device, ignore_index)
-    kl_weight = check_weight("kl_weight", kl_weight, device)
-    ce_weight = check_weight("ce_weight", ce_weight, device)
     return kl_ce_core(student_logits, teacher_logits, labels, labelled, kl_mask, temperature, ignore_index, kl_weight,
                       ce_weight, divergence, divergence_param)
 

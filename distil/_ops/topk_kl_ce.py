@@ -8,12 +8,9 @@ import torch
 
 from distil._ops.common import (
     FLOAT_DTYPES,
-    check_float_rows,
-    check_labels,
-    check_row_mask,
+    check_kl_ce_args,
     check_tensor,
     check_unit_last_stride,
-    check_weight,
     divisor,
     kl_ce_coef,
     needs_grad,
@@ -185,14 +182,10 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
     divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
     temperature = check_temperature("temperature", temperature)
     ignore_index = check_int("ignore_index", ignore_index)
-    check_float_rows("student_logits", student_logits)
-    rows_shape, device = student_logits.shape[:-1], student_logits.device
-    kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
-    teacher = check_topk_teacher(rows_shape, device, teacher_topk_logits, teacher_topk_index, teacher_lse,
-                                 teacher_lse_temperature, temperature, kl_mask)
-    labels, labelled = check_labels(labels, rows_shape, student_logits.shape[-1], device, ignore_index)
-    kl_weight = check_weight("kl_weight", kl_weight, device)
-    ce_weight = check_weight("ce_weight", ce_weight, device)
+    kl_mask, labels, labelled, kl_weight, ce_weight = check_kl_ce_args(student_logits, kl_mask, labels, ignore_index,
+                                                                       kl_weight, ce_weight)
+    teacher = check_topk_teacher(student_logits.shape[:-1], student_logits.device, teacher_topk_logits,
+                                 teacher_topk_index, teacher_lse, teacher_lse_temperature, temperature, kl_mask)
     return topk_kl_ce_core(student_logits, teacher, labels, labelled, kl_mask, temperature, ignore_index, kl_weight,
                            ce_weight, divergence, divergence_param)
 
