@@ -130,3 +130,18 @@ def assert_cache_trains_as_live_teacher(teacher, cache, *, pad_id, steps, step_i
         runs[name] = torch.stack(losses)
     scale = runs["live"][:, :1].abs()
     assert ((runs["cached"] - runs["live"]).abs() <= 1e-5 * scale).all(), (runs["cached"] - runs["live"]) / scale
+
+
+def assert_batch_holds_teacher_outputs(teacher, batch, ids, attn, k=8, temperature=2.0):
+    """A teacher cache's ``batch`` holds, at the real tokens of (``ids``, ``attn``), the ``teacher``'s top-k
+    logits (fp16/bf16 rounding), their indices (near-ties may come in another order), its lse at T and
+    its last hidden states."""
+    real = attn.bool()
+    with torch.no_grad():
+        out = teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    logits = out.logits[real]
+    values = logits.topk(k, -1).values
+    assert torch.allclose(logits.gather(-1, batch["topk_index"][real].long()), values, atol=1e-5)
+    assert torch.allclose(batch["topk_logits"][real].float(), values, atol=1e-2, rtol=1e-3)
+    assert torch.allclose(batch["lse"][real], torch.logsumexp(logits / temperature, -1), atol=1e-5)
+    assert torch.allclose(batch["hidden"][real].float(), out.hidden_states[-1][real], atol=1e-2)
