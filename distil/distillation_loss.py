@@ -204,7 +204,7 @@ class DistillationLoss(nn.Module):
             teacher_args = {}
             if use_kl and topk:
                 teacher_args = dict(teacher_topk_logits=teacher_logits.logits, teacher_topk_index=teacher_logits.index,
-                               teacher_lse=teacher_logits.lse, teacher_lse_temperature=teacher_logits.temperature)
+                                    teacher_lse=teacher_logits.lse, teacher_lse_temperature=teacher_logits.temperature)
             elif use_kl:
                 teacher_args = dict(teacher_head_input=teacher_head_input, teacher_logits=teacher_logits)
             # Without grad_scale the head loss uses its own weights (this module's, checked at construction).
