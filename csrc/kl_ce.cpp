@@ -29,28 +29,12 @@
 #include <type_traits>
 #include <vector>
 
+namespace distil::cpu {
 namespace {
 
 using at::Tensor;
-using distil::cpu::check_cpu;
-using distil::cpu::check_rows_tensor;
-using distil::cpu::Divergence;
-using distil::cpu::DivergenceTerm;
-using distil::cpu::dispatch_pair;
-using distil::cpu::exp_nonpos;
-using distil::cpu::load_row;
-using distil::cpu::rescale_or_recompute_rows;
-using distil::cpu::row_max;
-using distil::cpu::row_offsets;
-using distil::cpu::row_values;
-using distil::cpu::RowJob;
-using distil::cpu::RowLoss;
-using distil::cpu::RowOffsets;
-using distil::cpu::RowValues;
-using distil::cpu::store_row;
+
 constexpr const char* kOp = "kl_ce_rows";
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // e^y - 1 for |y| <= 1/4: Taylor to y^6 (truncation < 5e-8 relative), where e^y - 1 from exp_nonpos
 // would cancel.
@@ -237,76 +221,23 @@ DISTIL_CLONES RowLoss kl_ce_row(const float* s, const float* t, int64_t V, float
   return {};
 }
 
-// The arguments both ops share, checked, with the per-row label / mask lookup.
-struct Problem {
-  const Tensor& student;
+// The arguments the three ops share, checked: TwoTermArgs (rows.h), the teacher and the divergence.
+struct Problem : TwoTermArgs {
   const Tensor& teacher;
-  std::optional<RowValues<int64_t>> labels;
-  std::optional<RowValues<bool>> kl_mask;
-  float kl_coef;  // coef[0]
-  float ce_coef;  // coef[1]
-  float temperature;
-  int64_t ignore_index;
   Divergence divergence;
   float divergence_param;
-  int64_t N;
-  int64_t V;
 
   Problem(const Tensor& student_, const Tensor& teacher_, const std::optional<Tensor>& labels_,
           const std::optional<Tensor>& kl_mask_, const Tensor& coef, double temperature, int64_t ignore_index_,
           c10::string_view divergence_, double divergence_param_)
-      : student(student_),
+      : TwoTermArgs(kOp, student_, labels_, kl_mask_, coef, temperature, ignore_index_),
         teacher(teacher_),
-        ignore_index(ignore_index_),
-        divergence(distil::cpu::parse_divergence(kOp, divergence_, divergence_param_)),
+        divergence(parse_divergence(kOp, divergence_, divergence_param_)),
         divergence_param(static_cast<float>(divergence_param_)) {
-    for (const auto& [name, x] : {std::pair<const char*, const Tensor&>{"student", student}, {"teacher", teacher}}) {
-      check_cpu(kOp, name, x);
-      TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
-                           x.scalar_type() == at::kHalf,
-                       "kl_ce_rows: ", name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
-      TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "kl_ce_rows: ", name, " must be [N, V] or [B, S, V], got ",
-                        x.sizes());
-      TORCH_CHECK_VALUE(x.size(-1) <= 1 || x.stride(-1) == 1, "kl_ce_rows: ", name,
-                        " must have a unit stride in its last dim, got strides ", x.strides());
-    }
-    TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "kl_ce_rows: teacher has shape ", teacher.sizes(),
+    check_float_rows(kOp, "teacher", teacher);
+    TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), kOp, ": teacher has shape ", teacher.sizes(),
                       " but student has shape ", student.sizes());
-    const int64_t row_dims = student.dim() - 1;
-    if (labels_) {
-      check_rows_tensor(kOp, "labels", *labels_, student, at::kLong);
-      labels = row_values<int64_t>(*labels_, row_dims);
-    }
-    if (kl_mask_) {
-      check_rows_tensor(kOp, "kl_mask", *kl_mask_, student, at::kBool);
-      kl_mask = row_values<bool>(*kl_mask_, row_dims);
-    }
-    check_cpu(kOp, "coef", coef);
-    TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, "kl_ce_rows: coef must be float32, got ", coef.scalar_type());
-    TORCH_CHECK_VALUE(coef.numel() == 2, "kl_ce_rows: coef must have 2 elements, got ", coef.numel());
-    const Tensor c = coef.contiguous();
-    kl_coef = c.const_data_ptr<float>()[0];
-    ce_coef = c.const_data_ptr<float>()[1];
-    TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
-                      "kl_ce_rows: temperature must be finite and > 0, got ", temperature);
-    this->temperature = static_cast<float>(temperature);
-    N = c10::multiply_integers(student.sizes().slice(0, row_dims));
-    V = student.size(-1);
   }
-
-  // Row r's KL flag and label (-1 when ignored), with the gradient coefficients of its two terms.
-  RowJob job(int64_t r, float kl_row_coef, float ce_row_coef) const {
-    int64_t y = labels ? (*labels)[r] : ignore_index;
-    if (y == ignore_index) {
-      y = -1;
-    } else {
-      TORCH_CHECK_VALUE(y >= 0 && y < V, "kl_ce_rows: label ", y, " of row ", r, " is outside [0, ", V, ")");
-    }
-    return {kl_mask ? (*kl_mask)[r] : true, y, kl_row_coef, ce_row_coef};
-  }
-
-  // Rows per at::parallel_for task: about 32K logits, at least one row.
-  int64_t grain() const { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 };
 
 // Per-thread row evaluator: gives kl_ce_row fp32 rows, converting bf16/fp16 rows in
@@ -316,37 +247,24 @@ class RowRunner {
  public:
   explicit RowRunner(const Problem& pb)
       : pb_(pb),
-        s_{pb.student.const_data_ptr<StudentT>(), row_offsets(pb.student, pb.student.dim() - 1)},
-        t_{pb.teacher.const_data_ptr<TeacherT>(), row_offsets(pb.teacher, pb.teacher.dim() - 1)},
+        s_(row_values<StudentT>(pb.student, pb.student.dim() - 1)),
+        t_(row_values<TeacherT>(pb.teacher, pb.teacher.dim() - 1)),
         buf_((3 + 2 * !std::is_same_v<StudentT, float> + !std::is_same_v<TeacherT, float>) * pb.V) {}
 
   // Losses of row r; writes job's gradient into g (a contiguous student-dtype row) when given.
   RowLoss run(int64_t r, const RowJob& job, StudentT* g) {
     const int64_t V = pb_.V;
     float* const scratch = buf_.data();
-    float* extra = scratch + 3 * V;
-    const float* sf;
-    const float* tf;
-    float* gf = nullptr;
-    if constexpr (std::is_same_v<StudentT, float>) {
-      sf = s_.data + s_.off(r);
-      gf = g;
-    } else {
-      load_row(extra, s_.data + s_.off(r), V);
-      sf = extra;
-      if (g) gf = extra + V;
-      extra += 2 * V;
-    }
+    const auto [sf, gf] = fp32_student_row(s_.data + s_.off(r), g, scratch + 3 * V, V);
+    float* const teacher_copy = scratch + (3 + 2 * !std::is_same_v<StudentT, float>) * V;
+    const float* tf = teacher_copy;
     if constexpr (std::is_same_v<TeacherT, float>) {
       tf = t_.data + t_.off(r);
-    } else {
-      if (job.kl) load_row(extra, t_.data + t_.off(r), V);
-      tf = extra;
+    } else if (job.kl) {
+      load_row(teacher_copy, t_.data + t_.off(r), V);
     }
     const RowLoss loss = kl_ce_row(sf, tf, V, pb_.temperature, pb_.divergence, pb_.divergence_param, job, gf, scratch);
-    if constexpr (!std::is_same_v<StudentT, float>) {
-      if (g) store_row(g, gf, V);
-    }
+    store_student_grad(g, gf, V);
     return loss;
   }
 
@@ -357,37 +275,15 @@ class RowRunner {
   std::vector<float> buf_;  // 3 V of scratch, then fp32 copies of narrower rows
 };
 
-// The forward's rows into kl / ce (fp32, one per row) and, when g is given, the gradient rows
-// (contiguous, student dtype). g may be the student's own storage: each row is read before it is
-// written.
-void kl_ce_rows_fill(const Problem& pb, float* kl, float* ce, void* g_data) {
-  dispatch_pair(pb.student.scalar_type(), pb.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
-    using S = decltype(s_tag);
-    S* g = static_cast<S*>(g_data);
-    at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
-      RowRunner<S, decltype(t_tag)> runner(pb);
-      for (int64_t r = begin; r < end; ++r) {
-        const RowLoss loss = runner.run(r, pb.job(r, pb.kl_coef, pb.ce_coef), g ? g + r * pb.V : nullptr);
-        kl[r] = loss.kl;
-        ce[r] = loss.ce;
-      }
-    });
-  });
-}
-
 std::tuple<Tensor, Tensor, Tensor> kl_ce_rows_cpu(const Tensor& student, const Tensor& teacher,
                                                   const std::optional<Tensor>& labels,
                                                   const std::optional<Tensor>& kl_mask, const Tensor& coef,
                                                   double temperature, int64_t ignore_index, bool compute_grad,
                                                   c10::string_view divergence, double divergence_param) {
   const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index, divergence, divergence_param);
-  const auto row_shape = student.sizes().slice(0, student.dim() - 1);
-  Tensor kl_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
-  Tensor ce_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
-  Tensor grad = compute_grad ? distil::cpu::empty_written_once(student.sizes(), student.options())
-                              : at::empty({0}, student.options());
-  kl_ce_rows_fill(pb, kl_rows.data_ptr<float>(), ce_rows.data_ptr<float>(),
-                  compute_grad ? grad.data_ptr() : nullptr);
+  auto [kl_rows, ce_rows, grad] = two_term_outputs(student, compute_grad);
+  fill_two_term_rows<RowRunner>(pb, teacher.scalar_type(), kl_rows.data_ptr<float>(), ce_rows.data_ptr<float>(),
+                                compute_grad ? grad.data_ptr() : nullptr);
   return {kl_rows, ce_rows, grad};
 }
 
@@ -408,8 +304,8 @@ void kl_ce_rows_into_cpu(const Tensor& student, const Tensor& teacher, const std
                       "kl_ce_rows_into: grad must be contiguous with shape ", student.sizes(), ", got ",
                       grad->sizes(), " with strides ", grad->strides());
   }
-  kl_ce_rows_fill(pb, kl_rows.data_ptr<float>(), ce_rows.data_ptr<float>(),
-                  grad ? const_cast<Tensor&>(*grad).data_ptr() : nullptr);
+  fill_two_term_rows<RowRunner>(pb, teacher.scalar_type(), kl_rows.data_ptr<float>(), ce_rows.data_ptr<float>(),
+                                grad ? const_cast<Tensor&>(*grad).data_ptr() : nullptr);
 }
 
 void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Tensor& grad_ce_rows,
@@ -417,19 +313,8 @@ void kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, const Ten
                              const std::optional<Tensor>& kl_mask, const Tensor& coef, double temperature,
                              int64_t ignore_index, c10::string_view divergence, double divergence_param) {
   const Problem pb(student, teacher, labels, kl_mask, coef, temperature, ignore_index, divergence, divergence_param);
-  check_cpu(kOp, "grad", grad);
-  TORCH_CHECK_TYPE(grad.scalar_type() == student.scalar_type(), "kl_ce_rows_backward: grad must have dtype ",
-                   student.scalar_type(), ", got ", grad.scalar_type());
-  TORCH_CHECK_VALUE(grad.sizes() == student.sizes() && grad.is_contiguous(),
-                    "kl_ce_rows_backward: grad must be contiguous with shape ", student.sizes(), ", got ",
-                    grad.sizes(), " with strides ", grad.strides());
-  check_rows_tensor(kOp, "grad_kl_rows", grad_kl_rows, student, at::kFloat);
-  check_rows_tensor(kOp, "grad_ce_rows", grad_ce_rows, student, at::kFloat);
-  dispatch_pair(pb.student.scalar_type(), pb.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
-    using S = decltype(s_tag);
-    rescale_or_recompute_rows<RowRunner<S, decltype(t_tag)>>(grad.data_ptr<S>(), pb, grad_kl_rows, grad_ce_rows,
-                                                              pb.kl_coef, pb.ce_coef);
-  });
+  rewrite_two_term_grad<RowRunner>("kl_ce_rows_backward", grad, grad_kl_rows, grad_ce_rows, pb,
+                                   teacher.scalar_type());
 }
 
 }  // namespace
@@ -466,3 +351,5 @@ TORCH_LIBRARY_IMPL(distil, CPU, m) {
   m.impl("kl_ce_rows_into", &kl_ce_rows_into_cpu);
   m.impl("kl_ce_rows_backward", &kl_ce_rows_backward_cpu);
 }
+
+}  // namespace distil::cpu

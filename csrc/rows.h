@@ -1,7 +1,9 @@
 // Helpers shared by the CPU kernels of the row-wise losses (kl_ce.cpp, cosine.cpp,
 // topk_kl_ce.cpp): dispatch on the float dtypes we accept, addressing of row r of an [N, D] or
-// [B, S, D] tensor read in place through its strides, the allocation of the gradient buffers, and
-// the vectorisable fp32 row primitives (exp, max, dtype conversion).
+// [B, S, D] tensor read in place through its strides, the checks, the allocation of the gradient
+// buffers, the vectorisable fp32 row primitives (exp, max, dtype conversion), and what the two-term
+// (KL, CE) ops share around their row functions (arguments, outputs, the row loops of the forward and
+// the backward).
 //
 // The extension is built without -march, so the row kernels are compiled once per x86-64 level
 // with GCC's target_clones (an ifunc picks the clone at load time, as ATen's DispatchStub picks
@@ -28,6 +30,7 @@
 #endif
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 
 
@@ -39,6 +42,9 @@
 #define DISTIL_INLINE inline __attribute__((always_inline))
 
 namespace distil::cpu {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // Calls fn with a value of the C++ type of a (validated) float32 / bfloat16 / float16 dtype.
 template <typename Fn>
@@ -159,14 +165,14 @@ DISTIL_INLINE float exp_nonpos(float x) {
 // The row maximum, NaN when the row holds a NaN (a max alone skips NaN, so an all-NaN row would pass
 // for a row that is -inf everywhere, with loss 0).
 DISTIL_INLINE float row_max(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
+  float m = kNegInf;
   int nan = 0;
 #pragma omp simd reduction(max : m) reduction(| : nan)
   for (int64_t j = 0; j < n; ++j) {
     m = x[j] > m ? x[j] : m;
     nan |= x[j] != x[j];
   }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+  return nan ? kNaN : m;
 }
 
 template <typename T>
@@ -179,6 +185,30 @@ template <typename T>
 DISTIL_INLINE void store_row(T* dst, const float* src, int64_t V) {
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+// A student row as the fp32 row functions take it: the row itself and g when S is float, else an fp32
+// copy in `copy` (2 V floats: the row, then its gradient, which store_student_grad writes back).
+struct Fp32Row {
+  const float* s;
+  float* g;
+};
+
+template <typename S>
+DISTIL_INLINE Fp32Row fp32_student_row(const S* row, S* g, float* copy, int64_t V) {
+  if constexpr (std::is_same_v<S, float>) {
+    return {row, g};
+  } else {
+    load_row(copy, row, V);
+    return {copy, g ? copy + V : nullptr};
+  }
+}
+
+template <typename S>
+DISTIL_INLINE void store_student_grad(S* g, const float* gf, int64_t V) {
+  if constexpr (!std::is_same_v<S, float>) {
+    if (g) store_row(g, gf, V);
+  }
 }
 
 // What one row of the two-term (KL, CE) ops needs: its KL flag, its label (-1 without a CE term), and
@@ -196,6 +226,90 @@ struct RowLoss {
   float kl = 0.f;
   float ce = 0.f;
 };
+
+// The arguments the two-term (KL, CE) row ops share, checked: the student's rows, the optional per-row
+// labels (int64) and kl_mask (bool), coef = [kl_coef, ce_coef] (float32) and the temperature; job(r, ...)
+// is row r's RowJob. Each op's Problem derives from it and adds its teacher.
+struct TwoTermArgs {
+  const char* op;
+  const at::Tensor& student;
+  std::optional<RowValues<int64_t>> labels;
+  std::optional<RowValues<bool>> kl_mask;
+  float kl_coef;  // coef[0]
+  float ce_coef;  // coef[1]
+  float temperature;
+  int64_t ignore_index;
+  int64_t N;
+  int64_t V;
+
+  TwoTermArgs(const char* op_, const at::Tensor& student_, const std::optional<at::Tensor>& labels_,
+              const std::optional<at::Tensor>& kl_mask_, const at::Tensor& coef, double temperature_,
+              int64_t ignore_index_)
+      : op(op_), student(student_), ignore_index(ignore_index_) {
+    check_float_rows(op, "student", student);
+    const int64_t row_dims = student.dim() - 1;
+    if (labels_) {
+      check_rows_tensor(op, "labels", *labels_, student, at::kLong);
+      labels = row_values<int64_t>(*labels_, row_dims);
+    }
+    if (kl_mask_) {
+      check_rows_tensor(op, "kl_mask", *kl_mask_, student, at::kBool);
+      kl_mask = row_values<bool>(*kl_mask_, row_dims);
+    }
+    check_cpu(op, "coef", coef);
+    TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, op, ": coef must be float32, got ", coef.scalar_type());
+    TORCH_CHECK_VALUE(coef.numel() == 2, op, ": coef must have 2 elements, got ", coef.numel());
+    const at::Tensor c = coef.contiguous();
+    kl_coef = c.const_data_ptr<float>()[0];
+    ce_coef = c.const_data_ptr<float>()[1];
+    TORCH_CHECK_VALUE(std::isfinite(temperature_) && temperature_ > 0, op,
+                      ": temperature must be finite and > 0, got ", temperature_);
+    temperature = static_cast<float>(temperature_);
+    N = c10::multiply_integers(student.sizes().slice(0, row_dims));
+    V = student.size(-1);
+  }
+
+  // Row r's KL flag and label (-1 when ignored), with the gradient coefficients of its two terms.
+  RowJob job(int64_t r, float kl_row_coef, float ce_row_coef) const {
+    int64_t y = labels ? (*labels)[r] : ignore_index;
+    if (y == ignore_index) {
+      y = -1;
+    } else {
+      TORCH_CHECK_VALUE(y >= 0 && y < V, op, ": label ", y, " of row ", r, " is outside [0, ", V, ")");
+    }
+    return {kl_mask ? (*kl_mask)[r] : true, y, kl_row_coef, ce_row_coef};
+  }
+
+  int64_t grain() const { return grain_rows(V); }
+};
+
+// A two-term op's forward outputs: kl_rows and ce_rows (fp32 over the row dims) and the gradient buffer
+// (the student's shape and dtype; empty without compute_grad).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> two_term_outputs(const at::Tensor& student, bool compute_grad) {
+  const auto row_shape = student.sizes().slice(0, student.dim() - 1);
+  return {at::empty(row_shape, student.options().dtype(at::kFloat)),
+          at::empty(row_shape, student.options().dtype(at::kFloat)),
+          compute_grad ? empty_written_once(student.sizes(), student.options()) : at::empty({0}, student.options())};
+}
+
+// A two-term op's forward rows into kl / ce (fp32, one per row) and, when g_data is given, the gradient
+// rows (contiguous, student dtype), by a Runner<StudentT, TeacherT>(pb) per task: run(r, job, g_row).
+// g may be the student's own storage: each row is read before it is written.
+template <template <typename, typename> class Runner, typename Problem>
+void fill_two_term_rows(const Problem& pb, at::ScalarType teacher_dtype, float* kl, float* ce, void* g_data) {
+  dispatch_pair(pb.student.scalar_type(), teacher_dtype, [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    S* g = static_cast<S*>(g_data);
+    at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
+      Runner<S, decltype(t_tag)> runner(pb);
+      for (int64_t r = begin; r < end; ++r) {
+        const RowLoss loss = runner.run(r, pb.job(r, pb.kl_coef, pb.ce_coef), g ? g + r * pb.V : nullptr);
+        kl[r] = loss.kl;
+        ce[r] = loss.ce;
+      }
+    });
+  });
+}
 
 // Whether the backward may rescale a gradient row the forward wrote by `factor` (the incoming
 // gradient over the announced coefficient) instead of recomputing it. An fp32 row always: one more
@@ -252,6 +366,27 @@ void rescale_or_recompute_rows(S* g, const Problem& pb, const at::Tensor& grad_k
         for (int64_t j = 0; j < pb.V; ++j) row[j] = static_cast<S>(static_cast<float>(row[j]) * f);
       }
     }
+  });
+}
+
+// A two-term op's backward (see rescale_or_recompute_rows), with its buffers checked: grad as the forward
+// wrote it, the incoming per-row gradients fp32 over the row dims.
+template <template <typename, typename> class Runner, typename Problem>
+void rewrite_two_term_grad(const char* op, at::Tensor& grad, const at::Tensor& grad_kl_rows,
+                           const at::Tensor& grad_ce_rows, const Problem& pb, at::ScalarType teacher_dtype) {
+  const at::Tensor& student = pb.student;
+  check_cpu(op, "grad", grad);
+  TORCH_CHECK_TYPE(grad.scalar_type() == student.scalar_type(), op, ": grad must have dtype ", student.scalar_type(),
+                   ", got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.sizes() == student.sizes() && grad.is_contiguous(), op,
+                    ": grad must be contiguous with shape ", student.sizes(), ", got ", grad.sizes(),
+                    " with strides ", grad.strides());
+  check_rows_tensor(op, "grad_kl_rows", grad_kl_rows, student, at::kFloat);
+  check_rows_tensor(op, "grad_ce_rows", grad_ce_rows, student, at::kFloat);
+  dispatch_pair(student.scalar_type(), teacher_dtype, [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    rescale_or_recompute_rows<Runner<S, decltype(t_tag)>>(grad.data_ptr<S>(), pb, grad_kl_rows, grad_ce_rows,
+                                                           pb.kl_coef, pb.ce_coef);
   });
 }
 

@@ -43,29 +43,12 @@ TORCH_LIBRARY_FRAGMENT(distil, m) {
       "float divergence_param=0.0) -> ()");
 }
 
+namespace distil::cpu {
 namespace {
 
 using at::Tensor;
-using distil::cpu::check_cpu;
-using distil::cpu::check_rows_tensor;
-using distil::cpu::dispatch_pair;
-using distil::cpu::Divergence;
-using distil::cpu::DivergenceTerm;
-using distil::cpu::exp_nonpos;
-using distil::cpu::load_row;
-using distil::cpu::rescale_or_recompute_rows;
-using distil::cpu::row_max;
-using distil::cpu::row_offsets;
-using distil::cpu::row_values;
-using distil::cpu::RowJob;
-using distil::cpu::RowLoss;
-using distil::cpu::RowOffsets;
-using distil::cpu::RowValues;
-using distil::cpu::store_row;
 
 constexpr const char* kOp = "topk_kl_ce_rows";
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Both tail masses are floored at 2^-16 (kernels/topk_kl_ce.py, TAIL_FLOOR): below it they are
 // rounding noise of fp32 sums of probabilities.
 constexpr float kTailFloor = 1.52587890625e-05f;
@@ -359,45 +342,25 @@ DISTIL_CLONES RowLoss topk_kl_ce_row(const float* s, int64_t V, const TeacherRow
   return out;
 }
 
-void check_float(const char* name, const Tensor& x) {
-  check_cpu(kOp, name, x);
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-                   kOp, ": ", name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, kOp, ": ", name, " must be 2-D or 3-D, got ", x.sizes());
-  TORCH_CHECK_VALUE(x.size(-1) <= 1 || x.stride(-1) == 1, kOp, ": ", name,
-                    " must have a unit stride in its last dim, got strides ", x.strides());
-}
-
-// The arguments both ops share, checked, with the per-row lookups.
-struct Problem {
-  const Tensor& student;
+// The arguments both ops share, checked: TwoTermArgs (rows.h), the top-k teacher and the divergence.
+struct Problem : TwoTermArgs {
   const Tensor& values;
   const Tensor& index;
   std::optional<RowValues<float>> lse;
-  std::optional<RowValues<int64_t>> labels;
-  std::optional<RowValues<bool>> kl_mask;
   RowOffsets index_off;
-  float kl_coef;
-  float ce_coef;
-  float T;
-  int64_t ignore_index;
   Divergence divergence;
   float divergence_param;
-  int64_t N;
-  int64_t V;
   int64_t k;
 
   Problem(const Tensor& student_, const Tensor& values_, const Tensor& index_, const std::optional<Tensor>& lse_,
           const std::optional<Tensor>& labels_, const std::optional<Tensor>& kl_mask_, const Tensor& coef,
           double temperature, int64_t ignore_index_, c10::string_view divergence_, double divergence_param_)
-      : student(student_),
+      : TwoTermArgs(kOp, student_, labels_, kl_mask_, coef, temperature, ignore_index_),
         values(values_),
         index(index_),
-        ignore_index(ignore_index_),
-        divergence(distil::cpu::parse_divergence(kOp, divergence_, divergence_param_)),
+        divergence(parse_divergence(kOp, divergence_, divergence_param_)),
         divergence_param(static_cast<float>(divergence_param_)) {
-    check_float("student", student);
-    check_float("teacher_values", values);
+    check_float_rows(kOp, "teacher_values", values);
     const int64_t row_dims = student.dim() - 1;
     const auto rows = student.sizes().slice(0, row_dims);
     TORCH_CHECK_VALUE(values.dim() == student.dim() && values.sizes().slice(0, row_dims) == rows, kOp,
@@ -415,40 +378,8 @@ struct Problem {
       check_rows_tensor(kOp, "teacher_lse", *lse_, student, at::kFloat);
       lse = row_values<float>(*lse_, row_dims);
     }
-    if (labels_) {
-      check_rows_tensor(kOp, "labels", *labels_, student, at::kLong);
-      labels = row_values<int64_t>(*labels_, row_dims);
-    }
-    if (kl_mask_) {
-      check_rows_tensor(kOp, "kl_mask", *kl_mask_, student, at::kBool);
-      kl_mask = row_values<bool>(*kl_mask_, row_dims);
-    }
-    check_cpu(kOp, "coef", coef);
-    TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, kOp, ": coef must be float32, got ", coef.scalar_type());
-    TORCH_CHECK_VALUE(coef.numel() == 2, kOp, ": coef must have 2 elements, got ", coef.numel());
-    const Tensor c = coef.contiguous();
-    kl_coef = c.const_data_ptr<float>()[0];
-    ce_coef = c.const_data_ptr<float>()[1];
-    TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, kOp,
-                      ": temperature must be finite and > 0, got ", temperature);
-    T = static_cast<float>(temperature);
-    N = c10::multiply_integers(rows);
-    V = student.size(-1);
     k = values.size(-1);
   }
-
-  RowJob job(int64_t r, float kl_coef, float ce_coef) const {
-    int64_t y = labels ? (*labels)[r] : ignore_index;
-    if (y == ignore_index) {
-      y = -1;
-    } else {
-      TORCH_CHECK_VALUE(y >= 0 && y < V, kOp, ": label ", y, " of row ", r, " is outside [0, ", V, ")");
-    }
-    return {kl_mask ? (*kl_mask)[r] : true, y, kl_coef, ce_coef};
-  }
-
-  // Rows per at::parallel_for task: about 32K logits, at least one row.
-  int64_t grain() const { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 };
 
 // Per-thread row evaluator: fp32 copies of narrower rows, the row's validated indices, scratch.
@@ -457,8 +388,8 @@ class RowRunner {
  public:
   explicit RowRunner(const Problem& pb)
       : pb_(pb),
-        s_{pb.student.const_data_ptr<S>(), row_offsets(pb.student, pb.student.dim() - 1)},
-        t_{pb.values.const_data_ptr<Tt>(), row_offsets(pb.values, pb.values.dim() - 1)},
+        s_(row_values<S>(pb.student, pb.student.dim() - 1)),
+        t_(row_values<Tt>(pb.values, pb.values.dim() - 1)),
         buf_((1 + 2 * !std::is_same_v<S, float>) * pb.V + 3 * pb.k + pb.V / kBlock + 1),
         idx_(pb.k),
         seen_(pb.V, 0) {}
@@ -467,26 +398,15 @@ class RowRunner {
     const int64_t V = pb_.V, k = pb_.k;
     float* const scratch = buf_.data();  // V + 2 k + blocks, then k teacher values, then the narrow-dtype rows
     float* const tf = scratch + V + 2 * k + V / kBlock + 1;
-    float* extra = tf + k;
-    const float* sf;
-    float* gf = nullptr;
-    if constexpr (std::is_same_v<S, float>) {
-      sf = s_.data + s_.off(r);
-      gf = g;
-    } else {
-      load_row(extra, s_.data + s_.off(r), V);
-      sf = extra;
-      if (g) gf = extra + V;
-    }
+    const auto [sf, gf] = fp32_student_row(s_.data + s_.off(r), g, tf + k, V);
     TeacherRow tr{tf, idx_.data(), k, pb_.lse.has_value(), pb_.lse ? (*pb_.lse)[r] : 0.f};
     if (job.kl) {
       load_row(tf, t_.data + t_.off(r), k);
       read_indices(r);
     }
-    const RowLoss loss = topk_kl_ce_row(sf, V, tr, pb_.T, pb_.divergence, pb_.divergence_param, job, gf, scratch);
-    if constexpr (!std::is_same_v<S, float>) {
-      if (g) store_row(g, gf, V);
-    }
+    const RowLoss loss =
+        topk_kl_ce_row(sf, V, tr, pb_.temperature, pb_.divergence, pb_.divergence_param, job, gf, scratch);
+    store_student_grad(g, gf, V);
     return loss;
   }
 
@@ -535,25 +455,9 @@ std::tuple<Tensor, Tensor, Tensor> topk_kl_ce_rows_cpu(const Tensor& student, co
                                                        c10::string_view divergence, double divergence_param) {
   const Problem pb(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, divergence,
                    divergence_param);
-  const auto row_shape = student.sizes().slice(0, student.dim() - 1);
-  Tensor kl_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
-  Tensor ce_rows = at::empty(row_shape, student.options().dtype(at::kFloat));
-  Tensor grad = compute_grad ? distil::cpu::empty_written_once(student.sizes(), student.options())
-                              : at::empty({0}, student.options());
-  float* kl = kl_rows.data_ptr<float>();
-  float* ce = ce_rows.data_ptr<float>();
-  dispatch_pair(student.scalar_type(), values.scalar_type(), [&](auto s_tag, auto t_tag) {
-    using S = decltype(s_tag);
-    S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
-    at::parallel_for(0, pb.N, pb.grain(), [&](int64_t begin, int64_t end) {
-      RowRunner<S, decltype(t_tag)> runner(pb);
-      for (int64_t r = begin; r < end; ++r) {
-        const RowLoss loss = runner.run(r, pb.job(r, pb.kl_coef, pb.ce_coef), g ? g + r * pb.V : nullptr);
-        kl[r] = loss.kl;
-        ce[r] = loss.ce;
-      }
-    });
-  });
+  auto [kl_rows, ce_rows, grad] = two_term_outputs(student, compute_grad);
+  fill_two_term_rows<RowRunner>(pb, values.scalar_type(), kl_rows.data_ptr<float>(), ce_rows.data_ptr<float>(),
+                                compute_grad ? grad.data_ptr() : nullptr);
   return {kl_rows, ce_rows, grad};
 }
 
@@ -564,19 +468,8 @@ void topk_kl_ce_rows_backward_cpu(Tensor& grad, const Tensor& grad_kl_rows, cons
                                   int64_t ignore_index, c10::string_view divergence, double divergence_param) {
   const Problem pb(student, values, index, lse, labels, kl_mask, coef, temperature, ignore_index, divergence,
                    divergence_param);
-  check_cpu(kOp, "grad", grad);
-  TORCH_CHECK_TYPE(grad.scalar_type() == student.scalar_type(), "topk_kl_ce_rows_backward: grad must have dtype ",
-                   student.scalar_type(), ", got ", grad.scalar_type());
-  TORCH_CHECK_VALUE(grad.sizes() == student.sizes() && grad.is_contiguous(),
-                    "topk_kl_ce_rows_backward: grad must be contiguous with shape ", student.sizes(), ", got ",
-                    grad.sizes(), " with strides ", grad.strides());
-  check_rows_tensor(kOp, "grad_kl_rows", grad_kl_rows, student, at::kFloat);
-  check_rows_tensor(kOp, "grad_ce_rows", grad_ce_rows, student, at::kFloat);
-  dispatch_pair(student.scalar_type(), values.scalar_type(), [&](auto s_tag, auto t_tag) {
-    using S = decltype(s_tag);
-    rescale_or_recompute_rows<RowRunner<S, decltype(t_tag)>>(grad.data_ptr<S>(), pb, grad_kl_rows, grad_ce_rows,
-                                                              pb.kl_coef, pb.ce_coef);
-  });
+  rewrite_two_term_grad<RowRunner>("topk_kl_ce_rows_backward", grad, grad_kl_rows, grad_ce_rows, pb,
+                                   values.scalar_type());
 }
 
 }  // namespace
@@ -585,3 +478,5 @@ TORCH_LIBRARY_IMPL(distil, CPU, m) {
   m.impl("topk_kl_ce_rows", &topk_kl_ce_rows_cpu);
   m.impl("topk_kl_ce_rows_backward", &topk_kl_ce_rows_backward_cpu);
 }
+
+}  // namespace distil::cpu

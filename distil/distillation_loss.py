@@ -6,16 +6,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from distil._ops.common import (
+    check_float_rows,
     check_labels,
     check_row_mask,
     check_tensor,
     check_weight,
 )
-from distil._ops.cosine import cosine_loss
+from distil._ops.cosine import check_hidden, cosine_core
 from distil._ops.divergence import JSD_BETA, SKEW_ALPHA, check_divergence
-from distil._ops.kl_ce import kl_ce_loss, kl_div_loss
+from distil._ops.kl_ce import check_teacher_logits, kl_ce_core, kl_div_core
 from distil._ops.linear_kl_ce import LinearKLCELoss
-from distil._ops.topk_kl_ce import TopKLogits, topk_kl_ce_loss
+from distil._ops.topk_kl_ce import TopKLogits, check_topk_teacher, topk_kl_ce_core
 from distil.checks import check_non_negative_finite, check_temperature
 
 IGNORE_INDEX = -100  # distiller.py's "not masked" label
@@ -74,7 +75,8 @@ class DistillationLoss(nn.Module):
                  teacher_logit_scale=1.0, teacher_logit_softcap=None, divergence="forward_kl", jsd_beta=JSD_BETA,
                  skew_alpha=SKEW_ALPHA):
         super().__init__()
-        check_divergence(divergence, jsd_beta, skew_alpha)
+        # The scalars are checked once, here; forward hands them to the ops' checked cores.
+        self.op_divergence = check_divergence(divergence, jsd_beta, skew_alpha)  # (divergence, divergence_param)
         self.divergence_args = dict(divergence=divergence, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
         self.kl_weight = check_non_negative_finite("kl_weight", kl_weight)
         self.ce_weight = check_non_negative_finite("ce_weight", ce_weight)
@@ -126,23 +128,33 @@ class DistillationLoss(nn.Module):
         Returns:
             :class:`DistillationLossOutput` ``(total, kl, ce, cos)``.
         """
+        # Each tensor is checked once per call, here or (the heads' inputs) in the head loss's forward;
+        # the ops' checked cores then take the values as they are.
         if self.head_loss is None:
             lead_name, lead = "student_logits", student_logits
             if student_head_input is not None or teacher_head_input is not None:
                 raise ValueError("student_head_input / teacher_head_input need DistillationLoss(student_head=...)")
+            check_float_rows(lead_name, lead)
         else:
             lead_name, lead = "student_head_input", student_head_input
             if student_logits is not None:
                 raise ValueError("this DistillationLoss projects with its heads: pass student_head_input, "
                                  "not student_logits")
-        check_tensor(lead_name, lead, ndims=(2, 3))
+            check_tensor(lead_name, lead, ndims=(2, 3))
         rows = tuple(lead.shape[:-1])
         device = lead.device
         if labels is None:
             raise ValueError("labels is required")
-        check_tensor("labels", labels)
-        if tuple(labels.shape) != rows:
-            raise ValueError(f"labels must have shape {rows} (the {lead_name} row dims), got {tuple(labels.shape)}")
+        # The CE targets: checked in full here on the logits path (the head loss checks its own).
+        ce_here = self.ce_weight > 0 and self.head_loss is None
+        labelled = None
+        if ce_here:
+            labels, labelled = check_labels(labels, rows, lead.shape[-1], device, IGNORE_INDEX)
+        else:
+            check_tensor("labels", labels)
+            if tuple(labels.shape) != rows:
+                raise ValueError(f"labels must have shape {rows} (the {lead_name} row dims), got "
+                                 f"{tuple(labels.shape)}")
         attention_mask = check_row_mask("attention_mask", attention_mask, rows, device)
         if grad_scale is None:
             kl_grad_weight, ce_grad_weight, cos_grad_weight = self.kl_weight, self.ce_weight, self.cos_weight
@@ -153,75 +165,71 @@ class DistillationLoss(nn.Module):
                 grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=device)
             kl_grad_weight, ce_grad_weight, cos_grad_weight = (
                 grad_scale * w for w in (self.kl_weight, self.ce_weight, self.cos_weight))
-        # Pre-gathered rows ([M, .], no attention_mask) may gather the hidden states with another mask
-        # than the logits (e.g. masked-only KL rows, non-pad cosine rows): then only the two hidden
-        # tensors must agree, which cosine_loss checks.
-        own_hidden_rows = attention_mask is None and lead.dim() == 2
+        # distiller.py's restricted rows are labels > -1 alone (= labels != -100 once labels are valid).
+        kl_mask = labels != IGNORE_INDEX if self.restrict_kl_to_mask else attention_mask
         topk = isinstance(teacher_logits, TopKLogits)
         if topk and teacher_logits.lse is not None and teacher_logits.temperature is None:
             raise ValueError("teacher_logits: a TopKLogits with an lse needs the temperature it was taken "
                              f"at (TopKLogits(..., temperature=T)); this loss uses T = {self.temperature}")
-        for name, t in (("teacher_logits", teacher_logits.logits if topk else teacher_logits),
-                        ("teacher_head_input", teacher_head_input),
-                        ("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
-            if t is None or (own_hidden_rows and name in ("student_hidden", "teacher_hidden")):
-                continue
-            if tuple(t.shape[:-1]) != rows:
-                raise ValueError(f"{name} must have the row dims {rows} of {lead_name}, got shape {tuple(t.shape)}")
+        logits_kl = self.head_loss is None and self.kl_weight > 0
+        if logits_kl and teacher_logits is None:
+            raise ValueError("teacher_logits is required when kl_weight > 0")
+        if logits_kl and topk:
+            teacher = check_topk_teacher(rows, device, *teacher_logits, self.temperature, kl_mask)
+        elif logits_kl:
+            teacher = check_teacher_logits(teacher_logits, student_logits)
+        if self.cos_weight > 0:
+            if student_hidden is None or teacher_hidden is None:
+                raise ValueError("student_hidden and teacher_hidden are required when cos_weight > 0")
+            # Pre-gathered rows ([M, .], no attention_mask) may gather the hidden states with another mask
+            # than the logits (e.g. masked-only KL rows, non-pad cosine rows): then only the two hidden
+            # tensors must agree, which check_hidden checks.
+            if attention_mask is not None or lead.dim() != 2:
+                for name, t in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+                    if isinstance(t, torch.Tensor) and tuple(t.shape[:-1]) != rows:
+                        raise ValueError(f"{name} must have the row dims {rows} of {lead_name}, got shape "
+                                         f"{tuple(t.shape)}")
+            teacher_hidden = check_hidden(student_hidden, teacher_hidden)
 
         zero = torch.zeros((), dtype=torch.float32, device=device)
         kl = ce = cos = zero
-        # distiller.py's restricted rows are labels > -1 alone (= labels != -100 once labels are valid).
-        kl_mask = labels != IGNORE_INDEX if self.restrict_kl_to_mask else attention_mask
+        divergence, divergence_param = self.op_divergence
         if self.head_loss is not None and (self.kl_weight > 0 or self.ce_weight > 0):
             if self.kl_weight > 0 and teacher_logits is None and teacher_head_input is None:
                 raise ValueError("teacher_head_input (or teacher_logits) is required when kl_weight > 0")
             use_kl = self.kl_weight > 0
-            teacher = {}
+            teacher_args = {}
             if use_kl and topk:
-                teacher = dict(teacher_topk_logits=teacher_logits.logits, teacher_topk_index=teacher_logits.index,
-                               teacher_lse=teacher_logits.lse, teacher_lse_temperature=teacher_logits.temperature)
+                teacher_args = dict(teacher_topk_logits=teacher_logits.logits, teacher_topk_index=teacher_logits.index,
+                                    teacher_lse=teacher_logits.lse, teacher_lse_temperature=teacher_logits.temperature)
             elif use_kl:
-                teacher = dict(teacher_head_input=teacher_head_input, teacher_logits=teacher_logits)
+                teacher_args = dict(teacher_head_input=teacher_head_input, teacher_logits=teacher_logits)
+            # Without grad_scale the head loss uses its own weights (this module's, checked at construction).
+            weights = {} if grad_scale is None else dict(kl_weight=kl_grad_weight, ce_weight=ce_grad_weight)
             kl, ce = self.head_loss(student_head_input, labels if self.ce_weight > 0 else None, kl_mask=kl_mask,
-                                     kl_weight=kl_grad_weight, ce_weight=ce_grad_weight, **teacher)
-        elif self.kl_weight > 0:
-            if teacher_logits is None:
-                raise ValueError("teacher_logits is required when kl_weight > 0")
-            if topk:
-                # Without the MLM term no row has a label, so the CE part costs nothing.
-                loss_labels = labels if self.ce_weight > 0 else torch.full_like(labels, IGNORE_INDEX)
-                kl, ce = topk_kl_ce_loss(
-                    student_logits, teacher_logits.logits, teacher_logits.index, loss_labels,
-                    teacher_lse=teacher_logits.lse, teacher_lse_temperature=teacher_logits.temperature,
-                    temperature=self.temperature, kl_mask=kl_mask,
-                    ignore_index=IGNORE_INDEX, kl_weight=kl_grad_weight, ce_weight=ce_grad_weight,
-                    **self.divergence_args,
-                )
-            elif self.ce_weight > 0:
-                kl, ce = kl_ce_loss(
-                    student_logits, teacher_logits, labels, temperature=self.temperature, kl_mask=kl_mask,
-                    ignore_index=IGNORE_INDEX, kl_weight=kl_grad_weight, ce_weight=ce_grad_weight,
-                    **self.divergence_args,
-                )
-            else:
-                kl = kl_div_loss(student_logits, teacher_logits, temperature=self.temperature, mask=kl_mask,
-                                 reduction="batchmean", weight=kl_grad_weight, **self.divergence_args)
-        elif self.ce_weight > 0:
-            ce = _masked_lm_loss(student_logits, labels)
+                                     **weights, **teacher_args)
+        elif logits_kl and topk:
+            # Without the CE part no row has a label, so it costs nothing.
+            kl, ce = topk_kl_ce_core(student_logits, teacher, labels if ce_here else None, labelled, kl_mask,
+                                     self.temperature, IGNORE_INDEX, kl_grad_weight, ce_grad_weight, divergence,
+                                     divergence_param)
+        elif logits_kl and ce_here:
+            kl, ce = kl_ce_core(student_logits, teacher, labels, labelled, kl_mask, self.temperature, IGNORE_INDEX,
+                                kl_grad_weight, ce_grad_weight, divergence, divergence_param)
+        elif logits_kl:
+            kl = kl_div_core(student_logits, teacher, kl_mask, self.temperature, "batchmean", kl_grad_weight,
+                             divergence, divergence_param)
+        elif ce_here:
+            ce = _masked_lm_loss(student_logits, labels, labelled)
         if self.cos_weight > 0:
-            if student_hidden is None or teacher_hidden is None:
-                raise ValueError("student_hidden and teacher_hidden are required when cos_weight > 0")
-            cos = cosine_loss(student_hidden, teacher_hidden, mask=attention_mask, weight=cos_grad_weight)
+            cos = cosine_core(student_hidden, teacher_hidden, attention_mask, cos_grad_weight)
         total = self.kl_weight * kl + self.ce_weight * ce + self.cos_weight * cos
         return DistillationLossOutput(total, kl, ce, cos)
 
 
-def _masked_lm_loss(student_logits, labels):
-    """``F.cross_entropy(ignore_index=-100)`` in fp32, 0 (not NaN) when no token is masked; labels are
-    checked as on the fused path (out of range: the same ValueError)."""
-    flat_labels = check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1], student_logits.device,
-                               IGNORE_INDEX)[0].reshape(-1)
-    total = F.cross_entropy(student_logits.reshape(-1, student_logits.shape[-1]).float(), flat_labels,
+def _masked_lm_loss(student_logits, labels, labelled):
+    """``F.cross_entropy(ignore_index=-100)`` in fp32, 0 (not NaN) when no token is masked; ``(labels,
+    labelled)`` as :func:`~distil._ops.common.check_labels` returns them (the fused path's check)."""
+    total = F.cross_entropy(student_logits.reshape(-1, student_logits.shape[-1]).float(), labels.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+    return total / labelled.sum().clamp(min=1)

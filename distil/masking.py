@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from distil._ops.common import check_tensor
+from distil._ops.common import check_tensor, check_token_batch
 from distil.checks import check_int, check_masking
 
 
@@ -91,15 +91,7 @@ class MLMMasker:
         self.outcome_probs = torch.tensor([word_mask, word_keep, word_rand], dtype=torch.float32)
 
     def __call__(self, input_ids, attention_mask, generator):
-        check_tensor("input_ids", input_ids, dtypes=(torch.int64,), ndims=(2,))
-        check_tensor("attention_mask", attention_mask, ndims=(2,))
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} "
-                f"but input_ids has shape {tuple(input_ids.shape)}"
-            )
-        if attention_mask.device != input_ids.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
+        check_token_batch(input_ids, attention_mask)
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator.device.type != input_ids.device.type:

@@ -35,7 +35,7 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-from distil._ops.common import check_tensor
+from distil._ops.common import check_tensor, check_token_batch
 from distil.checks import check_int
 
 # teacher class -> the state-dict prefix of its ModuleList of layers (the only part the student thins)
@@ -346,13 +346,7 @@ class LMAdapter:
         A decoder's positions count the real tokens before each one (``cumsum(mask) - 1``, as
         ``generate`` forms them): ``0..n-1`` for right-padded rows and for packed blocks alike, and still
         right if a row were left-padded, where the model's default ``arange`` would not be."""
-        check_tensor("input_ids", input_ids, dtypes=(torch.int64,), ndims=(2,))
-        check_tensor("attention_mask", attention_mask, ndims=(2,))
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} "
-                f"but input_ids has shape {tuple(input_ids.shape)}"
-            )
+        check_token_batch(input_ids, attention_mask)
         extra = {}
         if self.causal:
             extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

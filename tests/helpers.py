@@ -32,6 +32,12 @@ def relative_error(out, ref):
     return (out - ref).norm().item() / denom
 
 
+def close_to(out, ref, tol):
+    """relative_error within tol, or out equal to ref up to float64 rounding (a reference that is 0 in
+    exact arithmetic but for its rounding: rows of p = q, V = 1)."""
+    return relative_error(out, ref) <= tol or (out.double().cpu() - ref.double().cpu()).abs().max() <= 1e-12
+
+
 def nan_empty(shape, dtype, device):
     """An output buffer full of NaN: a value the kernel fails to write cannot pass as a lucky zero."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -86,3 +92,56 @@ def upstream_row_grads(upstream, coef, rows):
         return tuple(torch.randn(rows, device=device) for _ in coef)
     factor = torch.ones(rows, device=device) if upstream == "coef" else torch.rand(rows, device=device) + 0.5
     return tuple(c * factor for c in coef)
+
+
+def assert_cache_trains_as_live_teacher(teacher, cache, *, pad_id, steps, step_inputs):
+    """A top-k = V float32 ``cache`` (a distil.teacher_cache.TeacherCache) reproduces the live ``teacher``:
+    optimizer steps of one student init over the same batches and dropout (``steps`` of them, into epoch 1)
+    give per step the live run's total to 1e-5 relative and each part (kl, ce) to 1e-5 of the total (a
+    small KL is a difference of sums whose fp32 rounding differs between the dense and the top-k kernels).
+    ``step_inputs(batch, cached)``: the step's (input_ids, attention_mask, labels) from the reader's batch
+    and the cache's."""
+    import itertools
+
+    from distil.data import LengthGroupedBatches
+    from distil.fused_loss import DistillationLoss
+    from distil.step import DistillationStep, StudentRows
+    from distil.student import build_student
+
+    loss_fn = DistillationLoss(kl_weight=5.0, ce_weight=2.0, cos_weight=0.0, temperature=2.0)
+    runs = {}
+    for name in ("live", "cached"):
+        torch.manual_seed(0)
+        student = build_student(teacher).train()
+        step = DistillationStep(StudentRows(student), teacher if name == "live" else None, loss_fn,
+                                cache_temperature=cache.temperature)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        reader = LengthGroupedBatches(cache.sequences(), 8, seed=3, pad_id=pad_id)
+        losses = []
+        for i, batch in zip(range(steps), itertools.chain(reader, reader)):
+            cached = cache.batch(batch["epoch"], batch["sequence_index"], batch["input_ids"].shape[1], pad_id)
+            inputs = step_inputs(batch, cached)
+            torch.manual_seed(100 + i)  # the same dropout in both runs
+            out = step(*inputs, cached)
+            out.total.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(torch.stack([out.total, out.kl, out.ce]).detach())
+        runs[name] = torch.stack(losses)
+    scale = runs["live"][:, :1].abs()
+    assert ((runs["cached"] - runs["live"]).abs() <= 1e-5 * scale).all(), (runs["cached"] - runs["live"]) / scale
+
+
+def assert_batch_holds_teacher_outputs(teacher, batch, ids, attn, k=8, temperature=2.0):
+    """A teacher cache's ``batch`` holds, at the real tokens of (``ids``, ``attn``), the ``teacher``'s top-k
+    logits (fp16/bf16 rounding), their indices (near-ties may come in another order), its lse at T and
+    its last hidden states."""
+    real = attn.bool()
+    with torch.no_grad():
+        out = teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    logits = out.logits[real]
+    values = logits.topk(k, -1).values
+    assert torch.allclose(logits.gather(-1, batch["topk_index"][real].long()), values, atol=1e-5)
+    assert torch.allclose(batch["topk_logits"][real].float(), values, atol=1e-2, rtol=1e-3)
+    assert torch.allclose(batch["lse"][real], torch.logsumexp(logits / temperature, -1), atol=1e-5)
+    assert torch.allclose(batch["hidden"][real].float(), out.hidden_states[-1][real], atol=1e-2)

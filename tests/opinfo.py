@@ -32,11 +32,14 @@ VOCABS = (30522, 50257, 32000, 128256)
 
 class Sample(NamedTuple):
     """``args``: the op's tensor arguments before ``coef`` (the student first); ``scalars``: those after it,
-    before ``compute_grad``; ``tol``: the relative error allowed against float64."""
+    before ``compute_grad``; ``tol``: the relative error allowed against float64; ``variant``: the
+    defaulted scalars after ``compute_grad`` (a divergence: ``(divergence, divergence_param)``), () for
+    their defaults."""
     name: str
     args: tuple
     scalars: tuple
     tol: float
+    variant: tuple = ()
 
     @property
     def student(self):
@@ -66,6 +69,8 @@ class OpInfo:
     empty_shapes: tuple = ((0, 13), (2, 0, 13))
     compile_backends: tuple = ("aot_eager",)
     scalar_edges: bool = True  # AOT: the masked head / tail accesses show outside the loops
+    non_negative: tuple = ()  # the loss outputs that are never negative (indices)
+    variant_impls: tuple = ("cpu", "triton", "triton_chunked")  # the impls that take samples' variants
 
     def __post_init__(self):
         self.op = getattr(torch.ops.distil, f"{self.name}_rows")
@@ -101,22 +106,23 @@ def forward(op, impl, sample, coef, compute_grad=True):
     rows = s.shape[:-1]
     if impl == "cpu":
         poison_heap(s, *(s.new_empty(rows, dtype=torch.float32) for _ in coef))
-        return op.op(*sample.args, coef, *sample.scalars, compute_grad)
+        return op.op(*sample.args, coef, *sample.scalars, compute_grad, *sample.variant)
     loss_rows = [nan_empty(rows, torch.float32, s.device) for _ in coef]
     grad = nan_empty(s.shape, s.dtype, s.device) if compute_grad else None
     blocks = op.chunked(sample) if impl == "triton_chunked" else {}
-    op.launch(*row_inputs_contiguous(sample.args, rows), coef, *sample.scalars, *loss_rows, grad, **blocks)
+    op.launch(*row_inputs_contiguous(sample.args, rows), coef, *sample.scalars, *loss_rows, grad, *sample.variant,
+              **blocks)
     return (*loss_rows, grad)
 
 
 def backward(op, impl, sample, grad, grad_rows, coef):
     rows = sample.student.shape[:-1]
     if impl == "cpu":
-        op.backward_op(grad, *grad_rows, *sample.args, coef, *sample.scalars)
+        op.backward_op(grad, *grad_rows, *sample.args, coef, *sample.scalars, *sample.variant)
     else:
         blocks = op.chunked(sample) if impl == "triton_chunked" else {}
         op.launch_backward(grad, *(g.contiguous() for g in grad_rows), *row_inputs_contiguous(sample.args, rows), coef,
-                           *sample.scalars, **blocks)
+                           *sample.scalars, *sample.variant, **blocks)
 
 
 def expected(op, sample, grad_rows):
@@ -187,12 +193,83 @@ def kl_ce_samples(device="cpu"):
     s = torch.where(torch.rand(s.shape, device=device) < 0.5, 1e4, -1e4) + s
     t = torch.where(torch.rand(t.shape, device=device) < 0.5, 1e4, -1e4) + t
     out.append(kl_ce_sample("+-1e4 logits", s.bfloat16(), t.half(), labels, mask))
+    return out + variant_samples(_kl_ce_divergence_samples, device)
+
+
+_VARIANT_SAMPLES = {}
+
+
+def variant_samples(make, device):
+    """``make(device)``'s samples, made once per device under their own seed (read only): the tests of the
+    op's default draw from the random stream they would draw from without them, and no test pays for
+    making them again."""
+    key = (make.__name__, str(device))
+    if key not in _VARIANT_SAMPLES:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            _VARIANT_SAMPLES[key] = make(device)
+    return _VARIANT_SAMPLES[key]
+
+
+def _kl_ce_divergence_samples(device):
+    return [sample._replace(name=f"{divergence_id} {sample.name}", variant=variant)
+            for variant, divergence_id in zip(DIVERGENCES, DIVERGENCE_IDS) for sample in _divergence_bases(device)]
+
+
+# (divergence, divergence_param) as the ops take them: every divergence but the default forward KL.
+DIVERGENCES = [("reverse_kl", 0.0), ("jsd", 0.5), ("jsd", 0.9), ("skew_kl", 0.1), ("skew_reverse_kl", 0.3),
+               ("tvd", 0.0)]
+DIVERGENCE_IDS = [f"{d}={p}" if p else d for d, p in DIVERGENCES]
+# The divergence samples the backward modes run on (the rest: forward only, for the interpreter's time).
+DIVERGENCE_BACKWARD_SAMPLES = ("V=37 float32/float32 T=2.0", "-inf policy")
+
+
+def _divergence_bases(device):
+    """The samples every divergence runs on: the dtype pairs, odd V (1 to a chunked 2053), a [B, S, V]
+    strided view, masks and labels, -inf entries where every divergence is finite, +-1e4 logits and
+    extreme temperatures."""
+    out = [kl_ce_sample(f"V={v} {str(a)[6:]}/{str(b)[6:]} T={temp}", *kl_ce_inputs((6,), v, a, b, device),
+                        temperature=temp)
+           for v, a, b, temp in ((1, F32, F32, 2.0), (37, F32, F32, 2.0), (7, F16, F32, 1.0), (300, BF16, F16, 0.5),
+                                 (2053, F32, BF16, 1.0), (100, F32, F32, 0.05))]
+    # At T = 20 the skew KLs are O(1/T²) of their per-token terms (no cancellation-free form, unlike the
+    # forward KL's): fp32 keeps about 1e-5 there (measured up to 1.3e-5, both kernels, over seeds).
+    out.append(kl_ce_sample("V=100 float32/float32 T=20.0", *kl_ce_inputs((6,), 100, device=device),
+                            temperature=20.0)._replace(tol=3e-5))
+    B, S, V = 2, 3, 37
+    s = torch.randn(S * 2, B, V + 9, device=device)[::2, :, :V].transpose(0, 1)
+    t = torch.randn(B, S, V + 3, device=device).to(F16)[..., :V]
+    labels = torch.randint(0, V, (B, 2 * S), device=device)[:, 1::2]
+    mask = (torch.rand(S, B, device=device) < 0.6).t()
+    out.append(kl_ce_sample("3-D strided", s, t, labels, mask))
+    s, t, labels, _ = kl_ce_inputs((6,), 40, device=device)
+    labels[:] = 7  # a finite student logit in every row
+    s[0, :5] = t[0, :5] = NEG_INF  # tokens of probability 0 in both: exact 0 terms
+    s[1, 20:] = t[1, 20:] = NEG_INF
+    s[2] = NEG_INF  # whole student row: loss, CE and gradient 0
+    t[3] = NEG_INF  # whole teacher row: divergence 0, CE still counts
+    s[4] = t[4]  # p = q: 0, and TVD's subgradient at ties
+    out.append(kl_ce_sample("-inf policy", s, t, labels, None))
+    s, t, labels, mask = kl_ce_inputs((6,), 50, device=device, scale=1.0)
+    s = torch.where(torch.rand(s.shape, device=device) < 0.5, 1e4, -1e4) + s
+    t = torch.where(torch.rand(t.shape, device=device) < 0.5, 1e4, -1e4) + t
+    out.append(kl_ce_sample("+-1e4 logits", s.bfloat16(), t.half(), labels, mask))
     return out
+
+
+def _kl_ce_skip_backward(impl, upstream, sample):
+    if sample.variant and not sample.name.endswith(DIVERGENCE_BACKWARD_SAMPLES):
+        return "a divergence's backward modes run on two samples (interpreter time)"
+    return None
+
+
+def _kl_ce_opcheck_samples(samples):
+    return [x for x in samples if not x.variant or x.name.endswith("3-D strided")]
 
 
 def _kl_ce_reference(s, sample):
     _, t, labels, mask = sample.args
-    return reference.kl_ce_rows(s, t.double(), labels, mask, *sample.scalars)
+    return reference.kl_ce_rows(s, t.double(), labels, mask, *sample.scalars, *sample.variant)
 
 
 def _kl_ce_inactive(sample):
@@ -264,7 +341,8 @@ KL_CE = OpInfo(
     coef=(0.7, 1.3), backward_coef=(0.25, 4.0), upstreams=("coef", "proportional", "arbitrary"),
     selected_samples=_kl_ce_selected, compile_case=_kl_ce_compile_case, aot_specs=_kl_ce_aot_specs,
     chunked=_short_rows_in_chunks, empty_shapes=((0, 13), (2, 0, 13), (4, 0)),
-    compile_backends=("aot_eager", "inductor"),
+    compile_backends=("aot_eager", "inductor"), skip_backward=_kl_ce_skip_backward,
+    opcheck_samples=_kl_ce_opcheck_samples, non_negative=(0, 1),
 )
 
 
@@ -342,13 +420,25 @@ def topk_samples(device="cpu"):
         s[0, index[0][~finite_rows]] = NEG_INF  # the student -inf exactly where q = 0
         labels = torch.tensor([1, 2, 3, 4, -100, 5], device=device)
         out.append(topk_sample(f"{mode} -inf policy", s, values, index, lse, labels, None))
-    return out
+    return out + variant_samples(_topk_divergence_samples, device)
+
+
+def _topk_divergence_samples(device):
+    """The divergences on the k (+ tail) buckets (exact mode) or the k tokens (renormalised)."""
+    return [make_topk_sample(f"{divergence_id} {mode} k={k} {str(s_dt)[6:]}", (6,), 37, k, mode == "exact", s_dt,
+                             device=device)._replace(variant=variant)
+            for variant, divergence_id in zip(DIVERGENCES, DIVERGENCE_IDS) for mode in ("renorm", "exact")
+            for k in (1, 8, 37) for s_dt in (F32, BF16)]
 
 
 def _topk_reference(s, sample):
     _, values, index, lse, labels, mask = sample.args
-    return reference.topk_kl_ce_rows(s, values.double(), index, None if lse is None else lse.double(), labels, mask,
-                                     *sample.scalars)
+    temperature, ignore_index = sample.scalars
+    lse = None if lse is None else lse.double()
+    if sample.variant:
+        return reference.topk_divergence_rows(s, values.double(), index, lse, labels, mask, temperature,
+                                              *sample.variant, ignore_index=ignore_index)
+    return reference.topk_kl_ce_rows(s, values.double(), index, lse, labels, mask, temperature, ignore_index)
 
 
 def _topk_selected(rows, vocab, device):
@@ -400,7 +490,13 @@ def _topk_aot_specs():
 def _topk_skip_backward(impl, upstream, sample):
     if (sample.student.shape[-1] > 1000 or impl == "triton_chunked") and upstream != "arbitrary":
         return "chunked and long rows exercise the recomputing branch only (interpreter time)"
+    if sample.variant and " k=8 " not in sample.name:
+        return "a divergence's backward modes run on the k = 8 samples"
     return None
+
+
+def _topk_opcheck_samples(samples):
+    return [x for x in samples if "30522" not in x.name and (not x.variant or x.name.endswith("exact k=8 float32"))]
 
 
 TOPK_KL_CE = OpInfo(
@@ -408,8 +504,7 @@ TOPK_KL_CE = OpInfo(
     coef=(0.7, 1.3), backward_coef=(0.25, 4.0), upstreams=("coef", "proportional", "arbitrary"),
     selected_samples=_topk_selected, compile_case=_topk_compile_case, aot_specs=_topk_aot_specs,
     chunked=lambda sample: {**_short_rows_in_chunks(sample), "block_k": 16},
-    skip_backward=_topk_skip_backward,
-    opcheck_samples=lambda samples: [x for x in samples if "30522" not in x.name],
+    skip_backward=_topk_skip_backward, opcheck_samples=_topk_opcheck_samples,
 )
 
 

@@ -272,3 +272,59 @@ def test_grad_scale_reaches_the_heads_and_the_topk_teacher(dtype, grad_scale):
     for other in (heads, topk):  # k = V in exact mode: the dense loss
         assert relative_error(other, logits) < 1e-3
         assert relative_error(other, ref_x.grad) <= 1.05 * relative_error(logits, ref_x.grad) + 1e-6
+
+
+def _count_scalar_checks(monkeypatch):
+    """Replaces every scalar check of distil.checks, wherever distil imported it by name, by one that
+    records its name; returns the list of names."""
+    import sys
+
+    import distil.checks
+
+    calls = []
+    for name, check in list(vars(distil.checks).items()):
+        if not (name.startswith("check_") and callable(check)):
+            continue
+
+        def counted(*args, _check=check, _name=name, **kwargs):
+            calls.append(_name)
+            return _check(*args, **kwargs)
+
+        for module in list(sys.modules.values()):
+            if getattr(module, "__name__", "").startswith("distil") and getattr(module, name, None) is check:
+                monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["logits", "kl_only", "ce_only", "heads", "heads_teacher_logits", "topk",
+                                  "heads_topk"])
+@pytest.mark.parametrize("grad_scale", [None, "tensor", "number"])
+def test_forward_hands_checked_scalars_down(monkeypatch, path, grad_scale):
+    """DistillationLoss checks its scalars once, in __init__, and calls the ops' checked cores: a forward
+    runs no scalar check of distil.checks but that of the call's own grad_scale (a number; a tensor is a
+    tensor check), on every path. The public ops run them (the counting is live)."""
+    from distil.fused_loss import TopKLogits, kl_ce_loss
+
+    calls = _count_scalar_checks(monkeypatch)
+    s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask = make_batch()
+    kl_ce_loss(s_logits, t_logits, labels)
+    assert "check_temperature" in calls and "check_divergence" in calls
+    weights = {"kl_only": dict(ce_weight=0.0), "ce_only": dict(kl_weight=0.0)}.get(path, {})
+    heads = path.startswith("heads")
+    student_head, teacher_head = torch.nn.Linear(24, 37), torch.nn.Linear(24, 37)
+    module = DistillationLoss(**weights, student_head=student_head if heads else None,
+                              teacher_head=teacher_head if path == "heads" else None)
+    teacher = dict(teacher_logits=t_logits)
+    if path == "heads":
+        teacher = dict(teacher_head_input=t_hidden)
+    elif path.endswith("topk"):
+        values, index = t_logits.topk(5, -1)
+        teacher = dict(teacher_logits=TopKLogits(values, index))
+    scale = {None: None, "tensor": torch.tensor(0.5), "number": 0.5}[grad_scale]
+    calls.clear()
+    out = module(None if heads else s_logits.requires_grad_(), labels=labels, student_hidden=s_hidden,
+                 teacher_hidden=t_hidden, attention_mask=attention_mask,
+                 student_head_input=s_hidden if heads else None, grad_scale=scale, **teacher)
+    out.total.backward()
+    assert calls == (["check_non_negative_finite", "check_real"] if grad_scale == "number" else [])
+    assert out.total.item() > 0

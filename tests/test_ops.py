@@ -8,19 +8,29 @@ import torch
 from distil._ops.registry import TRITON_IMPLS
 
 from aot import compile_reports, main_loop_widths
-from helpers import GPU_RUN, relative_error, upstream_row_grads
+from helpers import GPU_RUN, close_to, relative_error, upstream_row_grads
 from opinfo import OPS, backward, expected, forward, grad_error, impl_device
 
 NAN = float("nan")
-CASES = [(op, i) for op in OPS for i in range(len(op.sample_inputs()))]
-CASE_IDS = [f"{op.name}-{sample.name}" for op in OPS for sample in op.sample_inputs()]
+SAMPLES = {op.name: op.sample_inputs() for op in OPS}  # on the CPU, for the parametrisation
+CASES = [(op, i) for op in OPS for i in range(len(SAMPLES[op.name]))]
+CASE_IDS = [f"{op.name}-{sample.name}" for op in OPS for sample in SAMPLES[op.name]]
+
+
+def _impls(case):
+    """The impls a case (op, ..., sample index last when it has one) runs on: the op's, those that take
+    variants for a sample with one."""
+    op = case[0]
+    if len(case) > 1 and isinstance(case[-1], int) and SAMPLES[op.name][case[-1]].variant:
+        return [impl for impl in op.impls if impl in op.variant_impls]
+    return op.impls
 
 
 def with_impls(cases, ids):
     """The parametrize arguments (values, ids) of ``cases`` (op, *rest) as (op, impl, *rest), for every
-    impl the op has."""
-    return dict(argvalues=[(case[0], impl, *case[1:]) for case in cases for impl in case[0].impls],
-                ids=[f"{name}-{impl}" for case, name in zip(cases, ids) for impl in case[0].impls])
+    impl the op (and the case's sample) has."""
+    return dict(argvalues=[(case[0], impl, *case[1:]) for case in cases for impl in _impls(case)],
+                ids=[f"{name}-{impl}" for case, name in zip(cases, ids) for impl in _impls(case)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,10 +44,11 @@ def test_forward_matches_float64(triton_device, op, impl, index):
     *loss_rows, grad = forward(op, impl, sample, coef)
     ref_rows, ref_grad = expected(op, sample, op.coef)
     assert grad.dtype == s.dtype and grad.shape == s.shape and grad.is_contiguous()
-    for rows, ref, inactive in zip(loss_rows, ref_rows, op.inactive(sample)):
+    for i, (rows, ref, inactive) in enumerate(zip(loss_rows, ref_rows, op.inactive(sample))):
         assert rows.dtype == torch.float32 and rows.shape == s.shape[:-1]
-        assert relative_error(rows, ref) <= sample.tol
+        assert close_to(rows, ref, sample.tol)
         assert torch.isfinite(rows).all() and (rows[inactive] == 0).all()
+        assert i not in op.non_negative or (rows >= 0).all()
     assert grad_error(op, grad, ref_grad, sample, coef) <= sample.tol
     assert torch.isfinite(grad).all()
     no_term = torch.stack(op.inactive(sample)).all(0)  # rows with no term at all: a zero gradient row
@@ -45,7 +56,7 @@ def test_forward_matches_float64(triton_device, op, impl, index):
     *loss_rows, no_grad = forward(op, impl, sample, coef, compute_grad=False)
     assert no_grad is None or no_grad.numel() == 0
     for rows, ref in zip(loss_rows, ref_rows):
-        assert relative_error(rows, ref) <= sample.tol
+        assert close_to(rows, ref, sample.tol)
 
 
 BACKWARD_CASES = [(op, upstream, i) for op, i in CASES for upstream in op.upstreams]
@@ -73,27 +84,28 @@ def test_backward_matches_float64(triton_device, op, impl, upstream, index):
     assert grad_error(op, grad, ref, sample, grad_rows[0]) <= sample.tol
 
 
-OPCHECK_CASES = [(op, i) for op in OPS for i, sample in enumerate(op.sample_inputs())
+OPCHECK_CASES = [(op, i) for op in OPS for i, sample in enumerate(SAMPLES[op.name])
                  if sample in op.opcheck_samples([sample])]
-OPCHECK_IDS = [f"{op.name}-{op.sample_inputs()[i].name}" for op, i in OPCHECK_CASES]
+OPCHECK_IDS = [f"{op.name}-{SAMPLES[op.name][i].name}" for op, i in OPCHECK_CASES]
 
 
 @pytest.mark.parametrize("op,index", OPCHECK_CASES, ids=OPCHECK_IDS)
 def test_opcheck(op, index):
     sample = op.sample_inputs()[index]
     rest = (torch.full((len(op.coef),), 0.5), *sample.scalars)
+    variant = sample.variant
     for compute_grad in (False, True):
-        torch.library.opcheck(op.op.default, (*sample.args, *rest, compute_grad))
+        torch.library.opcheck(op.op.default, (*sample.args, *rest, compute_grad, *variant))
     # With autograd the backward rewrites the op's gradient output in place (that buffer is the
     # gradient), and opcheck's test_aot_dispatch_dynamic returns that output from the traced graph, which
     # AOTAutograd cannot partition ("Node ... was invalid, but is output"; test_loss_contract.py pins
     # it). The public functions never return the buffer: test_torch_compile_fullgraph covers them.
     s, *teacher = sample.args
-    torch.library.opcheck(op.op.default, (s.clone().requires_grad_(), *teacher, *rest, True),
+    torch.library.opcheck(op.op.default, (s.clone().requires_grad_(), *teacher, *rest, True, *variant),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    grad = op.op(*sample.args, *rest, True)[-1]
+    grad = op.op(*sample.args, *rest, True, *variant)[-1]
     grad_rows = [torch.rand(s.shape[:-1]) for _ in op.coef]
-    torch.library.opcheck(op.backward_op.default, (grad, *grad_rows, *sample.args, *rest))
+    torch.library.opcheck(op.backward_op.default, (grad, *grad_rows, *sample.args, *rest, *variant))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 the atomic shards and a resumed build that ends byte-identical to an uninterrupted one, the reader,
 and the distil-cache-teacher CLI."""
 import filecmp
-import itertools
 import json
 
 import numpy as np
@@ -13,7 +12,7 @@ from distil import teacher_cache as TC
 from distil.data import load_corpus
 
 import tiny
-from helpers import GPU_RUN, relative_error
+from helpers import GPU_RUN, assert_batch_holds_teacher_outputs, assert_cache_trains_as_live_teacher, relative_error
 
 OPTIONS = dict(top_k=8, passes=2, temperature=2.0, shard_sequences=16, batch_size=8, progress=False)
 
@@ -56,15 +55,7 @@ def test_cache_holds_the_teachers_outputs_on_its_masked_input(setup):
         masked = labels != -100
         assert masked.any() and (masked <= real).all()
         assert (ids[~real] == tok.pad_token_id).all() and (labels[~real] == -100).all()
-        with torch.no_grad():
-            out = teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-        logits = out.logits[real]
-        values = logits.topk(8, -1).values
-        # The cached indices pick the k largest logits (near-ties may come in another order).
-        assert torch.allclose(logits.gather(-1, batch["topk_index"][real].long()), values, atol=1e-5)
-        assert torch.allclose(batch["topk_logits"][real].float(), values, atol=1e-2, rtol=1e-3)
-        assert torch.allclose(batch["lse"][real], torch.logsumexp(logits / 2.0, -1), atol=1e-5)
-        assert torch.allclose(batch["hidden"][real].float(), out.hidden_states[-1][real], atol=1e-2)
+        assert_batch_holds_teacher_outputs(teacher, batch, ids, attn)
 
 
 def test_bytes_per_token(setup):
@@ -137,40 +128,14 @@ def test_cli(setup, capsys):
 @pytest.mark.skipif(GPU_RUN, reason="CPU semantics: the fp32 CPU teacher and trainer (a GPU run trains in bf16)")
 def test_training_from_a_full_cache_reproduces_the_live_teacher(setup):
     """k = V, float32 logits: the exact top-k KL is the dense KL, so optimizer steps from the cache
-    give the live teacher's per-step losses (same batches, masks, dropout) to 1e-5."""
-    from distil.data import LengthGroupedBatches
-    from distil.fused_loss import DistillationLoss
-    from distil.step import DistillationStep, StudentRows
-    from distil.student import build_student
-
+    give the live teacher's per-step losses (same batches, masks, dropout) to 1e-5; 6 steps reach pass 1."""
     root, teacher, tok = setup
-    vocab = teacher.config.vocab_size
     cache = TC.TeacherCache(TC.build_cache(root / "teacher", [root / "data"], root / "full",
-                                           **dict(OPTIONS, top_k=vocab, passes=2, dtype="float32")))
-    loss_fn = DistillationLoss(kl_weight=5.0, ce_weight=2.0, cos_weight=0.0, temperature=2.0)
-    runs = {}
-    for name in ("live", "cached"):
-        torch.manual_seed(0)
-        student = build_student(teacher).train()
-        step = DistillationStep(StudentRows(student), teacher if name == "live" else None, loss_fn,
-                                cache_temperature=cache.temperature)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-        reader = LengthGroupedBatches(cache.sequences(), 8, seed=3, pad_id=tok.pad_token_id)
-        losses = []
-        for i, batch in zip(range(6), itertools.chain(reader, reader)):  # into epoch 1: pass 1
-            cached = cache.batch(batch["epoch"], batch["sequence_index"], batch["input_ids"].shape[1],
-                                 tok.pad_token_id)
-            torch.manual_seed(100 + i)  # the same dropout in both runs
-            out = step(cached["input_ids"], cached["attention_mask"], cached["labels"], cached)
-            out.total.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(torch.stack([out.total, out.kl, out.ce]).detach())
-        runs[name] = torch.stack(losses)
-    # Per step: the total to 1e-5 relative, each part to 1e-5 of the total (a small KL is a difference
-    # of sums whose fp32 rounding differs between the dense and the top-k kernels).
-    scale = runs["live"][:, :1].abs()
-    assert ((runs["cached"] - runs["live"]).abs() <= 1e-5 * scale).all(), (runs["cached"] - runs["live"]) / scale
+                                           **dict(OPTIONS, top_k=teacher.config.vocab_size, passes=2,
+                                                  dtype="float32")))
+    assert_cache_trains_as_live_teacher(
+        teacher, cache, pad_id=tok.pad_token_id, steps=6,
+        step_inputs=lambda batch, cached: (cached["input_ids"], cached["attention_mask"], cached["labels"]))
 
 
 @pytest.mark.skipif(GPU_RUN, reason="CPU semantics: the fp32 CPU student")

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from distil.checks import check_int, check_non_negative_finite
+from distil.checks import check_non_negative_finite
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -32,15 +32,11 @@ def check_same_device(**tensors):
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
 
 
-def check_pair(first_name, first, second_name, second, *, dtypes=FLOAT_DTYPES, ndims=(2, 3)):
-    """Two float tensors of the same shape ([N, D] or [B, S, D]) on one device."""
-    check_tensor(first_name, first, dtypes=dtypes, ndims=ndims)
-    check_tensor(second_name, second, dtypes=dtypes, ndims=ndims)
-    check_same_device(**{first_name: first, second_name: second})
-    if first.shape != second.shape:
-        raise ValueError(
-            f"{second_name} has shape {tuple(second.shape)} but {first_name} has shape {tuple(first.shape)}"
-        )
+def check_alike(name, t, like_name, like):
+    """``t`` on ``like``'s device with ``like``'s shape (both tensors already checked)."""
+    check_same_device(**{like_name: like, name: t})
+    if t.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {like_name} has shape {tuple(like.shape)}")
 
 
 def check_unit_last_stride(name, t):
@@ -48,6 +44,12 @@ def check_unit_last_stride(name, t):
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must have a contiguous last dimension, got strides {t.stride()}; "
                          "pass .contiguous() (distil never copies it silently)")
+
+
+def check_float_rows(name, t):
+    """Float rows a kernel reads in place: ``[N, D]`` or ``[B, S, D]``, unit stride along D."""
+    check_tensor(name, t, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    check_unit_last_stride(name, t)
 
 
 def check_op_rows(op, student, teacher):
@@ -67,6 +69,14 @@ def device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def check_token_batch(input_ids, attention_mask):
+    """A batch of token ids: int64 ``input_ids`` ``[B, S]`` and an ``attention_mask`` of that shape on
+    their device."""
+    check_tensor("input_ids", input_ids, dtypes=(torch.int64,), ndims=(2,))
+    check_tensor("attention_mask", attention_mask, ndims=(2,))
+    check_alike("attention_mask", attention_mask, "input_ids", input_ids)
+
+
 def check_row_mask(name, mask, rows_shape, device):
     """An optional mask over the leading (row) dims of the logits/hidden states: bool, or integer with
     nonzero = selected (Hugging Face's int64 0/1 ``attention_mask``). Returns it as bool."""
@@ -83,9 +93,10 @@ def check_row_mask(name, mask, rows_shape, device):
 
 
 def check_labels(labels, rows_shape, vocab, device, ignore_index):
-    """int64/int32 ``labels`` over the row dims, each in ``[0, vocab)`` or ``ignore_index``. Returns
-    ``(labels as int64, labelled mask)``. Out-of-range labels raise on CPU; on CUDA (and under
-    torch.compile) a device-side assert, as PyTorch's own cross_entropy, so that no host sync is needed."""
+    """int64/int32 ``labels`` over the row dims, each in ``[0, vocab)`` or ``ignore_index`` (an int the
+    caller checked). Returns ``(labels as int64, labelled mask)``. Out-of-range labels raise on CPU; on
+    CUDA (and under torch.compile) a device-side assert, as PyTorch's own cross_entropy, so that no host
+    sync is needed."""
     check_tensor("labels", labels)
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an integer (int64 or int32) tensor, got {labels.dtype}")
@@ -93,7 +104,6 @@ def check_labels(labels, rows_shape, vocab, device, ignore_index):
         raise ValueError(f"labels must have shape {tuple(rows_shape)} (the row dims), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but the rows are on {device}")
-    ignore_index = check_int("ignore_index", ignore_index)
     labels = labels.long()
     labelled = labels != ignore_index
     bad = labelled & ((labels < 0) | (labels >= vocab))
@@ -103,6 +113,17 @@ def check_labels(labels, rows_shape, vocab, device, ignore_index):
         first = labels[bad][0].item()
         raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
     return labels, labelled
+
+
+def check_kl_ce_args(student_logits, kl_mask, labels, ignore_index, kl_weight, ce_weight):
+    """What a KL+CE loss over ``student_logits`` checks beside its teacher (``ignore_index`` an int the
+    caller checked). Returns ``(kl_mask as bool or None, labels as int64, labelled, kl_weight, ce_weight)``."""
+    check_float_rows("student_logits", student_logits)
+    rows_shape, device = student_logits.shape[:-1], student_logits.device
+    kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
+    labels, labelled = check_labels(labels, rows_shape, student_logits.shape[-1], device, ignore_index)
+    return kl_mask, labels, labelled, check_weight("kl_weight", kl_weight, device), check_weight("ce_weight",
+                                                                                                 ce_weight, device)
 
 
 def check_weight(name, value, device):
@@ -147,6 +168,13 @@ def loss_coef(kl_weight, kl_count, ce_weight, ce_count, device):
     """``coef = [kl_weight / n_kl, ce_weight / n_ce]``, the fp32 device tensor the forward prepares the
     gradient for (no host sync; bit-equal to autograd's per-row gradients, see announced_coef)."""
     return torch.stack([announced_coef(kl_weight, kl_count, device), announced_coef(ce_weight, ce_count, device)])
+
+
+def kl_ce_coef(kl_weight, kl_mask, ce_weight, labelled, rows_shape, device):
+    """``(coef, kl_count, ce_count)`` of a KL+CE loss: the KL over the ``kl_mask`` rows (all of
+    ``rows_shape`` without a mask), the CE over the ``labelled`` ones (none when None)."""
+    kl_count, ce_count = row_count(kl_mask, rows_shape), 0 if labelled is None else labelled.sum()
+    return loss_coef(kl_weight, kl_count, ce_weight, ce_count, device), kl_count, ce_count
 
 
 def save_gradient_buffer(ctx, buffer, compute_grad, *tensors):

@@ -7,8 +7,9 @@ import torch
 from distil._ops.common import (
     FLOAT_DTYPES,
     announced_coef,
+    check_alike,
+    check_float_rows,
     check_op_rows,
-    check_pair,
     check_row_mask,
     check_tensor,
     check_unit_last_stride,
@@ -53,21 +54,31 @@ def cosine_loss(student_hidden, teacher_hidden, *, mask=None, weight=1.0):
     Returns:
         fp32 scalar; exactly 0 (with a zero gradient) when no row is selected.
     """
-    for name, t in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
-        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    teacher_hidden = check_hidden(student_hidden, teacher_hidden)
+    mask = check_row_mask("mask", mask, student_hidden.shape[:-1], student_hidden.device)
+    weight = check_weight("weight", weight, student_hidden.device)
+    return cosine_core(student_hidden, teacher_hidden, mask, weight)
+
+
+def check_hidden(student_hidden, teacher_hidden):
+    """The two hidden-state tensors of :func:`cosine_loss`; returns the teacher's detached."""
+    check_float_rows("student_hidden", student_hidden)
+    check_tensor("teacher_hidden", teacher_hidden, dtypes=FLOAT_DTYPES, ndims=(2, 3))
     if student_hidden.shape[-1] != teacher_hidden.shape[-1]:
         raise ValueError(
             f"student_hidden has hidden size {student_hidden.shape[-1]} but teacher_hidden has "
             f"{teacher_hidden.shape[-1]}: the cosine loss needs equal sizes, so project one of them "
             f"first (e.g. an nn.Linear({student_hidden.shape[-1]}, {teacher_hidden.shape[-1]}) on the student)"
         )
-    check_pair("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
-    check_unit_last_stride("student_hidden", student_hidden)
+    check_alike("teacher_hidden", teacher_hidden, "student_hidden", student_hidden)
     check_unit_last_stride("teacher_hidden", teacher_hidden)
-    mask = check_row_mask("mask", mask, student_hidden.shape[:-1], student_hidden.device)
-    weight = check_weight("weight", weight, student_hidden.device)
     if teacher_hidden.requires_grad and torch.is_grad_enabled():
         teacher_hidden = teacher_hidden.detach()  # the teacher is a constant target
+    return teacher_hidden
+
+
+def cosine_core(student_hidden, teacher_hidden, mask, weight):
+    """:func:`cosine_loss` on checked arguments (:func:`check_hidden`; ``mask`` bool or None)."""
     count = row_count(mask, student_hidden.shape[:-1])
     coef = announced_coef(weight, count, student_hidden.device).reshape(1)
     loss_rows, _ = torch.ops.distil.cosine_rows(student_hidden, teacher_hidden, mask, coef,

@@ -5,21 +5,25 @@ autograd) and the public :func:`kl_div_loss` and :func:`kl_ce_loss` (re-exported
 import torch
 
 from distil._ops.common import (
-    check_labels,
+    FLOAT_DTYPES,
+    check_alike,
+    check_float_rows,
+    check_kl_ce_args,
     check_op_rows,
-    check_pair,
     check_row_mask,
+    check_tensor,
     check_unit_last_stride,
     check_weight,
     device_guard,
     divisor,
+    kl_ce_coef,
     loss_coef,
     needs_grad,
     row_count,
 )
 from distil._ops.divergence import JSD_BETA, SKEW_ALPHA, check_divergence
 from distil._ops.registry import register_gradient_op, register_triton, triton_kernels
-from distil.checks import check_int, check_temperature
+from distil.checks import check_choice, check_int, check_temperature
 
 _KL_REDUCTIONS = ("batchmean", "sum", "none")
 
@@ -63,9 +67,11 @@ torch.library.register_fake("distil::kl_ce_rows_into", lambda *args: None)
 # ------------------------------------------------------------------------------------------------
 # Public functions
 # ------------------------------------------------------------------------------------------------
-def _check_logits(student_logits, teacher_logits):
-    check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-    check_unit_last_stride("student_logits", student_logits)
+def check_teacher_logits(teacher_logits, student_logits):
+    """The teacher's logits beside the (checked) student's: float, the same shape and device, unit stride
+    along V. Returns them detached."""
+    check_tensor("teacher_logits", teacher_logits, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    check_alike("teacher_logits", teacher_logits, "student_logits", student_logits)
     check_unit_last_stride("teacher_logits", teacher_logits)
     if teacher_logits.requires_grad and torch.is_grad_enabled():
         # The teacher gets no gradient; a trainer that forgot torch.no_grad() would silently get None.
@@ -105,12 +111,19 @@ def kl_div_loss(student_logits, teacher_logits, *, temperature=2.0, mask=None, r
         fp32 tensor: a scalar, or per-row losses for ``"none"``. No selected rows gives 0.
     """
     divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
-    teacher_logits = _check_logits(student_logits, teacher_logits)
     temperature = check_temperature("temperature", temperature)
+    reduction = check_choice("reduction", reduction, _KL_REDUCTIONS)
+    check_float_rows("student_logits", student_logits)
+    teacher_logits = check_teacher_logits(teacher_logits, student_logits)
     mask = check_row_mask("mask", mask, student_logits.shape[:-1], student_logits.device)
-    if reduction not in _KL_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_KL_REDUCTIONS}, got {reduction!r}")
     weight = check_weight("weight", weight, student_logits.device)
+    return kl_div_core(student_logits, teacher_logits, mask, temperature, reduction, weight, divergence,
+                       divergence_param)
+
+
+def kl_div_core(student_logits, teacher_logits, mask, temperature, reduction, weight, divergence, divergence_param):
+    """:func:`kl_div_loss` on checked arguments: ``mask`` bool or None, the divergence as
+    :func:`~distil.checks.check_divergence` returns it."""
     count = row_count(mask, student_logits.shape[:-1]) if reduction == "batchmean" else 1
     coef = loss_coef(weight, count, 0.0, 1, student_logits.device)
     kl_rows, _, _ = torch.ops.distil.kl_ce_rows(
@@ -154,17 +167,21 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
     divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
-    teacher_logits = _check_logits(student_logits, teacher_logits)
     temperature = check_temperature("temperature", temperature)
-    kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
     ignore_index = check_int("ignore_index", ignore_index)
-    labels, labelled = check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1],
-                                    student_logits.device, ignore_index)
-    kl_weight = check_weight("kl_weight", kl_weight, student_logits.device)
-    ce_weight = check_weight("ce_weight", ce_weight, student_logits.device)
-    kl_count = row_count(kl_mask, student_logits.shape[:-1])
-    ce_count = labelled.sum()
-    coef = loss_coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)
+    kl_mask, labels, labelled, kl_weight, ce_weight = check_kl_ce_args(student_logits, kl_mask, labels, ignore_index,
+                                                                       kl_weight, ce_weight)
+    teacher_logits = check_teacher_logits(teacher_logits, student_logits)
+    return kl_ce_core(student_logits, teacher_logits, labels, labelled, kl_mask, temperature, ignore_index, kl_weight,
+                      ce_weight, divergence, divergence_param)
+
+
+def kl_ce_core(student_logits, teacher_logits, labels, labelled, kl_mask, temperature, ignore_index, kl_weight,
+               ce_weight, divergence, divergence_param):
+    """:func:`kl_ce_loss` on checked arguments: ``(labels, labelled)`` as :func:`check_labels` returns them,
+    ``kl_mask`` bool or None, the divergence as :func:`~distil.checks.check_divergence` returns it."""
+    coef, kl_count, ce_count = kl_ce_coef(kl_weight, kl_mask, ce_weight, labelled, student_logits.shape[:-1],
+                                          student_logits.device)
     kl_rows, ce_rows, _ = torch.ops.distil.kl_ce_rows(
         student_logits, teacher_logits, labels, kl_mask, coef, temperature, ignore_index,
         needs_grad(student_logits), divergence, divergence_param,

@@ -526,6 +526,51 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
     Returns:
         ``(kl, ce)`` fp32 scalars; each is exactly 0 when it has no rows.
     """
+    settings = _check_settings(temperature, ignore_index, chunk_rows, logit_scale, logit_softcap, teacher_logit_scale,
+                               teacher_logit_softcap, divergence, jsd_beta, skew_alpha)
+    return linear_kl_ce_core(settings, _check_number_weight("kl_weight", kl_weight),
+                             _check_number_weight("ce_weight", ce_weight), student_head_input, student_weight,
+                             student_bias, labels, teacher_head_input, teacher_weight, teacher_bias, teacher_logits,
+                             teacher_topk_logits, teacher_topk_index, teacher_lse, teacher_lse_temperature, kl_mask)
+
+
+class _Settings(NamedTuple):
+    """The scalar arguments of :func:`linear_kl_ce_loss`, checked (:func:`_check_settings`); the divergence
+    as the ops take it."""
+
+    temperature: float
+    ignore_index: int
+    chunk_rows: Optional[int]
+    logit_scale: float
+    logit_softcap: Optional[float]
+    teacher_logit_scale: float
+    teacher_logit_softcap: Optional[float]
+    divergence: str
+    divergence_param: float
+
+
+def _check_settings(temperature, ignore_index, chunk_rows, logit_scale, logit_softcap, teacher_logit_scale,
+                    teacher_logit_softcap, divergence, jsd_beta, skew_alpha):
+    return _Settings(check_temperature("temperature", temperature), check_int("ignore_index", ignore_index),
+                     None if chunk_rows is None else check_int("chunk_rows", chunk_rows, 1),
+                     *check_logit_transform("", logit_scale, logit_softcap),
+                     *check_logit_transform("teacher_", teacher_logit_scale, teacher_logit_softcap),
+                     *check_divergence(divergence, jsd_beta, skew_alpha))
+
+
+def _check_number_weight(name, value):
+    """A loss weight given as a number, checked; a tensor one is checked by :func:`linear_kl_ce_core`, which
+    knows the rows' device."""
+    return value if isinstance(value, torch.Tensor) else check_non_negative_finite(name, value)
+
+
+def linear_kl_ce_core(settings, kl_weight, ce_weight, student_head_input, student_weight, student_bias, labels,
+                      teacher_head_input, teacher_weight, teacher_bias, teacher_logits, teacher_topk_logits,
+                      teacher_topk_index, teacher_lse, teacher_lse_temperature, kl_mask):
+    """:func:`linear_kl_ce_loss` with its scalar arguments checked (``settings``; weights: numbers checked,
+    tensors not yet): checks the call's tensors once, then runs the op."""
+    (temperature, ignore_index, chunk_rows, logit_scale, logit_softcap, teacher_logit_scale, teacher_logit_softcap,
+     divergence, divergence_param) = settings
     check_tensor("student_head_input", student_head_input, dtypes=FLOAT_DTYPES, ndims=(2, 3))
     rows_shape, device = student_head_input.shape[:-1], student_head_input.device
     n_rows = rows_shape.numel()
@@ -533,9 +578,6 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
         device, student_head_input, student_weight, student_bias, teacher_head_input, teacher_weight, teacher_bias)
     _check_head("student", student_head_input, student_weight, student_bias, rows_shape, device)
     vocab = student_weight.shape[0]
-    logit_scale, logit_softcap = check_logit_transform("", logit_scale, logit_softcap)
-    teacher_logit_scale, teacher_logit_softcap = check_logit_transform("teacher_", teacher_logit_scale,
-                                                                       teacher_logit_softcap)
     has_head = teacher_head_input is not None or teacher_weight is not None
     has_topk = teacher_topk_logits is not None or teacher_topk_index is not None
     if has_head + (teacher_logits is not None) + has_topk > 1:
@@ -551,8 +593,6 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
     if not has_head and (teacher_logit_scale != 1.0 or teacher_logit_softcap is not None):
         raise ValueError("teacher_logit_scale / teacher_logit_softcap transform the teacher head's logits; "
                          "teacher_logits and top-k logits are final logits (apply the transform before)")
-    divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
-    temperature = check_temperature("temperature", temperature)
     kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
     if has_head:
         _check_head("teacher", teacher_head_input, teacher_weight, teacher_bias, rows_shape, device, vocab)
@@ -576,15 +616,12 @@ def linear_kl_ce_loss(student_head_input, student_weight, student_bias, labels, 
         teacher_topk_logits = teacher_topk_logits.reshape(n_rows, k)
         teacher_topk_index = teacher_topk_index.reshape(n_rows, k)
         teacher_lse = None if teacher_lse is None else teacher_lse.reshape(n_rows)
-    kl_weight = check_weight("kl_weight", kl_weight, device)
-    ce_weight = check_weight("ce_weight", ce_weight, device)
+    kl_weight, ce_weight = (w if not isinstance(w, torch.Tensor) else check_weight(name, w, device)
+                            for name, w in (("kl_weight", kl_weight), ("ce_weight", ce_weight)))
     sync_free = isinstance(kl_weight, torch.Tensor) or isinstance(ce_weight, torch.Tensor)
-    if chunk_rows is not None:
-        chunk_rows = check_int("chunk_rows", chunk_rows, 1)
     has_teacher = has_head or teacher_logits is not None or has_topk
     kl_count = row_count(kl_mask, rows_shape) if has_teacher else 0
     ce_count = 0
-    ignore_index = check_int("ignore_index", ignore_index)
     if labels is not None:
         labels, labelled = check_labels(labels, rows_shape, vocab, device, ignore_index)
         labels = labels.reshape(-1)
@@ -644,21 +681,20 @@ class LinearKLCELoss(nn.Module):
                  ce_weight=1.0, chunk_rows=None, logit_scale=1.0, logit_softcap=None, teacher_logit_scale=1.0,
                  teacher_logit_softcap=None, divergence="forward_kl", jsd_beta=JSD_BETA, skew_alpha=SKEW_ALPHA):
         super().__init__()
-        check_divergence(divergence, jsd_beta, skew_alpha)
+        # Checked once here; forward hands them to the core as they are.
+        settings = _check_settings(temperature, ignore_index, chunk_rows, logit_scale, logit_softcap,
+                                   teacher_logit_scale, teacher_logit_softcap, divergence, jsd_beta, skew_alpha)
+        (self.temperature, self.ignore_index, self.chunk_rows, self.logit_scale, self.logit_softcap,
+         self.teacher_logit_scale, self.teacher_logit_softcap) = settings[:7]
+        self.op_divergence = settings[7:]  # (divergence, divergence_param) as the ops take them
         self.divergence, self.jsd_beta, self.skew_alpha = divergence, jsd_beta, skew_alpha
         _head_params("student_head", student_head)
         if teacher_head is not None:
             _head_params("teacher_head", teacher_head)
         self.student_head = student_head
         self.teacher_head = teacher_head
-        self.temperature = check_temperature("temperature", temperature)
-        self.ignore_index = ignore_index
         self.kl_weight = check_non_negative_finite("kl_weight", kl_weight)
         self.ce_weight = check_non_negative_finite("ce_weight", ce_weight)
-        self.chunk_rows = chunk_rows
-        self.logit_scale, self.logit_softcap = check_logit_transform("", logit_scale, logit_softcap)
-        self.teacher_logit_scale, self.teacher_logit_softcap = check_logit_transform(
-            "teacher_", teacher_logit_scale, teacher_logit_softcap)
         if teacher_head is None and (self.teacher_logit_scale != 1.0 or self.teacher_logit_softcap is not None):
             raise ValueError("teacher_logit_scale / teacher_logit_softcap need a teacher_head")
 
@@ -684,20 +720,17 @@ class LinearKLCELoss(nn.Module):
         ``kl_weight`` / ``ce_weight`` (numbers or 0-d device tensors, e.g. with a loss scale) replace the
         module's for this call."""
         weight, bias = _head_params("student_head", self.student_head)
-        teacher = dict(teacher_logits=teacher_logits, teacher_topk_logits=teacher_topk_logits,
-                       teacher_topk_index=teacher_topk_index, teacher_lse=teacher_lse,
-                       teacher_lse_temperature=teacher_lse_temperature)
+        teacher_transform = (1.0, None)  # teacher_logits and top-k logits are final
+        t_weight = t_bias = None
         if teacher_head_input is not None:
             if self.teacher_head is None:
                 raise ValueError("teacher_head_input needs a teacher_head (or pass teacher_logits)")
             t_weight, t_bias = _head_params("teacher_head", self.teacher_head)
-            teacher.update(teacher_head_input=teacher_head_input, teacher_weight=t_weight, teacher_bias=t_bias,
-                           teacher_logit_scale=self.teacher_logit_scale,
-                           teacher_logit_softcap=self.teacher_logit_softcap)
-        return linear_kl_ce_loss(student_head_input, weight, bias, labels, temperature=self.temperature,
-                                 kl_mask=kl_mask, ignore_index=self.ignore_index,
-                                 kl_weight=self.kl_weight if kl_weight is None else kl_weight,
-                                 ce_weight=self.ce_weight if ce_weight is None else ce_weight,
-                                 chunk_rows=self.chunk_rows, logit_scale=self.logit_scale,
-                                 logit_softcap=self.logit_softcap, divergence=self.divergence,
-                                 jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha, **teacher)
+            teacher_transform = (self.teacher_logit_scale, self.teacher_logit_softcap)
+        settings = _Settings(self.temperature, self.ignore_index, self.chunk_rows, self.logit_scale,
+                             self.logit_softcap, *teacher_transform, *self.op_divergence)
+        kl_weight = self.kl_weight if kl_weight is None else _check_number_weight("kl_weight", kl_weight)
+        ce_weight = self.ce_weight if ce_weight is None else _check_number_weight("ce_weight", ce_weight)
+        return linear_kl_ce_core(settings, kl_weight, ce_weight, student_head_input, weight, bias, labels,
+                                 teacher_head_input, t_weight, t_bias, teacher_logits, teacher_topk_logits,
+                                 teacher_topk_index, teacher_lse, teacher_lse_temperature, kl_mask)

@@ -8,15 +8,12 @@ import torch
 
 from distil._ops.common import (
     FLOAT_DTYPES,
-    check_labels,
-    check_row_mask,
+    check_kl_ce_args,
     check_tensor,
     check_unit_last_stride,
-    check_weight,
     divisor,
-    loss_coef,
+    kl_ce_coef,
     needs_grad,
-    row_count,
 )
 from distil._ops.registry import register_gradient_op, triton_kernels
 from distil.checks import JSD_BETA, SKEW_ALPHA, check_divergence, check_int, check_temperature
@@ -182,22 +179,24 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
     Returns:
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
-    check_tensor("student_logits", student_logits, dtypes=FLOAT_DTYPES, ndims=(2, 3))
-    check_unit_last_stride("student_logits", student_logits)
     divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
     temperature = check_temperature("temperature", temperature)
-    kl_mask = check_row_mask("kl_mask", kl_mask, student_logits.shape[:-1], student_logits.device)
-    values, index, lse, poison = check_topk_teacher(student_logits.shape[:-1], student_logits.device,
-                                                    teacher_topk_logits, teacher_topk_index, teacher_lse,
-                                                    teacher_lse_temperature, temperature, kl_mask)
     ignore_index = check_int("ignore_index", ignore_index)
-    labels, labelled = check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1], student_logits.device,
-                                    ignore_index)
-    kl_weight = check_weight("kl_weight", kl_weight, student_logits.device)
-    ce_weight = check_weight("ce_weight", ce_weight, student_logits.device)
-    kl_count = row_count(kl_mask, student_logits.shape[:-1])
-    ce_count = labelled.sum()
-    coef = loss_coef(kl_weight, kl_count, ce_weight, ce_count, student_logits.device)
+    kl_mask, labels, labelled, kl_weight, ce_weight = check_kl_ce_args(student_logits, kl_mask, labels, ignore_index,
+                                                                       kl_weight, ce_weight)
+    teacher = check_topk_teacher(student_logits.shape[:-1], student_logits.device, teacher_topk_logits,
+                                 teacher_topk_index, teacher_lse, teacher_lse_temperature, temperature, kl_mask)
+    return topk_kl_ce_core(student_logits, teacher, labels, labelled, kl_mask, temperature, ignore_index, kl_weight,
+                           ce_weight, divergence, divergence_param)
+
+
+def topk_kl_ce_core(student_logits, teacher, labels, labelled, kl_mask, temperature, ignore_index, kl_weight,
+                    ce_weight, divergence, divergence_param):
+    """:func:`topk_kl_ce_loss` on checked arguments: ``teacher`` as :func:`check_topk_teacher` returns it,
+    the rest as :func:`~distil._ops.kl_ce.kl_ce_core` takes them."""
+    values, index, lse, poison = teacher
+    coef, kl_count, ce_count = kl_ce_coef(kl_weight, kl_mask, ce_weight, labelled, student_logits.shape[:-1],
+                                          student_logits.device)
     kl_rows, ce_rows, _ = torch.ops.distil.topk_kl_ce_rows(
         student_logits, values, index, lse, labels, kl_mask, coef, temperature, ignore_index,
         needs_grad(student_logits), divergence, divergence_param,
