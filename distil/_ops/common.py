@@ -4,10 +4,11 @@ forward" plumbing (ARCHITECTURE.md): the coefficients the forward prepares its g
 autograd side, where the forward's gradient buffer is saved and the backward rewrites it in place
 (once) into the gradient."""
 import contextlib
+from typing import NamedTuple, Optional
 
 import torch
 
-from distil.checks import check_non_negative_finite
+from distil.checks import check_divergence, check_int, check_non_negative_finite, check_temperature
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -115,15 +116,32 @@ def check_labels(labels, rows_shape, vocab, device, ignore_index):
     return labels, labelled
 
 
-def check_kl_ce_args(student_logits, kl_mask, labels, ignore_index, kl_weight, ce_weight):
-    """What a KL+CE loss over ``student_logits`` checks beside its teacher (``ignore_index`` an int the
-    caller checked). Returns ``(kl_mask as bool or None, labels as int64, labelled, kl_weight, ce_weight)``."""
+class KLCEArgs(NamedTuple):
+    """A KL+CE loss's checked arguments beside its teacher."""
+    divergence: str
+    divergence_param: float
+    temperature: float
+    ignore_index: int
+    kl_mask: Optional[torch.Tensor]
+    labels: torch.Tensor
+    labelled: torch.Tensor
+    kl_weight: object  # a float or a 0-d device tensor
+    ce_weight: object
+
+
+def check_kl_ce_args(student_logits, kl_mask, labels, kl_weight, ce_weight, temperature, ignore_index, divergence,
+                     jsd_beta, skew_alpha):
+    """What a KL+CE loss over ``student_logits`` checks beside its teacher: its scalars, then its tensors.
+    Returns :class:`KLCEArgs` (kl_mask as bool or None, labels as int64)."""
+    divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
+    temperature = check_temperature("temperature", temperature)
+    ignore_index = check_int("ignore_index", ignore_index)
     check_float_rows("student_logits", student_logits)
     rows_shape, device = student_logits.shape[:-1], student_logits.device
     kl_mask = check_row_mask("kl_mask", kl_mask, rows_shape, device)
     labels, labelled = check_labels(labels, rows_shape, student_logits.shape[-1], device, ignore_index)
-    return kl_mask, labels, labelled, check_weight("kl_weight", kl_weight, device), check_weight("ce_weight",
-                                                                                                 ce_weight, device)
+    return KLCEArgs(divergence, divergence_param, temperature, ignore_index, kl_mask, labels, labelled,
+                    check_weight("kl_weight", kl_weight, device), check_weight("ce_weight", ce_weight, device))
 
 
 def check_weight(name, value, device):

@@ -23,7 +23,7 @@ from distil._ops.common import (
 )
 from distil._ops.divergence import JSD_BETA, SKEW_ALPHA, check_divergence
 from distil._ops.registry import register_gradient_op, register_triton, triton_kernels
-from distil.checks import check_choice, check_int, check_temperature
+from distil.checks import check_choice, check_temperature
 
 _KL_REDUCTIONS = ("batchmean", "sum", "none")
 
@@ -166,11 +166,9 @@ def kl_ce_loss(student_logits, teacher_logits, labels, *, temperature=2.0, kl_ma
     Returns:
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
-    divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
-    temperature = check_temperature("temperature", temperature)
-    ignore_index = check_int("ignore_index", ignore_index)
-    kl_mask, labels, labelled, kl_weight, ce_weight = check_kl_ce_args(student_logits, kl_mask, labels, ignore_index,
-                                                                       kl_weight, ce_weight)
+    (divergence, divergence_param, temperature, ignore_index, kl_mask, labels, labelled, kl_weight,
+     ce_weight) = check_kl_ce_args(student_logits, kl_mask, labels, kl_weight, ce_weight, temperature, ignore_index,
+                                   divergence, jsd_beta, skew_alpha)
     teacher_logits = check_teacher_logits(teacher_logits, student_logits)
     return kl_ce_core(student_logits, teacher_logits, labels, labelled, kl_mask, temperature, ignore_index, kl_weight,
                       ce_weight, divergence, divergence_param)

@@ -16,7 +16,7 @@ from distil._ops.common import (
     needs_grad,
 )
 from distil._ops.registry import register_gradient_op, triton_kernels
-from distil.checks import JSD_BETA, SKEW_ALPHA, check_divergence, check_int, check_temperature
+from distil.checks import JSD_BETA, SKEW_ALPHA, check_temperature
 
 INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 
@@ -179,11 +179,9 @@ def topk_kl_ce_loss(student_logits, teacher_topk_logits, teacher_topk_index, lab
     Returns:
         ``(kl, ce)``: fp32 scalars; each is exactly 0 when it has no rows.
     """
-    divergence, divergence_param = check_divergence(divergence, jsd_beta, skew_alpha)
-    temperature = check_temperature("temperature", temperature)
-    ignore_index = check_int("ignore_index", ignore_index)
-    kl_mask, labels, labelled, kl_weight, ce_weight = check_kl_ce_args(student_logits, kl_mask, labels, ignore_index,
-                                                                       kl_weight, ce_weight)
+    (divergence, divergence_param, temperature, ignore_index, kl_mask, labels, labelled, kl_weight,
+     ce_weight) = check_kl_ce_args(student_logits, kl_mask, labels, kl_weight, ce_weight, temperature, ignore_index,
+                                   divergence, jsd_beta, skew_alpha)
     teacher = check_topk_teacher(student_logits.shape[:-1], student_logits.device, teacher_topk_logits,
                                  teacher_topk_index, teacher_lse, teacher_lse_temperature, temperature, kl_mask)
     return topk_kl_ce_core(student_logits, teacher, labels, labelled, kl_mask, temperature, ignore_index, kl_weight,
