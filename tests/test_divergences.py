@@ -267,7 +267,6 @@ def test_trl_itself_where_it_imports():
     assert relative_error(ours / 4.0, theirs) <= 1e-5
 
 
-@pytest.mark.skipif(not GPU_RUN, reason="Liger's kernels run on CUDA")
 def test_liger_itself_where_it_imports():
     """Liger-Kernel's own kernels (on CUDA; on CPU through the Triton interpreter, which the test session
     runs under): ``LigerJSD``, ``LigerTVDLoss`` and ``LigerFusedCETVDLoss`` (per-token CE and TVD, T = 1,
