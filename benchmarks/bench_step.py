@@ -258,13 +258,9 @@ def main(argv=None):
         records = run(device, shape_key, decoder=True)
         print(C.markdown_table(records))
         _decoder_report(records, DECODER_SHAPES[shape_key][6])
-        stem = C.result_stem(f"step_{device}_decoder", args)
-        method = C.CUDA_MEMORY_METHOD if device == "cuda" else C.CPU_MEMORY_METHOD
-        path = C.write_json(stem, C.machine_info(device), records, memory_method=method,
-                            shapes=DECODER_SHAPES[shape_key],
-                            targets="fused-head: <=0.35x the peak memory of eager (materialised logits) at >=1.0x its "
-                                    "tokens/s; cached: >=1.4x the tokens/s of the live-teacher step")
-        print(f"\nwrote {path}")
+        _save(device, args, "decoder", records, DECODER_SHAPES[shape_key],
+              "fused-head: <=0.35x the peak memory of eager (materialised logits) at >=1.0x its tokens/s; "
+              "cached: >=1.4x the tokens/s of the live-teacher step")
         return
     shape_key = "quick" if args.quick else device
     records = run(device, shape_key)
@@ -294,12 +290,16 @@ def main(argv=None):
         print(f"| {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['variant']} | {r['tokens_per_s']:.0f} | "
               f"{r['speedup']:.2f}x | {r['mem_ratio']:.2f} | {ours['ms'] / r['ms']:.2f}x | "
               f"{r['peak_bytes'] / ours['peak_bytes']:.2f} |")
-    stem = C.result_stem(f"step_{device}", args)
+    _save(device, args, None, records, SHAPES[shape_key],
+          "CPU: >=1.3x, <=0.6x memory; H100 (S=512): >=1.5x tokens/s, <=0.6x memory; "
+          "fused-head: <=0.5x the peak memory of ours (logits) at no loss of speed")
+
+
+def _save(device, args, suffix, records, shapes, targets):
+    """Write ``records`` to ``step_<device>[_<suffix>]`` (``_common.write_json``) and say where."""
+    stem = C.result_stem(f"step_{device}" + (f"_{suffix}" if suffix else ""), args)
     method = C.CUDA_MEMORY_METHOD if device == "cuda" else C.CPU_MEMORY_METHOD
-    path = C.write_json(stem, C.machine_info(device), records, memory_method=method,
-                        shapes=SHAPES[shape_key],
-                        targets="CPU: >=1.3x, <=0.6x memory; H100 (S=512): >=1.5x tokens/s, <=0.6x memory; "
-                        "fused-head: <=0.5x the peak memory of ours (logits) at no loss of speed")
+    path = C.write_json(stem, C.machine_info(device), records, memory_method=method, shapes=shapes, targets=targets)
     print(f"\nwrote {path}")
 
 
