@@ -9,6 +9,8 @@ The output layout and the exit codes are in :data:`EPILOG` (the end of ``--help`
 """
 import argparse
 import dataclasses
+import logging
+import os
 import sys
 
 from distil.config import TrainConfig, _add_flag
@@ -50,7 +52,7 @@ def _error(message, code=EXIT_ERROR):
 
 
 def main(argv=None):
-    """Console entry point ``distil-train`` (also ``python -m distil.cli``); returns the exit code."""
+    """Run ``distil-train`` with these flags (``sys.argv`` by default) in this process; returns the exit code."""
     config = parse_args(argv)
     try:
         config.validate()
@@ -86,5 +88,26 @@ def main(argv=None):
     return EXIT_OK if status == "done" else EXIT_INTERRUPTED
 
 
+def exit_without_teardown(code):
+    """Flush and end the process now, skipping the interpreter's teardown. After an FSDP2 run, DTensor's
+    caches keep the process group alive past ``destroy_process_group``; a collective's worker thread that
+    frees the last tensors it held while the interpreter finalizes takes the GIL too late and aborts the
+    process (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489), turning a
+    finished run into a failed torchrun job. Every file is written and closed by then."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run():
+    """The ``distil-train`` console script (and ``python -m distil.cli``): :func:`main`'s exit code; a rank
+    of a torchrun job leaves through :func:`exit_without_teardown`."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_teardown(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

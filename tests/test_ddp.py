@@ -5,6 +5,7 @@ FSDP2: distil-train --fsdp against one process (and its resume against an uninte
 student sharded by hand with fully_shard under the step distil-train runs, against one process."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -13,8 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open
 
+from distil import cli
 from distil.checkpoint import TRAINING_STATE
-from distil.cli import EXIT_ERROR, TrainConfig, main
+from distil.cli import EXIT_ERROR, EXIT_INTERRUPTED, TrainConfig, exit_without_teardown, main
 from distil.fused_loss import DistillationLoss
 from distil.step import DistillationStep, StudentRows, causal_labels
 from distil.student import auto_model_class, build_student
@@ -52,18 +54,6 @@ def _join_process_group(rank, port):
     torch.set_num_threads(1)  # 2 processes on a 2-core runner
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
-
-
-def _exit_without_finalizing():
-    """End an FSDP worker that succeeded without Python's interpreter teardown. DTensor keeps references to
-    the gloo group, so destroy_process_group does not join gloo's worker threads; one of them may still be
-    destroying the last barrier's work, which holds FSDP's last all-gather, whose tensors have Python
-    objects. Under torch 2.11 that decref takes the GIL while the main thread finalizes the interpreter:
-    the worker thread exits inside a noexcept destructor and the process aborts ("terminate called without
-    an active exception"; pytorch/pytorch#190489). Everything this process had to write is written."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def safe_open_keys(directory):
@@ -136,7 +126,7 @@ def _fsdp_trainer_worker(rank, root, port, kind):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    _exit_without_finalizing()
+    exit_without_teardown(0)  # see its docstring: an FSDP2 process may abort in teardown
 
 
 @pytest.mark.skipif(GPU_RUN, reason="CPU semantics: gloo ranks and a CPU trainer")
@@ -204,6 +194,36 @@ def test_fsdp_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch, w
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(GPU_RUN, reason="CPU semantics: gloo ranks and a CPU trainer")
+def test_torchrun_fsdp_job_finishes_with_exit_code_0(tmp_path):
+    """The documented command, torchrun -m distil.cli --fsdp, on 2 ranks: the job's exit code is the run's,
+    the student is written and loads."""
+    _write_teacher_and_corpus(tmp_path, "causal")
+    flags = ["--teacher", "teacher", "--data", "corpus", "--output-dir", "out", "--batch-size", "16",
+             "--max-length", "64", "--block-size", "32", "--max-steps", "2", "--no-progress", "--fsdp"]
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "distil.cli", *flags], cwd=tmp_path, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "distil-train: done at step 2; student in out/student" in job.stderr
+    assert auto_model_class(True).from_pretrained(tmp_path / "out" / "student").num_parameters() > 0
+
+
+@pytest.mark.parametrize("world_size, exits", [("1", "sys.exit"), ("2", "os._exit")])
+def test_a_torchrun_rank_leaves_without_interpreter_teardown(monkeypatch, world_size, exits):
+    """distil-train's exit code reaches the shell either way; a rank of a torchrun job skips the teardown that
+    can abort an FSDP2 process (exit_without_teardown)."""
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(cli, "main", lambda: EXIT_INTERRUPTED)
+    left = []
+    monkeypatch.setattr(cli.os, "_exit", lambda code: left.append(("os._exit", code)))
+    try:
+        cli.run()
+    except SystemExit as exc:
+        left.append(("sys.exit", exc.code))
+    assert left[0] == (exits, EXIT_INTERRUPTED)
+
+
 # ------------------------------------------------------------------ FSDP2: the causal student sharded by hand
 def _fsdp_setup():
     """A tiny LLaMA teacher (untied head) with a peaked final norm (an O(1) KL), its 2-layer student, the
@@ -250,7 +270,7 @@ def _fsdp_worker(rank, out, port):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    _exit_without_finalizing()
+    exit_without_teardown(0)  # see its docstring: an FSDP2 process may abort in teardown
 
 
 @pytest.mark.skipif(GPU_RUN, reason="CPU semantics: gloo ranks on the CPU")
