@@ -4,6 +4,8 @@ forward (every output written, exact zeros where no term applies), every backwar
 and empty-input policies, torch.compile of the public function, and the sm_80 / sm_90 builds."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from distil._ops.registry import TRITON_IMPLS
 
@@ -186,3 +188,23 @@ def test_sm80_sm90_builds_have_128_bit_main_loops_and_no_spills(op):
         assert in_loop and set(in_loop) == {128}, (where, in_loop)
         if op.scalar_edges:
             assert set(outside) - {128}, where  # the head / tail chunks: masked, scalar
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 outputs: every Triton bf16 result above is rounded as a GPU build rounds it
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _store_as_bf16(x_ptr, y_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(y_ptr + offsets, tl.load(x_ptr + offsets).to(tl.bfloat16))
+
+
+def test_triton_float32_to_bf16_rounds_to_nearest_even(triton_device):
+    """A kernel's float32 -> bfloat16 cast gives torch's bits: nearest, ties to even, NaN, ±inf, overflow to
+    inf, subnormals. GPU builds do (cvt.rn.bf16.f32); the interpreter, which truncates, does through conftest."""
+    ties = [1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8)]
+    special = [float("nan"), float("inf"), -float("inf"), 3.4e38, 1e-40, -0.0]
+    x = torch.cat([torch.tensor(ties + special), torch.randn(1024 - len(ties) - len(special)) * 100]).to(triton_device)
+    y = torch.empty(1024, dtype=torch.bfloat16, device=triton_device)
+    _store_as_bf16[(1,)](x, y, N=1024)
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
